@@ -1,0 +1,34 @@
+"""Pydantic specs: the one vocabulary shared by the analytic model, planner and executor."""
+
+from estimator.specs.calibration import CALIBRATION_SCHEMA_VERSION, CalibrationProfile, EfficiencyCurve
+from estimator.specs.device import Device
+from estimator.specs.estimate import (
+    Advice,
+    Estimate,
+    MemoryBreakdown,
+    OpTime,
+    ParamCounts,
+    Throughput,
+    Verdict,
+)
+from estimator.specs.model import MLASpec, ModelSpec, MoESpec
+from estimator.specs.setup import LINEAR_TARGETS, TrainSetup
+
+__all__ = [
+    "CALIBRATION_SCHEMA_VERSION",
+    "LINEAR_TARGETS",
+    "Advice",
+    "CalibrationProfile",
+    "Device",
+    "EfficiencyCurve",
+    "Estimate",
+    "MLASpec",
+    "MemoryBreakdown",
+    "ModelSpec",
+    "MoESpec",
+    "OpTime",
+    "ParamCounts",
+    "Throughput",
+    "TrainSetup",
+    "Verdict",
+]

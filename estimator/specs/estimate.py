@@ -1,0 +1,120 @@
+"""The result of an estimate: parameter counts, memory breakdown, throughput, verdict."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from estimator.specs.base import Spec
+from estimator.specs.device import Device
+from estimator.specs.model import ModelSpec
+from estimator.specs.setup import TrainSetup
+
+Verdict = Literal["fits", "fits_with_changes", "does_not_fit"]
+
+
+class ParamCounts(Spec):
+    """Parameter counts of the model under the setup."""
+
+    total: int
+    """All parameters (count)."""
+    active_per_token: int
+    """Parameters a token passes through, counting routed experts as computed (count)."""
+    trainable: int
+    """Parameters that receive gradients and optimizer states (count)."""
+    embedding: int
+    """Input embedding + position table (count)."""
+    lm_head: int
+    """Output projection (count; 0 when tied)."""
+    components: dict[str, int]
+    """Named groups: embedding, attention, mlp, experts, router, norms, lm_head, lora (count)."""
+
+
+class MemoryBreakdown(Spec):
+    """Peak memory on one device, by named term."""
+
+    components: dict[str, int]
+    """Term name → bytes at the peak (weights, gradients, optimizer_states, activations …)."""
+    total_bytes: int
+    """Sum of components (bytes)."""
+    capacity_bytes: int
+    """Memory the device offers for this job (bytes), after what the OS keeps (unified memory)."""
+    notes: dict[str, str] = Field(default_factory=dict)
+    """Term name → how it was derived (one line)."""
+
+
+class OpTime(Spec):
+    """Time of one op class within a training step."""
+
+    name: str
+    """Op name (e.g. 'linear.forward', 'attention.backward', 'optimizer.step')."""
+    op_class: str
+    """Efficiency-curve class used (matmul.bf16, memory …)."""
+    flops: int
+    """FLOPs of the op per optimizer step (count)."""
+    bytes_moved: int
+    """Bytes read + written per optimizer step (bytes)."""
+    seconds: float
+    """Predicted time per optimizer step (seconds)."""
+
+
+class Throughput(Spec):
+    """Time and cost."""
+
+    step_flops: int
+    """FLOPs per optimizer step including recompute (count)."""
+    model_flops_per_token: int
+    """Useful FLOPs per token (6·N_active-style, no recompute) (count)."""
+    step_seconds: float
+    """Predicted wall time of one optimizer step (seconds)."""
+    tokens_per_second: float
+    """Training (or prefill) tokens processed per second (tokens/s)."""
+    ops: list[OpTime]
+    """Per-op breakdown of step_seconds."""
+    compute_dtype: str
+    """Dtype the time was computed for."""
+    calibrated: bool
+    """True if a measured CalibrationProfile supplied the efficiency curves."""
+    total_seconds: float | None = None
+    """Wall time for the token budget (seconds); None without --tokens."""
+    cost_usd: float | None = None
+    """Cost for the token budget at the device price (USD); None if either is unknown."""
+    decode_tokens_per_second: float | None = None
+    """Inference only: bandwidth-bound decode rate at this batch (tokens/s)."""
+
+
+class Advice(Spec):
+    """One concrete change and what it does to peak memory."""
+
+    change: str
+    """What to change, as the user would type it (e.g. '--checkpointing')."""
+    total_bytes: int
+    """Peak memory after the change (bytes)."""
+    fits: bool
+    """Whether it fits the device after the change."""
+    step_seconds: float | None = None
+    """Predicted step time after the change (seconds)."""
+
+
+class Estimate(Spec):
+    """Everything nvfree predicts for one model + setup + device."""
+
+    model: ModelSpec
+    """The architecture estimated (possibly inferred, see model.inferred_from)."""
+    setup: TrainSetup
+    """The training setup."""
+    device: Device
+    """The device."""
+    params: ParamCounts
+    """Parameter counts."""
+    memory: MemoryBreakdown
+    """Peak memory breakdown."""
+    throughput: Throughput
+    """Time and cost."""
+    verdict: Verdict
+    """fits / fits_with_changes / does_not_fit."""
+    advice: list[Advice]
+    """Changes that make it fit (or fit better), best first."""
+    minimum_memory_bytes: int
+    """Smallest peak memory any advised change reaches (bytes)."""
+    assumptions: list[str]
+    """Everything assumed that the user did not say."""

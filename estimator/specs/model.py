@@ -1,0 +1,138 @@
+"""Model architecture specs: dense Llama/GPT-style decoders, MoE and MLA variants."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from estimator.specs.base import Spec
+
+
+class MoESpec(Spec):
+    """Mixture-of-experts feed-forward blocks (Mixtral, Qwen-MoE, DeepSeek, gpt-oss, LongCat)."""
+
+    num_experts: int = Field(gt=1)
+    """Routed FFN experts per MoE layer (count)."""
+    num_experts_per_token: int = Field(gt=0)
+    """Experts chosen by the router per token, top-k (count); includes zero-computation experts."""
+    expert_intermediate_size: int = Field(gt=0)
+    """Hidden width of one expert's FFN (elements)."""
+    num_shared_experts: int = Field(default=0, ge=0)
+    """Always-active shared experts per MoE layer (count)."""
+    shared_expert_intermediate_size: int | None = Field(default=None, gt=0)
+    """Hidden width of one shared expert (elements); None means expert_intermediate_size."""
+    num_zero_experts: int = Field(default=0, ge=0)
+    """Zero-computation (identity) experts the router may pick (count, LongCat-Flash)."""
+    mean_routed_experts_per_token: float | None = Field(default=None, gt=0)
+    """Average real (non-zero) experts a token visits (count); None means num_experts_per_token."""
+    num_dense_layers: int = Field(default=0, ge=0)
+    """Leading layers with a dense FFN instead of MoE (count, DeepSeek first_k_dense_replace)."""
+    dense_mlps_per_layer: int = Field(default=0, ge=0)
+    """Extra dense FFNs inside each MoE layer beside the MoE (count, LongCat-Flash has 2)."""
+    expert_bias: bool = False
+    """Expert and router linears carry biases (gpt-oss)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoESpec":
+        if self.num_experts_per_token > self.num_experts + self.num_zero_experts:
+            raise ValueError("num_experts_per_token exceeds the number of experts")
+        return self
+
+    @property
+    def routed_experts_per_token(self) -> float:
+        """Real experts computed per token on average (count)."""
+        if self.mean_routed_experts_per_token is not None:
+            return self.mean_routed_experts_per_token
+        return float(self.num_experts_per_token)
+
+
+class MLASpec(Spec):
+    """Multi-head latent attention (DeepSeek-V2/V3, LongCat-Flash), from the HF config names."""
+
+    q_lora_rank: int | None = Field(default=None, gt=0)
+    """Rank of the query down-projection (elements); None means a plain q projection."""
+    kv_lora_rank: int = Field(gt=0)
+    """Rank of the joint key/value down-projection (elements)."""
+    qk_nope_head_dim: int = Field(gt=0)
+    """Per-head query/key width without rotary embedding (elements)."""
+    qk_rope_head_dim: int = Field(gt=0)
+    """Per-head query/key width with rotary embedding (elements)."""
+    v_head_dim: int = Field(gt=0)
+    """Per-head value width (elements)."""
+
+
+class ModelSpec(Spec):
+    """A decoder-only transformer, exact enough to count parameters, FLOPs and activations."""
+
+    name: str
+    """Preset or user-facing name."""
+    num_layers: int = Field(gt=0)
+    """Transformer blocks (count; LongCat-Flash: 28 blocks, not the 56 sub-layers)."""
+    hidden_size: int = Field(gt=0)
+    """Residual stream width d_model (elements)."""
+    intermediate_size: int = Field(gt=0)
+    """Dense FFN hidden width (elements)."""
+    num_heads: int = Field(gt=0)
+    """Query heads per attention (count)."""
+    num_kv_heads: int = Field(gt=0)
+    """Key/value heads per attention (count; < num_heads means GQA)."""
+    head_dim: int = Field(gt=0)
+    """Width of one query/key/value head (elements)."""
+    vocab_size: int = Field(gt=0)
+    """Tokenizer vocabulary = embedding rows = logits width (count)."""
+    tied_embeddings: bool = False
+    """lm_head shares the input embedding matrix."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """FFN type: gated SwiGLU (3 matrices) or GELU (2 matrices, GPT-2)."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation type (LayerNorm has a bias vector too)."""
+    position: Literal["rope", "learned"] = "rope"
+    """Rotary embeddings, or a learned position-embedding table (GPT-2)."""
+    max_seq_len: int = Field(default=4096, gt=0)
+    """Context length of the configuration (tokens); rows of a learned position table."""
+    qkv_bias: bool = False
+    """q/k/v projections carry biases (Qwen2, gpt-oss)."""
+    linear_bias: bool = False
+    """Every linear layer carries a bias (GPT-2 style)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys (Qwen3)."""
+    attention_sinks: bool = False
+    """One learned sink logit per head (gpt-oss)."""
+    attentions_per_layer: int = Field(default=1, gt=0)
+    """Attention blocks inside one layer (count; LongCat-Flash has 2)."""
+    sliding_window: int | None = Field(default=None, gt=0)
+    """Local attention window (tokens) where the model uses one; None = full attention."""
+    moe: MoESpec | None = None
+    """Mixture-of-experts settings; None for a dense model."""
+    mla: MLASpec | None = None
+    """Multi-head latent attention settings; None for standard (GQA/MHA) attention."""
+    hf_id: str | None = None
+    """Hugging Face model id the preset describes."""
+    source: str | None = None
+    """Where the numbers come from (URL or file path)."""
+    published_num_params: int | None = Field(default=None, gt=0)
+    """The total parameter count the authors publish (count), for checking our count."""
+    published_active_params: int | None = Field(default=None, gt=0)
+    """The published active parameters per token of an MoE model (count)."""
+    inferred_from: str | None = None
+    """Set when the architecture was inferred (e.g. from a bare parameter count); says how."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if self.mla is None and self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.moe is not None and self.moe.num_dense_layers > self.num_layers:
+            raise ValueError("moe.num_dense_layers exceeds num_layers")
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        """True for a mixture-of-experts model."""
+        return self.moe is not None
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Layers whose FFN is a mixture of experts (count)."""
+        return 0 if self.moe is None else self.num_layers - self.moe.num_dense_layers

@@ -1,0 +1,72 @@
+"""The training (or inference) setup: method, precision, optimizer, batch and sequence."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from estimator.specs.base import Spec
+
+Method = Literal["full", "lora", "qlora", "inference"]
+Optimizer = Literal["adamw", "adamw8bit", "sgd", "sgd_momentum", "adafactor", "lion"]
+ComputeDtype = Literal["fp32", "bf16", "fp16"]
+AttentionKernel = Literal["sdpa", "eager"]
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""PEFT module names of the linears in a Llama-style block; 'all-linear' expands to these."""
+
+
+class TrainSetup(Spec):
+    """How the model is trained (or run): everything but the model and the device."""
+
+    method: Method = "full"
+    """full fine-tune, LoRA, QLoRA (4-bit NF4 frozen base + LoRA), or inference only."""
+    weight_bits: Literal[4, 8, 16, 32] = 16
+    """Storage bits of the (frozen or trained) base weights; QLoRA implies 4 (NF4)."""
+    compute_dtype: ComputeDtype = "bf16"
+    """Dtype of matmuls and activations."""
+    mixed_precision: bool = True
+    """Keep fp32 master weights, fp32 grads and fp32 optimizer states, compute in 16-bit
+    (torch.autocast style). False = pure training in the storage dtype (model.to(bfloat16))."""
+    double_quant: bool = True
+    """NF4 block absmax values themselves quantised to 8 bits (QLoRA double quantisation)."""
+    optimizer: Optimizer = "adamw"
+    """Optimizer of the trainable parameters."""
+    lora_rank: int = Field(default=16, gt=0)
+    """LoRA rank r (elements)."""
+    lora_alpha: float = Field(default=32.0, gt=0)
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    lora_targets: tuple[str, ...] = LINEAR_TARGETS
+    """PEFT module names that get adapters (q_proj, v_proj, ...)."""
+    batch_size: int = Field(default=1, gt=0)
+    """Micro-batch per device per step (sequences)."""
+    seq_len: int = Field(default=2048, gt=0)
+    """Tokens per sequence."""
+    grad_accum: int = Field(default=1, gt=0)
+    """Micro-batches accumulated per optimizer step (count)."""
+    checkpointing: bool = False
+    """Gradient (activation) checkpointing of every transformer block."""
+    attention: AttentionKernel = "sdpa"
+    """SDPA/flash-style attention (no s² saved) or eager attention (saves probabilities)."""
+    num_tokens: int | None = Field(default=None, gt=0)
+    """Training token budget for the wall-time and cost estimate (tokens)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSetup":
+        if self.method == "qlora" and self.weight_bits != 4:
+            raise ValueError("QLoRA stores the frozen base in 4-bit NF4: use bits 4")
+        if self.method == "full" and self.weight_bits < 16:
+            raise ValueError(
+                f"a full fine-tune cannot train {self.weight_bits}-bit weights; "
+                "use --method qlora (4-bit) or --bits 16"
+            )
+        return self
+
+    @property
+    def trains_adapters(self) -> bool:
+        """True for LoRA and QLoRA."""
+        return self.method in ("lora", "qlora")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens processed per optimizer step on one device (tokens)."""
+        return self.batch_size * self.seq_len * self.grad_accum
