@@ -1,0 +1,363 @@
+"""The bundled executor's decoder: Llama-family dense and MoE transformers in plain PyTorch.
+
+gpt-fast / torchtitan style: one file, no parallelism, no LoRA, no quantisation (those are
+transforms in lora.py, nf4.py, checkpointing.py that take a built model and return it changed).
+Module names follow Hugging Face's Llama/Qwen naming without the leading ``model.`` so that LoRA
+targets and weight loading are direct (hf.py adds the prefix): ``embed_tokens``,
+``layers.{i}.self_attn.{q,k,v,o}_proj``, ``layers.{i}.mlp.{gate,up,down}_proj``,
+``layers.{i}.input_layernorm``, ``layers.{i}.post_attention_layernorm``, ``norm``, ``lm_head``.
+MoE layers use Qwen-MoE names: ``layers.{i}.mlp.gate`` (router),
+``layers.{i}.mlp.experts.{j}.{gate,up,down}_proj``, ``layers.{i}.mlp.shared_experts.*``.
+
+Shape-suffix legend:
+    B batch, T sequence (tokens), N = B·T flat tokens, D hidden size, H query heads,
+    K key/value heads, C head dim, V vocab, I FFN width, E routed experts, A experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from estimator.errors import SetupError
+from estimator.specs.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The spec flattened into plain numbers; this, not a ModelSpec, reaches the modules."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_seq_len: int
+    tied_embeddings: bool = False
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    position: str = "rope"
+    qkv_bias: bool = False
+    linear_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    num_experts: int = 0
+    num_experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    num_dense_layers: int = 0
+    expert_bias: bool = False
+    norm_topk_prob: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, float], ...] | None = None
+    norm_eps: float = 1e-5
+
+
+def model_args(spec: ModelSpec, **overrides) -> ModelArgs:
+    """Flatten a ModelSpec into ModelArgs; raises SetupError for what the executor cannot run."""
+    unsupported = {
+        "MLA": spec.mla is not None,
+        "attention sinks": spec.attention_sinks,
+        f"{spec.attentions_per_layer} attentions per layer": spec.attentions_per_layer > 1,
+    }
+    moe = spec.moe
+    if moe is not None:
+        unsupported["zero-computation experts"] = moe.num_zero_experts > 0
+        unsupported["dense FFNs beside the MoE"] = moe.dense_mlps_per_layer > 0
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise SetupError(
+            f"{spec.name}: {', '.join(bad)} models can be estimated but not trained by the "
+            "bundled executor"
+        )
+    shared = 0
+    if moe is not None and moe.num_shared_experts:
+        width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+        shared = moe.num_shared_experts * width
+    return ModelArgs(
+        num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab_size=spec.vocab_size,
+        max_seq_len=spec.max_seq_len, tied_embeddings=spec.tied_embeddings, mlp=spec.mlp,
+        norm=spec.norm, position=spec.position, qkv_bias=spec.qkv_bias or spec.linear_bias,
+        linear_bias=spec.linear_bias, qk_norm=spec.qk_norm, sliding_window=spec.sliding_window,
+        num_experts=moe.num_experts if moe else 0,
+        num_experts_per_token=moe.num_experts_per_token if moe else 0,
+        expert_intermediate_size=moe.expert_intermediate_size if moe else 0,
+        shared_intermediate_size=shared,
+        num_dense_layers=moe.num_dense_layers if moe else 0,
+        expert_bias=moe.expert_bias if moe else False,
+        **overrides,
+    )
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 (Zhang & Sennrich 2019; HF Llama)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(args: ModelArgs, dim: int) -> nn.Module:
+    """RMSNorm for Llama-family specs, LayerNorm (with bias) for GPT-2-style specs."""
+    if args.norm == "rmsnorm":
+        return RMSNorm(dim, args.norm_eps)
+    return nn.LayerNorm(dim, eps=args.norm_eps)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """inv_freq_j = theta^(-2j/C) (Su et al. 2021), with Llama-3 frequency scaling if configured."""
+    exponent_C2 = torch.arange(0, args.head_dim, 2).float() / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta**exponent_C2)
+    scaling = dict(args.rope_scaling or ())
+    if scaling.get("rope_type") == 3.0:  # "llama3", encoded by hf.py as 3.0
+        inv_freq = _llama3_scaling(inv_freq, scaling)
+    return inv_freq.float()
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling (HF modeling_rope_utils._compute_llama3_parameters)."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_mid, mid, scaled)
+
+
+def apply_rope(x_BHTC: torch.Tensor, cos_TC2: torch.Tensor, sin_TC2: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF rotate_half convention): [x1, x2] → [x1·cos − x2·sin, x2·cos + x1·sin]."""
+    x1, x2 = x_BHTC.chunk(2, dim=-1)
+    cos_TC2, sin_TC2 = cos_TC2.to(x_BHTC.dtype), sin_TC2.to(x_BHTC.dtype)
+    return torch.cat((x1 * cos_TC2 - x2 * sin_TC2, x2 * cos_TC2 + x1 * sin_TC2), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention through F.scaled_dot_product_attention (no T×T saved)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        D, H, K, C = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, K, C
+        self.sliding_window = args.sliding_window
+        self.q_proj = nn.Linear(D, H * C, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(D, K * C, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(D, K * C, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(H * C, D, bias=args.linear_bias)
+        self.q_norm = RMSNorm(C, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(C, args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        B, T, _ = x_BTD.shape
+        q_BTHC = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
+        k_BTKC = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
+        v_BKTC = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BTHC, k_BTKC = self.q_norm(q_BTHC), self.k_norm(k_BTKC)
+        q_BHTC, k_BKTC = q_BTHC.transpose(1, 2), k_BTKC.transpose(1, 2)
+        if rope is not None:
+            q_BHTC, k_BKTC = apply_rope(q_BHTC, *rope), apply_rope(k_BKTC, *rope)
+        if self.num_kv_heads != self.num_heads:  # repeat_kv: SDPA's CPU flash path wants H == K
+            rep = self.num_heads // self.num_kv_heads
+            k_BKTC = k_BKTC.repeat_interleave(rep, dim=1)
+            v_BKTC = v_BKTC.repeat_interleave(rep, dim=1)
+        mask_TT = None
+        if self.sliding_window is not None and self.sliding_window < T:
+            i_T1 = torch.arange(T, device=x_BTD.device)[:, None]
+            j_1T = torch.arange(T, device=x_BTD.device)[None, :]
+            mask_TT = (j_1T <= i_T1) & (i_T1 - j_1T < self.sliding_window)
+        y_BHTC = F.scaled_dot_product_attention(
+            q_BHTC, k_BKTC, v_BKTC, attn_mask=mask_TT, is_causal=mask_TT is None
+        )
+        return self.o_proj(y_BHTC.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN down(silu(gate(x)) ⊙ up(x)) (Shazeer 2020), or GELU FFN down(gelu(up(x)))."""
+
+    def __init__(self, dim: int, width: int, *, gated: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, width, bias=bias) if gated else None
+        self.up_proj = nn.Linear(dim, width, bias=bias)
+        self.down_proj = nn.Linear(width, dim, bias=bias)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(F.gelu(self.up_proj(x_ND), approximate="tanh"))
+        return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
+
+
+class MoE(nn.Module):
+    """Top-k softmax router (renormalised top-k weights, as Mixtral), routed SwiGLU experts and
+    always-on shared experts (DeepSeek-style, no gate). Tokens are grouped by expert (sort +
+    index_select + index_add), so each expert computes only its own tokens."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        D = args.hidden_size
+        self.top_k, self.norm_topk_prob = args.num_experts_per_token, args.norm_topk_prob
+        self.gate = nn.Linear(D, args.num_experts, bias=args.expert_bias)
+        self.experts = nn.ModuleList(
+            MLP(D, args.expert_intermediate_size, bias=args.expert_bias)
+            for _ in range(args.num_experts)
+        )
+        shared = args.shared_intermediate_size
+        self.shared_experts = MLP(D, shared) if shared else None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        probs_NE = F.softmax(self.gate(x_ND), dim=-1, dtype=torch.float32)
+        weight_NA, expert_NA = probs_NE.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weight_NA = weight_NA / weight_NA.sum(dim=-1, keepdim=True)
+        order_M = expert_NA.flatten().argsort(stable=True)  # M = N·A (token, slot) pairs
+        token_M = order_M // self.top_k
+        counts = torch.bincount(expert_NA.flatten(), minlength=len(self.experts)).tolist()
+        xs_MD = x_ND.index_select(0, token_M)
+        outs = [
+            self.experts[e](chunk) for e, chunk in enumerate(xs_MD.split(counts)) if counts[e]
+        ]
+        ys_MD = torch.cat(outs) * weight_NA.flatten()[order_M, None].to(x_ND.dtype)
+        out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD)
+        if self.shared_experts is not None:
+            out_ND = out_ND + self.shared_experts(x_ND)
+        return out_ND.view_as(x_BTD)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(args, args.hidden_size)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = make_norm(args, args.hidden_size)
+        if args.num_experts and layer_id >= args.num_dense_layers:
+            self.mlp: nn.Module = MoE(args)
+        else:
+            gated = args.mlp == "swiglu"
+            self.mlp = MLP(args.hidden_size, args.intermediate_size, gated=gated,
+                           bias=args.linear_bias)
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        h_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope)
+        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: tokens_BT → logits_BTV in the model dtype (the loop upcasts the loss)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        learned = args.position == "learned"
+        self.embed_positions = (
+            nn.Embedding(args.max_seq_len, args.hidden_size) if learned else None
+        )
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.norm = make_norm(args, args.hidden_size)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+        self._rope_cache: dict = {}
+
+    def tie_weights(self) -> None:
+        """Share lm_head's weight with the input embedding when the spec ties them."""
+        if self.args.tied_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rope(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp32 cos, sin of shape [T, C/2] for positions 0..T-1 (cached per length and device)."""
+        if self.args.position != "rope":
+            return None
+        key = (T, str(device))
+        if key not in self._rope_cache:
+            inv_freq_C2 = rope_inv_freq(self.args).to(device)
+            angle_TC2 = torch.outer(torch.arange(T, device=device).float(), inv_freq_C2)
+            self._rope_cache = {key: (angle_TC2.cos(), angle_TC2.sin())}
+        return self._rope_cache[key]
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        T = tokens_BT.shape[1]
+        x_BTD = self.embed_tokens(tokens_BT)
+        if self.embed_positions is not None:
+            x_BTD = x_BTD + self.embed_positions(torch.arange(T, device=tokens_BT.device))
+        rope = self.rope(T, tokens_BT.device)
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, rope)
+        return self.lm_head(self.norm(x_BTD))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """N(0, std) for linears and embeddings, zero biases, unit norms (GPT-2 / HF Llama)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    rope_theta: float = 10000.0,
+    rope_scaling: dict | None = None,
+    norm_eps: float = 1e-5,
+    norm_topk_prob: bool = True,
+    init: bool = True,
+) -> Transformer:
+    """Build the Transformer a ModelSpec describes, directly in ``dtype`` on ``device``.
+
+    Built on the meta device first (no memory), then materialised; ``init=False`` leaves the
+    weights uninitialised (for loading a checkpoint); ``device="meta"`` only counts parameters.
+    ``rope_scaling``: HF's dict; only ``rope_type: llama3`` (or none/default) is supported.
+    """
+    scaling = _rope_scaling_items(rope_scaling)
+    args = model_args(
+        spec, rope_theta=rope_theta, rope_scaling=scaling, norm_eps=norm_eps,
+        norm_topk_prob=norm_topk_prob,
+    )
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype=dtype)
+    if torch.device(device).type == "meta":
+        return model
+    model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty materialises each module's parameter separately
+    if init:
+        model.init_weights()
+    return model
+
+
+def _rope_scaling_items(rope_scaling: dict | None) -> tuple[tuple[str, float], ...] | None:
+    """HF rope_scaling dict → hashable items; raises SetupError for unsupported scaling types."""
+    if not rope_scaling:
+        return None
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise SetupError(f"RoPE scaling type {kind!r} is not supported by the bundled executor")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return (("rope_type", 3.0), *((k, float(rope_scaling[k])) for k in keys))
