@@ -11,18 +11,21 @@ from estimator.specs.estimate import (
     Throughput,
     Verdict,
 )
+from estimator.specs.machine import AcceleratorInfo, MachineInfo
 from estimator.specs.model import MLASpec, ModelSpec, MoESpec
 from estimator.specs.setup import LINEAR_TARGETS, TrainSetup
 
 __all__ = [
     "CALIBRATION_SCHEMA_VERSION",
     "LINEAR_TARGETS",
+    "AcceleratorInfo",
     "Advice",
     "CalibrationProfile",
     "Device",
     "EfficiencyCurve",
     "Estimate",
     "MLASpec",
+    "MachineInfo",
     "MemoryBreakdown",
     "ModelSpec",
     "MoESpec",
