@@ -185,6 +185,15 @@ def detect(probe_torch: bool = False) -> MachineInfo:
     )
 
 
+def training_threads(machine: MachineInfo) -> int:
+    """Intra-op threads a torch training run will use: $OMP_NUM_THREADS if set, else torch's
+    default of one thread per physical core, limited to the CPUs this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(machine.num_physical_cores, machine.num_usable_cores))
+
+
 # ----------------------------------------------------------------------------- torch probing
 
 
