@@ -1,0 +1,180 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) as a transform of a built model, PEFT-compatible.
+
+``apply_lora`` freezes every base parameter (embeddings and norms included) and replaces each
+targeted ``nn.Linear`` by a ``LoRALinear`` that keeps the same ``weight``/``bias`` parameters (so
+base state-dict keys do not change) and adds ``lora_A`` (r × in, kaiming-uniform) and ``lora_B``
+(out × r, zeros), scaled by alpha / r — PEFT's defaults, so an adapter saved here loads in PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from estimator.errors import SetupError
+from estimator.specs.setup import LINEAR_TARGETS
+
+ALL_LINEAR = "all-linear"
+
+
+class LoRALinear(nn.Module):
+    """y = x·Wᵀ + b + (alpha/r) · B·A·dropout(x), with W and b frozen."""
+
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float,
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        factory = {"device": base.weight.device, "dtype": adapter_dtype or base.weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ kaiming-uniform(a=√5), B = 0: the adapter starts as a no-op (as PEFT)."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base projection."""
+        return F.linear(x, self.weight, self.bias)
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank update (alpha/r)·B·A·dropout(x), computed in the adapter dtype."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        x_a = x if autocast else x.to(self.lora_A.weight.dtype)
+        return self.lora_B(self.lora_A(self.lora_dropout(x_a))) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        return y + self.lora_forward(x).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}"
+
+
+def matches(name: str, targets: tuple[str, ...]) -> bool:
+    """PEFT's rule: a module matches a target when its name equals it or ends with '.target'."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def target_linears(model: nn.Module, targets: tuple[str, ...] | str) -> list[str]:
+    """Names of the nn.Linear modules that get adapters. 'all-linear' = every linear except
+    lm_head (as PEFT) and the MoE routers (``mlp.gate``; tiny, and not a PEFT target by default)."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if ALL_LINEAR in targets:
+        return [n for n in names if n != "lm_head" and not n.endswith("mlp.gate")]
+    return [n for n in names if matches(n, tuple(targets))]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+               targets: tuple[str, ...] | str = LINEAR_TARGETS,
+               adapter_dtype: torch.dtype | None = None) -> nn.Module:
+    """Freeze every parameter, then wrap the targeted linears with LoRA adapters (in place).
+
+    ``adapter_dtype``: dtype of A and B (None = the base weight's dtype; PEFT keeps fp32 adapters
+    on a 16-bit base, pass torch.float32 for that).
+    """
+    if rank <= 0:
+        raise SetupError(f"LoRA rank must be positive, got {rank}")
+    names = target_linears(model, targets)
+    if not names:
+        raise SetupError(f"no linear layer matches the LoRA targets {targets!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        _set_module(model, name, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout,
+                                            adapter_dtype=adapter_dtype))
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA-wrapped module (LoRALinear and its NF4 variant) by name."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors (``….lora_A.weight``, ``….lora_B.weight``), detached."""
+    return {k: v.detach() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def peft_state_dict(model: nn.Module, *, model_type: str = "llama") -> dict[str, torch.Tensor]:
+    """Adapter tensors under PEFT's keys: ``base_model.model.<HF module name>.lora_A.weight``."""
+    from estimator.executor.hf import hf_param_name
+
+    return {
+        "base_model.model." + hf_param_name(k, model_type=model_type): v.contiguous()
+        for k, v in lora_state_dict(model).items()
+    }
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name: str, rank: int,
+                      alpha: float, dropout: float, targets: tuple[str, ...] | str,
+                      model_type: str = "llama") -> Path:
+    """Write PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (each written to a temp
+    file and renamed, so a crash never leaves a half-written file). Returns out_dir."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in peft_state_dict(model, model_type=model_type).items()}
+    tmp = out / "adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "adapter_model.safetensors")
+    config = peft_adapter_config(base_model_name=base_model_name, rank=rank, alpha=alpha,
+                                 dropout=dropout, targets=targets)
+    tmp = out / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, out / "adapter_config.json")
+    return out
+
+
+def peft_adapter_config(*, base_model_name: str, rank: int, alpha: float, dropout: float,
+                        targets: tuple[str, ...] | str) -> dict:
+    """The adapter_config.json fields PEFT's LoraConfig reads."""
+    target_modules = ALL_LINEAR if targets == ALL_LINEAR else sorted(
+        set((targets,) if isinstance(targets, str) else targets)
+    )
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": target_modules,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+        "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base: W ← W + (alpha/r)·B·A, back to a plain nn.Linear.
+    NF4 bases are dequantised first, so the merged linear is 16/32-bit."""
+    for name, module in lora_modules(model).items():
+        base_weight = module.dequantized_weight() if hasattr(module, "dequantized_weight") \
+            else module.weight
+        delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * module.scaling
+        merged = (base_weight.float() + delta).to(base_weight.dtype)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=merged.device, dtype=merged.dtype)
+        linear.weight = nn.Parameter(merged, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = module.bias
+        _set_module(model, name, linear)
+    return model

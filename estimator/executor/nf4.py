@@ -1,0 +1,228 @@
+"""4-bit NormalFloat (NF4) storage of frozen base weights, QLoRA-style (Dettmers et al. 2023,
+arXiv 2305.14314), in plain PyTorch so it runs on every torch device.
+
+Storage per weight of n elements (block size 64, double-quantisation block 256):
+    packed codes   n/2 bytes (two 4-bit codebook indices per byte, first one in the high nibble)
+    absmax         fp32 per 64-block                      → n·32/64 bits
+    with double quantisation: int8 per 64-block (absmax − mean, scaled per 256 blocks)
+                   + fp32 scale per 256 blocks + one fp32 mean → n·(8/64 + 32/(64·256)) bits + 32
+The forward dequantises (one 256-entry byte→pair lookup, times the block absmax) and runs a plain
+matmul; the custom autograd Function saves only the packed weight, never a dequantised copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from estimator.errors import SetupError
+
+# The 16 NF4 values: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA §3,
+# Appendix E; the same table as bitsandbytes' get_4bit_type("nf4")).
+NF4_CODEBOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+DQ_BLOCK_SIZE = 256
+_CHUNK_BLOCKS = 1 << 16  # quantise 4M elements at a time to bound the temporary memory
+
+
+@dataclass
+class NF4Weight:
+    """A quantised weight: packed codes plus either fp32 absmax or double-quantised absmax."""
+
+    packed: torch.Tensor  # uint8 [ceil(n/64)·32]
+    shape: tuple[int, ...]
+    block_size: int
+    absmax: torch.Tensor | None = None  # fp32 [num_blocks], without double quantisation
+    absmax_q: torch.Tensor | None = None  # int8 [num_blocks], with double quantisation
+    absmax_scale: torch.Tensor | None = None  # fp32 [ceil(num_blocks/256)]
+    absmax_mean: torch.Tensor | None = None  # fp32 scalar
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of every stored tensor (codes + scales)."""
+        parts = (self.packed, self.absmax, self.absmax_q, self.absmax_scale, self.absmax_mean)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def block_absmax(self) -> torch.Tensor:
+        """fp32 absmax per 64-block (undoing the double quantisation if any)."""
+        if self.absmax is not None:
+            return self.absmax
+        q = self.absmax_q.float().view(-1, DQ_BLOCK_SIZE) / 127.0
+        return (q * self.absmax_scale[:, None]).flatten() + self.absmax_mean
+
+
+def _codebook(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    return F.pad(x, (0, -x.numel() % multiple))
+
+
+def _quantize_codes(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax and nearest-codebook 4-bit codes of a flat, padded fp32 tensor."""
+    code = _codebook(w.device)
+    midpoints = (code[1:] + code[:-1]) / 2
+    blocks = w.view(-1, block_size)
+    packed, absmax = [], []
+    for chunk in blocks.split(_CHUNK_BLOCKS):
+        amax = chunk.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        idx = torch.bucketize(chunk / amax[:, None], midpoints).to(torch.uint8).flatten()
+        packed.append((idx[0::2] << 4) | idx[1::2])
+        absmax.append(amax)
+    return torch.cat(packed), torch.cat(absmax)
+
+
+def quantize_nf4(weight: torch.Tensor, block_size: int = 64,
+                 double_quant: bool = True) -> NF4Weight:
+    """Quantise a weight to NF4: absmax per block of ``block_size``, nearest of the 16 codes."""
+    if block_size % 2:
+        raise SetupError(f"NF4 block size must be even, got {block_size}")
+    w = _pad_to(weight.detach().float().flatten(), block_size)
+    packed, absmax = _quantize_codes(w, block_size)
+    out = NF4Weight(packed=packed, shape=tuple(weight.shape), block_size=block_size)
+    if not double_quant:
+        out.absmax = absmax
+        return out
+    mean = absmax.mean()
+    centred = _pad_to(absmax - mean, DQ_BLOCK_SIZE).view(-1, DQ_BLOCK_SIZE)
+    scale = centred.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(centred / scale[:, None] * 127.0).to(torch.int8).flatten()
+    out.absmax_q, out.absmax_scale, out.absmax_mean = q, scale, mean
+    return out
+
+
+_LUT_CACHE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _pair_lut(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: byte b → (code[b >> 4], code[b & 15])."""
+    key = (str(device), torch.float32)
+    if key not in _LUT_CACHE:
+        code = _codebook(device)
+        byte = torch.arange(256, device=device)
+        _LUT_CACHE[key] = torch.stack((code[byte >> 4], code[byte & 15]), dim=1)
+    return _LUT_CACHE[key]
+
+
+def dequantize_nf4(nf4: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight back in ``dtype``: code[index] · block absmax, reshaped to the original shape."""
+    lut = _pair_lut(nf4.packed.device)
+    values = lut.index_select(0, nf4.packed.int()).view(-1, nf4.block_size)
+    values = values * nf4.block_absmax()[: values.shape[0], None]
+    numel = 1
+    for dim in nf4.shape:
+        numel *= dim
+    return values.flatten()[:numel].view(nf4.shape).to(dtype)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x·dequant(W)ᵀ; saves only the packed NF4 weight, dequantises again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, nf4: NF4Weight) -> torch.Tensor:
+        ctx.nf4 = nf4
+        return F.linear(x, dequantize_nf4(nf4, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_y @ dequantize_nf4(ctx.nf4, grad_y.dtype), None
+
+
+def nf4_linear(x: torch.Tensor, nf4: NF4Weight) -> torch.Tensor:
+    """x·dequant(W)ᵀ through the custom autograd Function (autocast dtype applied first)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return _NF4Linear.apply(x, nf4)
+
+
+def _as_int32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """fp32 stored bit-for-bit as int32, so model.to(bfloat16) never rounds the scales."""
+    return None if t is None else t.reshape(-1).view(torch.int32)
+
+
+def _as_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.view(torch.float32)
+
+
+class NF4LoRALinear(nn.Module):
+    """A LoRALinear whose frozen base weight is stored in NF4 (the adapters stay as they were)."""
+
+    def __init__(self, lora: nn.Module, *, double_quant: bool,
+                 compute_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = lora.in_features, lora.out_features
+        self.rank, self.alpha, self.scaling = lora.rank, lora.alpha, lora.scaling
+        self.lora_A, self.lora_B, self.lora_dropout = lora.lora_A, lora.lora_B, lora.lora_dropout
+        self.bias = lora.bias
+        self.compute_dtype = compute_dtype
+        nf4 = quantize_nf4(lora.weight, double_quant=double_quant)
+        self.shape, self.block_size = nf4.shape, nf4.block_size
+        self.register_buffer("weight_packed", nf4.packed)
+        self.register_buffer("weight_absmax", _as_int32(nf4.absmax))
+        self.register_buffer("weight_absmax_q", nf4.absmax_q)
+        self.register_buffer("weight_absmax_scale", _as_int32(nf4.absmax_scale))
+        self.register_buffer("weight_absmax_mean", _as_int32(nf4.absmax_mean))
+
+    def nf4_weight(self) -> NF4Weight:
+        """The stored buffers as an NF4Weight (views, no copies)."""
+        mean = _as_fp32(self.weight_absmax_mean)
+        return NF4Weight(
+            packed=self.weight_packed, shape=self.shape, block_size=self.block_size,
+            absmax=_as_fp32(self.weight_absmax), absmax_q=self.weight_absmax_q,
+            absmax_scale=_as_fp32(self.weight_absmax_scale),
+            absmax_mean=None if mean is None else mean[0],
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight in ``dtype`` (default: the compute dtype, else fp32)."""
+        return dequantize_nf4(self.nf4_weight(), dtype or self.compute_dtype or torch.float32)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x·dequant(W)ᵀ + b, in the compute dtype, cast back to the input dtype."""
+        x_c = x.to(self.compute_dtype) if self.compute_dtype is not None else x
+        y = nf4_linear(x_c, self.nf4_weight())
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y if self.compute_dtype is None else y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        x_a = x if autocast else x.to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(self.lora_dropout(x_a))) * self.scaling).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, nf4"
+
+
+def nf4_buffer_bytes(model: nn.Module) -> int:
+    """Bytes of every NF4 base weight stored in the model (codes + scales)."""
+    return sum(
+        m.nf4_weight().num_bytes for m in model.modules() if isinstance(m, NF4LoRALinear)
+    )
+
+
+def apply_nf4(model: nn.Module, *, double_quant: bool = True,
+              compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Store the frozen base weight of every LoRA-wrapped linear in NF4 (in place), as QLoRA does;
+    embeddings, norms and lm_head keep their dtype. Call after ``lora.apply_lora``."""
+    from estimator.executor.lora import LoRALinear, _set_module
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not names:
+        raise SetupError("apply_nf4 quantises LoRA-wrapped linears: call apply_lora first")
+    for name in names:
+        _set_module(model, name, NF4LoRALinear(model.get_submodule(name),
+                                               double_quant=double_quant,
+                                               compute_dtype=compute_dtype))
+    return model
