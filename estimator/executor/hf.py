@@ -1,0 +1,153 @@
+"""Load a local Hugging Face checkpoint (config.json + safetensors, sharded or not) into the
+executor's Transformer, for Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen-MoE-style models.
+
+Our module names are HF's without the leading ``model.``; Mixtral's ``block_sparse_moe`` +
+``experts.{j}.w1/w2/w3`` map to our ``mlp`` + ``experts.{j}.gate_proj/down_proj/up_proj``, and
+transformers-5 fused expert tensors (``experts.gate_up_proj`` [E, 2I, D], ``experts.down_proj``
+[E, D, I]) are split per expert.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from estimator.errors import ConfigError
+from estimator.executor.model import Transformer, build_model
+from estimator.specs.model import ModelSpec
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+_MIXTRAL_TO_OURS = (("block_sparse_moe.", "mlp."),)
+_MIXTRAL_W = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_OURS_W = {v: k for k, v in _MIXTRAL_W.items()}
+
+
+def hf_param_name(name: str, *, model_type: str = "llama") -> str:
+    """Our parameter name → the name in the HF checkpoint (``model.`` prefix, Mixtral names)."""
+    if name.startswith("lm_head."):
+        return name
+    if model_type == "mixtral" and (".mlp.gate." in name or ".mlp.experts." in name):
+        name = name.replace(".mlp.", ".block_sparse_moe.")
+        name = re.sub(r"experts\.(\d+)\.(\w+_proj)",
+                      lambda m: f"experts.{m.group(1)}.{_OURS_W[m.group(2)]}", name)
+    return "model." + name
+
+
+def our_param_name(hf_name: str) -> str:
+    """HF checkpoint name → our parameter name (inverse of hf_param_name)."""
+    name = hf_name.removeprefix("model.")
+    for old, new in _MIXTRAL_TO_OURS:
+        name = name.replace(old, new)
+    name = re.sub(r"experts\.(\d+)\.(w[123])\.",
+                  lambda m: f"experts.{m.group(1)}.{_MIXTRAL_W[m.group(2)]}.", name)
+    return name.replace("mlp.shared_expert.", "mlp.shared_experts.")
+
+
+def read_config(path: Path) -> dict:
+    """config.json as a dict; ConfigError when missing or malformed."""
+    try:
+        return json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)") \
+            from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+
+
+def build_kwargs(config: dict) -> dict:
+    """The build_model options HF's config carries beyond the ModelSpec: RoPE base and scaling
+    (transformers 5 ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``), norm eps,
+    top-k renormalisation."""
+    params = config.get("rope_parameters") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type") else None)
+    return {
+        "rope_theta": float(theta),
+        "rope_scaling": scaling,
+        "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "norm_topk_prob": bool(config.get("norm_topk_prob", True)),
+    }
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ConfigError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _split_fused_experts(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers-5 fused experts → per-expert gate/up/down weights."""
+    prefix = name.rsplit("experts.", 1)[0] + "experts."
+    if name.endswith("gate_up_proj"):
+        gate, up = tensor.chunk(2, dim=1)  # [E, 2I, D] → 2 × [E, I, D]
+        return {**{f"{prefix}{e}.gate_proj.weight": g for e, g in enumerate(gate)},
+                **{f"{prefix}{e}.up_proj.weight": u for e, u in enumerate(up)}}
+    return {f"{prefix}{e}.down_proj.weight": d for e, d in enumerate(tensor)}
+
+
+def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint under our names, cast to ``dtype``."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 — safe_open is not a dict
+                name = our_param_name(key)
+                tensor = f.get_tensor(key).to(dtype)
+                if re.search(r"experts\.(gate_up_proj|down_proj)$", name):
+                    state.update(_split_fused_experts(name, tensor))
+                else:
+                    state[name] = tensor
+    return state
+
+
+def load_state(model: Transformer, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the checkpoint tensors into the model; ConfigError on missing/extra/mis-shaped ones."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if model.args.tied_embeddings:
+        state.pop("lm_head.weight", None)
+        params.pop("lm_head.weight")
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ConfigError(f"{path}: checkpoint does not match the config: missing {missing[:3]}"
+                          f"{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+                          f"{'…' if len(extra) > 3 else ''}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != state[name].shape:
+                raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
+                                  f"the config implies {tuple(param.shape)}")
+            param.copy_(state[name])
+
+
+def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu",
+                  spec: ModelSpec | None = None) -> tuple[ModelSpec, Transformer]:
+    """(ModelSpec, Transformer with the checkpoint's weights) from a local HF model directory.
+
+    ``spec``: the parsed config (default: ``estimator.catalog.load_model(path)``).
+    """
+    path = Path(path)
+    config = read_config(path)
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_TYPES:
+        raise ConfigError(f"{path}: model_type {model_type!r} is not supported by the bundled "
+                          f"executor (supported: {', '.join(SUPPORTED_TYPES)})")
+    if spec is None:
+        from estimator.catalog import load_model
+
+        spec = load_model(str(path))
+    model = build_model(spec, dtype=dtype, device=device, init=False, **build_kwargs(config))
+    load_state(model, read_state_dict(path, dtype), path)
+    return spec, model
