@@ -13,6 +13,7 @@ from estimator.specs.estimate import (
 )
 from estimator.specs.machine import AcceleratorInfo, MachineInfo
 from estimator.specs.model import MLASpec, ModelSpec, MoESpec
+from estimator.specs.run import RunReport, TermComparison
 from estimator.specs.setup import LINEAR_TARGETS, TrainSetup
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "MoESpec",
     "OpTime",
     "ParamCounts",
+    "RunReport",
+    "TermComparison",
     "Throughput",
     "TrainSetup",
     "Verdict",
