@@ -1,0 +1,339 @@
+"""Measure what a training run uses: peak memory per phase, tensor storage by role, step time.
+
+Peak memory:
+- Linux host (cpu device): write "5" to /proc/self/clear_refs to reset the resident high-water
+  mark, read VmHWM from /proc/self/status at the end of the phase (proc(5); Linux ≥ 4.0). This
+  sees every page the process touched, torch's allocator included; tracemalloc sees no tensors
+  and ru_maxrss cannot be reset.
+- other hosts, or where clear_refs is not writable: a thread samples psutil RSS every 2 ms and
+  keeps the maximum (can miss spikes shorter than the interval).
+- accelerators (cuda, rocm, xpu, mps): torch.accelerator's peak allocated bytes, reset per phase.
+"""
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+import torch
+
+from estimator.specs.estimate import Estimate
+from estimator.specs.model import ModelSpec
+from estimator.specs.run import RunReport, TermComparison
+from estimator.specs.setup import TrainSetup
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+RSS_SAMPLE_SECONDS = 0.002
+"""Interval of the RSS sampling thread (seconds)."""
+
+
+class TrainConfigLike(Protocol):
+    """The TrainConfig fields the report reads."""
+
+    seed: int
+    max_steps: int
+    predict: bool
+
+
+def read_vmhwm_bytes() -> int | None:
+    """VmHWM (peak resident set since the last reset) of this process (bytes); None off Linux."""
+    try:
+        text = _STATUS.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    return None
+
+
+def reset_vmhwm() -> bool:
+    """Reset VmHWM to the current RSS by writing '5' to /proc/self/clear_refs; False if the
+    kernel or sandbox does not allow it."""
+    try:
+        with _CLEAR_REFS.open("w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (bytes)."""
+    return psutil.Process().memory_info().rss
+
+
+class _RssSampler:
+    """Background thread keeping the maximum RSS seen since start()."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.peak_bytes = current_rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(RSS_SAMPLE_SECONDS):
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+        return self.peak_bytes
+
+
+class PeakMemory:
+    """Peak memory of one phase at a time: reset() at the start, peak_bytes() at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type != "cpu":
+            self.method = "accelerator"
+        elif read_vmhwm_bytes() is not None and reset_vmhwm():
+            self.method = "vmhwm"
+        else:
+            self.method = "rss_sampled"
+        self._sampler = _RssSampler() if self.method == "rss_sampled" else None
+
+    def current_bytes(self) -> int:
+        """Memory in use now (bytes): RSS on the host, allocated bytes on an accelerator."""
+        if self.method == "accelerator":
+            return int(torch.accelerator.memory_allocated(self.device))
+        return current_rss_bytes()
+
+    def reset(self) -> None:
+        """Start a new phase: the next peak_bytes() covers only what follows."""
+        if self.method == "accelerator":
+            torch.accelerator.synchronize(self.device)
+            torch.accelerator.reset_peak_memory_stats(self.device)
+        elif self.method == "vmhwm":
+            reset_vmhwm()
+        else:
+            assert self._sampler is not None
+            self._sampler.stop()
+            self._sampler.start()
+
+    def peak_bytes(self) -> int:
+        """Peak since the last reset() (bytes)."""
+        if self.method == "accelerator":
+            torch.accelerator.synchronize(self.device)
+            return int(torch.accelerator.max_memory_allocated(self.device))
+        if self.method == "vmhwm":
+            return read_vmhwm_bytes() or current_rss_bytes()
+        assert self._sampler is not None
+        return max(self._sampler.peak_bytes, current_rss_bytes())
+
+    def close(self) -> None:
+        """Stop the sampling thread, if any."""
+        if self._sampler is not None:
+            self._sampler.stop()
+
+
+def tensor_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared storage counted once)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        for part in _plain_tensors(t):
+            storage = part.untyped_storage()
+            key = (str(part.device), storage.data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a tensor subclass (e.g. NF4 codes and scales), or [t]."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter):
+        return [t]
+    names, _ = flatten()
+    return [p for n in names for p in _plain_tensors(getattr(t, n))]
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Storage of every parameter and buffer of the model (bytes)."""
+    return tensor_storage_bytes([*model.parameters(), *model.buffers()])
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """Storage of the gradients currently held by the model's parameters (bytes)."""
+    return tensor_storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Storage of every tensor in the optimizer's state (bytes): moments, codes, scales, step."""
+    return tensor_storage_bytes(
+        v for state in optimizer.state.values() for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (no-op on the CPU) so that wall time covers it."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def median_step_seconds(step_seconds: list[float], *, num_warmup: int = 2) -> float | None:
+    """Median step time after dropping the first num_warmup steps (seconds); with too few
+    steps, the median of those there are; None with none."""
+    steady = step_seconds[num_warmup:] or step_seconds[-1:]
+    return statistics.median(steady) if steady else None
+
+
+class StepTimer:
+    """Wall time per step; synchronises the device before each reading."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.step_seconds: list[float] = []
+        self._start = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        synchronize(self.device)
+        seconds = time.perf_counter() - self._start
+        self.step_seconds.append(seconds)
+        return seconds
+
+
+def device_display_name(device: torch.device) -> str:
+    """Human name of a torch device: the CPU brand string, or the accelerator's name."""
+    if device.type == "cpu":
+        with contextlib.suppress(Exception):
+            import cpuinfo
+
+            return str(cpuinfo.get_cpu_info().get("brand_raw") or "cpu")
+        return "cpu"
+    backend = getattr(torch, device.type, None)
+    get_name = getattr(backend, "get_device_name", None)
+    if get_name is not None:
+        with contextlib.suppress(Exception):
+            return str(get_name(device))
+    return str(device)
+
+
+def num_threads() -> int:
+    """torch intra-op threads (count)."""
+    return torch.get_num_threads() or os.cpu_count() or 1
+
+
+def relative_error(predicted: float | None, measured: float | None) -> float | None:
+    """(predicted − measured) / measured (fraction); None if either is missing or measured 0."""
+    if predicted is None or measured is None or measured == 0:
+        return None
+    return (predicted - measured) / measured
+
+
+def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
+            ) -> tuple[Estimate | None, str | None]:
+    """The analytic estimate for the run's config on this machine, or (None, why not).
+    The estimate is advisory here: any failure is recorded, never raised after a finished run."""
+    try:
+        from estimator import estimate
+    except ImportError as e:
+        return None, f"no analytic model in this build ({e})"
+    try:
+        return estimate(spec, setup, device="local", profile=None), None
+    except Exception as e:  # a run's report must survive a failing prediction
+        return None, f"analytic estimate failed: {type(e).__name__}: {e}"
+
+
+_WEIGHT_TERMS = ("weights", "quant_scales", "master_weights", "adapter_weights")
+
+
+def memory_terms(estimate: Estimate | None, *, method: str, runtime_bytes: int,
+                 peak_bytes: int, weights: int, gradients: int | None,
+                 optimizer_states: int | None) -> tuple[TermComparison, ...]:
+    """Predicted vs measured memory, term by term (see docs/training.md, 'Measurement')."""
+    c = estimate.memory.components if estimate is not None else {}
+    predicted_weights = sum(c.get(k, 0) for k in _WEIGHT_TERMS) if c else None
+    predicted_grads = _full_gradient_bytes(estimate)
+    listed = (predicted_weights or 0) + c.get("optimizer_states", 0) + c.get("runtime_overhead", 0)
+    transient = peak_bytes - runtime_bytes - weights - (optimizer_states or 0)
+    rows = [
+        ("runtime", c.get("runtime_overhead"), runtime_bytes,
+         "memory before the model was built: interpreter, torch, tokenised data"),
+        ("weights", predicted_weights, weights,
+         "storage of every parameter and buffer (autocast's transient 16-bit copies are "
+         "predicted here but not stored)"),
+        ("gradients", predicted_grads, gradients,
+         "storage of .grad tensors after the first backward"),
+        ("optimizer_states", c.get("optimizer_states"), optimizer_states,
+         "storage of every optimizer state tensor after the first step"),
+        ("activations_and_transients", estimate.memory.total_bytes - listed if c else None,
+         transient, "peak − runtime − weights − optimizer states (activations, logits, "
+         "gradients, dequantised weights, allocator slack)"),
+        ("total_peak", estimate.memory.total_bytes if c else None, peak_bytes,
+         f"peak of the training steps ({method}), runtime included"),
+    ]
+    return tuple(
+        TermComparison(name=name, predicted_bytes=p, measured_bytes=m,
+                       relative_error=relative_error(p, m), method=how)
+        for name, p, m, how in rows
+    )
+
+
+def _full_gradient_bytes(estimate: Estimate | None) -> int | None:
+    """The whole gradient term (the breakdown lists it only when it is live at the peak)."""
+    if estimate is None:
+        return None
+    try:
+        from estimator.analytic.memory import gradient_bytes as analytic_gradient_bytes
+    except ImportError:
+        return estimate.memory.components.get("gradients")
+    return analytic_gradient_bytes(estimate.setup, estimate.params)
+
+
+def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigLike,
+                     device: torch.device, data_source: str, num_data_tokens: int,
+                     start_step: int, losses: list[float], step_seconds: list[float],
+                     stop_reason: str, message: str, checkpoint_dir: Path | None,
+                     memory_method: str, runtime_bytes: int, baseline_bytes: int,
+                     peak_bytes: int, weights_bytes: int, gradient_bytes: int | None,
+                     optimizer_bytes: int | None) -> RunReport:
+    """Assemble the RunReport: measurement, and the prediction for the same config beside it."""
+    estimate, note = predict(spec, setup, device) if config.predict else (None, "not requested")
+    median = median_step_seconds(step_seconds)
+    predicted_seconds = estimate.throughput.step_seconds if estimate is not None else None
+    return RunReport(
+        model=spec, setup=setup, device_name=str(device),
+        device_display_name=device_display_name(device), torch_version=torch.__version__,
+        num_threads=num_threads(), seed=config.seed, data_source=data_source,
+        num_data_tokens=num_data_tokens, start_step=start_step, num_steps=len(losses),
+        max_steps=config.max_steps, losses=tuple(losses),
+        num_tokens=len(step_seconds) * setup.tokens_per_step, stop_reason=stop_reason,
+        message=message, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+        memory_method=memory_method, runtime_bytes=runtime_bytes,
+        baseline_bytes=baseline_bytes, peak_bytes=peak_bytes,
+        step_seconds=median,
+        tokens_per_second=setup.tokens_per_step / median if median else None,
+        memory_terms=memory_terms(estimate, method=memory_method, runtime_bytes=runtime_bytes,
+                                  peak_bytes=peak_bytes, weights=weights_bytes,
+                                  gradients=gradient_bytes, optimizer_states=optimizer_bytes),
+        predicted_step_seconds=predicted_seconds,
+        step_seconds_relative_error=relative_error(predicted_seconds, median),
+        prediction_note=note,
+    )

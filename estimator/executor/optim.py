@@ -1,0 +1,170 @@
+"""Optimizers, learning-rate schedule and gradient clipping for the executor.
+
+AdamW and SGD are torch's own. AdamW8bit is ours, in pure PyTorch so that it runs on every
+backend: Adam's m and v are kept as 8-bit codes in blocks of 256 values, each block scaled by its
+absmax (fp32), as bitsandbytes' blockwise 8-bit optimizers do (Dettmers et al. 2022,
+"8-bit Optimizers via Block-wise Quantization", arXiv 2110.02861). State ≈ 2 B/param + 8 B per
+256 params of scales. The codebooks are log-spaced (a dynamic-exponent code: constant relative
+precision across 6–7 decades), so small second moments are not rounded to zero.
+"""
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from estimator.errors import SetupError
+from estimator.specs.setup import TrainSetup
+
+BLOCK_SIZE = 256
+"""Values per quantisation block of the 8-bit states (count; bitsandbytes' blocksize)."""
+MIN_8BIT_NUMEL = 4096
+"""Tensors smaller than this keep fp32 states (count; bitsandbytes' min_8bit_size)."""
+SGD_MOMENTUM = 0.9
+"""Momentum of the 'sgd_momentum' optimizer."""
+
+
+def _log_codebook(*, signed: bool, num_decades: float) -> torch.Tensor:
+    """256 sorted code values in [−1, 1] (signed) or [0, 1]: 0, and magnitudes
+    10^(−num_decades·(1 − i/(n−1))) for i = 0 … n−1 (log-spaced, the largest exactly 1)."""
+    num_magnitudes = 127 if signed else 255
+    exponents = -num_decades * (1 - torch.arange(num_magnitudes, dtype=torch.float64)
+                                / (num_magnitudes - 1))
+    magnitudes = torch.pow(10.0, exponents)
+    values = [torch.zeros(1, dtype=torch.float64), magnitudes]
+    if signed:
+        values += [-magnitudes, torch.zeros(1, dtype=torch.float64)]  # pad to 256 codes
+    return torch.sort(torch.cat(values)).values.float()
+
+
+SIGNED_CODE = _log_codebook(signed=True, num_decades=6.0)
+"""Codebook of the first moment m (signed, 127 magnitudes over 6 decades)."""
+UNSIGNED_CODE = _log_codebook(signed=False, num_decades=7.0)
+"""Codebook of the second moment v (unsigned, 255 magnitudes over 7 decades)."""
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 [numel padded to blocks], absmax fp32 [num_blocks]) of x: each block of 256
+    values is divided by its absmax and rounded to the nearest code value."""
+    flat = x.detach().float().reshape(-1)
+    pad = (-flat.numel()) % BLOCK_SIZE
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK_SIZE)
+    absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    normalized = blocks / absmax[:, None]
+    midpoints = (code[1:] + code[:-1]) / 2
+    codes = torch.bucketize(normalized, midpoints.to(normalized.device))
+    return codes.to(torch.uint8).view(-1), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                         like: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_blockwise: fp32 tensor shaped like `like`."""
+    values = code.to(codes.device)[codes.long()].view(-1, BLOCK_SIZE) * absmax[:, None]
+    return values.view(-1)[: like.numel()].view(like.shape)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW with blockwise 8-bit m and v (decoupled weight decay, bias correction as torch's
+    AdamW). Tensors under MIN_8BIT_NUMEL elements keep fp32 states."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    def _moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state[p]
+        if "m_codes" in state:
+            m = dequantize_blockwise(state["m_codes"], state["m_absmax"], SIGNED_CODE, p)
+            v = dequantize_blockwise(state["v_codes"], state["v_absmax"], UNSIGNED_CODE, p)
+            return m, v
+        if "m" in state:
+            return state["m"], state["v"]
+        zeros = torch.zeros_like(p, dtype=torch.float32)
+        return zeros, zeros.clone()
+
+    def _store(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        state = self.state[p]
+        if p.numel() < MIN_8BIT_NUMEL:
+            state["m"], state["v"] = m, v
+            return
+        state["m_codes"], state["m_absmax"] = quantize_blockwise(m, SIGNED_CODE)
+        state["v_codes"], state["v_absmax"] = quantize_blockwise(v, UNSIGNED_CODE)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 — torch.optim signature
+        """One AdamW update of every parameter with a gradient."""
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                step = int(state.get("step", torch.tensor(0.0))) + 1
+                state["step"] = torch.tensor(float(step))
+                m, v = self._moments(p)
+                grad = p.grad.float()
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                update = (m / (1 - beta1**step)).div_(denom)
+                p_fp32 = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+                p.copy_(p_fp32.add_(update, alpha=-group["lr"]))
+                self._store(p, m, v)
+        return loss
+
+
+def build_optimizer(params: list[torch.nn.Parameter], setup: TrainSetup, *, lr: float,
+                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The optimizer named by setup.optimizer over `params`."""
+    if not params:
+        raise SetupError("the setup leaves no trainable parameters")
+    name = setup.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+    if name == "adafactor" and hasattr(torch.optim, "Adafactor"):
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+    raise SetupError(
+        f"the executor has no {name} optimizer; use --optimizer adamw, adamw8bit, sgd "
+        "or sgd_momentum"
+    )
+
+
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int,
+          min_lr_fraction: float = 0.1) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up over warmup_steps to
+    base_lr, then cosine decay to min_lr_fraction·base_lr at total_steps (Loshchilov & Hutter
+    2017, SGDR; the GPT-3/Llama schedule)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return base_lr * (min_lr_fraction + (1 - min_lr_fraction) * cosine)
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """Warm-up length when none is given: 5 % of the run, at least 1, at most 100 steps."""
+    return max(1, min(100, total_steps // 20))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the global L2 norm of the gradients to max_norm (no clipping when max_norm <= 0);
+    return the norm before clipping (inf/nan if a gradient is not finite)."""
+    limit = max_norm if max_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
+    return float(norm)

@@ -1,0 +1,471 @@
+"""The training loop: build the ModelSpec, apply the TrainSetup, train, checkpoint, measure.
+
+`train(...)` is a library call: it never prints. Progress goes to an optional callback (the CLI
+draws a rich progress bar from it); the result is a RunReport, also written to
+OUTPUT/run_report.json. The loop runs on cpu, cuda, rocm, mps or xpu through torch.device only.
+
+Precision (read with estimator/specs/setup.py):
+- full fine-tune, mixed_precision: fp32 weights (the master copy), fp32 grads and optimizer
+  states, matmuls under torch.autocast(device, compute dtype). mixed_precision=False: the model
+  is stored and trained in the compute dtype (model.to(bfloat16)), states in that dtype.
+- LoRA/QLoRA: the frozen base in weight_bits (16 → the compute dtype; 4 → NF4 codes, dequantised
+  to the compute dtype per matmul); adapters fp32 under mixed precision, else the compute dtype.
+
+Step semantics: one optimizer step = grad_accum micro-batches of batch_size sequences. The loss
+of a step is the mean cross-entropy over its micro-batches (nats/token), computed in fp32.
+Stops: max_steps reached; SIGINT/SIGTERM (the current step finishes, a checkpoint is saved);
+a non-finite loss or gradient norm (nothing is saved, the last good checkpoint stays).
+"""
+
+import contextlib
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from estimator.errors import ConfigError, SetupError
+from estimator.executor import checkpoint as ckpt
+from estimator.executor import measure
+from estimator.executor.data import (
+    PackedDataset,
+    Tokenizer,
+    check_vocab,
+    describe_source,
+    load_dataset,
+)
+from estimator.executor.optim import (
+    build_optimizer,
+    clip_gradients,
+    default_warmup_steps,
+    lr_at,
+    set_lr,
+)
+from estimator.specs.model import ModelSpec
+from estimator.specs.run import RunReport, StopReason
+from estimator.specs.setup import TrainSetup
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-4, "qlora": 2e-4}
+"""Peak learning rate per method when none is given (common fine-tuning defaults: HF/PEFT
+examples use 1e-4–2e-4 for LoRA; 1e-5–1e-4 for full fine-tunes)."""
+REPORT_FILE = "run_report.json"
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """What the loop reports after every optimizer step (the CLI renders it)."""
+
+    step: int
+    """Optimizer steps done (count)."""
+    max_steps: int
+    """Step target (count)."""
+    loss: float
+    """Mean loss of the step (nats/token)."""
+    lr: float
+    """Learning rate used by the step."""
+    step_seconds: float
+    """Wall time of this step (seconds)."""
+    tokens_per_second: float
+    """Tokens per second at the median step time so far (tokens/s)."""
+    eta_seconds: float
+    """Remaining steps × median step time (seconds)."""
+    memory_bytes: int
+    """Peak memory of the training phase so far (bytes)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything train() needs besides the model and setup (defaults are the CLI's)."""
+
+    max_steps: int
+    output_dir: Path
+    data: Path | None = None
+    text_field: str = "text"
+    model_path: Path | None = None
+    resume: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_dropout: float = 0.0
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    predict: bool = True
+
+
+@dataclass
+class _Run:
+    """Mutable state of one run (internal)."""
+
+    config: TrainConfig
+    spec: ModelSpec
+    setup: TrainSetup
+    device: torch.device
+    dataset: PackedDataset
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    start_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    grads_bytes: int | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device for --device (cpu, cuda, cuda:1, mps, xpu …); SetupError if absent here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SetupError(f"--device {name}: not a torch device (cpu, cuda, mps, xpu)") from None
+    if device.type == "cpu":
+        return device
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() \
+        else None
+    if accelerator is None or accelerator.type != device.type:
+        raise SetupError(f"--device {name}: no such accelerator in this torch build / machine")
+    return device
+
+
+def storage_dtype(setup: TrainSetup) -> torch.dtype:
+    """dtype the model is built in (see the module docstring)."""
+    compute = TORCH_DTYPES[setup.compute_dtype]
+    if setup.method == "full":
+        return torch.float32 if setup.mixed_precision or setup.weight_bits == 32 else compute
+    if setup.weight_bits == 32 or compute == torch.float32:
+        return torch.float32
+    return compute
+
+
+def autocast_context(setup: TrainSetup, device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast in the compute dtype under mixed precision, else nothing."""
+    if setup.mixed_precision and setup.compute_dtype != "fp32":
+        return torch.autocast(device.type, dtype=TORCH_DTYPES[setup.compute_dtype])
+    return contextlib.nullcontext()
+
+
+def _load_tokenizer(model_path: Path | None) -> Tokenizer:
+    from estimator.executor.tokenizer import ByteTokenizer, load_tokenizer
+
+    found = load_tokenizer(model_path) if model_path is not None else None
+    return found if found is not None else ByteTokenizer()
+
+
+def build_training_model(spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
+                         device: torch.device) -> tuple[ModelSpec, torch.nn.Module]:
+    """Build (or load) the model and apply LoRA, NF4 and checkpointing per the setup.
+    Seeds torch's RNG with config.seed first, so the random initialisation is reproducible."""
+    from estimator.executor.checkpointing import apply_checkpointing
+    from estimator.executor.lora import apply_lora
+    from estimator.executor.model import build_model
+
+    torch.manual_seed(config.seed)
+    dtype = storage_dtype(setup)
+    if config.model_path is not None:
+        from estimator.executor.hf import load_hf_model
+
+        spec, model = load_hf_model(config.model_path, dtype=dtype)
+        model = model.to(device)
+    else:
+        model = build_model(spec, dtype=dtype, device=device)
+    if setup.trains_adapters:
+        compute = TORCH_DTYPES[setup.compute_dtype]
+        adapter_dtype = torch.float32 if setup.mixed_precision else compute
+        apply_lora(model, rank=setup.lora_rank, alpha=setup.lora_alpha,
+                   dropout=config.lora_dropout, targets=setup.lora_targets,
+                   adapter_dtype=adapter_dtype)
+    if setup.method == "qlora":
+        from estimator.executor.nf4 import apply_nf4
+
+        apply_nf4(model, double_quant=setup.double_quant,
+                  compute_dtype=TORCH_DTYPES[setup.compute_dtype])
+    if setup.checkpointing:
+        apply_checkpointing(model)
+    return spec, model
+
+
+def _checkpoint_root(config: TrainConfig) -> Path:
+    return config.output_dir / ckpt.CHECKPOINTS_DIR
+
+
+def _check_resumable(saved: dict, run: _Run, data_source: str) -> None:
+    mismatches = [
+        name for name, ours in (
+            ("model", run.spec.model_dump(mode="json")),
+            ("setup", run.setup.model_dump(mode="json")),
+            ("seed", run.config.seed),
+            ("data", data_source),
+            ("num_data_tokens", run.dataset.tokens.numel()),
+        ) if saved.get(name) != ours
+    ]
+    if mismatches:
+        raise ConfigError(
+            f"the checkpoint in {run.config.output_dir} was made with a different "
+            f"{', '.join(mismatches)}; rerun with the same flags or use another --output"
+        )
+
+
+def _resume(run: _Run, data_source: str) -> str | None:
+    """Load the latest good checkpoint into run; return a note when there was none."""
+    root = _checkpoint_root(run.config)
+    loaded = ckpt.latest_checkpoint(root)
+    if loaded is None:
+        return f"no checkpoint to resume in {root}; started at step 0"
+    _check_resumable(loaded.state, run, data_source)
+    ckpt.restore_model(loaded, run.model)
+    ckpt.restore_optimizer(loaded, run.optimizer)
+    ckpt.restore_rng_states(loaded.state["rng"], run.device)
+    if run.scaler is not None and loaded.state.get("grad_scaler"):
+        run.scaler.load_state_dict(loaded.state["grad_scaler"])
+    run.start_step = loaded.step
+    run.losses = list(loaded.state["losses"])
+    return None
+
+
+def _save(run: _Run, step: int, data_source: str) -> Path:
+    setup = run.setup
+    write_adapter = None
+    if setup.trains_adapters:
+        from estimator.executor.lora import save_peft_adapter
+
+        def write_adapter(path: Path) -> None:
+            save_peft_adapter(run.model, path, base_model_name=str(run.config.model_path
+                                                                   or run.spec.name),
+                              rank=setup.lora_rank, alpha=setup.lora_alpha,
+                              dropout=run.config.lora_dropout, targets=setup.lora_targets)
+
+    state = {
+        "model": run.spec.model_dump(mode="json"),
+        "setup": setup.model_dump(mode="json"),
+        "seed": run.config.seed,
+        "data": data_source,
+        "num_data_tokens": run.dataset.tokens.numel(),
+        "data_position": step * setup.batch_size * setup.grad_accum,
+        "losses": run.losses,
+        "rng": ckpt.rng_states(run.device),
+        "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,
+    }
+    return ckpt.save_checkpoint(_checkpoint_root(run.config), step, model=run.model,
+                                optimizer=run.optimizer, state=state,
+                                trainable_only=setup.trains_adapters,
+                                write_adapter=write_adapter,
+                                keep_last=run.config.keep_checkpoints)
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM instead of dying, so the loop can finish its step and save.
+    A second SIGINT raises KeyboardInterrupt. Only in the main thread (signal module rule)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _micro_batch_loss(run: _Run, position: int) -> torch.Tensor:
+    """Forward one micro-batch and return its fp32 mean cross-entropy (nats/token)."""
+    inputs_BT, targets_BT = run.dataset.batch(run.config.seed, position, run.setup.batch_size)
+    inputs_BT, targets_BT = inputs_BT.to(run.device), targets_BT.to(run.device)
+    with autocast_context(run.setup, run.device):
+        logits_BTV = run.model(inputs_BT)
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
+def _train_step(run: _Run, step: int, lr: float) -> tuple[float, str | None]:
+    """One optimizer step; returns (mean loss, None) or (loss, reason) when it is not finite
+    (then no update is applied)."""
+    setup = run.setup
+    set_lr(run.optimizer, lr)
+    total = 0.0
+    for micro in range(setup.grad_accum):
+        position = (step * setup.grad_accum + micro) * setup.batch_size
+        loss = _micro_batch_loss(run, position)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            run.optimizer.zero_grad(set_to_none=True)
+            return value, f"loss became {value} at step {step + 1}"
+        scaled = loss / setup.grad_accum
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        total += value
+    if run.grads_bytes is None:
+        run.grads_bytes = measure.gradient_bytes(run.model)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    norm = clip_gradients(run.trainable, run.config.max_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    elif not math.isfinite(norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        return total / setup.grad_accum, f"gradient norm became {norm} at step {step + 1}"
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total / setup.grad_accum, None
+
+
+def _params_finite(params: list[torch.nn.Parameter]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def _prepare(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
+             memory_probe: Callable[[], int]) -> tuple[_Run, str, int, int]:
+    """Data, model, optimizer (and resume): returns (run, data source name, runtime bytes,
+    baseline bytes)."""
+    if setup.method == "inference":
+        raise SetupError("nvfree train needs --method full, lora or qlora (not inference)")
+    device = resolve_device(config.device)
+    tokenizer = _load_tokenizer(config.model_path)
+    dataset = load_dataset(config.data, tokenizer, setup.seq_len, text_field=config.text_field)
+    data_source = describe_source(config.data)
+    runtime_bytes = memory_probe()
+    spec, model = build_training_model(model_spec, setup, config, device)
+    check_vocab(dataset.tokens, spec.vocab_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr = config.lr if config.lr is not None else DEFAULT_LR[setup.method]
+    optimizer = build_optimizer(trainable, setup, lr=lr, weight_decay=config.weight_decay)
+    scaler = None
+    if setup.compute_dtype == "fp16" and setup.mixed_precision:
+        scaler = torch.amp.GradScaler(device.type)
+    run = _Run(config=config, spec=spec, setup=setup, device=device, dataset=dataset,
+               model=model, optimizer=optimizer, trainable=trainable, scaler=scaler)
+    return run, data_source, runtime_bytes, memory_probe()
+
+
+def train(model_spec: ModelSpec, setup: TrainSetup, *, max_steps: int, output_dir: Path,
+          data: Path | None = None, resume: bool = False, device: str = "cpu", seed: int = 0,
+          lr: float | None = None, checkpoint_every: int | None = None, log_every: int = 1,
+          on_progress: Callable[[StepProgress], None] | None = None, **options) -> RunReport:
+    """Train `model_spec` under `setup` for max_steps optimizer steps, checkpointing into
+    output_dir, and return (and write to output_dir/run_report.json) the RunReport with the
+    analytic prediction beside the measurement. `options`: the other TrainConfig fields
+    (model_path, text_field, warmup_steps, weight_decay, max_grad_norm, lora_dropout,
+    keep_checkpoints, predict). `on_progress` is called every log_every steps."""
+    config = TrainConfig(max_steps=max_steps, output_dir=Path(output_dir),
+                         data=None if data is None else Path(data), resume=resume,
+                         device=device, seed=seed, lr=lr, checkpoint_every=checkpoint_every,
+                         log_every=log_every, **options)
+    return train_with_config(model_spec, setup, config, on_progress=on_progress)
+
+
+def train_with_config(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig, *,
+                      on_progress: Callable[[StepProgress], None] | None = None) -> RunReport:
+    """train() with the options gathered in a TrainConfig."""
+    if config.max_steps <= 0:
+        raise SetupError("--max-steps must be positive")
+    root = _checkpoint_root(config)
+    if not config.resume and ckpt.list_checkpoints(root):
+        raise ConfigError(f"{config.output_dir} already holds checkpoints; pass --resume to "
+                          "continue that run or choose another --output")
+    peak = measure.PeakMemory(resolve_device(config.device))
+    try:
+        return _train(model_spec, setup, config, peak, on_progress)
+    finally:
+        peak.close()
+
+
+def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
+           peak: measure.PeakMemory,
+           on_progress: Callable[[StepProgress], None] | None) -> RunReport:
+    run, data_source, runtime_bytes, baseline_bytes = _prepare(model_spec, setup, config,
+                                                               peak.current_bytes)
+    resume_note = _resume(run, data_source) if config.resume else None
+    weights_bytes = measure.weights_bytes(run.model)
+    base_lr = config.lr if config.lr is not None else DEFAULT_LR[setup.method]
+    warmup = config.warmup_steps if config.warmup_steps is not None else \
+        default_warmup_steps(config.max_steps)
+    timer = measure.StepTimer(run.device)
+    stop_reason: StopReason = "max_steps"
+    message = ""
+    checkpoint_dir: Path | None = None
+    optimizer_bytes: int | None = None
+    run.model.train()
+    peak.reset()
+    with _signals_stop() as received:
+        for step in range(run.start_step, config.max_steps):
+            lr = lr_at(step, base_lr=base_lr, warmup_steps=warmup, total_steps=config.max_steps)
+            timer.start()
+            loss, bad = _train_step(run, step, lr)
+            seconds = timer.stop()
+            if bad is not None:
+                stop_reason, message = "nonfinite_loss", bad
+                break
+            if optimizer_bytes is None:
+                optimizer_bytes = measure.optimizer_state_bytes(run.optimizer)
+            run.losses.append(loss)
+            done = step + 1
+            _report_progress(on_progress, run, done, loss, lr, seconds, timer, peak)
+            due = config.checkpoint_every and done % config.checkpoint_every == 0
+            if received or due or done == config.max_steps:
+                if not _params_finite(run.trainable):
+                    stop_reason = "nonfinite_loss"
+                    message = f"weights became non-finite at step {done}"
+                    break
+                checkpoint_dir = _save(run, done, data_source)
+            if received:
+                stop_reason = "interrupted"
+                message = (f"stopped by {signal.Signals(received[0]).name} after step {done}; "
+                           f"checkpoint {checkpoint_dir}; continue with --resume")
+                break
+    peak_bytes = peak.peak_bytes()
+    latest = ckpt.latest_checkpoint(_checkpoint_root(config))
+    if stop_reason == "nonfinite_loss":
+        kept = latest.path if latest else "none"
+        message = f"{message}; stopped without saving; last good checkpoint: {kept}"
+    elif stop_reason == "max_steps":
+        message = f"reached step {config.max_steps}; checkpoint {checkpoint_dir}"
+    if resume_note:
+        message = f"{resume_note}; {message}"
+    report = measure.build_run_report(
+        run.spec, setup, config=config, device=run.device, data_source=data_source,
+        num_data_tokens=run.dataset.tokens.numel(), start_step=run.start_step,
+        losses=run.losses, step_seconds=timer.step_seconds, stop_reason=stop_reason,
+        message=message, checkpoint_dir=latest.path if latest else None,
+        memory_method=peak.method, runtime_bytes=runtime_bytes, baseline_bytes=baseline_bytes,
+        peak_bytes=peak_bytes, weights_bytes=weights_bytes, gradient_bytes=run.grads_bytes,
+        optimizer_bytes=optimizer_bytes,
+    )
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    _write_report(report, config.output_dir / REPORT_FILE)
+    return report
+
+
+def _report_progress(on_progress: Callable[[StepProgress], None] | None, run: _Run, done: int,
+                     loss: float, lr: float, seconds: float, timer: measure.StepTimer,
+                     peak: measure.PeakMemory) -> None:
+    if on_progress is None or (done % run.config.log_every and done != run.config.max_steps):
+        return
+    median = measure.median_step_seconds(timer.step_seconds) or seconds
+    tokens = run.setup.tokens_per_step
+    on_progress(StepProgress(
+        step=done, max_steps=run.config.max_steps, loss=loss, lr=lr, step_seconds=seconds,
+        tokens_per_second=tokens / median, eta_seconds=(run.config.max_steps - done) * median,
+        memory_bytes=peak.peak_bytes(),
+    ))
+
+
+def _write_report(report: RunReport, path: Path) -> None:
+    """Write the report atomically (temp file + os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(report.model_dump_json(indent=2))
+    os.replace(tmp, path)
