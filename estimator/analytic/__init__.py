@@ -1,0 +1,1 @@
+"""Pure analytic model: parameter counts, memory terms, FLOPs, time. Never imports torch."""

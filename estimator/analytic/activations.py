@@ -1,0 +1,172 @@
+"""Activation memory: the tensors autograd saves for backward, op by op.
+
+Derived from the ops the executor runs (estimator/executor/model.py) rather than copied from
+Korthikanti et al. 2022, whose s·b·h·(34 + 5·a·s/h) assumes GPT-2 blocks with dropout, a 4h GELU
+MLP and eager attention (reproduced by `korthikanti_layer_bytes` as a reference check).
+Conventions: T = batch·seq tokens; c = bytes of the compute dtype; r = bytes of the residual
+stream (fp32 under autocast mixed precision, else c). Under autocast a linear saves its *own*
+16-bit cast of an fp32 input, so n linears reading one fp32 tensor save n copies; in pure 16-bit
+training they share one tensor. A frozen linear (LoRA base) saves no input: its weight gradient is
+not needed (PyTorch saves mm operands only for the gradients it must compute).
+"""
+
+from estimator.analytic.params import attention_linears, dense_ffn_linears
+from estimator.analytic.precision import dtype_bytes
+from estimator.specs import ModelSpec, TrainSetup
+
+FP32_BYTES = 4
+
+
+def elem_bytes(setup: TrainSetup) -> tuple[int, int]:
+    """(c, r): compute-dtype bytes and residual-stream bytes per element."""
+    c = dtype_bytes(setup.compute_dtype)
+    r = FP32_BYTES if setup.mixed_precision else c
+    return c, r
+
+
+def saved_linear_inputs(setup: TrainSetup, names: list[str]) -> int:
+    """How many copies of a shared input the linears `names` save.
+
+    Full training: every linear needs its input for the weight gradient. LoRA: only targeted
+    linears (lora_A needs x). Autocast with an fp32 input: one cast copy per saving linear;
+    otherwise the linears share one tensor."""
+    saving = names if setup.method == "full" else [n for n in names if n in setup.lora_targets]
+    if not saving:
+        return 0
+    return len(saving) if setup.mixed_precision and setup.compute_dtype != "fp32" else 1
+
+
+def norm_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> int:
+    """One norm: its input (r bytes) + fp32 rstd (RMSNorm) or mean and rstd (LayerNorm)."""
+    _, r = elem_bytes(setup)
+    stats = 2 if model.norm == "layernorm" else 1
+    return num_tokens * (model.hidden_size * r + stats * FP32_BYTES)
+
+
+def lora_hidden_bytes(setup: TrainSetup, names: list[str], num_tokens: int) -> int:
+    """lora_B saves its input A·x (T·r_lora·c) per targeted linear."""
+    if not setup.trains_adapters:
+        return 0
+    c, _ = elem_bytes(setup)
+    return sum(num_tokens * setup.lora_rank * c for n in names if n in setup.lora_targets)
+
+
+def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> int:
+    """One attention block: norm, q/k/v input(s), q/k/v/out and logsumexp saved by SDPA (or the
+    b·H·s² probabilities of eager attention), the o_proj input, LoRA hidden states."""
+    c, r = elem_bytes(setup)
+    h, heads = model.hidden_size, model.num_heads
+    batch, seq = setup.batch_size, setup.seq_len
+    if model.mla is not None:
+        q_width = heads * (model.mla.qk_nope_head_dim + model.mla.qk_rope_head_dim)
+        kv_width = q_width + heads * model.mla.v_head_dim
+        out_width = heads * model.mla.v_head_dim
+    else:
+        q_width = heads * model.head_dim
+        kv_width = 2 * model.num_kv_heads * model.head_dim
+        out_width = q_width
+    total = norm_saved_bytes(model, setup, num_tokens)
+    total += saved_linear_inputs(setup, ["q_proj", "k_proj", "v_proj"]) * num_tokens * h * c
+    if model.qk_norm:
+        total += num_tokens * (q_width + kv_width // 2) * r
+    total += num_tokens * (q_width + kv_width + out_width) * c  # SDPA saves q, k, v, out
+    total += batch * heads * seq * FP32_BYTES  # logsumexp
+    if setup.attention == "eager":
+        total += batch * heads * seq * seq * (FP32_BYTES + c)  # fp32 softmax out + 16-bit copy
+    total += saved_linear_inputs(setup, ["o_proj"]) * num_tokens * out_width * c
+    names = [lin.name for lin in attention_linears(model)]
+    return total + lora_hidden_bytes(setup, names, num_tokens)
+
+
+def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, width: int,
+                    *, input_copies: bool = True) -> float:
+    """One FFN over `num_tokens`: gate/up input(s), SwiGLU's g, silu(g), u (GELU: its input),
+    and the down_proj input; LoRA hidden states."""
+    c, _ = elem_bytes(setup)
+    h = model.hidden_size
+    first = ["gate_proj", "up_proj"] if model.mlp == "swiglu" else ["up_proj"]
+    total = 0.0
+    if input_copies:
+        total += saved_linear_inputs(setup, first) * num_tokens * h * c
+    total += (3 if model.mlp == "swiglu" else 1) * num_tokens * width * c
+    total += saved_linear_inputs(setup, ["down_proj"]) * num_tokens * width * c
+    return total + lora_hidden_bytes(setup, [*first, "down_proj"], round(num_tokens))
+
+
+def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> float:
+    """One MoE FFN: router input (trainable router only) and fp32 softmax probabilities,
+    top-k weights; per routed token copy the gathered input, the expert FFN tensors and the
+    expert output kept for the routing-weight multiply; shared and side-by-side dense FFNs."""
+    moe = model.moe
+    assert moe is not None
+    c, _ = elem_bytes(setup)
+    h = model.hidden_size
+    routed_tokens = num_tokens * moe.routed_experts_per_token
+    width = moe.num_experts + moe.num_zero_experts
+    total = float(num_tokens * width * FP32_BYTES + num_tokens * moe.num_experts_per_token * 4)
+    if setup.method == "full":
+        total += num_tokens * h * c  # router input
+    total += routed_tokens * h * c * 2  # gathered expert input + expert output for the weighting
+    total += ffn_saved_bytes(model, setup, routed_tokens, moe.expert_intermediate_size)
+    shared_width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
+    total += moe.num_shared_experts * ffn_saved_bytes(model, setup, num_tokens, shared_width)
+    total += moe.dense_mlps_per_layer * ffn_saved_bytes(
+        model, setup, num_tokens, model.intermediate_size)
+    return total
+
+
+def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool) -> int:
+    """Everything one transformer block saves for backward (bytes)."""
+    tokens = setup.batch_size * setup.seq_len
+    total = model.attentions_per_layer * attention_saved_bytes(model, setup, tokens)
+    total += norm_saved_bytes(model, setup, tokens)
+    if moe_layer:
+        total += moe_saved_bytes(model, setup, tokens)
+    else:
+        total += ffn_saved_bytes(model, setup, tokens, model.intermediate_size)
+    return round(total)
+
+
+def head_saved_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """Final norm and the lm_head input (full training, or a LoRA run that trains nothing
+    there saves only the norm)."""
+    c, _ = elem_bytes(setup)
+    tokens = setup.batch_size * setup.seq_len
+    head_input = tokens * model.hidden_size * c if setup.method == "full" else 0
+    return norm_saved_bytes(model, setup, tokens) + head_input
+
+
+def checkpointed_layer_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """With full activation checkpointing a block keeps only its input (T·h·r)."""
+    _, r = elem_bytes(setup)
+    return setup.batch_size * setup.seq_len * model.hidden_size * r
+
+
+def activation_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
+    """Peak saved activations of one micro-batch, by part (bytes).
+
+    Without checkpointing every block's saved set is alive at the start of backward. With it,
+    every block keeps its input and one block at a time recomputes its full set (Chen et al.
+    2016; Korthikanti et al. 2022 §4 "full recomputation")."""
+    if setup.method == "inference":
+        return {"layers": 0, "recompute": 0, "head": 0}
+    num_moe = model.num_moe_layers
+    num_dense = model.num_layers - num_moe
+    dense = layer_saved_bytes(model, setup, moe_layer=False) if num_dense else 0
+    moe = layer_saved_bytes(model, setup, moe_layer=True) if num_moe else 0
+    head = head_saved_bytes(model, setup)
+    if setup.checkpointing:
+        kept = checkpointed_layer_bytes(model, setup) * model.num_layers
+        return {"layers": kept, "recompute": max(dense, moe), "head": head}
+    return {"layers": dense * num_dense + moe * num_moe, "recompute": 0, "head": head}
+
+
+def korthikanti_layer_bytes(seq: int, batch: int, hidden: int, heads: int) -> int:
+    """Korthikanti et al. 2022 (arXiv 2205.05198) eq. 2: activations of one GPT layer, 16-bit,
+    no parallelism, no recomputation: s·b·h·(34 + 5·a·s/h) bytes."""
+    return seq * batch * hidden * 34 + 5 * heads * seq * seq * batch
+
+
+def dense_layer_linears(model: ModelSpec) -> list[str]:
+    """PEFT names of the linears in a dense block (for documentation and tests)."""
+    return [lin.name for lin in attention_linears(model) + dense_ffn_linears(model)]

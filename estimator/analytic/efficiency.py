@@ -1,0 +1,94 @@
+"""Time of one op call from an efficiency curve: measured (CalibrationProfile) or the
+catalogue default.
+
+seconds(W) = overhead + W / rate(W). A measured curve interpolates its knots linearly in
+log10(W) and clamps outside them. The default (no calibration) is a saturating curve
+rate(W) = peak · fraction · W / (W + W_half): small ops reach a small share of the peak, large
+ops approach `fraction` of it. Defaults are stated, not measured: fraction = the device's
+measured large-GEMM share where the catalogue has one (stas00 MAMF), else DEFAULT_MATMUL_FRACTION;
+memory-bound ops reach DEFAULT_BANDWIDTH_FRACTION of peak bandwidth (STREAM triad typically
+reaches 70–85 % of the vendor peak).
+"""
+
+import bisect
+
+from estimator.specs import CalibrationProfile, Device, EfficiencyCurve
+
+DEFAULT_MATMUL_FRACTION = 0.6
+DEFAULT_ATTENTION_SHARE = 0.5
+"""Fused attention reaches about half the GEMM rate (FlashAttention-2 paper: 50–73 % of A100
+peak forward, lower backward); used only without calibration."""
+DEFAULT_BANDWIDTH_FRACTION = 0.7
+DEFAULT_HALF_RATE_FLOPS = {"cpu": 2e7, "gpu": 2e9, "tpu": 2e9, "accelerator": 2e9}
+"""GEMM size (FLOPs) at which the default curve reaches half its asymptote: ~a 200³ GEMM on a
+CPU core set, ~a 1000³ GEMM on a large accelerator."""
+DEFAULT_HALF_RATE_BYTES = {"cpu": 2e5, "gpu": 2e7, "tpu": 2e7, "accelerator": 2e7}
+DEFAULT_OVERHEAD_SECONDS = {"cpu": 5e-6, "gpu": 8e-6, "tpu": 8e-6, "accelerator": 8e-6}
+"""Per-call dispatch/launch cost without calibration (eager PyTorch on CPU ~5 µs, a CUDA
+kernel launch ~5–10 µs)."""
+
+
+def curve_rate(curve: EfficiencyCurve, work: float) -> float:
+    """Measured rate at `work`: piecewise-linear in log10(work), clamped to the end knots."""
+    import math
+
+    x = math.log10(max(work, 1.0))
+    xs, ys = curve.log10_work, curve.rates
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[i - 1] + t * (ys[i] - ys[i - 1])
+
+
+def curve_seconds(curve: EfficiencyCurve, work: float) -> float:
+    """overhead + work / rate(work) for one call."""
+    if work <= 0:
+        return curve.overhead_seconds
+    return curve.overhead_seconds + work / curve_rate(curve, work)
+
+
+def default_flops_rate(device: Device, dtype: str, op_class: str, flops: float) -> float:
+    """Uncalibrated compute rate of one call (FLOP/s)."""
+    peak = device.peak_for(dtype) or device.peak_for("fp32") or device.peak_for("bf16")
+    assert peak, f"device {device.name} has no peak FLOP/s"
+    fraction = device.achievable_matmul_fraction or DEFAULT_MATMUL_FRACTION
+    if op_class == "attention":
+        fraction *= DEFAULT_ATTENTION_SHARE
+    half = DEFAULT_HALF_RATE_FLOPS[device.kind]
+    return peak * fraction * flops / (flops + half)
+
+
+def default_bytes_rate(device: Device, num_bytes: float) -> float:
+    """Uncalibrated memory-bound rate of one call (bytes/s)."""
+    half = DEFAULT_HALF_RATE_BYTES[device.kind]
+    bandwidth = device.memory_bandwidth_bytes_per_second * DEFAULT_BANDWIDTH_FRACTION
+    return bandwidth * num_bytes / (num_bytes + half)
+
+
+def default_seconds(device: Device, dtype: str, op_class: str, flops: float,
+                    num_bytes: float) -> float:
+    """Roofline time of one call with default curves: overhead + max(compute, memory)."""
+    compute = flops / default_flops_rate(device, dtype, op_class, flops) if flops > 0 else 0.0
+    memory = num_bytes / default_bytes_rate(device, num_bytes) if num_bytes > 0 else 0.0
+    return DEFAULT_OVERHEAD_SECONDS[device.kind] + max(compute, memory)
+
+
+def profile_curve(profile: CalibrationProfile | None, op_class: str,
+                  dtype: str) -> EfficiencyCurve | None:
+    """The measured curve for an op: '<class>.<dtype>' for compute classes, else '<class>'."""
+    if profile is None:
+        return None
+    return profile.curves.get(f"{op_class}.{dtype}") or profile.curves.get(op_class)
+
+
+def call_seconds(device: Device, profile: CalibrationProfile | None, dtype: str,
+                 op_class: str, flops: float, num_bytes: float) -> tuple[float, bool]:
+    """(seconds of one call, whether a measured curve gave it)."""
+    curve = profile_curve(profile, op_class, dtype)
+    if curve is None:
+        return default_seconds(device, dtype, op_class, flops, num_bytes), False
+    work = flops if curve.unit == "flops" else num_bytes
+    return curve_seconds(curve, work), True

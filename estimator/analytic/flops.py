@@ -1,0 +1,186 @@
+"""The ops of one training (or prefill) step: FLOPs, bytes and kernel calls per op.
+
+Counting rules (Kaplan et al. 2020 §2.1; Narayanan et al. 2021 appendix; EleutherAI
+Transformer Math 101): a linear in→out over T tokens costs 2·T·in·out FLOPs forward; backward
+costs as much again for the input gradient and again for the weight gradient — the weight
+gradient is skipped for frozen weights (LoRA/QLoRA), so LoRA training is ≈ 2·forward + adapters
+instead of 3·forward. Attention core: QKᵀ and PV are 2·s²·d FLOPs per head each (4·b·s²·H·d),
+halved by a causal kernel that skips masked blocks; backward = 2·forward. Checkpointing runs
+each block's forward twice. MoE: each token visits its routed experts only. Memory-bound ops
+(norms, activations, residuals, casts, loss) are counted in bytes read + written.
+"""
+
+from dataclasses import dataclass
+
+from estimator.analytic.params import LinearShape, layer_groups
+from estimator.analytic.precision import dtype_bytes
+from estimator.specs import ModelSpec, TrainSetup
+
+FP32_BYTES = 4
+ELEMENTWISE_CALLS_PER_LAYER = 16
+"""Norm, rope, activation, residual and cast kernels of one block's forward (count)."""
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kind of kernel in a step: `num_calls` calls of `flops_per_call` / `bytes_per_call`."""
+
+    name: str
+    op_class: str
+    """'matmul', 'attention', 'elementwise', 'optimizer', 'dequant.nf4' (dtype appended later)."""
+    flops_per_call: float
+    bytes_per_call: float
+    num_calls: float
+
+    @property
+    def flops(self) -> float:
+        """FLOPs of all calls (count)."""
+        return self.flops_per_call * self.num_calls
+
+    @property
+    def bytes_moved(self) -> float:
+        """Bytes read + written by all calls (bytes)."""
+        return self.bytes_per_call * self.num_calls
+
+
+def linear_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSetup,
+               *, trainable: bool, phase_mult: int, group: str = "linear") -> list[Op]:
+    """Forward, input-gradient and weight-gradient GEMMs of one linear kind.
+
+    For routed experts `lin.count` is tokens-weighted (experts a token visits); the calls are
+    split over the experts, each GEMM seeing tokens·count/num_experts rows — passed in as
+    `tokens` by the caller."""
+    c = dtype_bytes(setup.compute_dtype)
+    calls = lin.count * num_layers
+    flops = 2 * tokens * lin.in_features * lin.out_features
+    io = c * (lin.in_features * lin.out_features + tokens * (lin.in_features + lin.out_features))
+    ops = [Op(f"{group}.forward", "matmul", flops, io, calls * phase_mult)]
+    if setup.method != "inference":
+        ops.append(Op(f"{group}.backward_input", "matmul", flops, io, calls))
+        if trainable:
+            ops.append(Op(f"{group}.backward_weight", "matmul", flops, io, calls))
+    return ops
+
+
+def lora_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSetup,
+             phase_mult: int) -> list[Op]:
+    """LoRA A (in→r) and B (r→out): forward, both gradients (Hu et al. 2021)."""
+    r = setup.lora_rank
+    a = LinearShape(f"{lin.name}.lora_A", lin.in_features, r, lin.count)
+    b = LinearShape(f"{lin.name}.lora_B", r, lin.out_features, lin.count)
+    return [op for part in (a, b)
+            for op in linear_ops(part, num_layers, tokens, setup, trainable=True,
+                                 phase_mult=phase_mult, group="lora")]
+
+
+def block_linear_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+    """GEMMs of all transformer blocks for one micro-batch."""
+    tokens = setup.batch_size * setup.seq_len
+    mult = 2 if setup.checkpointing and setup.method != "inference" else 1
+    ops: list[Op] = []
+    moe = model.moe
+    for linears, num_layers in layer_groups(model, routed_all=False):
+        for lin in linears:
+            rows: float = tokens
+            if lin.routed and moe is not None:  # one GEMM per expert over its share of tokens
+                lin = LinearShape(lin.name, lin.in_features, lin.out_features,
+                                  moe.num_experts, lin.bias, True)
+                rows = tokens * moe.routed_experts_per_token / moe.num_experts
+            ops += linear_ops(lin, num_layers, rows, setup,
+                              trainable=setup.method == "full", phase_mult=mult)
+            if setup.trains_adapters and lin.name in setup.lora_targets:
+                ops += lora_ops(lin, num_layers, rows, setup, mult)
+    return ops
+
+
+def attention_core_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+    """SDPA forward + backward per attention block, as one op of 3× the forward FLOPs
+    (forward 2·b·s²·H·(d_qk + d_v), causal ×½; backward 2× forward)."""
+    b, s, heads = setup.batch_size, setup.seq_len, model.num_heads
+    if model.mla is not None:
+        d_qk = model.mla.qk_nope_head_dim + model.mla.qk_rope_head_dim
+        d_v = model.mla.v_head_dim
+    else:
+        d_qk = d_v = model.head_dim
+    forward = 2 * b * s * s * heads * (d_qk + d_v) / 2
+    c = dtype_bytes(setup.compute_dtype)
+    io = b * s * heads * (2 * d_qk + 2 * d_v) * c
+    calls = model.num_layers * model.attentions_per_layer
+    if setup.method == "inference":
+        return [Op("attention.forward", "attention", forward, io, calls)]
+    mult = 2 if setup.checkpointing else 1
+    return [Op("attention.forward_backward", "attention", forward * (2 + mult), io * 3, calls)]
+
+
+def elementwise_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+    """Norms, rope, SwiGLU/GELU, residual adds and autocast casts: bytes per block forward
+    ≈ T·(10·h·r + 2·(H + K)·d·c + 5·i·c); backward ≈ 2× forward."""
+    c = dtype_bytes(setup.compute_dtype)
+    r = FP32_BYTES if setup.mixed_precision else c
+    tokens = setup.batch_size * setup.seq_len
+    width = model.intermediate_size
+    if model.moe is not None:
+        moe = model.moe
+        width = moe.expert_intermediate_size * moe.routed_experts_per_token + (
+            moe.num_shared_experts * (moe.shared_expert_intermediate_size
+                                      or moe.expert_intermediate_size))
+    per_layer = tokens * (10 * model.hidden_size * r
+                          + 2 * (model.num_heads + model.num_kv_heads) * model.head_dim * c
+                          + 5 * width * c)
+    passes = 1 if setup.method == "inference" else (3 + (1 if setup.checkpointing else 0))
+    calls = ELEMENTWISE_CALLS_PER_LAYER * model.num_layers * passes
+    return [Op("elementwise", "elementwise", 0, per_layer * model.num_layers * passes / calls,
+               calls)]
+
+
+def head_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+    """lm_head GEMMs and the cross-entropy over b·s·V fp32 logits (inference: last token)."""
+    tokens = setup.batch_size * (1 if setup.method == "inference" else setup.seq_len)
+    head = LinearShape("lm_head", model.hidden_size, model.vocab_size, 1)
+    ops = linear_ops(head, 1, tokens, setup, trainable=setup.method == "full", phase_mult=1,
+                     group="lm_head")
+    c = dtype_bytes(setup.compute_dtype)
+    loss_bytes = tokens * model.vocab_size * (c + 6 * FP32_BYTES)
+    return [*ops, Op("cross_entropy", "elementwise", 0, loss_bytes, 6)]
+
+
+def dequant_ops(model: ModelSpec, setup: TrainSetup, quantized_params: int) -> list[Op]:
+    """NF4/int8 → 16-bit dequantisation of every quantised weight, in forward, backward and
+    recompute (bytes = the 16-bit output)."""
+    if setup.weight_bits > 8:
+        return []
+    c = dtype_bytes(setup.compute_dtype)
+    passes = 1 if setup.method == "inference" else (2 + (1 if setup.checkpointing else 0))
+    calls = 7 * model.num_layers * passes
+    per_call = quantized_params * c * passes / calls
+    kind = "dequant.nf4" if setup.weight_bits == 4 else "dequant.int8"
+    return [Op("dequantize", kind, 0, per_call, calls)]
+
+
+def optimizer_bytes_per_param(setup: TrainSetup) -> float:
+    """Bytes an optimizer step reads + writes per trainable parameter. AdamW: read p, g, m, v,
+    write p, m, v = 7 tensors (28 B in fp32, 14 B pure bf16); 8-bit AdamW: p, g, p' in the
+    trainable dtype + m, v read and written at 1 B; Lion 5 tensors; SGD 3; momentum 5."""
+    t = FP32_BYTES if setup.mixed_precision else dtype_bytes(setup.compute_dtype)
+    return {"adamw": 7 * t, "adamw8bit": 3 * t + 4, "lion": 5 * t, "sgd": 3 * t,
+            "sgd_momentum": 5 * t, "adafactor": 4 * t}[setup.optimizer]
+
+
+def optimizer_ops(setup: TrainSetup, trainable: int, num_tensors: int) -> list[Op]:
+    """One optimizer step over the trainable parameters (memory-bound)."""
+    if trainable == 0:
+        return []
+    total = trainable * optimizer_bytes_per_param(setup)
+    return [Op("optimizer.step", "optimizer", 0, total / num_tensors, num_tensors)]
+
+
+def model_flops_per_token(model: ModelSpec, setup: TrainSetup, active_params: int,
+                          embedding_params: int) -> int:
+    """Useful FLOPs per token (no recompute): 6·N (full) or 4·N (frozen base: forward +
+    input gradient; Transformer Math 101) or 2·N (inference) over non-embedding active
+    parameters, plus causal attention 6·s·H·d per layer (3× 2·s·H·d)."""
+    n = active_params - embedding_params
+    mult = {"full": 6, "lora": 4, "qlora": 4, "inference": 2}[setup.method]
+    attn = model.num_layers * model.attentions_per_layer * 2 * setup.seq_len * model.num_heads * (
+        model.head_dim) * (mult // 2)
+    return round(mult * n + attn)

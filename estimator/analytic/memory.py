@@ -1,0 +1,264 @@
+"""Peak memory on one device, one named term per function.
+
+Peak = static terms (weights, master weights, optimizer states, runtime overhead)
+     + max(forward/backward phase, optimizer-step phase), where
+  forward/backward = activations + logits/loss buffers + transient dequantised weight
+                     (+ gradients when accumulating over micro-batches, since they persist),
+  optimizer step   = gradients + the optimizer's transient buffers.
+Gradients are freed (`zero_grad(set_to_none=True)`) between steps and, with one micro-batch,
+appear during backward while activations are freed, so they overlap little with the activation
+peak (the first term to check against a measurement when the two disagree).
+"""
+
+from estimator.analytic.activations import activation_bytes
+from estimator.analytic.params import layer_groups
+from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
+from estimator.specs import Device, MemoryBreakdown, ModelSpec, ParamCounts, TrainSetup
+
+GIB = 1024**3
+FP32_BYTES = 4
+ADAM8BIT_BLOCK = 256
+"""bitsandbytes blockwise 8-bit optimizer: one fp32 absmax per 256 values (Dettmers et al. 2022,
+8-bit Optimizers via Block-wise Quantization)."""
+
+RUNTIME_OVERHEAD_BYTES = {
+    "cpu": 420 * 1024**2,
+    "cuda": 650 * 1000**2,
+    "rocm": 650 * 1000**2,
+    "xpu": 650 * 1000**2,
+    "mps": 0,
+    "xla": 0,
+    "hpu": 0,
+    "neuron": 0,
+}
+"""Memory the framework itself holds before any tensor. cpu: resident set of a Python process
+after `import torch` + the executor's imports (measured: benchmarks/bench_runtime_rss.py, torch
+2.13 CPU, x86-64). cuda/rocm/xpu: context + kernels, 650 MB as gpu_poor uses (anchors.md §3;
+vram.asmirnov.xyz measures 300 MiB–2 GiB); not visible to torch's allocator counters. mps/xla/
+hpu/neuron: unknown, 0 (stated in the assumptions)."""
+
+
+def quantized_linear_params(model: ModelSpec) -> tuple[int, int]:
+    """(weights, output rows) of the block linears a 4/8-bit base quantises (attention,
+    FFN, experts); embeddings, norms, router and lm_head stay 16-bit (QLoRA, bitsandbytes'
+    default skip of lm_head)."""
+    num_weights = num_rows = 0.0
+    for linears, num_layers in layer_groups(model, routed_all=True):
+        for lin in linears:
+            num_weights += lin.in_features * lin.out_features * lin.count * num_layers
+            num_rows += lin.out_features * lin.count * num_layers
+    return round(num_weights), round(num_rows)
+
+
+def weight_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> dict[str, int]:
+    """Base weights in their storage format, and the 16-bit copies autocast makes.
+
+    full + mixed: the fp32 weights are the master copy (master_weights); autocast's bf16 casts
+    of every linear weight live until backward (2 B/param: the '2' of 16–18 B/param).
+    4-bit: NF4 codes + block scales (nf4_bytes); 8-bit: int8 + fp32 row scales; the
+    remaining tensors at 16 bits. Adapter weights are counted in adapter_bytes."""
+    c = dtype_bytes(setup.compute_dtype)
+    base = params.total
+    if setup.method == "full":
+        copies = linear_weight_params(model, params) if autocasting(setup) else 0
+        stored = 0 if setup.mixed_precision else base * c
+        return {"weights": stored + copies * c, "quant_scales": 0}
+    if setup.weight_bits >= 16:
+        storage = FP32_BYTES if setup.weight_bits == 32 else 2
+        copies = linear_weight_params(model, params) * c if (
+            setup.weight_bits == 32 and autocasting(setup)) else 0
+        return {"weights": base * storage + copies, "quant_scales": 0}
+    quantized, rows = quantized_linear_params(model)
+    rest = (base - quantized) * 2
+    if setup.weight_bits == 4:
+        parts = nf4_bytes(quantized, double_quant=setup.double_quant)
+    else:
+        parts = int8_bytes(quantized, rows)
+    return {"weights": parts["codes"] + rest, "quant_scales": parts["scales"]}
+
+
+def autocasting(setup: TrainSetup) -> bool:
+    """True when fp32 weights are cast to 16 bits per op (torch.autocast mixed precision)."""
+    return setup.mixed_precision and setup.compute_dtype != "fp32"
+
+
+def linear_weight_params(model: ModelSpec, params: ParamCounts) -> int:
+    """Weights that go through a linear/matmul (what autocast casts): all but the input
+    embedding and norms; lm_head included (tied or not)."""
+    lm_head = params.lm_head or model.vocab_size * model.hidden_size
+    return params.total - params.embedding - params.components["norms"] + lm_head - params.lm_head
+
+
+def trainable_bytes_per_param(setup: TrainSetup) -> int:
+    """Bytes of a trainable parameter, its gradient and Adam states: fp32 under mixed precision
+    or fp32 training, else the 16-bit compute dtype (pure bf16 as model.to(bfloat16))."""
+    return FP32_BYTES if setup.mixed_precision else dtype_bytes(setup.compute_dtype)
+
+
+def master_weight_bytes(setup: TrainSetup, params: ParamCounts) -> int:
+    """fp32 master weights of a mixed-precision full fine-tune: 4 B/param (ZeRO paper §3,
+    Rajbhandari et al. 2020: '4 bytes fp32 parameters')."""
+    if setup.method == "full" and setup.mixed_precision:
+        return params.total * FP32_BYTES
+    return 0
+
+
+def adapter_bytes(setup: TrainSetup, params: ParamCounts) -> int:
+    """LoRA A and B weights in the trainable dtype (+ their 16-bit autocast copies)."""
+    if not setup.trains_adapters:
+        return 0
+    copies = dtype_bytes(setup.compute_dtype) if autocasting(setup) else 0
+    return params.trainable * (trainable_bytes_per_param(setup) + copies)
+
+
+def gradient_bytes(setup: TrainSetup, params: ParamCounts) -> int:
+    """One gradient per trainable parameter, in the trainable dtype (fp32 under mixed precision:
+    the '4' of 16 B/param; 2 B in pure bf16)."""
+    return params.trainable * trainable_bytes_per_param(setup)
+
+
+def optimizer_state_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
+    """Optimizer states of the trainable parameters.
+
+    AdamW: m and v (2 states); Lion and SGD-momentum: 1; SGD: 0 — each in the trainable dtype
+    (torch keeps states in the parameter dtype). AdamW 8-bit: 2 × 1 B + 2 fp32 absmax per
+    256-block (bitsandbytes). Adafactor: factored second moment, (rows + cols) fp32 per matrix,
+    no first moment (Shazeer & Stern 2018; HF default beta1=None)."""
+    n = params.trainable
+    state = trainable_bytes_per_param(setup)
+    if setup.optimizer == "adamw":
+        return 2 * n * state
+    if setup.optimizer == "adamw8bit":
+        return 2 * n + 2 * FP32_BYTES * -(-n // ADAM8BIT_BLOCK)
+    if setup.optimizer in ("lion", "sgd_momentum"):
+        return n * state
+    if setup.optimizer == "adafactor":
+        return adafactor_state_params(model, setup, params) * FP32_BYTES
+    return 0
+
+
+def adafactor_state_params(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
+    """Adafactor's factored statistics: rows + cols per trainable matrix (count)."""
+    total = 0.0
+    for linears, num_layers in layer_groups(model, routed_all=True):
+        for lin in linears:
+            if setup.method == "full":
+                total += (lin.in_features + lin.out_features) * lin.count * num_layers
+            elif lin.name in setup.lora_targets:
+                pair = lin.in_features + lin.out_features + 2 * setup.lora_rank
+                total += pair * lin.count * num_layers
+    if setup.method == "full":
+        total += (model.vocab_size + model.hidden_size) * (1 if model.tied_embeddings else 2)
+        total += params.components["norms"] + params.components["router"]
+    return round(total)
+
+
+def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Device,
+                              params: ParamCounts) -> int:
+    """Temporaries of the optimizer step: torch's foreach AdamW (default on accelerators)
+    allocates a full-size sqrt(v) list; the per-tensor CPU path only the largest tensor's.
+    8-bit AdamW dequantises one block-group at a time (≈ largest tensor in fp32)."""
+    if params.trainable == 0 or setup.optimizer in ("sgd", "sgd_momentum", "adafactor"):
+        return 0
+    state = trainable_bytes_per_param(setup)
+    if device.backend != "cpu" and setup.optimizer in ("adamw", "lion"):
+        return params.trainable * state
+    return largest_trainable_tensor(model, setup, params) * FP32_BYTES
+
+
+def largest_trainable_tensor(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
+    """Elements of the largest trainable tensor (embedding/lm_head for full, else a LoRA A/B)."""
+    if setup.method == "full":
+        biggest = max(params.embedding, params.lm_head)
+        for linears, _ in layer_groups(model, routed_all=True):
+            biggest = max(biggest, *(lin.in_features * lin.out_features for lin in linears))
+        return biggest
+    widest = max(model.hidden_size, model.intermediate_size)
+    return setup.lora_rank * widest
+
+
+def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """Logits and cross-entropy buffers at the start of backward, b·s·V·(c + 12) bytes:
+    the lm_head output (c), log_softmax's saved fp32 output (4), its incoming gradient (4)
+    and the fp32 gradient w.r.t. the logits (4) (fp32 compute: no separate upcast, 16 B).
+    Inference keeps only the last position's fp32 logits: b·V·4."""
+    if setup.method == "inference":
+        return setup.batch_size * model.vocab_size * FP32_BYTES
+    c = dtype_bytes(setup.compute_dtype)
+    return setup.batch_size * setup.seq_len * model.vocab_size * (c + 12)
+
+
+def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """QLoRA/int8: the largest block linear dequantised to the compute dtype, alive while its
+    matmul runs (the executor dequantises one weight at a time, forward and backward)."""
+    if setup.weight_bits > 8:
+        return 0
+    c = dtype_bytes(setup.compute_dtype)
+    largest = 0
+    for linears, _ in layer_groups(model, routed_all=True):
+        largest = max(largest, *(lin.in_features * lin.out_features for lin in linears))
+    return largest * c
+
+
+def kv_cache_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """Inference KV cache for batch·seq tokens: 2 (K and V) · layers · kv_heads · head_dim · c,
+    or for MLA the compressed latent (kv_lora_rank + rope dim) per token per layer
+    (DeepSeek-V2 §2.1.2)."""
+    if setup.method != "inference":
+        return 0
+    c = dtype_bytes(setup.compute_dtype)
+    tokens = setup.batch_size * setup.seq_len
+    if model.mla is not None:
+        per_token = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
+    else:
+        per_token = 2 * model.num_kv_heads * model.head_dim
+    return tokens * per_token * c * model.num_layers * model.attentions_per_layer
+
+
+def runtime_overhead_bytes(device: Device) -> int:
+    """Framework/runtime memory for the device's backend (RUNTIME_OVERHEAD_BYTES)."""
+    return RUNTIME_OVERHEAD_BYTES[device.backend]
+
+
+def os_reserve_bytes(device: Device) -> int:
+    """Memory a unified-memory device keeps for the OS and other programs: max(2 GiB, 10 %)
+    on CPUs (a heuristic: desktop sessions use 1.5–4 GiB), 25 % on Apple GPUs (Metal's default
+    recommendedMaxWorkingSetSize is ≈ 75 % of RAM). Discrete devices: 0."""
+    if not device.unified_memory:
+        return 0
+    if device.backend == "mps":
+        return device.memory_bytes // 4
+    return max(2 * GIB, device.memory_bytes // 10)
+
+
+def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
+                     params: ParamCounts) -> MemoryBreakdown:
+    """Peak memory of one device, by term (see the module docstring for the phases)."""
+    weights = weight_bytes(model, setup, params)
+    acts = activation_bytes(model, setup)
+    grads = gradient_bytes(setup, params)
+    fwd_bwd = sum(acts.values()) + logits_bytes(model, setup) + dequant_transient_bytes(model, setup)
+    accumulate = setup.grad_accum > 1
+    opt_transient = optimizer_transient_bytes(model, setup, device, params)
+    opt_phase = grads + opt_transient
+    fwd_phase = fwd_bwd + (grads if accumulate else 0)
+    peak_in_opt = opt_phase > fwd_phase
+    components = {
+        "weights": weights["weights"],
+        "quant_scales": weights["quant_scales"],
+        "master_weights": master_weight_bytes(setup, params),
+        "adapter_weights": adapter_bytes(setup, params),
+        "gradients": grads if (peak_in_opt or accumulate) else 0,
+        "optimizer_states": optimizer_state_bytes(model, setup, params),
+        "optimizer_transient": opt_transient if peak_in_opt else 0,
+        "activations": 0 if peak_in_opt else acts["layers"] + acts["head"],
+        "recompute": 0 if peak_in_opt else acts["recompute"],
+        "logits": 0 if peak_in_opt else logits_bytes(model, setup),
+        "dequant_transient": 0 if peak_in_opt else dequant_transient_bytes(model, setup),
+        "kv_cache": kv_cache_bytes(model, setup),
+        "runtime_overhead": runtime_overhead_bytes(device),
+    }
+    notes = {"peak_phase": "optimizer step" if peak_in_opt else "start of backward"}
+    capacity = device.memory_bytes - os_reserve_bytes(device)
+    return MemoryBreakdown(components=components, total_bytes=sum(components.values()),
+                           capacity_bytes=capacity, notes=notes)

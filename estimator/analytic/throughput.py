@@ -1,0 +1,113 @@
+"""Step time, tokens/s, wall time and cost from the per-op model (flops.py) and efficiency
+curves (efficiency.py): step_seconds = Σ_ops calls · (overhead + work / rate(work)), ops run one
+after another (eager execution on one device; no compute/communication overlap to model yet)."""
+
+from dataclasses import replace
+
+from estimator.analytic import flops as F
+from estimator.analytic.efficiency import call_seconds
+from estimator.analytic.memory import quantized_linear_params
+from estimator.analytic.params import layer_groups
+from estimator.analytic.precision import dtype_bytes
+from estimator.specs import (
+    CalibrationProfile,
+    Device,
+    ModelSpec,
+    OpTime,
+    ParamCounts,
+    Throughput,
+    TrainSetup,
+)
+
+SECONDS_PER_HOUR = 3600
+DTYPED_CLASSES = ("matmul", "attention")
+"""Op classes whose calibrated curve depends on the compute dtype."""
+TRAINABLE_TENSORS_PER_LINEAR_LORA = 2
+DECODE_BANDWIDTH_FRACTION = 0.7
+"""Decode reads every weight once per generated token: tokens/s ≈ (0.6–0.8 × peak DRAM
+bandwidth) / bytes read per token (hardware.md §1c caveat 3)."""
+
+
+def num_trainable_tensors(model: ModelSpec, setup: TrainSetup) -> int:
+    """Trainable tensors the optimizer loops over (count)."""
+    if setup.method == "inference":
+        return 0
+    per_layer = 0.0
+    for linears, num_layers in layer_groups(model, routed_all=True):
+        for lin in linears:
+            if setup.method == "full":
+                per_layer += lin.count * num_layers * (2 if lin.bias else 1)
+            elif lin.name in setup.lora_targets:
+                per_layer += lin.count * num_layers * TRAINABLE_TENSORS_PER_LINEAR_LORA
+    extra = 2 * model.num_layers + 3 if setup.method == "full" else 0
+    return max(1, round(per_layer + extra))
+
+
+def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> list[F.Op]:
+    """All ops of one optimizer step (grad_accum micro-batches + one optimizer step)."""
+    micro = [*F.block_linear_ops(model, setup), *F.attention_core_ops(model, setup),
+             *F.elementwise_ops(model, setup), *F.head_ops(model, setup)]
+    if setup.weight_bits <= 8:
+        micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
+    ops = [replace(op, num_calls=op.num_calls * setup.grad_accum) for op in micro]
+    return ops + F.optimizer_ops(setup, params.trainable, num_trainable_tensors(model, setup))
+
+
+def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | None,
+                dtype: str) -> tuple[list[OpTime], bool]:
+    """Time every op; returns the per-op times (merged by name) and whether all came from
+    measured curves."""
+    merged: dict[str, OpTime] = {}
+    all_measured = True
+    for op in ops:
+        one, measured = call_seconds(device, profile, dtype, op.op_class,
+                                     op.flops_per_call, op.bytes_per_call)
+        all_measured &= measured
+        klass = f"{op.op_class}.{dtype}" if op.op_class in DTYPED_CLASSES else op.op_class
+        prev = merged.get(op.name)
+        merged[op.name] = OpTime(
+            name=op.name, op_class=klass,
+            flops=round(op.flops) + (prev.flops if prev else 0),
+            bytes_moved=round(op.bytes_moved) + (prev.bytes_moved if prev else 0),
+            seconds=one * op.num_calls + (prev.seconds if prev else 0.0))
+    return list(merged.values()), all_measured
+
+
+def decode_tokens_per_second(weight_storage_bytes: int, kv_bytes: int, device: Device,
+                             setup: TrainSetup) -> float:
+    """Bandwidth-bound decode: each step reads all weights and the KV cache once and emits
+    batch tokens."""
+    bandwidth = device.memory_bandwidth_bytes_per_second * DECODE_BANDWIDTH_FRACTION
+    return setup.batch_size * bandwidth / (weight_storage_bytes + kv_bytes)
+
+
+def throughput(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
+               profile: CalibrationProfile | None, *, weight_storage_bytes: int,
+               kv_bytes: int) -> Throughput:
+    """Step time and rates for the setup on the device."""
+    dtype = setup.compute_dtype
+    ops = step_ops(model, setup, params)
+    times, calibrated = ops_seconds(ops, device, profile, dtype)
+    step_seconds = sum(t.seconds for t in times)
+    tokens = setup.tokens_per_step
+    tokens_per_second = tokens / step_seconds
+    total_seconds = cost = None
+    if setup.num_tokens is not None:
+        total_seconds = setup.num_tokens / tokens_per_second
+        if device.price_per_hour_usd is not None:
+            cost = total_seconds / SECONDS_PER_HOUR * device.price_per_hour_usd
+    decode = None
+    if setup.method == "inference":
+        decode = decode_tokens_per_second(weight_storage_bytes, kv_bytes, device, setup)
+    return Throughput(
+        step_flops=round(sum(op.flops for op in ops)),
+        model_flops_per_token=F.model_flops_per_token(
+            model, setup, params.active_per_token, params.embedding),
+        step_seconds=step_seconds, tokens_per_second=tokens_per_second, ops=times,
+        compute_dtype=dtype, calibrated=calibrated and profile is not None,
+        total_seconds=total_seconds, cost_usd=cost, decode_tokens_per_second=decode)
+
+
+def compute_bytes(setup: TrainSetup) -> int:
+    """Bytes of the compute dtype (for callers that report bandwidth per token)."""
+    return dtype_bytes(setup.compute_dtype)
