@@ -54,8 +54,9 @@ class NF4Weight:
         """fp32 absmax per 64-block (undoing the double quantisation if any)."""
         if self.absmax is not None:
             return self.absmax
-        q = self.absmax_q.float().view(-1, DQ_BLOCK_SIZE) / 127.0
-        return (q * self.absmax_scale[:, None]).flatten() + self.absmax_mean
+        q = _pad_to(self.absmax_q.float(), DQ_BLOCK_SIZE).view(-1, DQ_BLOCK_SIZE) / 127.0
+        num_blocks = self.absmax_q.numel()
+        return (q * self.absmax_scale[:, None]).flatten()[:num_blocks] + self.absmax_mean
 
 
 def _codebook(device: torch.device) -> torch.Tensor:
@@ -94,7 +95,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64,
     mean = absmax.mean()
     centred = _pad_to(absmax - mean, DQ_BLOCK_SIZE).view(-1, DQ_BLOCK_SIZE)
     scale = centred.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(centred / scale[:, None] * 127.0).to(torch.int8).flatten()
+    q = torch.round(centred / scale[:, None] * 127.0).to(torch.int8).flatten()[: absmax.numel()]
     out.absmax_q, out.absmax_scale, out.absmax_mean = q, scale, mean
     return out
 
