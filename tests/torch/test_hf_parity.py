@@ -89,3 +89,23 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
         load_hf_model(tmp_path, spec=wrong)
     with pytest.raises(ConfigError, match=r"no config\.json"):
         load_hf_model(tmp_path / "nowhere", spec=wrong)
+
+
+def test_tokenizer_json_and_byte_fallback(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from estimator.executor.tokenizer import ByteTokenizer, load_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"])
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    text = "def f(x):\n    return x + 1\n"
+    assert loaded.decode(loaded.encode(text)) == text
+    assert loaded.eos_id == tok.token_to_id("</s>") and loaded.vocab_size == tok.get_vocab_size()
+    assert load_tokenizer(tmp_path / "none") is None
+    byte = ByteTokenizer()
+    assert byte.decode(byte.encode("héllo ✓")) == "héllo ✓" and byte.vocab_size == 258
