@@ -12,7 +12,8 @@ Atomicity: a checkpoint is written into a hidden temp directory next to its fina
 file and the directory are fsync'ed, then the directory is renamed into place with os.replace
 and the parent fsync'ed. A `step_*` directory therefore either exists complete or not at all;
 the previous checkpoints are deleted only after the new one is in place (the last `keep_last`
-are kept). A crash (even SIGKILL) leaves at worst a `.tmp-*` directory, removed on the next save.
+are kept), each first renamed out of the `step_*` namespace. A crash (even SIGKILL) leaves at
+worst a `.tmp-*` or `.old-*` directory, removed on the next save.
 """
 
 import base64
@@ -156,13 +157,21 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module,
         old = root / f"{_OLD_PREFIX}{final.name}-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     _fsync_path(root)
     for stale in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
+        _discard(stale)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: renamed out of the step_* namespace first (atomic), so
+    a crash mid-deletion leaves debris, never a half-deleted step_* directory."""
+    doomed = path.with_name(f"{_OLD_PREFIX}{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove_debris(root: Path) -> None:

@@ -103,8 +103,8 @@ class TrainConfig:
 
 
 @dataclass
-class _Run:
-    """Mutable state of one run (internal)."""
+class Run:
+    """Mutable state of one run: what prepare_run builds and train_step advances."""
 
     config: TrainConfig
     spec: ModelSpec
@@ -196,7 +196,7 @@ def _checkpoint_root(config: TrainConfig) -> Path:
     return config.output_dir / ckpt.CHECKPOINTS_DIR
 
 
-def _check_resumable(saved: dict, run: _Run, data_source: str) -> None:
+def _check_resumable(saved: dict, run: Run, data_source: str) -> None:
     mismatches = [
         name for name, ours in (
             ("model", run.spec.model_dump(mode="json")),
@@ -213,7 +213,7 @@ def _check_resumable(saved: dict, run: _Run, data_source: str) -> None:
         )
 
 
-def _resume(run: _Run, data_source: str) -> str | None:
+def _resume(run: Run, data_source: str) -> str | None:
     """Load the latest good checkpoint into run; return a note when there was none."""
     root = _checkpoint_root(run.config)
     loaded = ckpt.latest_checkpoint(root)
@@ -230,7 +230,7 @@ def _resume(run: _Run, data_source: str) -> str | None:
     return None
 
 
-def _save(run: _Run, step: int, data_source: str) -> Path:
+def _save(run: Run, step: int, data_source: str) -> Path:
     setup = run.setup
     write_adapter = None
     if setup.trains_adapters:
@@ -282,7 +282,7 @@ def _signals_stop() -> Iterator[list[int]]:
             signal.signal(s, old)
 
 
-def _micro_batch_loss(run: _Run, position: int) -> torch.Tensor:
+def _micro_batch_loss(run: Run, position: int) -> torch.Tensor:
     """Forward one micro-batch and return its fp32 mean cross-entropy (nats/token)."""
     inputs_BT, targets_BT = run.dataset.batch(run.config.seed, position, run.setup.batch_size)
     inputs_BT, targets_BT = inputs_BT.to(run.device), targets_BT.to(run.device)
@@ -291,7 +291,7 @@ def _micro_batch_loss(run: _Run, position: int) -> torch.Tensor:
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
 
 
-def _train_step(run: _Run, step: int, lr: float) -> tuple[float, str | None]:
+def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
     """One optimizer step; returns (mean loss, None) or (loss, reason) when it is not finite
     (then no update is applied)."""
     setup = run.setup
@@ -328,10 +328,11 @@ def _params_finite(params: list[torch.nn.Parameter]) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
-def _prepare(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
-             memory_probe: Callable[[], int]) -> tuple[_Run, str, int, int]:
-    """Data, model, optimizer (and resume): returns (run, data source name, runtime bytes,
-    baseline bytes)."""
+def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
+                memory_probe: Callable[[], int] = measure.current_rss_bytes
+                ) -> tuple[Run, str, int, int]:
+    """Data, model, optimizer: returns (run, data source name, memory before the model was
+    built, memory after; both from memory_probe, bytes)."""
     if setup.method == "inference":
         raise SetupError("nvfree train needs --method full, lora or qlora (not inference)")
     device = resolve_device(config.device)
@@ -347,7 +348,7 @@ def _prepare(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     scaler = None
     if setup.compute_dtype == "fp16" and setup.mixed_precision:
         scaler = torch.amp.GradScaler(device.type)
-    run = _Run(config=config, spec=spec, setup=setup, device=device, dataset=dataset,
+    run = Run(config=config, spec=spec, setup=setup, device=device, dataset=dataset,
                model=model, optimizer=optimizer, trainable=trainable, scaler=scaler)
     return run, data_source, runtime_bytes, memory_probe()
 
@@ -387,7 +388,7 @@ def train_with_config(model_spec: ModelSpec, setup: TrainSetup, config: TrainCon
 def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
            peak: measure.PeakMemory,
            on_progress: Callable[[StepProgress], None] | None) -> RunReport:
-    run, data_source, runtime_bytes, baseline_bytes = _prepare(model_spec, setup, config,
+    run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
                                                                peak.current_bytes)
     resume_note = _resume(run, data_source) if config.resume else None
     weights_bytes = measure.weights_bytes(run.model)
@@ -405,7 +406,7 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         for step in range(run.start_step, config.max_steps):
             lr = lr_at(step, base_lr=base_lr, warmup_steps=warmup, total_steps=config.max_steps)
             timer.start()
-            loss, bad = _train_step(run, step, lr)
+            loss, bad = train_step(run, step, lr)
             seconds = timer.stop()
             if bad is not None:
                 stop_reason, message = "nonfinite_loss", bad
@@ -450,7 +451,7 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     return report
 
 
-def _report_progress(on_progress: Callable[[StepProgress], None] | None, run: _Run, done: int,
+def _report_progress(on_progress: Callable[[StepProgress], None] | None, run: Run, done: int,
                      loss: float, lr: float, seconds: float, timer: measure.StepTimer,
                      peak: measure.PeakMemory) -> None:
     if on_progress is None or (done % run.config.log_every and done != run.config.max_steps):
