@@ -110,3 +110,14 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
                     throughput=perf, verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
                     assumptions=assumptions_for(model, setup, dev, profile))
+
+
+def auto_dtype(device: Device, profile: CalibrationProfile | None) -> str:
+    """The compute dtype `--dtype auto` picks: what calibration measured fastest, else bf16
+    where the device has a bf16 rate, fp16 where it has only fp16, else fp32."""
+    if profile is not None:
+        return profile.preferred_dtype
+    for dtype in ("bf16", "fp16"):
+        if device.peak_for(dtype) and device.peak_for(dtype) > (device.peak_for("fp32") or 0):
+            return dtype
+    return "fp32"

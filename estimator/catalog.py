@@ -32,7 +32,7 @@ def data_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "data"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_toml(name: str) -> dict[str, Any]:
     """Parse one catalogue file (cached)."""
     with open(data_dir() / name, "rb") as f:
@@ -185,21 +185,25 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         heads = config["num_attention_heads"]
         hidden = config["hidden_size"]
         moe = hf_moe(config, model_type)
+        mla = hf_mla(config)
+        head_dim = config.get("head_dim") or (
+            mla.qk_nope_head_dim + mla.qk_rope_head_dim if mla else hidden // heads)
         spec = ModelSpec(
             name=config.get("_name_or_path") or path.resolve().name,
             num_layers=config["num_hidden_layers"], hidden_size=hidden,
             intermediate_size=config.get("intermediate_size") or 4 * hidden,
             num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or hidden // heads,
+            head_dim=head_dim,
             vocab_size=config["vocab_size"],
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_seq_len=config.get("max_position_embeddings", 4096),
-            qkv_bias=bool(config.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
+            qkv_bias=model_type in ("qwen2", "qwen2_moe"),
+            attention_bias=bool(config.get("attention_bias", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             attention_sinks=model_type == "gpt_oss",
             sliding_window=config.get("sliding_window") if config.get(
                 "use_sliding_window", True) else None,
-            moe=moe, mla=hf_mla(config), source=str(path),
+            moe=moe, mla=mla, source=str(path),
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: config.json lacks the field {exc}") from None

@@ -4,9 +4,9 @@ Shape rules follow the Llama-2/3 family (Touvron et al. 2023; Llama-3 model card
 8 KV heads (GQA), SwiGLU width 3.5·h rounded to 256, vocabulary 128 256, untied embeddings, and
 depth ≈ h/128 (Llama-2-7B 4096/32, 13B 5120/40; 70B 8192/80 is 102). The hidden size comes from
 N_nonemb ≈ L·(2h² + 2h·K·d + 10.5h²) with L = h/128, rounded (round_hidden); the layer count
-is then solved so the total matches N as closely as whole layers allow. MoE: 64 experts of width
-h/2 (≈ Qwen/DeepSeek fine-grained experts), expert count and top-k from the active ratio. The result says
-all of this in `inferred_from`; the estimate lists it under assumptions.
+is then solved so the total matches N as closely as whole layers allow. MoE: experts of width
+h/2 (≈ Qwen/DeepSeek fine-grained experts), expert count and top-k from the active ratio. The
+result says all of this in `inferred_from`; the estimate lists it under assumptions.
 """
 
 from estimator.analytic.params import count_params
@@ -98,8 +98,8 @@ def moe_model(num_params: float, active_params: float, vocab: int) -> ModelSpec:
     the layer count solved for the total and k re-solved for the active count."""
     attn = 2 + 2 * KV_HEADS * HEAD_DIM / 4096  # ≈ attention params / h² at h = 4096
     ratio = active_params / num_params
-    best = min(((abs((attn + 1.5 * k) / (attn + 1.5 * e) - ratio), e, k)
-                for e in (8, 16, 32, 64, 128, 256) for k in range(1, e // 2 + 1)))
+    best = min((abs((attn + 1.5 * k) / (attn + 1.5 * e) - ratio), e, k)
+                for e in (8, 16, 32, 64, 128, 256) for k in range(1, e // 2 + 1))
     num_experts = best[1]
     non_emb = num_params * 0.97
     hidden = round_hidden((DEPTH_RATIO * non_emb / (attn + 1.5 * num_experts)) ** (1 / 3))

@@ -237,7 +237,8 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     weights = weight_bytes(model, setup, params)
     acts = activation_bytes(model, setup)
     grads = gradient_bytes(setup, params)
-    fwd_bwd = sum(acts.values()) + logits_bytes(model, setup) + dequant_transient_bytes(model, setup)
+    fwd_bwd = (sum(acts.values()) + logits_bytes(model, setup)
+               + dequant_transient_bytes(model, setup))
     accumulate = setup.grad_accum > 1
     opt_transient = optimizer_transient_bytes(model, setup, device, params)
     opt_phase = grads + opt_transient

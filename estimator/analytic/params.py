@@ -56,13 +56,13 @@ def attention_linears(model: ModelSpec) -> list[LinearShape]:
         kv = [LinearShape("k_proj", h, m.kv_lora_rank + m.qk_rope_head_dim, 1),
               LinearShape("k_proj", m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), 1)]
         return [*q, *kv, LinearShape("o_proj", heads * m.v_head_dim, h, 1)]
-    qkv_bias = model.qkv_bias or model.linear_bias
+    qkv_bias = model.qkv_bias or model.linear_bias or model.attention_bias
     q_out, kv_out = heads * model.head_dim, model.num_kv_heads * model.head_dim
     return [
         LinearShape("q_proj", h, q_out, 1, qkv_bias),
         LinearShape("k_proj", h, kv_out, 1, qkv_bias),
         LinearShape("v_proj", h, kv_out, 1, qkv_bias),
-        LinearShape("o_proj", q_out, h, 1, model.linear_bias),
+        LinearShape("o_proj", q_out, h, 1, model.linear_bias or model.attention_bias),
     ]
 
 
@@ -131,7 +131,8 @@ def lora_params(model: ModelSpec, setup: TrainSetup) -> int:
     for linears, num_layers in layer_groups(model, routed_all=True):
         for lin in linears:
             if lin.name in targets:
-                total += setup.lora_rank * (lin.in_features + lin.out_features) * lin.count * num_layers
+                pair = lin.in_features + lin.out_features
+                total += setup.lora_rank * pair * lin.count * num_layers
     return round(total)
 
 

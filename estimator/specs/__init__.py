@@ -1,6 +1,10 @@
 """Pydantic specs: the one vocabulary shared by the analytic model, planner and executor."""
 
-from estimator.specs.calibration import CALIBRATION_SCHEMA_VERSION, CalibrationProfile, EfficiencyCurve
+from estimator.specs.calibration import (
+    CALIBRATION_SCHEMA_VERSION,
+    CalibrationProfile,
+    EfficiencyCurve,
+)
 from estimator.specs.device import Device
 from estimator.specs.estimate import (
     Advice,
@@ -28,8 +32,8 @@ __all__ = [
     "MLASpec",
     "MachineInfo",
     "MemoryBreakdown",
-    "ModelSpec",
     "MoESpec",
+    "ModelSpec",
     "OpTime",
     "ParamCounts",
     "RunReport",

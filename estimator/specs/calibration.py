@@ -33,9 +33,9 @@ class EfficiencyCurve(Spec):
     def _check(self) -> "EfficiencyCurve":
         if len(self.log10_work) != len(self.rates):
             raise ValueError("log10_work and rates must have the same length")
-        if any(b <= a for a, b in zip(self.log10_work, self.log10_work[1:])):
+        if any(b <= a for a, b in zip(self.log10_work, self.log10_work[1:], strict=False)):
             raise ValueError("log10_work must be strictly increasing")
-        if any(b < a for a, b in zip(self.rates, self.rates[1:])):
+        if any(b < a for a, b in zip(self.rates, self.rates[1:], strict=False)):
             raise ValueError("rates must be non-decreasing in work")
         if any(r <= 0 for r in self.rates):
             raise ValueError("rates must be positive")

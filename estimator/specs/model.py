@@ -91,6 +91,8 @@ class ModelSpec(Spec):
     """Context length of the configuration (tokens); rows of a learned position table."""
     qkv_bias: bool = False
     """q/k/v projections carry biases (Qwen2, gpt-oss)."""
+    attention_bias: bool = False
+    """q/k/v/o projections all carry biases (gpt-oss `attention_bias`)."""
     linear_bias: bool = False
     """Every linear layer carries a bias (GPT-2 style)."""
     qk_norm: bool = False

@@ -67,7 +67,7 @@ def test_deepseek_v3_structure():
 
 def test_gpt_oss_and_gpt2_flags():
     oss = load_model("gpt-oss-20b")
-    assert oss.qkv_bias and oss.attention_sinks and oss.moe.expert_bias
+    assert oss.attention_bias and oss.attention_sinks and oss.moe.expert_bias
     assert oss.sliding_window == 128 and not oss.linear_bias
     gpt2 = load_model("gpt2")
     assert (gpt2.mlp, gpt2.norm, gpt2.position) == ("gelu", "layernorm", "learned")

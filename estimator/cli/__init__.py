@@ -1,0 +1,1 @@
+"""The `nvfree` command line: thin typer commands over the library."""

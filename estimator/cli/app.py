@@ -1,0 +1,47 @@
+"""The typer app. Every user error ends as one line on stderr and exit code 2."""
+
+import sys
+
+import typer
+
+from estimator.cli import catalog_cmds, estimate
+
+app = typer.Typer(name="nvfree", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="Can I train or fine-tune this LLM on my hardware? Memory, time, cost.")
+estimate.register(app)
+catalog_cmds.register(app)
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, map user errors to one line + exit 2."""
+    from estimator.errors import NvfreeError
+
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
+    try:
+        result = app(args=args, prog_name="nvfree", standalone_mode=False)
+    except NvfreeError as exc:
+        if debug:
+            raise
+        fail(str(exc))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("nvfree: aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as exc:  # click usage errors (typer vendors click)
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        fail(exc.format_message().replace("\n", " ").removeprefix("Value error, "))
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def fail(message: str) -> None:
+    """One red line on stderr, exit code 2."""
+    typer.secho(f"nvfree: error: {message}", err=True, fg="red")
+    sys.exit(EXIT_USAGE)
