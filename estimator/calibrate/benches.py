@@ -1,0 +1,272 @@
+"""Microbenchmark cases in the shapes training uses. Each Case builds its tensors only when run,
+returns a zero-argument callable to time, and states its op class and work (FLOPs or bytes).
+
+Work accounting (what each op class's `work` counts — the throughput model must count the same):
+- matmul.<dtype> / lora.<dtype>: 2·m·n·k FLOPs of one GEMM. Linear forward y = x·Wᵀ
+  (tokens×hidden @ hidden×out), input gradient dx = dy·W, weight gradient dW = dyᵀ·x; lora = the
+  skinny rank-r GEMMs of an adapter (x·Aᵀ, z·Bᵀ, dAᵀ = xᵀ·dz).
+- attention.<dtype>: causal SDPA forward + backward together, 6·b·h·s²·d FLOPs (forward
+  4·b·h·s²·d halved by causality, backward twice the forward).
+- memory: bytes read + written by copy (2 × 4 B per element) and triad a = b + s·c (3 × 4 B).
+- elementwise: nominal bytes in + out of SiLU·mul (read 2, write 1 — two kernels) and the
+  residual add (read 2, write 1), in fp32 and bf16.
+- norm: nominal bytes of RMSNorm forward (read x, write y, in x's dtype) — the executor's
+  composition in fp32 (7 small kernels), hence its own class with its own overhead.
+- optimizer: torch.optim.AdamW step, 28 B per fp32 parameter (read p, g, m, v = 16 B; write p, m,
+  v = 12 B); overhead_seconds is per parameter tensor.
+- dequant.nf4: bytes of the 16-bit output of NF4 dequantisation (2 B per weight).
+- dispatch: one tiny op's wall time (overhead only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# NF4 code values (QLoRA, Dettmers et al. 2023, Appendix E / bitsandbytes `NF4` table).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+NF4_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: `build(device)` makes tensors and returns the callable to time."""
+
+    op_class: str
+    """Efficiency-curve class the measurement feeds (matmul.fp32, memory …)."""
+    label: str
+    """Human description (shape, orientation)."""
+    work: float
+    """FLOPs or bytes of one call (count)."""
+    build: Callable[[str], Callable[[], object]]
+    """device → zero-argument callable running the op once."""
+    tiny: bool = False
+    """True for the overhead probe of the class (not a curve knot)."""
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+
+def _rand(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
+
+
+def gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str) -> list[Case]:
+    """Forward, input-gradient and weight-gradient GEMMs of a linear tokens×hidden → out."""
+    dt = DTYPES[dtype]
+    cases = []
+    for tokens, hidden, out in shapes:
+        work = 2.0 * tokens * hidden * out
+        dims = f"{tokens}x{hidden}->{out}"
+
+        def fwd(device: str, t=tokens, h=hidden, o=out) -> Callable[[], object]:
+            x, w = _rand((t, h), dt, device), _rand((o, h), dt, device)
+            return lambda: F.linear(x, w)
+
+        def dgrad(device: str, t=tokens, h=hidden, o=out) -> Callable[[], object]:
+            dy, w = _rand((t, o), dt, device), _rand((o, h), dt, device)
+            return lambda: dy @ w
+
+        def wgrad(device: str, t=tokens, h=hidden, o=out) -> Callable[[], object]:
+            dy, x = _rand((t, o), dt, device), _rand((t, h), dt, device)
+            return lambda: dy.t() @ x
+
+        cases += [
+            Case(op_class, f"{op_class} fwd {dims}", work, fwd),
+            Case(op_class, f"{op_class} dgrad {dims}", work, dgrad),
+            Case(op_class, f"{op_class} wgrad {dims}", work, wgrad),
+        ]
+    return cases
+
+
+def lora_cases(dtype: str, shapes: list[tuple[int, int, int]]) -> list[Case]:
+    """Skinny adapter GEMMs (tokens, hidden, rank): down x·Aᵀ, up z·Bᵀ, grad of A (xᵀ·dz)."""
+    dt, op_class = DTYPES[dtype], f"lora.{dtype}"
+    cases = []
+    for tokens, hidden, rank in shapes:
+        work = 2.0 * tokens * hidden * rank
+        dims = f"{tokens}x{hidden} r={rank}"
+
+        def down(device: str, t=tokens, h=hidden, r=rank) -> Callable[[], object]:
+            x, a = _rand((t, h), dt, device), _rand((r, h), dt, device)
+            return lambda: F.linear(x, a)
+
+        def up(device: str, t=tokens, h=hidden, r=rank) -> Callable[[], object]:
+            z, b = _rand((t, r), dt, device), _rand((h, r), dt, device)
+            return lambda: F.linear(z, b)
+
+        def grad_a(device: str, t=tokens, h=hidden, r=rank) -> Callable[[], object]:
+            dz, x = _rand((t, r), dt, device), _rand((t, h), dt, device)
+            return lambda: dz.t() @ x
+
+        cases += [
+            Case(op_class, f"{op_class} down {dims}", work, down),
+            Case(op_class, f"{op_class} up {dims}", work, up),
+            Case(op_class, f"{op_class} gradA {dims}", work, grad_a),
+        ]
+    return cases
+
+
+def gemm_overhead_case(dtype: str, op_class: str) -> Case:
+    """A 1×8 @ 8×8 linear: per-call overhead of the GEMM path."""
+    dt = DTYPES[dtype]
+
+    def build(device: str) -> Callable[[], object]:
+        x, w = _rand((1, 8), dt, device), _rand((8, 8), dt, device)
+        return lambda: F.linear(x, w)
+
+    return Case(op_class, f"{op_class} overhead 1x8->8", 2.0 * 64, build, tiny=True)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_cases(dtype: str, shapes: list[tuple[int, int, int]]) -> list[Case]:
+    """Causal SDPA forward + backward for (heads, seq, head_dim), batch 1."""
+    dt, op_class = DTYPES[dtype], f"attention.{dtype}"
+    cases = []
+    for heads, seq, head_dim in shapes:
+
+        def build(device: str, h=heads, s=seq, d=head_dim) -> Callable[[], object]:
+            q, k, v = (_rand((1, h, s, d), dt, device).requires_grad_() for _ in range(3))
+            grad = _rand((1, h, s, d), dt, device)
+
+            def step() -> None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                out.backward(grad)
+                q.grad = k.grad = v.grad = None
+
+            return step
+
+        work = 6.0 * heads * seq * seq * head_dim
+        tiny = seq <= 8
+        cases.append(Case(op_class, f"{op_class} fwd+bwd h={heads} s={seq} d={head_dim}",
+                          work, build, tiny=tiny))
+    return cases
+
+
+# ----------------------------------------------------------------------------- memory-bound
+
+
+def memory_cases(sizes: list[int]) -> list[Case]:
+    """STREAM-style copy (dst ← src) and triad (a ← b + 2·c) over fp32 arrays of n elements."""
+    cases = []
+    for n in sizes:
+
+        def copy(device: str, n=n) -> Callable[[], object]:
+            src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+            return lambda: dst.copy_(src)
+
+        def triad(device: str, n=n) -> Callable[[], object]:
+            b, c, a = (torch.randn(n, device=device) for _ in range(3))
+            return lambda: torch.add(b, c, alpha=2.0, out=a)
+
+        tiny = n <= 64
+        cases.append(Case("memory", f"copy {n * 4} B", 8.0 * n, copy, tiny=tiny))
+        if not tiny:
+            cases.append(Case("memory", f"triad {n * 4} B", 12.0 * n, triad))
+    return cases
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The executor's RMSNorm (estimator/executor/model.py), computed in fp32."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def elementwise_cases(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[Case]:
+    """SiLU·mul (read 2, write 1) and residual add (read 2, write 1) over tokens×hidden
+    activations; RMSNorm, a 7-kernel composition, is its own class 'norm' (read x, write y)."""
+    cases = []
+    for dtype in dtypes:
+        dt, esize = DTYPES[dtype], DTYPES[dtype].itemsize
+        for tokens, hidden in shapes:
+            n = tokens * hidden
+
+            def norm(device: str, t=tokens, h=hidden, dt=dt) -> Callable[[], object]:
+                x, w = _rand((t, h), dt, device), torch.ones(h, dtype=dt, device=device)
+                return lambda: rms_norm(x, w)
+
+            def swiglu(device: str, t=tokens, h=hidden, dt=dt) -> Callable[[], object]:
+                g, u = _rand((t, h), dt, device), _rand((t, h), dt, device)
+                return lambda: F.silu(g) * u
+
+            def residual(device: str, t=tokens, h=hidden, dt=dt) -> Callable[[], object]:
+                x, y = _rand((t, h), dt, device), _rand((t, h), dt, device)
+                return lambda: x + y
+
+            tiny = n <= 64
+            dims = f"{dtype} {tokens}x{hidden}"
+            cases += [
+                Case("norm", f"rmsnorm {dims}", 2.0 * n * esize, norm, tiny),
+                Case("elementwise", f"add {dims}", 3.0 * n * esize, residual, tiny),
+            ]
+            if not tiny:
+                cases.append(Case("elementwise", f"silu*mul {dims}", 3.0 * n * esize, swiglu))
+    return cases
+
+
+ADAMW_BYTES_PER_PARAM = 28
+"""AdamW fp32 traffic per parameter: read p, g, m, v (16 B) + write p, m, v (12 B)."""
+
+
+def optimizer_cases(sizes: list[int]) -> list[Case]:
+    """One torch.optim.AdamW step over a single fp32 parameter tensor of n elements."""
+    cases = []
+    for n in sizes:
+
+        def build(device: str, n=n) -> Callable[[], object]:
+            param = torch.nn.Parameter(torch.randn(n, device=device))
+            param.grad = torch.randn(n, device=device)
+            opt = torch.optim.AdamW([param], lr=1e-4)
+            return opt.step
+
+        tiny = n <= 64
+        cases.append(Case("optimizer", f"adamw {n} params", float(ADAMW_BYTES_PER_PARAM * n),
+                          build, tiny))
+    return cases
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """NF4 → dtype: two 4-bit indices per byte (high nibble first), one absmax per 64 values."""
+    idx = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1).long()
+    values = code[idx].view(-1, NF4_BLOCK) * absmax[:, None]
+    return values.to(dtype).view(-1)
+
+
+def dequant_cases(sizes: list[int], dtype: str = "bf16") -> list[Case]:
+    """NF4 dequantisation of n weights to a 16-bit dtype (work = 2·n output bytes)."""
+    cases = []
+    for n in sizes:
+
+        def build(device: str, n=n) -> Callable[[], object]:
+            packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=device)
+            absmax = torch.rand(n // NF4_BLOCK, device=device)
+            code = torch.tensor(NF4_CODE, device=device)
+            return lambda: nf4_dequantize(packed, absmax, code, DTYPES[dtype])
+
+        tiny = n <= NF4_BLOCK
+        cases.append(Case("dequant.nf4", f"nf4->{dtype} {n} weights", 2.0 * n, build, tiny))
+    return cases
+
+
+def dispatch_case() -> Case:
+    """Wall time of one tiny eager op (8-element add): the per-op framework overhead."""
+
+    def build(device: str) -> Callable[[], object]:
+        a, b = torch.randn(8, device=device), torch.randn(8, device=device)
+        return lambda: a + b
+
+    return Case("dispatch", "add 8 elements", 1.0, build, tiny=True)

@@ -1,0 +1,124 @@
+"""Calibration: the curve fit (pure) and a real tiny-mode run on this machine's CPU."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from estimator.calibrate.fit import curve_rate, curve_seconds, fit_curve, isotonic_rates
+from estimator.profiles import find_profile
+
+REQUIRED_CLASSES = {
+    "matmul.fp32", "matmul.bf16", "matmul.fp16", "attention.fp32", "attention.bf16",
+    "attention.fp16", "memory", "elementwise", "optimizer", "dequant.nf4", "dispatch",
+}
+
+
+def test_fit_interpolates_monotone_measurements():
+    # achieved rate rises with work: the curve must pass through every measured point
+    overhead = 5e-6
+    points = [(w, overhead + w / r) for w, r in [(1e6, 1e9), (1e7, 5e9), (1e8, 2e10), (1e9, 3e10)]]
+    curve = fit_curve("matmul.fp32", "flops", points, overhead_seconds=overhead)
+    assert curve.overhead_seconds == overhead
+    for work, seconds in points:
+        assert curve_seconds(curve, work) == pytest.approx(seconds, rel=1e-9)
+
+
+def test_fit_pools_violators_and_keeps_block_time():
+    # the 1e7 point is faster than the 1e8 point (a cache bump): PAV pools the two
+    points = [(1e6, 1e-3), (1e7, 1e-4), (1e8, 2e-2)]
+    curve = fit_curve("memory", "bytes", points)
+    assert list(curve.rates) == sorted(curve.rates)
+    pooled = (1e7 + 1e8) / (1e-4 + 2e-2)
+    assert curve.rates[1] == pytest.approx(pooled) and curve.rates[2] == pytest.approx(pooled)
+    assert curve_seconds(curve, 1e6) == pytest.approx(1e-3)  # unpooled point kept exactly
+    block_time = curve_seconds(curve, 1e7) + curve_seconds(curve, 1e8)
+    assert block_time == pytest.approx(1e-4 + 2e-2)
+
+
+def test_fit_merges_equal_work_and_caps_overhead():
+    points = [(1e6, 2e-4), (1e6, 4e-4), (1e8, 1e-2)]  # fwd and dgrad of the same shape
+    curve = fit_curve("matmul.bf16", "flops", points, overhead_seconds=1.0)
+    assert curve.overhead_seconds == pytest.approx(1e-4)  # capped at half the fastest op
+    assert len(curve.log10_work) == 2 and curve.num_samples == 3
+    assert curve_seconds(curve, 1e6) * 2 == pytest.approx(2e-4 + 4e-4)
+
+
+def test_curve_clamps_outside_knots_and_interpolates_in_log_work():
+    curve = fit_curve("memory", "bytes", [(1e3, 1e-6), (1e5, 1e-5)])
+    assert curve_rate(curve, 1.0) == curve.rates[0]
+    assert curve_rate(curve, 1e9) == curve.rates[-1]
+    assert curve_rate(curve, 1e4) == pytest.approx((curve.rates[0] + curve.rates[1]) / 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e3, 1e12), st.floats(1e-7, 10.0)), min_size=1, max_size=12))
+def test_fit_is_always_monotone_and_valid(points):
+    curve = fit_curve("matmul.fp32", "flops", points, overhead_seconds=1e-6)
+    assert all(b >= a for a, b in zip(curve.rates, curve.rates[1:], strict=False))
+    assert all(r > 0 and math.isfinite(r) for r in curve.rates)
+    # total predicted time of all points equals total measured time (PAV keeps block sums)
+    predicted = sum(curve_seconds(curve, w) for w, _ in points)
+    assert predicted == pytest.approx(sum(t for _, t in points), rel=1e-6)
+
+
+def test_isotonic_rates_identity_on_sorted_input():
+    assert isotonic_rates([1, 2, 3], [1, 1, 1]) == [1, 2, 3]
+
+
+@pytest.mark.torch
+def test_tiny_calibration_run_stores_a_usable_profile(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from estimator.calibrate.run import calibrate
+    from estimator.hardware import detect
+
+    monkeypatch.setenv("NVFREE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    steps = []
+    result = calibrate("cpu", "tiny", progress=lambda i, n, label: steps.append((i, n)))
+    profile = result.profile
+    assert set(profile.curves) >= REQUIRED_CLASSES, result.skipped
+    assert profile.backend == "cpu" and profile.quick and profile.preferred_dtype in (
+        "fp32", "bf16", "fp16")
+    assert steps[-1][0] == steps[-1][1]  # progress reached the end
+    for curve in profile.curves.values():
+        assert list(curve.rates) == sorted(curve.rates) and curve.overhead_seconds >= 0
+    assert profile.curves["dispatch"].overhead_seconds > 0
+    assert result.path is not None and result.path.parent.parent == tmp_path
+    assert find_profile(detect()) == profile
+
+
+@pytest.mark.torch
+def test_timing_harness_reports_ordered_percentiles():
+    pytest.importorskip("torch")
+    from estimator.calibrate.timing import time_call
+
+    timing = time_call(lambda: sum(range(1000)), min_run_seconds=0.005)
+    assert timing.p20_seconds <= timing.median_seconds <= timing.p80_seconds
+    assert timing.num_samples >= 3 and timing.num_calls >= 1
+
+
+@pytest.mark.torch
+def test_preferred_dtype_only_when_measured_faster():
+    from estimator.calibrate.run import Measurement, preferred_dtype
+    from estimator.calibrate.timing import Timing
+
+    def m(dtype, label, seconds):
+        return Measurement(f"matmul.{dtype}", f"matmul.{dtype} {label}", 2e9, Timing(
+            seconds, seconds, seconds, 3, 1), False)
+
+    slow_bf16 = [m("fp32", "fwd a", 1.0), m("bf16", "fwd a", 40.0)]
+    fast_bf16 = [m("fp32", "fwd a", 1.0), m("bf16", "fwd a", 0.3)]
+    assert preferred_dtype(slow_bf16) == "fp32"
+    assert preferred_dtype(fast_bf16) == "bf16"
+
+
+@pytest.mark.torch
+def test_nf4_dequant_matches_table():
+    torch = pytest.importorskip("torch")
+    from estimator.calibrate.benches import NF4_CODE, nf4_dequantize
+
+    packed = torch.tensor([0x0F] * 32, dtype=torch.uint8)  # indices 0, 15 alternating
+    out = nf4_dequantize(packed, torch.tensor([2.0]), torch.tensor(NF4_CODE), torch.float32)
+    assert out[:2].tolist() == [-2.0, 2.0] and out.numel() == 64
