@@ -205,7 +205,8 @@ def fit_all(measured: list[Measurement]) -> dict[str, object]:
     classes = sorted({m.op_class for m in measured})
     curves = {}
     for op_class in classes:
-        tiny = [m.timing.median_seconds for m in measured if m.op_class == op_class and m.tiny]
+        # overhead = the floor cost of a no-work call: p20, which resists scheduler spikes
+        tiny = [m.timing.p20_seconds for m in measured if m.op_class == op_class and m.tiny]
         points = [(m.work, m.timing.median_seconds) for m in measured
                   if m.op_class == op_class and not m.tiny]
         if op_class == "dispatch":

@@ -4,13 +4,15 @@ import sys
 
 import typer
 
-from estimator.cli import catalog_cmds, estimate
+from estimator.cli import calibrate, catalog_cmds, estimate, hardware
 
 app = typer.Typer(name="nvfree", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
                   help="Can I train or fine-tune this LLM on my hardware? Memory, time, cost.")
 estimate.register(app)
 catalog_cmds.register(app)
+hardware.register(app)
+calibrate.register(app)
 
 EXIT_USAGE = 2
 

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from estimator.hardware import (
     cpu_peak_flops_per_second,
     detect,
@@ -126,11 +124,35 @@ def test_no_catalogue_match_for_generic_brand():
     assert match_catalogue("Intel(R) Xeon(R) Processor", "cpu") is None
 
 
-@pytest.mark.parametrize("flag", ["avx512f", "avx512_bf16"])
-def test_cli_hardware_json_reports_flags(flag):
-    if flag not in Path("/proc/cpuinfo").read_text():
-        pytest.skip(f"{flag} not on this CPU")
+def _run_cli(*args: str, block_torch: bool = False) -> subprocess.CompletedProcess:
+    blocker = (
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch blocked for this test')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n"
+    ) if block_torch else ""
+    code = blocker + "from estimator.cli.app import main; main()"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = "from estimator.hardware import detect; print(detect().model_dump_json())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert flag in json.loads(out.stdout)["isa"]
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_hardware_json_reports_this_machine():
+    out = _run_cli("hardware", "--json", "--no-torch")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    machine = payload["machine"]
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    for flag in ("avx512f", "avx512_bf16"):
+        assert (flag in machine["isa"]) == (flag in flags)
+    assert machine["num_physical_cores"] == detect().num_physical_cores
+    assert machine["memory_total_bytes"] == detect().memory_total_bytes
+    assert payload["device"]["name"] == "local" and payload["calibration"]["reason"]
+
+
+def test_hardware_and_profiles_work_without_torch():
+    out = _run_cli("hardware", "--json", block_torch=True)  # --torch, but torch "missing"
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["machine"]["accelerators"] == []
