@@ -69,10 +69,11 @@ def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) 
     total += saved_linear_inputs(setup, ["q_proj", "k_proj", "v_proj"]) * num_tokens * h * c
     if model.qk_norm:
         total += num_tokens * (q_width + kv_width // 2) * r
-    total += num_tokens * (q_width + kv_width + out_width) * c  # SDPA saves q, k, v, out
-    total += batch * heads * seq * FP32_BYTES  # logsumexp
-    if setup.attention == "eager":
-        total += batch * heads * seq * seq * (FP32_BYTES + c)  # fp32 softmax out + 16-bit copy
+    total += num_tokens * (q_width + kv_width) * c  # q, k, v (QKᵀ and PV, or SDPA)
+    if setup.attention == "eager":  # HF eager: softmax in fp32, then a 16-bit copy for PV
+        total += batch * heads * seq * seq * (FP32_BYTES + c)
+    else:  # SDPA saves its output and the fp32 logsumexp
+        total += num_tokens * out_width * c + batch * heads * seq * FP32_BYTES
     total += saved_linear_inputs(setup, ["o_proj"]) * num_tokens * out_width * c
     names = [lin.name for lin in attention_linears(model)]
     return total + lora_hidden_bytes(setup, names, num_tokens)
@@ -156,8 +157,10 @@ def activation_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
     moe = layer_saved_bytes(model, setup, moe_layer=True) if num_moe else 0
     head = head_saved_bytes(model, setup)
     if setup.checkpointing:
-        kept = checkpointed_layer_bytes(model, setup) * model.num_layers
-        return {"layers": kept, "recompute": max(dense, moe), "head": head}
+        block_input = checkpointed_layer_bytes(model, setup)
+        # the recomputed set's first saved tensor (the norm input) is the kept block input
+        recompute = max(dense, moe) - block_input
+        return {"layers": block_input * model.num_layers, "recompute": recompute, "head": head}
     return {"layers": dense * num_dense + moe * num_moe, "recompute": 0, "head": head}
 
 

@@ -1,0 +1,5 @@
+"""`python -m estimator` = `nvfree`."""
+
+from estimator.cli.app import main
+
+main()

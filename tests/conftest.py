@@ -1,0 +1,30 @@
+"""Shared fixtures and the --update-golden switch."""
+
+import pytest
+
+from estimator.specs import ModelSpec, MoESpec
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.json from the current estimator")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))
+
+
+@pytest.fixture
+def tiny_dense() -> ModelSpec:
+    """2 layers, h=64, 4 heads of 16 with 2 KV heads, SwiGLU 128, vocab 100."""
+    return ModelSpec(name="tiny", num_layers=2, hidden_size=64, intermediate_size=128,
+                     num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=100)
+
+
+@pytest.fixture
+def tiny_moe(tiny_dense: ModelSpec) -> ModelSpec:
+    """tiny_dense with 4 experts of width 32, top-2, one leading dense layer."""
+    return tiny_dense.model_copy(update={"num_layers": 3, "moe": MoESpec(
+        num_experts=4, num_experts_per_token=2, expert_intermediate_size=32,
+        num_dense_layers=1)})

@@ -1,0 +1,114 @@
+"""Memory terms against hand-computed values (tiny_dense: N params, h=64, V=100)."""
+
+import pytest
+
+from estimator.analytic import memory as M
+from estimator.analytic.activations import activation_bytes
+from estimator.analytic.params import count_params
+from estimator.catalog import load_device
+from estimator.specs import ModelSpec, TrainSetup
+
+H100 = load_device("h100-sxm")
+
+
+def terms(model: ModelSpec, **setup):
+    s = TrainSetup(**setup)
+    return s, count_params(model, s)
+
+
+def test_full_mixed_adamw_is_18_bytes_per_linear_param(tiny_dense: ModelSpec) -> None:
+    s, p = terms(tiny_dense, method="full", compute_dtype="bf16", mixed_precision=True)
+    cast = M.linear_weight_params(tiny_dense, p)  # weights autocast copies: all but emb + norms
+    assert cast == p.total - 100 * 64 - 5 * 64
+    assert M.weight_bytes(tiny_dense, s, p) == {"weights": 2 * cast, "quant_scales": 0}
+    assert M.master_weight_bytes(s, p) == 4 * p.total
+    assert M.gradient_bytes(s, p) == 4 * p.total
+    assert M.optimizer_state_bytes(tiny_dense, s, p) == 8 * p.total
+
+
+def test_pure_bf16_adamw_is_8_bytes_per_param(tiny_dense: ModelSpec) -> None:
+    s, p = terms(tiny_dense, method="full", compute_dtype="bf16", mixed_precision=False)
+    states = (M.weight_bytes(tiny_dense, s, p)["weights"] + M.master_weight_bytes(s, p)
+              + M.gradient_bytes(s, p) + M.optimizer_state_bytes(tiny_dense, s, p))
+    assert states == 8 * p.total
+
+
+@pytest.mark.parametrize("optimizer,per_param", [
+    ("sgd", 0), ("sgd_momentum", 4), ("lion", 4), ("adamw", 8)])
+def test_optimizer_states_fp32(tiny_dense: ModelSpec, optimizer: str, per_param: int) -> None:
+    s, p = terms(tiny_dense, optimizer=optimizer)
+    assert M.optimizer_state_bytes(tiny_dense, s, p) == per_param * p.total
+
+
+def test_adamw8bit_states(tiny_dense: ModelSpec) -> None:
+    s, p = terms(tiny_dense, optimizer="adamw8bit")
+    blocks = -(-p.total // 256)
+    assert M.optimizer_state_bytes(tiny_dense, s, p) == 2 * p.total + 8 * blocks
+
+
+def test_adafactor_factored_states(tiny_dense: ModelSpec) -> None:
+    s, p = terms(tiny_dense, optimizer="adafactor")
+    per_layer = (64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64)
+    expected = 2 * per_layer + 2 * (100 + 64) + 5 * 64
+    assert M.optimizer_state_bytes(tiny_dense, s, p) == 4 * expected
+
+
+def test_qlora_nf4_storage(tiny_dense: ModelSpec) -> None:
+    s, p = terms(tiny_dense, method="qlora", weight_bits=4, double_quant=False)
+    quantized, _ = M.quantized_linear_params(tiny_dense)
+    assert quantized == p.total - 2 * 100 * 64 - 5 * 64
+    w = M.weight_bytes(tiny_dense, s, p)
+    assert w["weights"] == quantized // 2 + (p.total - quantized) * 2
+    assert w["quant_scales"] == 4 * (quantized // 64)
+
+
+def test_logits_buffers(tiny_dense: ModelSpec) -> None:
+    s = TrainSetup(batch_size=2, seq_len=8, compute_dtype="bf16")
+    assert M.logits_bytes(tiny_dense, s) == 2 * 8 * 100 * (2 + 12)
+    s32 = TrainSetup(batch_size=2, seq_len=8, compute_dtype="fp32", mixed_precision=False)
+    assert M.logits_bytes(tiny_dense, s32) == 2 * 8 * 100 * 16
+
+
+def test_kv_cache_inference(tiny_dense: ModelSpec) -> None:
+    s = TrainSetup(method="inference", batch_size=3, seq_len=10)
+    assert M.kv_cache_bytes(tiny_dense, s) == 3 * 10 * 2 * 2 * 16 * 2 * 2
+
+
+def test_checkpointing_keeps_layer_inputs(tiny_dense: ModelSpec) -> None:
+    s = TrainSetup(batch_size=2, seq_len=8, checkpointing=True)
+    acts = activation_bytes(tiny_dense, s)
+    assert acts["layers"] == 2 * (2 * 8 * 64 * 4)  # fp32 residual under autocast
+    full = activation_bytes(tiny_dense, TrainSetup(batch_size=2, seq_len=8))
+    assert acts["recompute"] == full["layers"] // 2 - 2 * 8 * 64 * 4
+
+
+def test_sdpa_layer_saved_tensors_by_hand(tiny_dense: ModelSpec) -> None:
+    """Pure bf16 full training, SDPA: per layer, T = 16 tokens, c = r = 2 bytes."""
+    s = TrainSetup(batch_size=2, seq_len=8, mixed_precision=False)
+    t, h, i = 16, 64, 128
+    norms = 2 * (t * h * 2 + t * 4)
+    attn = t * h * 2 + t * (64 + 32 + 32) * 2 + t * 64 * 2 + 2 * 4 * 8 * 4 + t * 64 * 2
+    mlp = t * h * 2 + 3 * t * i * 2 + t * i * 2
+    assert activation_bytes(tiny_dense, s)["layers"] == 2 * (norms + attn + mlp)
+
+
+def test_frozen_base_saves_less(tiny_dense: ModelSpec) -> None:
+    full = activation_bytes(tiny_dense, TrainSetup(seq_len=32))["layers"]
+    lora = activation_bytes(tiny_dense, TrainSetup(method="lora", seq_len=32,
+                                                   lora_targets=("q_proj", "v_proj")))["layers"]
+    assert lora < full
+
+
+def test_unified_memory_reserve() -> None:
+    cpu = load_device("xeon-platinum-8480plus")
+    assert M.os_reserve_bytes(cpu) == max(2 * 1024**3, cpu.memory_bytes // 10)
+    assert M.os_reserve_bytes(H100) == 0
+    assert M.os_reserve_bytes(load_device("m4-max")) == load_device("m4-max").memory_bytes // 4
+
+
+def test_breakdown_sums_and_peak_phase(tiny_dense: ModelSpec) -> None:
+    s, p = terms(tiny_dense, seq_len=64)
+    mem = M.memory_breakdown(tiny_dense, s, H100, p)
+    assert mem.total_bytes == sum(mem.components.values())
+    assert mem.capacity_bytes == H100.memory_bytes
+    assert mem.notes["peak_phase"] in ("start of backward", "optimizer step")
