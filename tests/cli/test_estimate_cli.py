@@ -53,7 +53,7 @@ def test_rich_output_names_verdict_and_terms(capsys: pytest.CaptureFixture[str])
         "unknown-preset", "unknown-device", "qlora-16bit", "bad-targets", "no-model"])
 def test_bad_input_one_line_exit_2(capsys: pytest.CaptureFixture[str], args: list[str],
                                    needle: str) -> None:
-    code, out, err = run(capsys, "estimate", *args, *NO_PROFILE)
+    code, _, err = run(capsys, "estimate", *args, *NO_PROFILE)
     assert code == 2
     assert needle in err
     assert err.count("\n") == 1 and "Traceback" not in err

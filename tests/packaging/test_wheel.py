@@ -19,9 +19,9 @@ def test_wheel_ships_catalogue(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, timeout=300)
     code = ("import estimator, estimator.catalog as c; "
-            "assert estimator.__file__.startswith(%r), estimator.__file__; "
-            "assert c.data_dir().is_relative_to(%r); "
-            "print(len(c.list_devices()), len(c.list_models()))" % (str(target), str(target)))
+            f"assert estimator.__file__.startswith({str(target)!r}), estimator.__file__; "
+            f"assert c.data_dir().is_relative_to({str(target)!r}); "
+            "print(len(c.list_devices()), len(c.list_models()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60,
                          capture_output=True, text=True, env={"PYTHONPATH": str(target)})
     num_devices, num_models = map(int, out.stdout.split())
