@@ -12,6 +12,7 @@ Peak memory:
 
 import contextlib
 import os
+import platform
 import statistics
 import threading
 import time
@@ -222,11 +223,11 @@ class StepTimer:
 def device_display_name(device: torch.device) -> str:
     """Human name of a torch device: the CPU brand string, or the accelerator's name."""
     if device.type == "cpu":
-        with contextlib.suppress(Exception):
-            import cpuinfo
-
-            return str(cpuinfo.get_cpu_info().get("brand_raw") or "cpu")
-        return "cpu"
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        return platform.processor() or "cpu"
     backend = getattr(torch, device.type, None)
     get_name = getattr(backend, "get_device_name", None)
     if get_name is not None:

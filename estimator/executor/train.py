@@ -344,6 +344,8 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     check_vocab(dataset.tokens, spec.vocab_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     lr = config.lr if config.lr is not None else DEFAULT_LR[setup.method]
+    if lr > torch.finfo(storage_dtype(setup)).max:
+        raise SetupError(f"--lr {lr} overflows the {setup.compute_dtype} weights")
     optimizer = build_optimizer(trainable, setup, lr=lr, weight_decay=config.weight_decay)
     scaler = None
     if setup.compute_dtype == "fp16" and setup.mixed_precision:
