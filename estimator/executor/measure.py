@@ -250,14 +250,22 @@ def relative_error(predicted: float | None, measured: float | None) -> float | N
 
 def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
             ) -> tuple[Estimate | None, str | None]:
-    """The analytic estimate for the run's config on this machine, or (None, why not).
-    The estimate is advisory here: any failure is recorded, never raised after a finished run."""
+    """The analytic estimate for the run's config on this machine (with its calibration
+    profile when one exists), or (None, why not), plus a note on what was used. Advisory: any
+    failure is recorded, never raised after a finished run."""
     try:
-        from estimator import estimate
+        from estimator.api import estimate
+        from estimator.hardware import cpu_device, detect, local_device
+        from estimator.profiles import lookup_profile
     except ImportError as e:
         return None, f"no analytic model in this build ({e})"
     try:
-        return estimate(spec, setup, device="local", profile=None), None
+        machine = detect(probe_torch=device.type != "cpu")
+        dev = cpu_device(machine) if device.type == "cpu" else local_device(machine)
+        found = lookup_profile(machine, dev.backend, num_threads=torch.get_num_threads())
+        if found.profile is not None:
+            dev = cpu_device(machine, found.profile) if device.type == "cpu" else dev
+        return estimate(spec, setup, dev, found.profile), found.reason
     except Exception as e:  # a run's report must survive a failing prediction
         return None, f"analytic estimate failed: {type(e).__name__}: {e}"
 
@@ -265,18 +273,22 @@ def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
 _WEIGHT_TERMS = ("weights", "quant_scales", "master_weights", "adapter_weights")
 
 
-def memory_terms(estimate: Estimate | None, *, method: str, runtime_bytes: int,
+def memory_terms(estimate: Estimate | None, *, method: str, baseline_bytes: int,
                  peak_bytes: int, weights: int, gradients: int | None,
                  optimizer_states: int | None) -> tuple[TermComparison, ...]:
-    """Predicted vs measured memory, term by term (see docs/training.md, 'Measurement')."""
+    """Predicted vs measured memory, term by term (see docs/training.md, 'Measurement').
+    The measured runtime is what the process holds after the model is built beyond the
+    model's own tensors (interpreter, torch, lazily loaded kernels, tokenised data)."""
     c = estimate.memory.components if estimate is not None else {}
     predicted_weights = sum(c.get(k, 0) for k in _WEIGHT_TERMS) if c else None
     predicted_grads = _full_gradient_bytes(estimate)
     listed = (predicted_weights or 0) + c.get("optimizer_states", 0) + c.get("runtime_overhead", 0)
-    transient = peak_bytes - runtime_bytes - weights - (optimizer_states or 0)
+    runtime = max(0, baseline_bytes - weights)
+    transient = peak_bytes - baseline_bytes - (optimizer_states or 0)
     rows = [
-        ("runtime", c.get("runtime_overhead"), runtime_bytes,
-         "memory before the model was built: interpreter, torch, tokenised data"),
+        ("runtime", c.get("runtime_overhead"), runtime,
+         "memory after the model was built minus its weights: interpreter, torch, kernels, "
+         "tokenised data"),
         ("weights", predicted_weights, weights,
          "storage of every parameter and buffer (autocast's transient 16-bit copies are "
          "predicted here but not stored)"),
@@ -285,7 +297,7 @@ def memory_terms(estimate: Estimate | None, *, method: str, runtime_bytes: int,
         ("optimizer_states", c.get("optimizer_states"), optimizer_states,
          "storage of every optimizer state tensor after the first step"),
         ("activations_and_transients", estimate.memory.total_bytes - listed if c else None,
-         transient, "peak − runtime − weights − optimizer states (activations, logits, "
+         transient, "peak − memory after model build − optimizer states (activations, logits, "
          "gradients, dequantised weights, allocator slack)"),
         ("total_peak", estimate.memory.total_bytes if c else None, peak_bytes,
          f"peak of the training steps ({method}), runtime included"),
@@ -331,7 +343,7 @@ def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigL
         baseline_bytes=baseline_bytes, peak_bytes=peak_bytes,
         step_seconds=median,
         tokens_per_second=setup.tokens_per_step / median if median else None,
-        memory_terms=memory_terms(estimate, method=memory_method, runtime_bytes=runtime_bytes,
+        memory_terms=memory_terms(estimate, method=memory_method, baseline_bytes=baseline_bytes,
                                   peak_bytes=peak_bytes, weights=weights_bytes,
                                   gradients=gradient_bytes, optimizer_states=optimizer_bytes),
         predicted_step_seconds=predicted_seconds,

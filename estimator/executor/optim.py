@@ -93,7 +93,7 @@ class AdamW8bit(torch.optim.Optimizer):
         state["v_codes"], state["v_absmax"] = quantize_blockwise(v, UNSIGNED_CODE)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 — torch.optim signature
+    def step(self, closure=None):  # torch.optim signature
         """One AdamW update of every parameter with a gradient."""
         loss = None if closure is None else closure()
         for group in self.param_groups:

@@ -38,8 +38,6 @@ def test_rss_sampler_sees_a_spike_that_is_gone_by_the_end():
     sampler.start()
     start = measure.current_rss_bytes()
     spike = _touch(150 * MIB)
-
-
     time.sleep(0.05)
     del spike
     assert sampler.stop() >= start + 140 * MIB
@@ -78,9 +76,10 @@ def test_median_step_time_drops_warmup_steps():
 
 def test_terms_compare_prediction_and_measurement():
     rows = {t.name: t for t in measure.memory_terms(
-        None, method="vmhwm", runtime_bytes=100, peak_bytes=1000, weights=200, gradients=50,
+        None, method="vmhwm", baseline_bytes=300, peak_bytes=1000, weights=200, gradients=50,
         optimizer_states=300)}
-    assert rows["activations_and_transients"].measured_bytes == 1000 - 100 - 200 - 300
+    assert rows["runtime"].measured_bytes == 300 - 200
+    assert rows["activations_and_transients"].measured_bytes == 1000 - 300 - 300
     assert rows["total_peak"].predicted_bytes is None and rows["total_peak"].relative_error is None
     assert measure.relative_error(110, 100) == pytest.approx(0.1)
     assert measure.relative_error(1, 0) is None

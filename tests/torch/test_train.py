@@ -4,6 +4,10 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from estimator.executor.train import TrainConfig, prepare_run, train, train_step
 from estimator.specs import ModelSpec, TrainSetup
 
 pytestmark = pytest.mark.torch
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = ModelSpec(name="tiny", num_layers=2, hidden_size=64, intermediate_size=176, num_heads=4,
                  num_kv_heads=2, head_dim=16, vocab_size=258, max_seq_len=256)
@@ -149,3 +154,50 @@ def test_warmup_then_cosine_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(b <= a for a, b in itertools.pairwise(lrs[3:]))
     assert lr_at(20, base_lr=1.0, warmup_steps=4, total_steps=20) == pytest.approx(0.1)
+
+
+TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+               "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 258, "max_position_embeddings": 256}
+
+
+def _nvfree(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "estimator", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_cli_train_sigterm_saves_then_resume_finishes(text_file, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(config), "--dtype", "fp32", "--batch-size", "2",
+            "--seq-len", "32", "--data", str(text_file), "--output", str(out), "--lr", "3e-3"]
+    child = _nvfree([*args, "--max-steps", "100000", "--checkpoint-every", "1"])
+    deadline = time.monotonic() + 60
+    while not ckpt.list_checkpoints(out / "checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stdout
+    stopped = json.loads((out / "run_report.json").read_text())
+    assert stopped["stop_reason"] == "interrupted"
+    target = stopped["num_steps"] + 2
+    resumed = _nvfree([*args, "--max-steps", str(target), "--resume", "--json"])
+    stdout, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["start_step"] == stopped["num_steps"] and report["num_steps"] == target
+    assert report["losses"][: stopped["num_steps"]] == stopped["losses"]
+    assert {t["name"] for t in report["memory_terms"]} >= {"weights", "total_peak"}
+
+
+def test_cli_bad_data_path_is_one_line_exit_2(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    child = _nvfree(["train", "--model", str(config), "--data", str(tmp_path / "missing"),
+                     "--output", str(tmp_path / "run")])
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 2
+    assert stderr.strip().count("\n") == 0 and "no such file" in stderr
