@@ -4,7 +4,7 @@ import sys
 
 import typer
 
-from estimator.cli import calibrate, catalog_cmds, estimate, hardware
+from estimator.cli import calibrate, catalog_cmds, estimate, hardware, train
 
 app = typer.Typer(name="nvfree", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -13,6 +13,7 @@ estimate.register(app)
 catalog_cmds.register(app)
 hardware.register(app)
 calibrate.register(app)
+train.register(app)
 
 EXIT_USAGE = 2
 
