@@ -16,7 +16,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -97,6 +97,11 @@ class _RssSampler:
         return self.peak_bytes
 
 
+def _accelerator_memory(name: str, backend: str) -> Callable:
+    """torch.accelerator.<name> (torch ≥ 2.9), else the backend's own (torch.cuda.<name> …)."""
+    return getattr(torch.accelerator, name, None) or getattr(getattr(torch, backend), name)
+
+
 class PeakMemory:
     """Peak memory of one phase at a time: reset() at the start, peak_bytes() at the end."""
 
@@ -113,14 +118,14 @@ class PeakMemory:
     def current_bytes(self) -> int:
         """Memory in use now (bytes): RSS on the host, allocated bytes on an accelerator."""
         if self.method == "accelerator":
-            return int(torch.accelerator.memory_allocated(self.device))
+            return int(_accelerator_memory("memory_allocated", self.device.type)(self.device))
         return current_rss_bytes()
 
     def reset(self) -> None:
         """Start a new phase: the next peak_bytes() covers only what follows."""
         if self.method == "accelerator":
-            torch.accelerator.synchronize(self.device)
-            torch.accelerator.reset_peak_memory_stats(self.device)
+            synchronize(self.device)
+            _accelerator_memory("reset_peak_memory_stats", self.device.type)(self.device)
         elif self.method == "vmhwm":
             reset_vmhwm()
         else:
@@ -131,8 +136,8 @@ class PeakMemory:
     def peak_bytes(self) -> int:
         """Peak since the last reset() (bytes)."""
         if self.method == "accelerator":
-            torch.accelerator.synchronize(self.device)
-            return int(torch.accelerator.max_memory_allocated(self.device))
+            synchronize(self.device)
+            return int(_accelerator_memory("max_memory_allocated", self.device.type)(self.device))
         if self.method == "vmhwm":
             return read_vmhwm_bytes() or current_rss_bytes()
         assert self._sampler is not None
@@ -191,7 +196,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (no-op on the CPU) so that wall time covers it."""
     if device.type != "cpu":
-        torch.accelerator.synchronize(device)
+        _accelerator_memory("synchronize", device.type)(device)
 
 
 def median_step_seconds(step_seconds: list[float], *, num_warmup: int = 2) -> float | None:
