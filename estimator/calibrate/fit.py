@@ -28,13 +28,13 @@ OVERHEAD_CAP_FRACTION = 0.5
 
 def _pool_equal_work(points: Sequence[tuple[float, float]]) -> list[tuple[float, float, float]]:
     """(log10 W, ΣW, Σt) per distinct work value, sorted by work."""
-    groups: dict[float, list[float]] = {}
+    groups: dict[float, list[float]] = {}  # rounded log10 W → [exact log10 W, ΣW, Σt]
     for work, seconds in points:
-        key = round(math.log10(work), 9)
-        acc = groups.setdefault(key, [0.0, 0.0])
-        acc[0] += work
-        acc[1] += seconds
-    return [(key, w, t) for key, (w, t) in sorted(groups.items())]
+        x = math.log10(work)
+        acc = groups.setdefault(round(x, 9), [x, 0.0, 0.0])
+        acc[1] += work
+        acc[2] += seconds
+    return [(x, w, t) for _, (x, w, t) in sorted(groups.items())]
 
 
 def isotonic_rates(works: Sequence[float], times: Sequence[float]) -> list[float]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import psutil
 import torch
 
 from estimator.calibrate import benches
@@ -114,6 +115,8 @@ class CalibrationResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(case label, reason) of cases not run."""
     wall_seconds: float = 0.0
+    busy_percent: float = 0.0
+    """CPU use by all processes just before measuring (%); high = numbers depressed by load."""
 
 
 def torch_device(device: str) -> str:
@@ -259,6 +262,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Measure, fit and (by default) store a CalibrationProfile for `device`."""
     start = time.perf_counter()
+    busy = psutil.cpu_percent(interval=0.2)
     tdev = torch_device(device)
     backend = profile_backend(tdev)
     machine = machine or detect(probe_torch=tdev != "cpu")
@@ -282,5 +286,5 @@ def calibrate(
         preferred_dtype=preferred_dtype(measured),  # type: ignore[arg-type]
     )
     path = save_profile(profile) if save else None
-    return CalibrationResult(profile, path, measured, skipped, time.perf_counter() - start)
+    return CalibrationResult(profile, path, measured, skipped, time.perf_counter() - start, busy)
 

@@ -136,6 +136,9 @@ def render_calibration(result: CalibrationResult, console: Console,
                        device: Device | None = None) -> None:
     """Profile table, where it was stored, what was skipped, and how long it took."""
     render_profile(result.profile, console, device)
+    if result.busy_percent > 25:
+        console.print(f"[yellow]warning:[/] the CPUs were {result.busy_percent:.0f}% busy before "
+                      "measuring; other programs depress these numbers — rerun on an idle machine")
     for label, reason in result.skipped:
         console.print(f"[yellow]skipped[/] {label}: {reason}")
     where = f"stored in {result.path}" if result.path else "not stored"
