@@ -172,8 +172,7 @@ def build_training_model(spec: ModelSpec, setup: TrainSetup, config: TrainConfig
     if config.model_path is not None:
         from estimator.executor.hf import load_hf_model
 
-        spec, model = load_hf_model(config.model_path, dtype=dtype)
-        model = model.to(device)
+        spec, model = load_hf_model(config.model_path, dtype=dtype, device=device)
     else:
         model = build_model(spec, dtype=dtype, device=device)
     if setup.trains_adapters:
@@ -236,11 +235,18 @@ def _save(run: Run, step: int, data_source: str) -> Path:
     if setup.trains_adapters:
         from estimator.executor.lora import save_peft_adapter
 
+        model_type = "llama"
+        if run.config.model_path is not None:
+            from estimator.executor.hf import read_config
+
+            model_type = read_config(run.config.model_path).get("model_type", "llama")
+
         def write_adapter(path: Path) -> None:
             save_peft_adapter(run.model, path, base_model_name=str(run.config.model_path
                                                                    or run.spec.name),
                               rank=setup.lora_rank, alpha=setup.lora_alpha,
-                              dropout=run.config.lora_dropout, targets=setup.lora_targets)
+                              dropout=run.config.lora_dropout, targets=setup.lora_targets,
+                              model_type=model_type)
 
     state = {
         "model": run.spec.model_dump(mode="json"),
@@ -435,6 +441,9 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     if stop_reason == "nonfinite_loss":
         kept = latest.path if latest else "none"
         message = f"{message}; stopped without saving; last good checkpoint: {kept}"
+    elif run.start_step >= config.max_steps:
+        message = (f"the checkpoint is already at step {run.start_step} ≥ --max-steps "
+                   f"{config.max_steps}; nothing to train (raise --max-steps to continue)")
     elif stop_reason == "max_steps":
         message = f"reached step {config.max_steps}; checkpoint {checkpoint_dir}"
     if resume_note:

@@ -201,3 +201,28 @@ def test_cli_bad_data_path_is_one_line_exit_2(tmp_path):
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == 2
     assert stderr.strip().count("\n") == 0 and "no such file" in stderr
+
+
+def test_trains_from_a_hugging_face_directory_and_writes_a_peft_adapter(text_file, tmp_path):
+    from safetensors.torch import save_file
+
+    from estimator.executor.hf import hf_param_name
+    from estimator.executor.model import build_model
+
+    torch.manual_seed(123)
+    source = build_model(TINY)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({**TINY_CONFIG, "rms_norm_eps": 1e-5}))
+    save_file({hf_param_name(k): v.contiguous() for k, v in source.state_dict().items()},
+              hf_dir / "model.safetensors")
+    common = {"max_steps": 1, "data": text_file, "model_path": hf_dir, "predict": False}
+    train(TINY, _setup(), output_dir=tmp_path / "full", lr=0.0, **common)
+    saved = load_file(tmp_path / "full" / "checkpoints" / "step_00000001" / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in source.named_parameters())
+    train(TINY, _setup(method="lora"), output_dir=tmp_path / "lora", **common)
+    adapter = tmp_path / "lora" / "checkpoints" / "step_00000001" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(hf_dir) and config["r"] == 4
+    keys = load_file(adapter / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
