@@ -393,23 +393,24 @@ def train_with_config(model_spec: ModelSpec, setup: TrainSetup, config: TrainCon
         peak.close()
 
 
-def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
-           peak: measure.PeakMemory,
-           on_progress: Callable[[StepProgress], None] | None) -> RunReport:
-    run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
-                                                               peak.current_bytes)
-    resume_note = _resume(run, data_source) if config.resume else None
-    weights_bytes = measure.weights_bytes(run.model)
-    base_lr = config.lr if config.lr is not None else DEFAULT_LR[setup.method]
-    warmup = config.warmup_steps if config.warmup_steps is not None else \
-        default_warmup_steps(config.max_steps)
-    timer = measure.StepTimer(run.device)
+@dataclass
+class _Outcome:
+    """How the loop ended (internal)."""
+
     stop_reason: StopReason = "max_steps"
-    message = ""
+    message: str = ""
     checkpoint_dir: Path | None = None
     optimizer_bytes: int | None = None
-    run.model.train()
-    peak.reset()
+
+
+def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.PeakMemory,
+          on_progress: Callable[[StepProgress], None] | None) -> _Outcome:
+    """Steps from run.start_step to max_steps: update, report, checkpoint, stop on a signal or a
+    non-finite value."""
+    config, out = run.config, _Outcome()
+    base_lr = config.lr if config.lr is not None else DEFAULT_LR[run.setup.method]
+    warmup = config.warmup_steps if config.warmup_steps is not None else \
+        default_warmup_steps(config.max_steps)
     with _signals_stop() as received:
         for step in range(run.start_step, config.max_steps):
             lr = lr_at(step, base_lr=base_lr, warmup_steps=warmup, total_steps=config.max_steps)
@@ -417,45 +418,63 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
             loss, bad = train_step(run, step, lr)
             seconds = timer.stop()
             if bad is not None:
-                stop_reason, message = "nonfinite_loss", bad
-                break
-            if optimizer_bytes is None:
-                optimizer_bytes = measure.optimizer_state_bytes(run.optimizer)
+                out.stop_reason, out.message = "nonfinite_loss", bad
+                return out
+            if out.optimizer_bytes is None:
+                out.optimizer_bytes = measure.optimizer_state_bytes(run.optimizer)
             run.losses.append(loss)
             done = step + 1
             _report_progress(on_progress, run, done, loss, lr, seconds, timer, peak)
             due = config.checkpoint_every and done % config.checkpoint_every == 0
             if received or due or done == config.max_steps:
                 if not _params_finite(run.trainable):
-                    stop_reason = "nonfinite_loss"
-                    message = f"weights became non-finite at step {done}"
-                    break
-                checkpoint_dir = _save(run, done, data_source)
+                    out.stop_reason = "nonfinite_loss"
+                    out.message = f"weights became non-finite at step {done}"
+                    return out
+                out.checkpoint_dir = _save(run, done, data_source)
             if received:
-                stop_reason = "interrupted"
-                message = (f"stopped by {signal.Signals(received[0]).name} after step {done}; "
-                           f"checkpoint {checkpoint_dir}; continue with --resume")
-                break
+                out.stop_reason = "interrupted"
+                out.message = (f"stopped by {signal.Signals(received[0]).name} after step "
+                               f"{done}; checkpoint {out.checkpoint_dir}; continue with --resume")
+                return out
+    return out
+
+
+def _final_message(out: _Outcome, run: Run, latest: Path | None, resume_note: str | None) -> str:
+    """One line on how the run ended and what to do next."""
+    message = out.message
+    if out.stop_reason == "nonfinite_loss":
+        message = f"{message}; stopped without saving; last good checkpoint: {latest or 'none'}"
+    elif run.start_step >= run.config.max_steps:
+        message = (f"the checkpoint is already at step {run.start_step} ≥ --max-steps "
+                   f"{run.config.max_steps}; nothing to train (raise --max-steps to continue)")
+    elif out.stop_reason == "max_steps":
+        message = f"reached step {run.config.max_steps}; checkpoint {out.checkpoint_dir}"
+    return f"{resume_note}; {message}" if resume_note else message
+
+
+def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
+           peak: measure.PeakMemory,
+           on_progress: Callable[[StepProgress], None] | None) -> RunReport:
+    run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
+                                                                  peak.current_bytes)
+    resume_note = _resume(run, data_source) if config.resume else None
+    weights_bytes = measure.weights_bytes(run.model)
+    timer = measure.StepTimer(run.device)
+    run.model.train()
+    peak.reset()
+    out = _loop(run, data_source, timer, peak, on_progress)
     peak_bytes = peak.peak_bytes()
     latest = ckpt.latest_checkpoint(_checkpoint_root(config))
-    if stop_reason == "nonfinite_loss":
-        kept = latest.path if latest else "none"
-        message = f"{message}; stopped without saving; last good checkpoint: {kept}"
-    elif run.start_step >= config.max_steps:
-        message = (f"the checkpoint is already at step {run.start_step} ≥ --max-steps "
-                   f"{config.max_steps}; nothing to train (raise --max-steps to continue)")
-    elif stop_reason == "max_steps":
-        message = f"reached step {config.max_steps}; checkpoint {checkpoint_dir}"
-    if resume_note:
-        message = f"{resume_note}; {message}"
+    latest_path = latest.path if latest else None
     report = measure.build_run_report(
         run.spec, setup, config=config, device=run.device, data_source=data_source,
         num_data_tokens=run.dataset.tokens.numel(), start_step=run.start_step,
-        losses=run.losses, step_seconds=timer.step_seconds, stop_reason=stop_reason,
-        message=message, checkpoint_dir=latest.path if latest else None,
-        memory_method=peak.method, runtime_bytes=runtime_bytes, baseline_bytes=baseline_bytes,
-        peak_bytes=peak_bytes, weights_bytes=weights_bytes, gradient_bytes=run.grads_bytes,
-        optimizer_bytes=optimizer_bytes,
+        losses=run.losses, step_seconds=timer.step_seconds, stop_reason=out.stop_reason,
+        message=_final_message(out, run, latest_path, resume_note),
+        checkpoint_dir=latest_path, memory_method=peak.method, runtime_bytes=runtime_bytes,
+        baseline_bytes=baseline_bytes, peak_bytes=peak_bytes, weights_bytes=weights_bytes,
+        gradient_bytes=run.grads_bytes, optimizer_bytes=out.optimizer_bytes,
     )
     config.output_dir.mkdir(parents=True, exist_ok=True)
     _write_report(report, config.output_dir / REPORT_FILE)
