@@ -341,6 +341,11 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     built, memory after; both from memory_probe, bytes)."""
     if setup.method == "inference":
         raise SetupError("nvfree train needs --method full, lora or qlora (not inference)")
+    if setup.weight_bits == 8:
+        raise SetupError("the executor has no 8-bit base weights; use --bits 16 (LoRA) or "
+                         "--bits 4 (QLoRA)")
+    if setup.attention != "sdpa":
+        raise SetupError("the executor runs SDPA attention only; use --attention sdpa")
     device = resolve_device(config.device)
     tokenizer = _load_tokenizer(config.model_path)
     dataset = load_dataset(config.data, tokenizer, setup.seq_len, text_field=config.text_field)

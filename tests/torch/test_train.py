@@ -118,9 +118,17 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(text_file, tmp_
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
 
 
-def test_inference_and_unknown_device_are_setup_errors(tmp_path):
-    with pytest.raises(SetupError, match="inference"):
-        train(TINY, _setup(method="inference"), max_steps=1, output_dir=tmp_path)
+@pytest.mark.parametrize(("setup", "match"), [
+    ({"method": "inference"}, "inference"),
+    ({"method": "lora", "weight_bits": 8}, "8-bit"),
+    ({"attention": "eager"}, "SDPA"),
+], ids=["inference", "int8-base", "eager"])
+def test_setups_the_executor_cannot_run_are_setup_errors(tmp_path, setup, match):
+    with pytest.raises(SetupError, match=match):
+        train(TINY, _setup(**setup), max_steps=1, output_dir=tmp_path)
+
+
+def test_unknown_device_is_a_setup_error(tmp_path):
     with pytest.raises(SetupError, match="--device"):
         train(TINY, _setup(), max_steps=1, output_dir=tmp_path, device="nonsense")
 
