@@ -48,18 +48,24 @@ class LoRALinear(nn.Module):
         """The frozen base projection."""
         return F.linear(x, self.weight, self.bias)
 
-    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-rank update (alpha/r)·B·A·dropout(x), computed in the adapter dtype."""
-        autocast = torch.is_autocast_enabled(x.device.type)
-        x_a = x if autocast else x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x_a))) * self.scaling
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_forward(x)
-        return y + self.lora_forward(x).to(y.dtype)
+        return add_lora(self, x, self.base_forward(x))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}"
+
+
+def add_lora(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y + (alpha/r)·B·A·dropout(x). One addmm (the add fused into the GEMM, alpha/r folded into
+    the r×out weight) when the dtypes agree or autocast casts them; otherwise, as PEFT does,
+    the adapter runs in its own dtype (fp32 adapters on a 16-bit base) and is cast back."""
+    a_w = module.lora_A.weight
+    if not torch.is_autocast_enabled(x.device.type) and a_w.dtype != y.dtype:
+        update = module.lora_B(module.lora_A(module.lora_dropout(x.to(a_w.dtype))))
+        return y + (update * module.scaling).to(y.dtype)
+    a = module.lora_A(module.lora_dropout(x))
+    b_w = module.lora_B.weight * module.scaling
+    return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), b_w.T).view_as(y)
 
 
 def matches(name: str, targets: tuple[str, ...]) -> bool:

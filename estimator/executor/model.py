@@ -292,7 +292,8 @@ class Transformer(nn.Module):
             self._rope_cache = {key: (angle_TC2.cos(), angle_TC2.sin())}
         return self._rope_cache[key]
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states, before lm_head."""
         T = tokens_BT.shape[1]
         x_BTD = self.embed_tokens(tokens_BT)
         if self.embed_positions is not None:
@@ -300,7 +301,17 @@ class Transformer(nn.Module):
         rope = self.rope(T, tokens_BT.device)
         for layer in self.layers:
             x_BTD = layer(x_BTD, rope)
-        return self.lm_head(self.norm(x_BTD))
+        return self.norm(x_BTD)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(tokens_BT))
+
+    def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32) without materialising the B·T·V logits: lm_head
+        and the loss run fused in row chunks (``fused_linear_cross_entropy``). Targets equal to
+        -100 are ignored. Same value and gradients as F.cross_entropy(forward(tokens))."""
+        h_ND = self.hidden(tokens_BT).flatten(0, 1)
+        return fused_linear_cross_entropy(h_ND, self.lm_head.weight, targets_BT.flatten())
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -314,6 +325,59 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean CE(h·Wᵀ, t). The gradients are formed chunk by chunk in the forward pass
+    (softmax − onehot is known there), so only [chunk, V] logits ever exist and backward is a
+    scale: the Liger-Kernel "fused linear cross-entropy" idea (Hsu et al. 2024, arXiv 2410.10989).
+    """
+
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, t_N, chunk_rows: int):
+        dtype = torch.get_autocast_dtype(h_ND.device.type) \
+            if torch.is_autocast_enabled(h_ND.device.type) else h_ND.dtype
+        h, w = h_ND.detach().to(dtype), w_VD.detach().to(dtype)
+        valid_N = t_N != -100
+        num_valid = valid_N.sum().clamp_min(1)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w_VD, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits_CV = (h[rows] @ w.T).float()
+            t_C1, valid_C = t_N[rows].clamp_min(0)[:, None], valid_N[rows]
+            max_C1 = logits_CV.amax(dim=-1, keepdim=True)
+            target_C = logits_CV.gather(1, t_C1)[:, 0]
+            p_CV = logits_CV.sub_(max_C1).exp_()  # in place: e^(z − max)
+            sum_C = p_CV.sum(dim=-1)
+            lse_C = sum_C.log() + max_C1[:, 0]
+            loss += ((lse_C - target_C) * valid_C).sum()
+            p_CV.mul_((valid_C / (num_valid * sum_C))[:, None])  # softmax / num_valid
+            p_CV.scatter_add_(1, t_C1, -(valid_C / num_valid)[:, None].to(p_CV.dtype))
+            g_CV = p_CV.to(dtype)
+            if grad_h is not None:
+                grad_h[rows] = g_CV @ w
+            if grad_w is not None:
+                grad_w.add_(g_CV.T @ h[rows])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h_ND.dtype, w_VD.dtype)
+        return loss / num_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        h = None if grad_h is None else (grad_h * grad_loss).to(ctx.dtypes[0])
+        w = None if grad_w is None else (grad_w * grad_loss).to(ctx.dtypes[1])
+        return h, w, None, None
+
+
+def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
+                               *, chunk_rows: int | None = None) -> torch.Tensor:
+    """mean over non-ignored rows of CE(h·Wᵀ, targets), chunked; see _LinearCrossEntropy.
+    Default chunk: 2^25 fp32 logits (128 MiB), at least 64 rows."""
+    chunk_rows = chunk_rows or max(64, 2**25 // w_VD.shape[0])
+    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, chunk_rows)
 
 
 def build_model(

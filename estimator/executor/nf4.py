@@ -197,10 +197,9 @@ class NF4LoRALinear(nn.Module):
         return y if self.compute_dtype is None else y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_forward(x)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        x_a = x if autocast else x.to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(self.lora_dropout(x_a))) * self.scaling).to(y.dtype)
+        from estimator.executor.lora import add_lora
+
+        return add_lora(self, x, self.base_forward(x))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, nf4"

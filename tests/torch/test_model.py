@@ -127,3 +127,28 @@ def test_checkpointing_gives_the_same_gradients(lora):
             assert p.grad is None
         elif p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied, autocast", [(False, False), (True, False), (False, True)])
+def test_fused_loss_equals_cross_entropy_of_logits(tied, autocast):
+    torch.manual_seed(0)
+    model = build_model(spec(tied_embeddings=tied))
+    tokens = torch.randint(0, BASE["vocab_size"], (3, 20))
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -100
+    grads = []
+    for fused in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = model.loss(tokens, targets)
+            else:
+                loss = torch.nn.functional.cross_entropy(
+                    model(tokens).flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (plain_loss, plain), (fused_loss, fused) = grads
+    tol = 2e-2 if autocast else 1e-5
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-3 if autocast else 1e-6)
+    for name, g in plain.items():
+        torch.testing.assert_close(fused[name], g, atol=tol * float(g.abs().max()), rtol=tol)
