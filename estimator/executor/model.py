@@ -108,6 +108,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            # same values as HF (fp32 product), cast once here instead of in each next matmul
+            return (self.weight * x32).to(torch.get_autocast_dtype(x.device.type))
         return self.weight * x32.to(x.dtype)
 
 
@@ -341,7 +344,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid_N = t_N != -100
         num_valid = valid_N.sum().clamp_min(1)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w_VD, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -356,10 +359,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p_CV.mul_((valid_C / (num_valid * sum_C))[:, None])  # softmax / num_valid
             p_CV.scatter_add_(1, t_C1, -(valid_C / num_valid)[:, None].to(p_CV.dtype))
             g_CV = p_CV.to(dtype)
+            del p_CV, logits_CV
             if grad_h is not None:
                 grad_h[rows] = g_CV @ w
-            if grad_w is not None:
-                grad_w.add_(g_CV.T @ h[rows])
+            if ctx.needs_input_grad[1]:
+                gw_VD = g_CV.T @ h[rows]
+                grad_w = gw_VD.float() if grad_w is None else grad_w.add_(gw_VD)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_ND.dtype, w_VD.dtype)
         return loss / num_valid
@@ -367,8 +372,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        h = None if grad_h is None else (grad_h * grad_loss).to(ctx.dtypes[0])
-        w = None if grad_w is None else (grad_w * grad_loss).to(ctx.dtypes[1])
+        unit = grad_loss.numel() == 1 and float(grad_loss) == 1.0  # the usual loss.backward()
+        h = None if grad_h is None else (grad_h if unit else grad_h * grad_loss).to(ctx.dtypes[0])
+        w = None if grad_w is None else (grad_w if unit else grad_w * grad_loss).to(ctx.dtypes[1])
         return h, w, None, None
 
 

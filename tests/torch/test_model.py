@@ -145,7 +145,8 @@ def test_fused_loss_equals_cross_entropy_of_logits(tied, autocast):
                 loss = torch.nn.functional.cross_entropy(
                     model(tokens).flatten(0, 1).float(), targets.flatten())
         loss.backward()
-        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        grads.append((float(loss.detach()),
+                      {n: p.grad.clone() for n, p in model.named_parameters()}))
         model.zero_grad(set_to_none=True)
     (plain_loss, plain), (fused_loss, fused) = grads
     tol = 2e-2 if autocast else 1e-5
