@@ -17,11 +17,11 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from estimator.errors import ConfigError, SetupError
+from estimator.executor.tokenizer import TokenizerLike as Tokenizer
 
 DEFAULT_CORPUS_MAX_BYTES = 4 * 1024 * 1024
 """Cap of the embedded corpus (bytes of source text): a few MB, seconds to tokenise."""
@@ -30,18 +30,6 @@ DEFAULT_CORPUS_NAME = "stdlib"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".json", ".jsonl")
 """File suffixes read when --data is a directory (others are skipped)."""
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__"})
-
-
-class Tokenizer(Protocol):
-    """What the data pipeline needs from a tokenizer (executor/tokenizer.py provides it)."""
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def eos_id(self) -> int: ...
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 def stdlib_corpus_files(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> list[Path]:

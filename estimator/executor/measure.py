@@ -102,14 +102,24 @@ def _accelerator_memory(name: str, backend: str) -> Callable:
     return getattr(torch.accelerator, name, None) or getattr(getattr(torch, backend), name)
 
 
+def _accelerator_peak_works(device: torch.device) -> bool:
+    """True if the backend keeps peak-allocation statistics (MPS, for one, may not)."""
+    try:
+        _accelerator_memory("reset_peak_memory_stats", device.type)(device)
+        _accelerator_memory("max_memory_allocated", device.type)(device)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 class PeakMemory:
     """Peak memory of one phase at a time: reset() at the start, peak_bytes() at the end."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        if device.type != "cpu":
+        if device.type != "cpu" and _accelerator_peak_works(device):
             self.method = "accelerator"
-        elif read_vmhwm_bytes() is not None and reset_vmhwm():
+        elif device.type == "cpu" and read_vmhwm_bytes() is not None and reset_vmhwm():
             self.method = "vmhwm"
         else:
             self.method = "rss_sampled"
