@@ -103,25 +103,29 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64,
 _LUT_CACHE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
-def _pair_lut(device: torch.device) -> torch.Tensor:
-    """[256, 2] fp32: byte b → (code[b >> 4], code[b & 15])."""
-    key = (str(device), torch.float32)
+def _pair_lut(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[256, 2] in ``dtype``: byte b → (code[b >> 4], code[b & 15])."""
+    key = (str(device), dtype)
     if key not in _LUT_CACHE:
         code = _codebook(device)
         byte = torch.arange(256, device=device)
-        _LUT_CACHE[key] = torch.stack((code[byte >> 4], code[byte & 15]), dim=1)
+        _LUT_CACHE[key] = torch.stack((code[byte >> 4], code[byte & 15]), dim=1).to(dtype)
     return _LUT_CACHE[key]
 
 
 def dequantize_nf4(nf4: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight back in ``dtype``: code[index] · block absmax, reshaped to the original shape."""
-    lut = _pair_lut(nf4.packed.device)
+    """The weight back in ``dtype``: code[index] · block absmax, reshaped to the original shape.
+
+    One gather from a 256-entry byte → pair table and one in-place scale, both directly in
+    ``dtype`` (for bf16/fp16 the code and absmax are rounded to ``dtype`` before the product:
+    at most one unit in the last place from the fp32 product, half the memory traffic)."""
+    lut = _pair_lut(nf4.packed.device, dtype)
     values = lut.index_select(0, nf4.packed.int()).view(-1, nf4.block_size)
-    values = values * nf4.block_absmax()[: values.shape[0], None]
+    values.mul_(nf4.block_absmax().to(dtype)[:, None])
     numel = 1
     for dim in nf4.shape:
         numel *= dim
-    return values.flatten()[:numel].view(nf4.shape).to(dtype)
+    return values.view(-1)[:numel].view(nf4.shape)
 
 
 class _NF4Linear(torch.autograd.Function):
