@@ -1,0 +1,276 @@
+"""The bundled executor vs Hugging Face transformers + PEFT (+ bitsandbytes NF4) on this machine.
+
+Same random checkpoint (saved once by transformers, loaded by both), same batch, sequence,
+method, optimizer (torch AdamW) and precision; every (implementation, config) runs in a fresh
+subprocess, one after the other, so peak RSS (VmHWM, reset through /proc/self/clear_refs after
+the model and optimizer are built) is per run. Prints, per config: tokens/s of each and the ratio,
+peak RSS of each and the ratio, model-FLOPs rate as a share of the GEMM peak measured in this run
+at the training shapes, and the first-step loss of each (equal weights ⇒ equal loss).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py            # all configs
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --only dense-lora-bf16 --steps 2
+
+Needs transformers and peft; QLoRA on the HF side needs bitsandbytes ≥ 0.48 (CPU backend).
+Model FLOPs per token (PaLM appendix B convention, no recompute counted):
+    full: 6·N_matmul + 12·L·H·C·T        LoRA/QLoRA: 4·N_matmul + 6·N_lora + 12·L·H·C·T
+N_matmul = weights of every matmul a token passes (active experts only, lm_head included,
+input embedding excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DENSE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
+         "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4}
+MOE = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1024,
+       "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
+       "num_local_experts": 8, "num_experts_per_tok": 2}
+ARCHS = {"dense": ("LlamaConfig", "LlamaForCausalLM", DENSE),
+         "moe": ("MixtralConfig", "MixtralForCausalLM", MOE)}
+LORA_RANK, LORA_ALPHA = 16, 32.0
+TARGETS = {"dense": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+           # transformers 5 stores Mixtral experts as fused 3-D tensors PEFT cannot wrap as
+           # linears: both sides adapt attention only, so the comparison stays like for like.
+           "moe": ("q_proj", "k_proj", "v_proj", "o_proj")}
+CONFIGS = [f"{a}-{m}-{p}" for a in ARCHS for m in ("full", "lora") for p in ("fp32", "bf16")]
+CONFIGS += [f"{a}-qlora-bf16" for a in ARCHS]
+
+
+# ---------------------------------------------------------------- worker (one fresh process)
+
+def vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def spec_for(arch: str):
+    from estimator.specs import ModelSpec, MoESpec
+
+    c = ARCHS[arch][2]
+    moe = None
+    if "num_local_experts" in c:
+        moe = MoESpec(num_experts=c["num_local_experts"],
+                      num_experts_per_token=c["num_experts_per_tok"],
+                      expert_intermediate_size=c["intermediate_size"])
+    return ModelSpec(name=f"bench-{arch}", num_layers=c["num_hidden_layers"],
+                     hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                     num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"],
+                     head_dim=c["hidden_size"] // c["num_attention_heads"],
+                     vocab_size=c["vocab_size"], moe=moe)
+
+
+def build_ours(ckpt: Path, arch: str, method: str, precision: str):
+    import torch
+
+    from estimator.executor.hf import load_hf_model
+    from estimator.executor.lora import apply_lora
+    from estimator.executor.nf4 import apply_nf4
+
+    bf16 = precision == "bf16"
+    storage = torch.bfloat16 if bf16 and method != "full" else torch.float32
+    _, model = load_hf_model(ckpt, dtype=storage, spec=spec_for(arch))
+    if method != "full":
+        apply_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=TARGETS[arch],
+                   adapter_dtype=torch.float32)
+    if method == "qlora":
+        apply_nf4(model, double_quant=True, compute_dtype=torch.bfloat16)
+
+    def loss_fn(tokens):  # the executor's fused lm_head + cross-entropy (no B·T·V logits)
+        return model.loss(tokens[:, :-1], tokens[:, 1:])
+
+    return model, loss_fn
+
+
+def build_hf(ckpt: Path, arch: str, method: str, precision: str):
+    import torch
+    import transformers
+
+    bf16 = precision == "bf16"
+    kwargs = {"dtype": torch.bfloat16 if bf16 and method != "full" else torch.float32,
+              "attn_implementation": "sdpa"}
+    if method == "qlora":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
+    if method != "full":
+        import peft
+
+        config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                 target_modules=list(TARGETS[arch]), task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)  # fp32 adapters on a 16-bit base (default)
+    model.train()
+
+    def loss_fn(tokens):  # the upcast + cross-entropy of HF's ForCausalLMLoss, on the same T
+        logits = model(input_ids=tokens[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                 tokens[:, 1:].flatten())
+
+    return model, loss_fn
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    arch, method, precision = args.config.split("-")
+    build = build_ours if args.impl == "ours" else build_hf
+    rss_start = vm_kib("VmRSS")
+    model, loss_fn = build(Path(args.ckpt), arch, method, precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, ARCHS[arch][2]["vocab_size"], (args.batch, args.seq + 1),
+                           generator=gen)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    rss_built = vm_kib("VmRSS")
+    reset_peak()
+    times, losses = [], []
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    # best timed step: robust to other processes on a shared machine (median also reported)
+    step_seconds = min(times[args.warmup:])
+    return {"tokens_per_second": args.batch * args.seq / step_seconds,
+            "step_seconds": step_seconds,
+            "median_step_seconds": statistics.median(times[args.warmup:]),
+            "peak_kib": vm_kib("VmHWM"),
+            "built_kib": rss_built, "start_kib": rss_start, "first_loss": losses[0],
+            "num_trainable": sum(p.numel() for p in params)}
+
+
+# ---------------------------------------------------------------- parent
+
+def save_checkpoints(root: Path) -> dict[str, Path]:
+    import torch
+    import transformers
+
+    paths = {}
+    for arch, (config_cls, model_cls, kwargs) in ARCHS.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(**kwargs, max_position_embeddings=4096)
+        getattr(transformers, model_cls)(config).save_pretrained(root / arch)
+        paths[arch] = root / arch
+    return paths
+
+
+def gemm_peak(shapes: list[tuple[int, int, int]], dtype) -> float:
+    """Best matmul FLOP/s over the training GEMM shapes (M×K @ K×N), median of 5 timings."""
+    import torch
+
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            runs.append(time.perf_counter() - t0)
+        best = max(best, 2 * m * k * n / statistics.median(runs))
+    return best
+
+
+def model_flops_per_token(arch: str, method: str, seq: int) -> float:
+    from estimator.analytic.params import count_params
+    from estimator.specs import TrainSetup
+
+    spec = spec_for(arch)
+    counts = count_params(spec, TrainSetup())
+    n_matmul = counts.active_per_token - counts.embedding - (
+        sum(counts.components[k] for k in ("norms",)))
+    attention = 12 * spec.num_layers * spec.num_heads * spec.head_dim * seq
+    if method == "full":
+        return 6 * n_matmul + attention
+    lora = sum(LORA_RANK * 2 * spec.hidden_size for _ in TARGETS[arch]) * spec.num_layers
+    return 4 * n_matmul + 6 * lora + attention
+
+
+def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dict | str:
+    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--config", config,
+           "--ckpt", str(ckpt), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(args: argparse.Namespace) -> None:
+    import torch
+
+    configs = args.only.split(",") if args.only else CONFIGS
+    n = args.batch * args.seq
+    shapes = {a: [(n, c["hidden_size"], c["intermediate_size"]),
+                  (n, c["hidden_size"], c["vocab_size"])] for a, (_, _, c) in ARCHS.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} × "
+          f"seq {args.seq}, {args.warmup} warm-up + {args.steps} timed steps (best step)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpts = save_checkpoints(Path(tmp))
+        peaks = {(a, p): gemm_peak(shapes[a], torch.bfloat16 if p == "bf16" else torch.float32)
+                 for a in ARCHS for p in ("fp32", "bf16")}
+        for (a, p), v in peaks.items():
+            print(f"GEMM peak {a} {p}: {v / 1e9:.0f} GFLOP/s (best of the training shapes)")
+        header = (f"{'config':<20}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>7}"
+                  f"{'ours MiB':>10}{'HF MiB':>9}{'mem':>6}{'ours %pk':>9}{'HF %pk':>8}"
+                  f"{'loss ours/HF':>16}")
+        print(header)
+        for config in configs:
+            arch, method, precision = config.split("-")
+            ours = run_one("ours", config, ckpts[arch], args)
+            hf = run_one("hf", config, ckpts[arch], args)
+            print(format_row(config, ours, hf, peaks[(arch, precision)],
+                             model_flops_per_token(arch, method, args.seq)), flush=True)
+
+
+def format_row(config: str, ours, hf, peak: float, flops_per_token: float) -> str:
+    if isinstance(ours, str) or isinstance(hf, str):
+        return f"{config:<20} ours: {ours if isinstance(ours, str) else 'ok'} | HF: " \
+               f"{hf if isinstance(hf, str) else 'ok'}"
+    share = [r["tokens_per_second"] * flops_per_token / peak * 100 for r in (ours, hf)]
+    return (f"{config:<20}{ours['tokens_per_second']:>11.0f}{hf['tokens_per_second']:>10.0f}"
+            f"{ours['tokens_per_second'] / hf['tokens_per_second']:>6.2f}×"
+            f"{ours['peak_kib'] / 1024:>10.0f}{hf['peak_kib'] / 1024:>9.0f}"
+            f"{ours['peak_kib'] / hf['peak_kib']:>5.2f}×{share[0]:>8.0f}%{share[1]:>7.0f}%"
+            f"{ours['first_loss']:>9.3f}/{hf['first_loss']:.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated configs: " + ",".join(CONFIGS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.worker:
+        print(json.dumps(worker(cli)))
+    else:
+        main(cli)
