@@ -209,6 +209,23 @@ def model_flops_per_token(arch: str, method: str, seq: int) -> float:
     return 4 * n_matmul + 6 * lora + attention
 
 
+def predicted_peak_bytes(arch: str, method: str, precision: str,
+                         args: argparse.Namespace) -> int | None:
+    """The analytic model's peak for the same run (estimator.estimate on the local device)."""
+    from estimator import estimate
+    from estimator.specs import TrainSetup
+
+    bits = {"full": 32, "lora": 16 if precision == "bf16" else 32, "qlora": 4}[method]
+    setup = TrainSetup(method=method, weight_bits=bits, compute_dtype=precision,
+                       mixed_precision=precision == "bf16", optimizer="adamw",
+                       lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=TARGETS[arch],
+                       batch_size=args.batch, seq_len=args.seq)
+    try:
+        return estimate(spec_for(arch), setup, device="local").memory.total_bytes
+    except Exception:  # the benchmark reports what it can; the estimate is advisory here
+        return None
+
+
 def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dict | str:
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--config", config,
            "--ckpt", str(ckpt), "--batch", str(args.batch), "--seq", str(args.seq),
@@ -236,14 +253,22 @@ def main(args: argparse.Namespace) -> None:
             print(f"GEMM peak {a} {p}: {v / 1e9:.0f} GFLOP/s (best of the training shapes)")
         header = (f"{'config':<20}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>7}"
                   f"{'ours MiB':>10}{'HF MiB':>9}{'mem':>6}{'ours %pk':>9}{'HF %pk':>8}"
-                  f"{'loss ours/HF':>16}")
+                  f"{'loss ours/HF':>16}{'pred MiB':>10}")
         print(header)
+        results = []
         for config in configs:
             arch, method, precision = config.split("-")
             ours = run_one("ours", config, ckpts[arch], args)
             hf = run_one("hf", config, ckpts[arch], args)
-            print(format_row(config, ours, hf, peaks[(arch, precision)],
-                             model_flops_per_token(arch, method, args.seq)), flush=True)
+            predicted = predicted_peak_bytes(arch, method, precision, args)
+            row = format_row(config, ours, hf, peaks[(arch, precision)],
+                             model_flops_per_token(arch, method, args.seq))
+            print(row + (f"{predicted / 2**20:>10.0f}" if predicted else "         -"),
+                  flush=True)
+            results.append({"config": config, "ours": ours, "hf": hf,
+                            "predicted_peak_bytes": predicted})
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 def format_row(config: str, ours, hf, peak: float, flops_per_token: float) -> str:
@@ -265,6 +290,7 @@ if __name__ == "__main__":
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", default="", help="also write every measurement to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ours", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
