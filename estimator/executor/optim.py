@@ -123,7 +123,8 @@ def build_optimizer(params: list[torch.nn.Parameter], setup: TrainSetup, *, lr: 
         raise SetupError("the setup leaves no trainable parameters")
     name = setup.optimizer
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                                 eps=adam_eps(params[0].dtype))
     if name == "adamw8bit":
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -136,6 +137,12 @@ def build_optimizer(params: list[torch.nn.Parameter], setup: TrainSetup, *, lr: 
         f"the executor has no {name} optimizer; use --optimizer adamw, adamw8bit, sgd "
         "or sgd_momentum"
     )
+
+
+def adam_eps(dtype: torch.dtype) -> float:
+    """Adam's ε for states kept in `dtype`: 1e-8, except 1e-4 for fp16. 1e-8 underflows to 0 in
+    fp16, and an element with zero gradient history then updates by 0/0 = NaN."""
+    return 1e-4 if dtype == torch.float16 else 1e-8
 
 
 def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int,

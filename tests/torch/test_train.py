@@ -234,3 +234,12 @@ def test_trains_from_a_hugging_face_directory_and_writes_a_peft_adapter(text_fil
     assert config["base_model_name_or_path"] == str(hf_dir) and config["r"] == 4
     keys = load_file(adapter / "adapter_model.safetensors").keys()
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+
+
+def test_pure_fp16_adamw_stays_finite(text_file, tmp_path):
+    # with ε = 1e-8 (0 in fp16), an adapter element with no gradient yet updates by 0/0 = NaN
+    setup = _setup(method="qlora", weight_bits=4, compute_dtype="fp16", mixed_precision=False)
+    report = train(TINY, setup, max_steps=4, output_dir=tmp_path, data=text_file, lr=3e-3,
+                   predict=False)
+    assert report.stop_reason == "max_steps", report.message
+    assert report.losses[-1] < report.losses[0]
