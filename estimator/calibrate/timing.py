@@ -84,3 +84,45 @@ def time_call(
         num_samples=len(samples),
         num_calls=inner,
     )
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Wall clock, busy CPU seconds of the whole machine and of this process."""
+
+    wall_seconds: float
+    machine_busy_seconds: float
+    own_seconds: float
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """Snapshot for `others_busy_fraction` (psutil; ~50 µs)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    own = psutil.Process().cpu_times()
+    return CpuSnapshot(time.perf_counter(), busy, own.user + own.system)
+
+
+def others_busy_fraction(start: CpuSnapshot, end: CpuSnapshot) -> float:
+    """Share of all CPUs used by OTHER processes between two snapshots (0…1): how much a
+    measurement was disturbed. On a 2-core machine one busy neighbour is 0.5."""
+    import psutil
+
+    wall = max(end.wall_seconds - start.wall_seconds, 1e-9)
+    others = (end.machine_busy_seconds - start.machine_busy_seconds) - (
+        end.own_seconds - start.own_seconds)
+    return min(1.0, max(0.0, others / (wall * (psutil.cpu_count() or 1))))
+
+
+def wait_until_idle(max_wait_seconds: float, busy_fraction: float = 0.15) -> float:
+    """Sleep in 0.25 s steps (up to max_wait_seconds) while other processes keep more than
+    busy_fraction of the CPUs busy; returns the last measured fraction."""
+    deadline = time.perf_counter() + max_wait_seconds
+    while True:
+        start = cpu_snapshot()
+        time.sleep(0.25)
+        fraction = others_busy_fraction(start, cpu_snapshot())
+        if fraction <= busy_fraction or time.perf_counter() >= deadline:
+            return fraction

@@ -89,12 +89,14 @@ def calibration_progress(console: Console) -> Iterator[Callable[[int, int, str],
 
 def _rate(op_class: str, rate: float) -> str:
     """GFLOP/s for compute classes, GB/s for memory-bound ones (3 significant digits)."""
-    unit = "GFLOP/s" if op_class.split(".")[0] in FLOPS_CLASSES else "GB/s"
-    return f"{rate / 1e9:,.3g} {unit}"
+    unit = "GF/s" if op_class.split(".")[0] in FLOPS_CLASSES else "GB/s"
+    value = rate / 1e9
+    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
 
 
 def _micro(seconds: float) -> str:
-    return f"{seconds * 1e6:,.3g} µs"
+    micro = seconds * 1e6
+    return f"{micro:,.0f} µs" if micro >= 100 else f"{micro:.3g} µs"
 
 
 def render_profile(profile: CalibrationProfile, console: Console,
@@ -113,6 +115,9 @@ def render_profile(profile: CalibrationProfile, console: Console,
         share = "–"
         if device is not None:
             peak = _peak(device, name)
+            if peak and device.kind == "cpu" and device.num_cores and name.split(".")[0] in (
+                    FLOPS_CLASSES):
+                peak *= min(1.0, profile.num_threads / device.num_cores)  # peak of the threads
             if peak:
                 share = f"{curve.rates[-1] / peak:.0%}"
         table.add_row(name, _micro(curve.overhead_seconds), _rate(name, curve.rates[0]),
@@ -136,7 +141,11 @@ def render_calibration(result: CalibrationResult, console: Console,
                        device: Device | None = None) -> None:
     """Profile table, where it was stored, what was skipped, and how long it took."""
     render_profile(result.profile, console, device)
-    if result.busy_percent > 25:
+    if result.num_disturbed:
+        console.print(f"[yellow]warning:[/] other programs kept > 20% of the CPUs busy during "
+                      f"{result.num_disturbed} of {len(result.measurements)} measurements (after "
+                      "retries); those rates are low — rerun `nvfree calibrate` on an idle machine")
+    elif result.busy_percent > 25:
         console.print(f"[yellow]warning:[/] the CPUs were {result.busy_percent:.0f}% busy before "
                       "measuring; other programs depress these numbers — rerun on an idle machine")
     for label, reason in result.skipped:
