@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -94,41 +95,44 @@ def _split_fused_experts(name: str, tensor: torch.Tensor) -> dict[str, torch.Ten
     return {f"{prefix}{e}.down_proj.weight": d for e, d in enumerate(tensor)}
 
 
-def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint under our names, cast to ``dtype``."""
+def iter_checkpoint(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor in ``dtype``) for every tensor of the checkpoint, one at a time, so
+    loading never holds a second copy of the model."""
     from safetensors import safe_open
 
-    state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 — safe_open is not a dict
                 name = our_param_name(key)
                 tensor = f.get_tensor(key).to(dtype)
                 if re.search(r"experts\.(gate_up_proj|down_proj)$", name):
-                    state.update(_split_fused_experts(name, tensor))
+                    yield from _split_fused_experts(name, tensor).items()
                 else:
-                    state[name] = tensor
-    return state
+                    yield name, tensor
 
 
-def load_state(model: Transformer, state: dict[str, torch.Tensor], path: Path) -> None:
+def load_state(model: Transformer, path: Path, dtype: torch.dtype) -> None:
     """Copy the checkpoint tensors into the model; ConfigError on missing/extra/mis-shaped ones."""
     params = dict(model.named_parameters(remove_duplicate=False))
     if model.args.tied_embeddings:
-        state.pop("lm_head.weight", None)
         params.pop("lm_head.weight")
-    missing = sorted(set(params) - set(state))
-    extra = sorted(set(state) - set(params))
+    seen, extra = set(), []
+    with torch.no_grad():
+        for name, tensor in iter_checkpoint(path, dtype):
+            if name not in params:
+                if not (name == "lm_head.weight" and model.args.tied_embeddings):
+                    extra.append(name)
+                continue
+            if params[name].shape != tensor.shape:
+                raise ConfigError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                                  f"the config implies {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            seen.add(name)
+    missing = sorted(set(params) - seen)
     if missing or extra:
         raise ConfigError(f"{path}: checkpoint does not match the config: missing {missing[:3]}"
-                          f"{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+                          f"{'…' if len(missing) > 3 else ''}, unexpected {sorted(extra)[:3]}"
                           f"{'…' if len(extra) > 3 else ''}")
-    with torch.no_grad():
-        for name, param in params.items():
-            if param.shape != state[name].shape:
-                raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
-                                  f"the config implies {tuple(param.shape)}")
-            param.copy_(state[name])
 
 
 def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -149,5 +153,5 @@ def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
 
         spec = load_model(str(path))
     model = build_model(spec, dtype=dtype, device=device, init=False, **build_kwargs(config))
-    load_state(model, read_state_dict(path, dtype), path)
+    load_state(model, path, dtype)
     return spec, model
