@@ -177,20 +177,19 @@ def save_checkpoints(root: Path) -> dict[str, Path]:
 
 
 def gemm_peak(shapes: list[tuple[int, int, int]], dtype) -> float:
-    """Best matmul FLOP/s over the training GEMM shapes (M×K @ K×N), median of 5 timings."""
+    """Best matmul FLOP/s over the training GEMM shapes (M×K @ K×N): fastest of 10 timings per
+    shape after 3 warm-ups, so a busy moment on a shared machine does not lower the peak."""
     import torch
 
     best = 0.0
     for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        for _ in range(2):
+        for _ in range(3):
             a @ b
-        runs = []
-        for _ in range(5):
+        for _ in range(10):
             t0 = time.perf_counter()
             a @ b
-            runs.append(time.perf_counter() - t0)
-        best = max(best, 2 * m * k * n / statistics.median(runs))
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
     return best
 
 
