@@ -346,6 +346,9 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
                          "--bits 4 (QLoRA)")
     if setup.attention != "sdpa":
         raise SetupError("the executor runs SDPA attention only; use --attention sdpa")
+    if model_spec.position == "learned" and setup.seq_len > model_spec.max_seq_len:
+        raise SetupError(f"--seq-len {setup.seq_len} exceeds the {model_spec.max_seq_len} "
+                         "learned positions of the model")
     device = resolve_device(config.device)
     tokenizer = _load_tokenizer(config.model_path)
     dataset = load_dataset(config.data, tokenizer, setup.seq_len, text_field=config.text_field)
