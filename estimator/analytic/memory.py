@@ -22,7 +22,7 @@ ADAM8BIT_BLOCK = 256
 8-bit Optimizers via Block-wise Quantization)."""
 
 RUNTIME_OVERHEAD_BYTES = {
-    "cpu": 420 * 1024**2,
+    "cpu": 248 * 1024**2,
     "cuda": 650 * 1000**2,
     "rocm": 650 * 1000**2,
     "xpu": 650 * 1000**2,
