@@ -153,3 +153,51 @@ def test_fused_loss_equals_cross_entropy_of_logits(tied, autocast):
     assert fused_loss == pytest.approx(plain_loss, rel=1e-3 if autocast else 1e-6)
     for name, g in plain.items():
         torch.testing.assert_close(fused[name], g, atol=tol * float(g.abs().max()), rtol=tol)
+
+
+def _accelerator():
+    acc = getattr(torch, "accelerator", None)
+    device = acc.current_accelerator() if acc is not None and acc.is_available() else None
+    if device is None:
+        pytest.skip("no accelerator (cuda/rocm/xpu/mps)")
+    return device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama-gqa", "deepseek-moe-shared-dense-first"])
+def test_accelerator_matches_cpu_with_lora_nf4_checkpointing(name):
+    from estimator.executor.nf4 import apply_nf4
+
+    device = _accelerator()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    cpu = build_model(spec(**SPECS[name]))
+    acc = build_model(spec(**SPECS[name]), device=device)
+    acc.load_state_dict(cpu.state_dict())
+    for m in (cpu, acc):
+        apply_lora(m, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for n, p in cpu.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    acc.load_state_dict(cpu.state_dict())  # same adapters (the devices' RNGs differ)
+    for m in (cpu, acc):
+        apply_checkpointing(apply_nf4(m))
+    for key, value in cpu.state_dict().items():  # same NF4 codes on both devices
+        if key.endswith("weight_packed"):
+            assert torch.equal(acc.state_dict()[key].cpu(), value), key
+    q_cpu, q_acc = cpu.layers[0].self_attn.q_proj, acc.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q_acc.dequantized_weight().cpu(), q_cpu.dequantized_weight())
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 16))
+    for m, t in ((cpu, tokens), (acc, tokens.to(device))):
+        m.loss(t[:, :-1], t[:, 1:]).backward()
+    assert acc.layers[0].self_attn.q_proj.weight_packed.device.type == device.type
+    for (n, p_cpu), p_acc in zip(cpu.named_parameters(), acc.parameters(), strict=True):
+        if p_cpu.grad is not None:
+            torch.testing.assert_close(p_acc.grad.cpu(), p_cpu.grad, atol=1e-4, rtol=1e-3,
+                                       msg=n)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = acc.loss(tokens[:, :-1].to(device), tokens[:, 1:].to(device))
+    loss.backward()
+    assert torch.isfinite(loss)
