@@ -383,6 +383,8 @@ def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N
     """mean over non-ignored rows of CE(h·Wᵀ, targets), chunked; see _LinearCrossEntropy.
     Default chunk: 2^25 fp32 logits (128 MiB), at least 64 rows."""
     chunk_rows = chunk_rows or max(64, 2**25 // w_VD.shape[0])
+    if not torch.is_grad_enabled():  # evaluation: no gradients formed in the forward pass
+        h_ND, w_VD = h_ND.detach(), w_VD.detach()
     return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, chunk_rows)
 
 
