@@ -26,6 +26,9 @@ from torch import nn
 from estimator.errors import SetupError
 from estimator.specs.model import ModelSpec
 
+SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+"""torch ≥ 2.5: SDPA takes K < H key/value heads itself (the CPU flash kernel does, no copy)."""
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -175,7 +178,10 @@ class Attention(nn.Module):
         q_BHTC, k_BKTC = q_BTHC.transpose(1, 2), k_BTKC.transpose(1, 2)
         if rope is not None:
             q_BHTC, k_BKTC = apply_rope(q_BHTC, *rope), apply_rope(k_BKTC, *rope)
-        if self.num_kv_heads != self.num_heads:  # repeat_kv: SDPA's CPU flash path wants H == K
+        gqa = {}
+        if self.num_kv_heads != self.num_heads and SDPA_HAS_GQA:  # no K→H copy (torch ≥ 2.5)
+            gqa = {"enable_gqa": True}
+        elif self.num_kv_heads != self.num_heads:  # repeat_kv
             rep = self.num_heads // self.num_kv_heads
             k_BKTC = k_BKTC.repeat_interleave(rep, dim=1)
             v_BKTC = v_BKTC.repeat_interleave(rep, dim=1)
@@ -185,7 +191,7 @@ class Attention(nn.Module):
             j_1T = torch.arange(T, device=x_BTD.device)[None, :]
             mask_TT = (j_1T <= i_T1) & (i_T1 - j_1T < self.sliding_window)
         y_BHTC = F.scaled_dot_product_attention(
-            q_BHTC, k_BKTC, v_BKTC, attn_mask=mask_TT, is_causal=mask_TT is None
+            q_BHTC, k_BKTC, v_BKTC, attn_mask=mask_TT, is_causal=mask_TT is None, **gqa
         )
         return self.o_proj(y_BHTC.transpose(1, 2).reshape(B, T, -1))
 
