@@ -73,6 +73,10 @@ def measure_layer_undisturbed(spec: ModelSpec, batch: int, seq: int, dtype: str,
     return best
 
 
+CLOCK = time.perf_counter
+"""Clock of the layer timings; --cpu-clock switches to time.process_time (1 thread only)."""
+
+
 def measure_layer(spec: ModelSpec, batch: int, seq: int, dtype: str, reps: int) -> list[float]:
     """Seconds of forward + backward of the block, one value per timed rep."""
     model = build_model(spec)
@@ -86,12 +90,12 @@ def measure_layer(spec: ModelSpec, batch: int, seq: int, dtype: str, reps: int) 
     for i in range(reps + 1):
         block.zero_grad(set_to_none=True)
         x.grad = None
-        start = time.perf_counter()
+        start = CLOCK()
         with autocast:
             y = block(x, rope)
         y.float().backward(grad)
         if i > 0:  # the first step is the warm-up
-            times.append(time.perf_counter() - start)
+            times.append(CLOCK() - start)
     return times
 
 
@@ -145,7 +149,8 @@ def predict_layer(spec: ModelSpec, batch: int, seq: int, dtype: str,
     return sum(t.seconds for t in times), times
 
 
-def load_or_calibrate(mode: str | None) -> CalibrationProfile:
+def load_or_calibrate(mode: str | None, patience: float | None,
+                      cpu_clock: bool = False) -> CalibrationProfile:
     if mode is None:
         try:
             profile = find_profile(detect())
@@ -156,7 +161,12 @@ def load_or_calibrate(mode: str | None) -> CalibrationProfile:
             return profile
         mode = "full"
     print(f"calibrating ({mode}) …", file=sys.stderr)
-    return calibrate("cpu", mode).profile  # type: ignore[arg-type]
+    result = calibrate("cpu", mode, patience_seconds=None if cpu_clock else patience,  # type: ignore[arg-type]
+                       cpu_clock=cpu_clock)
+    print(f"calibrated in {result.wall_seconds:.0f} s; {result.num_disturbed} of "
+          f"{len(result.measurements)} measurements disturbed by other processes",
+          file=sys.stderr)
+    return result.profile
 
 
 def main() -> None:
@@ -168,12 +178,20 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="profile and compare op families")
     parser.add_argument("--wait-quiet", type=float, default=0.0,
                         help="wait up to this many seconds for idle CPUs before each timing")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="one thread, timed in process CPU time (calibration too): immune to "
+                             "other processes sharing the cores")
     args = parser.parse_args()
+    if args.cpu_clock:
+        global CLOCK
+        if os.environ.get("OMP_NUM_THREADS") != "1":
+            sys.exit("--cpu-clock needs OMP_NUM_THREADS=1")
+        CLOCK = time.process_time
     torch.manual_seed(0)
     torch.set_num_threads(training_threads(detect()))
     if args.wait_quiet:
         wait_until_idle(args.wait_quiet)
-    profile = load_or_calibrate(args.calibrate)
+    profile = load_or_calibrate(args.calibrate, args.wait_quiet * 10 or None, args.cpu_clock)
     print(f"profile {profile.profile_id} ({'quick' if profile.quick else 'full'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")
@@ -187,8 +205,8 @@ def main() -> None:
     for name in names:
         spec, batch, seq = layer_spec(name, LAYERS[name])
         for dtype in args.dtypes.split(","):
-            times, disturbed = measure_layer_undisturbed(spec, batch, seq, dtype, args.reps,
-                                                         args.wait_quiet)
+            times, disturbed = measure_layer_undisturbed(
+                spec, batch, seq, dtype, args.reps, 0.0 if args.cpu_clock else args.wait_quiet)
             times = sorted(times)
             measured = statistics.median(times)
             lo, hi = times[round(0.2 * (len(times) - 1))], times[round(0.8 * (len(times) - 1))]
@@ -200,7 +218,8 @@ def main() -> None:
             raw_errors.append(abs(raw))
             print(f"{name:22s} {dtype:5s} {batch * seq:6d} {measured * 1e3:12.1f} "
                   f"{lo * 1e3:7.1f}–{hi * 1e3:<7.1f} {predicted * 1e3:13.1f} {err:+7.1%} "
-                  f"{uncalibrated * 1e3:12.1f} {raw:+7.1%} {disturbed:9.0%}")
+                  f"{uncalibrated * 1e3:12.1f} {raw:+7.1%} "
+                  + ("        –" if args.cpu_clock else f"{disturbed:9.0%}"))
             if args.breakdown:
                 predicted_family: dict[str, float] = {}
                 for t in breakdown:

@@ -12,6 +12,7 @@ Work accounting (what each op class's `work` counts — the throughput model mus
   residual add (read 2, write 1), in fp32 and bf16.
 - norm: nominal bytes of RMSNorm forward (read x, write y, in x's dtype) — the executor's
   composition in fp32 (7 small kernels), hence its own class with its own overhead.
+- alloc: bytes of a freshly allocated tensor written once (allocation + first-touch faults).
 - optimizer: torch.optim.AdamW step, 28 B per fp32 parameter (read p, g, m, v = 16 B; write p, m,
   v = 12 B); overhead_seconds is per parameter tensor.
 - dequant.nf4: bytes of the 16-bit output of NF4 dequantisation (2 B per weight).
@@ -175,6 +176,21 @@ def memory_cases(sizes: list[int]) -> list[Case]:
         cases.append(Case("memory", f"copy {n * 4} B", 8.0 * n, copy, tiny=tiny))
         if not tiny:
             cases.append(Case("memory", f"triad {n * 4} B", 12.0 * n, triad))
+    return cases
+
+
+def alloc_cases(sizes: list[int]) -> list[Case]:
+    """A freshly allocated fp32 tensor of n elements written once (torch.empty + fill_): what
+    a new gradient or activation costs. Above glibc's mmap threshold (≤ 32 MiB) every such
+    tensor comes fresh from the kernel and its first touch page-faults (~3 GB/s here vs
+    ~25 GB/s for a copy into existing memory)."""
+    cases = []
+    for n in sizes:
+
+        def build(device: str, n=n) -> Callable[[], object]:
+            return lambda: torch.empty(n, device=device).fill_(1.0)
+
+        cases.append(Case("alloc", f"alloc+fill {n * 4} B", 4.0 * n, build, tiny=n <= 64))
     return cases
 
 

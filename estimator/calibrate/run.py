@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +37,7 @@ from estimator.specs.machine import MachineInfo
 Mode = Literal["full", "quick", "tiny"]
 Progress = Callable[[int, int, str], None]
 
-BYTES_CLASSES = ("memory", "elementwise", "norm", "optimizer", "dequant.nf4")
+BYTES_CLASSES = ("memory", "alloc", "elementwise", "norm", "optimizer", "dequant.nf4")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class ModeSettings:
     """Total time the run may wait for other processes to go idle before retrying (seconds)."""
     retry_until_seconds: float = 0.0
     """No retries once the run has taken this long, so load cannot blow the time budget."""
+    wait_first: bool = False
+    """Wait for idle CPUs before the first timing of every case too (patient mode)."""
+    cpu_clock: bool = False
+    """Time samples with process CPU time instead of wall time (single-threaded CPU only)."""
 
 
 DISTURBED_FRACTION = 0.2
@@ -93,6 +97,11 @@ MEMORY_SIZES = {  # fp32 elements; 2**26 = 256 MiB per array
     "full": [16, 2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26],
     "quick": [16, 2**14, 2**18, 2**22, 2**24],
     "tiny": [16, 1024, 16384],
+}
+ALLOC_SIZES = {  # fp32 elements: 16 (overhead probe) … 256 MiB
+    "full": [16, 2**16, 2**20, 2**23, 2**26],
+    "quick": [16, 2**20, 2**24],
+    "tiny": [16, 4096],
 }
 ELEMENTWISE_SHAPES = {
     "full": [(1, 16), (64, 256), (256, 1024), (1024, 2048), (2048, 4096)],
@@ -186,6 +195,7 @@ def plan(mode: Mode, device: str) -> list[Case]:
         cases += benches.lora_cases(dtype, LORA_SHAPES[sizes])
         cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])
     cases += benches.memory_cases(MEMORY_SIZES[mode])
+    cases += benches.alloc_cases(ALLOC_SIZES[mode])
     cases += benches.elementwise_cases(ELEMENTWISE_SHAPES[mode], ["fp32", "bf16"])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode])
     cases += benches.dequant_cases(DEQUANT_SIZES[mode])
@@ -206,7 +216,7 @@ def _measure(case: Case, device: str, settings: ModeSettings, wait_left: float,
     best: Measurement | None = None
     waited = 0.0
     for attempt in range(retries + 1):
-        if attempt:
+        if attempt or settings.wait_first:
             start_wait = time.perf_counter()
             wait_until_idle(max(0.0, wait_left - waited))
             waited += time.perf_counter() - start_wait
@@ -215,8 +225,9 @@ def _measure(case: Case, device: str, settings: ModeSettings, wait_left: float,
             fn, device=device, warmup_seconds=settings.warmup_seconds,
             min_run_seconds=settings.min_run_seconds, min_samples=settings.min_samples,
             max_samples=settings.max_samples,
+            clock=time.process_time if settings.cpu_clock else time.perf_counter,
         )
-        disturbed = others_busy_fraction(before, cpu_snapshot())
+        disturbed = 0.0 if settings.cpu_clock else others_busy_fraction(before, cpu_snapshot())
         current = Measurement(case.op_class, case.label, case.work, timing, case.tiny, disturbed)
         if best is None or disturbed < best.disturbed_fraction:
             best = current
@@ -316,19 +327,35 @@ def calibrate(
     progress: Progress | None = None,
     save: bool = True,
     machine: MachineInfo | None = None,
+    patience_seconds: float | None = None,
+    cpu_clock: bool = False,
 ) -> CalibrationResult:
-    """Measure, fit and (by default) store a CalibrationProfile for `device`."""
+    """Measure, fit and (by default) store a CalibrationProfile for `device`.
+
+    patience_seconds: on a shared machine, wait up to this long in total for other processes
+    to go idle before (re-)timing disturbed cases (up to 5 tries each) instead of the mode's
+    bounded retries — slower, but the profile describes the machine, not its neighbours.
+    cpu_clock: time with process CPU time, immune to time-sharing with other processes; only
+    valid for a single-threaded CPU run (OMP_NUM_THREADS=1), NvfreeError otherwise."""
     start = time.perf_counter()
     busy = psutil.cpu_percent(interval=0.2)
     tdev = torch_device(device)
     backend = profile_backend(tdev)
     machine = machine or detect(probe_torch=tdev != "cpu")
     threads = training_threads(machine)
+    if cpu_clock and (tdev != "cpu" or threads != 1):
+        raise NvfreeError("CPU-time timing needs a single-threaded CPU run: OMP_NUM_THREADS=1")
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.enable_grad():  # attention backward needs autograd
-            measured, skipped = run_cases(plan(mode, tdev), tdev, SETTINGS[mode], progress)
+            settings = SETTINGS[mode]
+            if cpu_clock:
+                settings = replace(settings, cpu_clock=True, max_retries=0)
+            if patience_seconds is not None:
+                settings = replace(settings, max_retries=5, max_wait_seconds=patience_seconds,
+                                   retry_until_seconds=float("inf"), wait_first=True)
+            measured, skipped = run_cases(plan(mode, tdev), tdev, settings, progress)
     finally:
         torch.set_num_threads(old_threads)
     profile = CalibrationProfile(

@@ -132,7 +132,7 @@ def _peak(device: Device, op_class: str) -> float | None:
     family, _, dtype = op_class.partition(".")
     if family in FLOPS_CLASSES:
         return device.peak_for(dtype)
-    if family in ("memory", "elementwise", "norm", "optimizer", "dequant"):
+    if family in ("memory", "alloc", "elementwise", "norm", "optimizer", "dequant"):
         return device.memory_bandwidth_bytes_per_second
     return None
 
