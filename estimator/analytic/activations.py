@@ -129,11 +129,12 @@ def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool) -
 
 
 def head_saved_bytes(model: ModelSpec, setup: TrainSetup) -> int:
-    """Final norm and the lm_head input (full training, or a LoRA run that trains nothing
-    there saves only the norm)."""
+    """Final norm, and the lm_head input when lm_head trains and the loss is not fused (the
+    fused loss keeps gradients instead: counted in memory.logits_bytes)."""
     c, _ = elem_bytes(setup)
     tokens = setup.batch_size * setup.seq_len
-    head_input = tokens * model.hidden_size * c if setup.method == "full" else 0
+    head_input = tokens * model.hidden_size * c if (
+        setup.method == "full" and not setup.fused_loss) else 0
     return norm_saved_bytes(model, setup, tokens) + head_input
 
 

@@ -2,8 +2,8 @@
 
 Each candidate is a changed TrainSetup (or a device count) re-estimated with the same memory
 model; single changes first, then the cheapest combination that fits, found greedily in the
-order a practitioner would try them (checkpointing, smaller micro-batch with more accumulation,
-8-bit optimizer, LoRA, QLoRA)."""
+order a practitioner would try them (fused chunked loss, checkpointing, smaller micro-batch with
+more accumulation, 8-bit optimizer, LoRA, QLoRA)."""
 
 from collections.abc import Callable
 
@@ -23,6 +23,8 @@ def candidate_changes(setup: TrainSetup) -> list[tuple[str, dict]]:
                 out.append((f"--bits {bits}", {"weight_bits": bits}))
         return out
     changes: list[tuple[str, dict]] = []
+    if not setup.fused_loss:
+        changes.append(("--fused-loss", {"fused_loss": True}))
     if not setup.checkpointing:
         changes.append(("--checkpointing", {"checkpointing": True}))
     if setup.batch_size > 1:

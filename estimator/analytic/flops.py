@@ -140,8 +140,9 @@ def head_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     ops = linear_ops(head, 1, tokens, setup, trainable=setup.method == "full", phase_mult=1,
                      group="lm_head")
     c = dtype_bytes(setup.compute_dtype)
-    loss_bytes = tokens * model.vocab_size * (c + 6 * FP32_BYTES)
-    return [*ops, Op("cross_entropy", "elementwise", 0, loss_bytes, 6)]
+    passes = 4 if setup.fused_loss else 6  # fused: upcast, exp, scale, downcast in one chunk
+    loss_bytes = tokens * model.vocab_size * (c + passes * FP32_BYTES)
+    return [*ops, Op("cross_entropy", "elementwise", 0, loss_bytes, passes)]
 
 
 def dequant_ops(model: ModelSpec, setup: TrainSetup, quantized_params: int) -> list[Op]:

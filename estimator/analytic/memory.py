@@ -177,15 +177,35 @@ def largest_trainable_tensor(model: ModelSpec, setup: TrainSetup, params: ParamC
     return setup.lora_rank * widest
 
 
+FUSED_LOSS_CHUNK_ELEMENTS = 2**25
+"""Fused loss chunk: 2^25 fp32 logits (128 MiB), at least 64 rows (executor/model.py)."""
+
+
+def fused_loss_chunk_rows(model: ModelSpec, setup: TrainSetup) -> int:
+    """Rows of one fused-loss chunk: max(64, 2^25 // V), at most the b·s rows there are."""
+    rows = max(64, FUSED_LOSS_CHUNK_ELEMENTS // model.vocab_size)
+    return min(rows, setup.batch_size * setup.seq_len)
+
+
 def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
-    """Logits and cross-entropy buffers at the start of backward, b·s·V·(c + 12) bytes:
-    the lm_head output (c), log_softmax's saved fp32 output (4), its incoming gradient (4)
-    and the fp32 gradient w.r.t. the logits (4) (fp32 compute: no separate upcast, 16 B).
+    """Logits and cross-entropy buffers at their peak.
+
+    Full logits (`fused_loss=False`), at the start of backward: b·s·V·(c + 12) — the lm_head
+    output (c), log_softmax's saved fp32 output (4), its incoming gradient (4) and the fp32
+    gradient of the logits (4); fp32 compute has no separate upcast (16 B).
+    Fused chunked loss: one chunk's c-byte GEMM output, its fp32 softmax and the c-byte
+    gradient, C·V·(4 + 2c), plus what the forward keeps for backward: ∂L/∂h (b·s·h·c) and,
+    when lm_head trains, ∂L/∂W in fp32 (V·h·4) (Hsu et al. 2024, Liger-Kernel).
     Inference keeps only the last position's fp32 logits: b·V·4."""
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
     c = dtype_bytes(setup.compute_dtype)
-    return setup.batch_size * setup.seq_len * model.vocab_size * (c + 12)
+    tokens = setup.batch_size * setup.seq_len
+    if not setup.fused_loss:
+        return tokens * model.vocab_size * (c + 12)
+    chunk = fused_loss_chunk_rows(model, setup) * model.vocab_size * (FP32_BYTES + 2 * c)
+    grad_w = model.vocab_size * model.hidden_size * FP32_BYTES if setup.method == "full" else 0
+    return chunk + tokens * model.hidden_size * c + grad_w
 
 
 def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:

@@ -13,6 +13,7 @@ from estimator.cli.options import (
     DeviceOpt,
     DoubleQuantOpt,
     DtypeOpt,
+    FusedLossOpt,
     JsonOpt,
     LoraAlphaOpt,
     LoraRankOpt,
@@ -35,6 +36,7 @@ def estimate(
     seq_len: SeqOpt = 2048, grad_accum: AccumOpt = 1, checkpointing: CkptOpt = False,
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
+    fused_loss: FusedLossOpt = True,
     device: DeviceOpt = "local", tokens: TokensOpt = None, json: JsonOpt = False,
     use_profile: bool = typer.Option(True, "--profile/--no-profile",
                                      help="Use this machine's calibration profile if present."),
@@ -50,7 +52,8 @@ def estimate(
                           mixed_precision=mixed_precision, lora_rank=lora_rank,
                           lora_alpha=lora_alpha, batch_size=batch_size, seq_len=seq_len,
                           grad_accum=grad_accum, checkpointing=checkpointing,
-                          optimizer=optimizer, attention=attention, double_quant=double_quant)
+                          optimizer=optimizer, attention=attention, double_quant=double_quant,
+                          fused_loss=fused_loss)
     result = run_estimate(spec, setup, dev, profile)
     if json:
         typer.echo(result.model_dump_json(indent=2))

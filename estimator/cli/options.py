@@ -59,6 +59,10 @@ AttentionOpt = Annotated[Literal["sdpa", "eager"],
 DoubleQuantOpt = Annotated[bool, typer.Option("--double-quant/--no-double-quant",
                                               rich_help_panel=SETUP_PANEL,
                                               help="NF4 double quantisation of block scales.")]
+FusedLossOpt = Annotated[bool, typer.Option(
+    "--fused-loss/--no-fused-loss", rich_help_panel=SETUP_PANEL,
+    help="lm_head + cross-entropy fused in row chunks (the bundled trainer), or full b·s·V "
+         "logits (HF Trainer's default).")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", "-d", help="Catalogue device (see `nvfree devices`) or local (this machine).")]
 TokensOpt = Annotated[float | None, typer.Option(

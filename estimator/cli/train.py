@@ -15,6 +15,7 @@ from estimator.cli.options import (
     CkptOpt,
     DoubleQuantOpt,
     DtypeOpt,
+    FusedLossOpt,
     JsonOpt,
     LoraAlphaOpt,
     LoraRankOpt,
@@ -81,7 +82,7 @@ def train(
     seq_len: SeqOpt = 2048, grad_accum: AccumOpt = 1, checkpointing: CkptOpt = False,
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
-    data: DataOpt = None, text_field: TextFieldOpt = "text", max_steps: MaxStepsOpt = 100,
+    fused_loss: FusedLossOpt = True, data: DataOpt = None, text_field: TextFieldOpt = "text", max_steps: MaxStepsOpt = 100,
     output: OutputOpt = Path("runs/train"), resume: ResumeOpt = False,
     device: TorchDeviceOpt = "cpu", seed: SeedOpt = 0, lr: LrOpt = None,
     warmup_steps: WarmupOpt = None, max_grad_norm: ClipOpt = 1.0,
@@ -99,7 +100,8 @@ def train(
                           mixed_precision=mixed_precision, lora_rank=lora_rank,
                           lora_alpha=lora_alpha, batch_size=batch_size, seq_len=seq_len,
                           grad_accum=grad_accum, checkpointing=checkpointing,
-                          optimizer=optimizer, attention=attention, double_quant=double_quant)
+                          optimizer=optimizer, attention=attention, double_quant=double_quant,
+                          fused_loss=fused_loss)
     from rich.console import Console
 
     from estimator.executor.train import TrainConfig, train_with_config

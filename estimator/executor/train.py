@@ -289,15 +289,15 @@ def _signals_stop() -> Iterator[list[int]]:
 
 
 def _micro_batch_loss(run: Run, position: int) -> torch.Tensor:
-    """Forward one micro-batch and return its fp32 mean cross-entropy (nats/token). Uses the
-    model's fused chunked lm_head + cross-entropy (Transformer.loss: only [chunk, V] logits
-    exist at a time) when it has one, else full logits and F.cross_entropy."""
+    """Forward one micro-batch and return its fp32 mean cross-entropy (nats/token). With
+    setup.fused_loss (the default) the model's fused chunked lm_head + cross-entropy
+    (Transformer.loss: only [chunk, V] logits exist at a time), else full logits and
+    F.cross_entropy — the two logits terms of estimator.analytic.memory.logits_bytes."""
     inputs_BT, targets_BT = run.dataset.batch(run.config.seed, position, run.setup.batch_size)
     inputs_BT, targets_BT = inputs_BT.to(run.device), targets_BT.to(run.device)
-    fused_loss = getattr(run.model, "loss", None)
     with autocast_context(run.setup, run.device):
-        if fused_loss is not None:
-            return fused_loss(inputs_BT, targets_BT)
+        if run.setup.fused_loss:
+            return run.model.loss(inputs_BT, targets_BT)
         logits_BTV = run.model(inputs_BT)
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
 

@@ -47,6 +47,10 @@ class TrainSetup(Spec):
     """Gradient (activation) checkpointing of every transformer block."""
     attention: AttentionKernel = "sdpa"
     """SDPA/flash-style attention (no s² saved) or eager attention (saves probabilities)."""
+    fused_loss: bool = True
+    """lm_head + cross-entropy fused in row chunks, gradients formed in the forward pass (the
+    bundled trainer; Liger-Kernel style): only [chunk, V] logits exist. False = full b·s·V
+    logits as `F.cross_entropy(model(x).float())` (HF Trainer's default)."""
     num_tokens: int | None = Field(default=None, gt=0)
     """Training token budget for the wall-time and cost estimate (tokens)."""
 

@@ -62,11 +62,22 @@ def test_qlora_nf4_storage(tiny_dense: ModelSpec) -> None:
     assert w["quant_scales"] == 4 * (quantized // 64)
 
 
-def test_logits_buffers(tiny_dense: ModelSpec) -> None:
-    s = TrainSetup(batch_size=2, seq_len=8, compute_dtype="bf16")
+def test_full_logits_buffers(tiny_dense: ModelSpec) -> None:
+    s = TrainSetup(batch_size=2, seq_len=8, compute_dtype="bf16", fused_loss=False)
     assert M.logits_bytes(tiny_dense, s) == 2 * 8 * 100 * (2 + 12)
-    s32 = TrainSetup(batch_size=2, seq_len=8, compute_dtype="fp32", mixed_precision=False)
+    s32 = TrainSetup(batch_size=2, seq_len=8, compute_dtype="fp32", mixed_precision=False,
+                     fused_loss=False)
     assert M.logits_bytes(tiny_dense, s32) == 2 * 8 * 100 * 16
+
+
+def test_fused_loss_buffers(tiny_dense: ModelSpec) -> None:
+    """Chunk of min(b·s, max(64, 2^25/V)) rows: 16 rows here; grads of h and (full) of W."""
+    lora = TrainSetup(method="lora", batch_size=2, seq_len=8, compute_dtype="bf16")
+    assert M.logits_bytes(tiny_dense, lora) == 16 * 100 * (4 + 4) + 16 * 64 * 2
+    full = lora.model_copy(update={"method": "full"})
+    assert M.logits_bytes(tiny_dense, full) == 16 * 100 * 8 + 16 * 64 * 2 + 100 * 64 * 4
+    long = lora.model_copy(update={"seq_len": 2**20})
+    assert M.fused_loss_chunk_rows(tiny_dense, long) == 2**25 // 100
 
 
 def test_kv_cache_inference(tiny_dense: ModelSpec) -> None:
