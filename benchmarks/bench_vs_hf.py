@@ -9,6 +9,8 @@ at the training shapes, and the first-step loss of each (equal weights ⇒ equal
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py            # all configs
     PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --only dense-lora-bf16 --steps 2
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --threads 1 --rounds 2   # shared box
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --compile --warmup 2 --only ...
 
 Needs transformers and peft; QLoRA on the HF side needs bitsandbytes ≥ 0.48 (CPU backend).
 Model FLOPs per token (PaLM appendix B convention, no recompute counted):
@@ -74,7 +76,7 @@ def spec_for(arch: str):
                      vocab_size=c["vocab_size"], moe=moe)
 
 
-def build_ours(ckpt: Path, arch: str, method: str, precision: str):
+def build_ours(ckpt: Path, arch: str, method: str, precision: str, compile_: bool = False):
     import torch
 
     from estimator.executor.hf import load_hf_model
@@ -89,6 +91,10 @@ def build_ours(ckpt: Path, arch: str, method: str, precision: str):
                    adapter_dtype=torch.float32)
     if method == "qlora":
         apply_nf4(model, double_quant=True, compute_dtype=torch.bfloat16)
+    if compile_:
+        from estimator.executor.checkpointing import compile_blocks
+
+        compile_blocks(model)
 
     def loss_fn(tokens):  # the executor's fused lm_head + cross-entropy (no B·T·V logits)
         return model.loss(tokens[:, :-1], tokens[:, 1:])
@@ -132,9 +138,11 @@ def worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     arch, method, precision = args.config.split("-")
-    build = build_ours if args.impl == "ours" else build_hf
     rss_start = vm_kib("VmRSS")
-    model, loss_fn = build(Path(args.ckpt), arch, method, precision)
+    if args.impl == "ours":
+        model, loss_fn = build_ours(Path(args.ckpt), arch, method, precision, args.compile)
+    else:
+        model, loss_fn = build_hf(Path(args.ckpt), arch, method, precision)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     gen = torch.Generator().manual_seed(1)
@@ -231,7 +239,7 @@ def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dic
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--config", config,
            "--ckpt", str(ckpt), "--batch", str(args.batch), "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
@@ -313,6 +321,8 @@ if __name__ == "__main__":
     parser.add_argument("--json", default="", help="also write every measurement to this file")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with compile_blocks (use --warmup 2: the compile is untimed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ours", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
