@@ -122,3 +122,24 @@ def test_nf4_dequant_matches_table():
     packed = torch.tensor([0x0F] * 32, dtype=torch.uint8)  # indices 0, 15 alternating
     out = nf4_dequantize(packed, torch.tensor([2.0]), torch.tensor(NF4_CODE), torch.float32)
     assert out[:2].tolist() == [-2.0, 2.0] and out.numel() == 64
+
+
+@pytest.mark.torch
+def test_cpu_clock_needs_one_thread(monkeypatch):
+    pytest.importorskip("torch")
+    from estimator.calibrate.run import calibrate
+    from estimator.errors import NvfreeError
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with pytest.raises(NvfreeError, match="OMP_NUM_THREADS=1"):
+        calibrate("cpu", "tiny", save=False, cpu_clock=True)
+
+
+@pytest.mark.torch
+def test_others_busy_fraction_is_a_share():
+    pytest.importorskip("torch")
+    from estimator.calibrate.timing import cpu_snapshot, others_busy_fraction
+
+    start = cpu_snapshot()
+    sum(range(100_000))
+    assert 0.0 <= others_busy_fraction(start, cpu_snapshot()) <= 1.0
