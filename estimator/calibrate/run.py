@@ -216,7 +216,7 @@ def _measure(case: Case, device: str, settings: ModeSettings, wait_left: float,
     best: Measurement | None = None
     waited = 0.0
     for attempt in range(retries + 1):
-        if attempt or settings.wait_first:
+        if attempt or (settings.wait_first and wait_left - waited > 0):
             start_wait = time.perf_counter()
             wait_until_idle(max(0.0, wait_left - waited))
             waited += time.perf_counter() - start_wait
@@ -254,8 +254,9 @@ def run_cases(
             skipped.append((case.label, f"projected {projected:.2f} s per call"))
             continue
         try:
-            retries = settings.max_retries if time.perf_counter() - started < (
-                settings.retry_until_seconds) else 0
+            in_budget = wait_left > 0 and time.perf_counter() - started < (
+                settings.retry_until_seconds)
+            retries = settings.max_retries if in_budget else 0
             measurement, waited = _measure(case, device, settings, wait_left, retries)
         except (RuntimeError, NotImplementedError, TypeError) as exc:
             skipped.append((case.label, str(exc).splitlines()[0][:120] if str(exc) else "error"))
