@@ -4,10 +4,13 @@ Derived from the ops the executor runs (estimator/executor/model.py) rather than
 Korthikanti et al. 2022, whose s·b·h·(34 + 5·a·s/h) assumes GPT-2 blocks with dropout, a 4h GELU
 MLP and eager attention (reproduced by `korthikanti_layer_bytes` as a reference check).
 Conventions: T = batch·seq tokens; c = bytes of the compute dtype; r = bytes of the residual
-stream (fp32 under autocast mixed precision, else c). Under autocast a linear saves its *own*
-16-bit cast of an fp32 input, so n linears reading one fp32 tensor save n copies; in pure 16-bit
-training they share one tensor. A frozen linear (LoRA base) saves no input: its weight gradient is
-not needed (PyTorch saves mm operands only for the gradients it must compute).
+stream: fp32 when the weights are fp32 under autocast (a mixed-precision full fine-tune, or a
+32-bit LoRA base), else the storage dtype. Norms produce their output in the compute dtype, so
+the linears after a norm share one saved c-byte input. A frozen linear (LoRA base) saves no
+input: its weight gradient is not needed (PyTorch saves mm operands only for the gradients it
+must compute). Each norm keeps only its input and an fp32 rstd (executor/model.py
+_RMSNormFunction). Measured against torch.autograd.graph.saved_tensors_hooks:
+tests/torch/test_activation_parity.py.
 """
 
 from estimator.analytic.params import attention_linears, dense_ffn_linears
@@ -18,22 +21,23 @@ FP32_BYTES = 4
 
 
 def elem_bytes(setup: TrainSetup) -> tuple[int, int]:
-    """(c, r): compute-dtype bytes and residual-stream bytes per element."""
+    """(c, r): compute-dtype bytes and residual-stream bytes per element. The residual stream
+    has the dtype of the embedding output: fp32 for a mixed-precision full fine-tune or a
+    32-bit base, else the 16-bit storage dtype (pure training, 16/8/4-bit LoRA bases)."""
     c = dtype_bytes(setup.compute_dtype)
-    r = FP32_BYTES if setup.mixed_precision else c
-    return c, r
+    fp32_weights = setup.compute_dtype == "fp32" or setup.weight_bits == 32 or (
+        setup.method == "full" and setup.mixed_precision)
+    return c, FP32_BYTES if fp32_weights else c
 
 
 def saved_linear_inputs(setup: TrainSetup, names: list[str]) -> int:
-    """How many copies of a shared input the linears `names` save.
+    """1 if any of the linears `names` (which read one shared tensor) saves its input, else 0.
 
     Full training: every linear needs its input for the weight gradient. LoRA: only targeted
-    linears (lora_A needs x). Autocast with an fp32 input: one cast copy per saving linear;
-    otherwise the linears share one tensor."""
-    saving = names if setup.method == "full" else [n for n in names if n in setup.lora_targets]
-    if not saving:
-        return 0
-    return len(saving) if setup.mixed_precision and setup.compute_dtype != "fp32" else 1
+    linears (lora_A needs x); frozen ones save nothing."""
+    if setup.method == "full":
+        return 1
+    return 1 if any(n in setup.lora_targets for n in names) else 0
 
 
 def norm_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> int:
@@ -157,6 +161,12 @@ def activation_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
     dense = layer_saved_bytes(model, setup, moe_layer=False) if num_dense else 0
     moe = layer_saved_bytes(model, setup, moe_layer=True) if num_moe else 0
     head = head_saved_bytes(model, setup)
+    if setup.trains_adapters and not setup.checkpointing:
+        # frozen embeddings: the first norm's input needs no gradient, so nothing is saved
+        dense_or_moe = dense if num_dense else moe
+        first = dense_or_moe - norm_saved_bytes(model, setup, setup.batch_size * setup.seq_len)
+        return {"layers": dense * num_dense + moe * num_moe - dense_or_moe + first,
+                "recompute": 0, "head": head}
     if setup.checkpointing:
         block_input = checkpointed_layer_bytes(model, setup)
         # the recomputed set's first saved tensor (the norm input) is the kept block input

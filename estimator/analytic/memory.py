@@ -11,7 +11,7 @@ peak (the first term to check against a measurement when the two disagree).
 """
 
 from estimator.analytic.activations import activation_bytes
-from estimator.analytic.params import layer_groups
+from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
 from estimator.specs import Device, MemoryBreakdown, ModelSpec, ParamCounts, TrainSetup
 
@@ -59,14 +59,12 @@ def weight_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> di
     remaining tensors at 16 bits. Adapter weights are counted in adapter_bytes."""
     c = dtype_bytes(setup.compute_dtype)
     base = params.total
+    copies = autocast_copy_params(model, setup, params) * c
     if setup.method == "full":
-        copies = linear_weight_params(model, params) if autocasting(setup) else 0
         stored = 0 if setup.mixed_precision else base * c
-        return {"weights": stored + copies * c, "quant_scales": 0}
+        return {"weights": stored + copies, "quant_scales": 0}
     if setup.weight_bits >= 16:
         storage = FP32_BYTES if setup.weight_bits == 32 else 2
-        copies = linear_weight_params(model, params) * c if (
-            setup.weight_bits == 32 and autocasting(setup)) else 0
         return {"weights": base * storage + copies, "quant_scales": 0}
     quantized, rows = quantized_linear_params(model)
     rest = (base - quantized) * 2
@@ -82,11 +80,31 @@ def autocasting(setup: TrainSetup) -> bool:
     return setup.mixed_precision and setup.compute_dtype != "fp32"
 
 
-def linear_weight_params(model: ModelSpec, params: ParamCounts) -> int:
-    """Weights that go through a linear/matmul (what autocast casts): all but the input
-    embedding and norms; lm_head included (tied or not)."""
-    lm_head = params.lm_head or model.vocab_size * model.hidden_size
-    return params.total - params.embedding - params.components["norms"] + lm_head - params.lm_head
+def block_linear_params(model: ModelSpec, params: ParamCounts) -> int:
+    """Weights of the matmuls inside the transformer blocks (all but embeddings, lm_head and
+    norms)."""
+    return params.total - params.embedding - params.lm_head - params.components["norms"]
+
+
+def largest_layer_params(model: ModelSpec) -> int:
+    """Linear weights of the largest block (count)."""
+    return round(max(sum(lin.num_params * lin.count for lin in linears)
+                     for linears, _ in layer_groups(model, routed_all=True)))
+
+
+def autocast_copy_params(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
+    """fp32 matmul weights whose 16-bit autocast casts are alive at the start of backward:
+    each linear saves its cast weight for the input gradient (torch.autocast caches the casts of
+    leaf weights). With checkpointing only the recomputing block's casts are alive; lm_head's
+    only with full logits (the fused loss casts it transiently). 0 unless the weights are fp32
+    under autocast (a mixed-precision full fine-tune or a 32-bit LoRA base)."""
+    fp32_weights = setup.method == "full" or setup.weight_bits == 32
+    if not (autocasting(setup) and fp32_weights):
+        return 0
+    blocks = largest_layer_params(model) if setup.checkpointing else (
+        block_linear_params(model, params))
+    lm_head = 0 if setup.fused_loss else model.vocab_size * model.hidden_size
+    return blocks + lm_head
 
 
 def trainable_bytes_per_param(setup: TrainSetup) -> int:
@@ -103,12 +121,20 @@ def master_weight_bytes(setup: TrainSetup, params: ParamCounts) -> int:
     return 0
 
 
-def adapter_bytes(setup: TrainSetup, params: ParamCounts) -> int:
-    """LoRA A and B weights in the trainable dtype (+ their 16-bit autocast copies)."""
+def adapter_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
+    """LoRA A and B weights in the trainable dtype, plus the c-byte weight copies their matmuls
+    save for backward: under autocast the cast of every adapter weight; in pure 16-bit a
+    contiguous copy of each Bᵀ (r × out: torch's mm keeps a skinny transposed operand
+    contiguous; measured in tests/torch/test_activation_parity.py). Checkpointing recomputes
+    them instead."""
     if not setup.trains_adapters:
         return 0
-    copies = dtype_bytes(setup.compute_dtype) if autocasting(setup) else 0
-    return params.trainable * (trainable_bytes_per_param(setup) + copies)
+    copies = 0
+    if not setup.checkpointing:
+        copied = params.trainable if autocasting(setup) else lora_params(model, setup,
+                                                                          b_only=True)
+        copies = copied * dtype_bytes(setup.compute_dtype)
+    return params.trainable * trainable_bytes_per_param(setup) + copies
 
 
 def gradient_bytes(setup: TrainSetup, params: ParamCounts) -> int:
@@ -268,7 +294,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
         "weights": weights["weights"],
         "quant_scales": weights["quant_scales"],
         "master_weights": master_weight_bytes(setup, params),
-        "adapter_weights": adapter_bytes(setup, params),
+        "adapter_weights": adapter_bytes(model, setup, params),
         "gradients": grads if (peak_in_opt or accumulate) else 0,
         "optimizer_states": optimizer_state_bytes(model, setup, params),
         "optimizer_transient": opt_transient if peak_in_opt else 0,

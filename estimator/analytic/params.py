@@ -121,9 +121,10 @@ def linears_params(linears: list[LinearShape]) -> int:
     return round(sum(lin.num_params * lin.count for lin in linears))
 
 
-def lora_params(model: ModelSpec, setup: TrainSetup) -> int:
+def lora_params(model: ModelSpec, setup: TrainSetup, *, b_only: bool = False) -> int:
     """LoRA adapter parameters: r·(in + out) per targeted linear (Hu et al. 2021, A: r×in,
-    B: out×r). Targets use PEFT's module names; experts count once per expert."""
+    B: out×r), or only the B halves r·out. Targets use PEFT's module names; experts count once
+    per expert."""
     if not setup.trains_adapters:
         return 0
     targets = set(setup.lora_targets)
@@ -131,8 +132,8 @@ def lora_params(model: ModelSpec, setup: TrainSetup) -> int:
     for linears, num_layers in layer_groups(model, routed_all=True):
         for lin in linears:
             if lin.name in targets:
-                pair = lin.in_features + lin.out_features
-                total += setup.lora_rank * pair * lin.count * num_layers
+                width = lin.out_features + (0 if b_only else lin.in_features)
+                total += setup.lora_rank * width * lin.count * num_layers
     return round(total)
 
 

@@ -100,8 +100,41 @@ def model_args(spec: ModelSpec, **overrides) -> ModelArgs:
     )
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm that saves only its input and the fp32 rstd for backward (the composite HF
+    version saves an fp32 copy of x and the fp32 normalised x as well: 8 more bytes per element).
+    Backward recomputes x̂ = x·rstd: ∂w = Σ g⊙x̂, ∂x = rstd·(g⊙w − x̂·mean(g⊙w⊙x̂))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        if weight.dtype in (torch.float32, torch.float64):  # HF: fp32 product (autocast) …
+            y = (weight * (x32 * rstd)).to(out_dtype)
+        else:  # … or weight · x̂ cast to the input dtype first
+            y = weight * (x32 * rstd).to(weight.dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, weight, rstd)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x.to(rstd.dtype) * rstd
+        g = grad_y.to(rstd.dtype)
+        grad_w = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype) \
+            if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gw = g * weight.to(rstd.dtype)
+            grad_x = (rstd * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None, None
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 (Zhang & Sennrich 2019; HF Llama)."""
+    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 (Zhang & Sennrich 2019; HF Llama).
+    Under autocast the output is in the autocast dtype (cast once here instead of in each next
+    matmul); for backward it keeps only x and the fp32 rstd (_RMSNormFunction)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -109,12 +142,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-            # same values as HF (fp32 product), cast once here instead of in each next matmul
-            return (self.weight * x32).to(torch.get_autocast_dtype(x.device.type))
-        return self.weight * x32.to(x.dtype)
+        out_dtype = self.weight.dtype if self.weight.dtype != torch.float32 else x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
 
 
 def make_norm(args: ModelArgs, dim: int) -> nn.Module:

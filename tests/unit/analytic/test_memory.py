@@ -18,8 +18,8 @@ def terms(model: ModelSpec, **setup):
 
 def test_full_mixed_adamw_is_18_bytes_per_linear_param(tiny_dense: ModelSpec) -> None:
     s, p = terms(tiny_dense, method="full", compute_dtype="bf16", mixed_precision=True)
-    cast = M.linear_weight_params(tiny_dense, p)  # weights autocast copies: all but emb + norms
-    assert cast == p.total - 100 * 64 - 5 * 64
+    cast = M.autocast_copy_params(tiny_dense, s, p)  # block matmul weights (fused loss)
+    assert cast == p.total - 2 * 100 * 64 - 5 * 64
     assert M.weight_bytes(tiny_dense, s, p) == {"weights": 2 * cast, "quant_scales": 0}
     assert M.master_weight_bytes(s, p) == 4 * p.total
     assert M.gradient_bytes(s, p) == 4 * p.total
