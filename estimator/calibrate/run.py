@@ -68,8 +68,8 @@ DISTURBED_FRACTION = 0.2
 SETTINGS: dict[str, ModeSettings] = {
     "full": ModeSettings(0.03, 0.12, 3, 30, 1.0, max_retries=2, max_wait_seconds=15.0,
                          retry_until_seconds=60.0),
-    "quick": ModeSettings(0.01, 0.02, 3, 10, 0.3, max_retries=1, max_wait_seconds=1.0,
-                          retry_until_seconds=5.0),
+    "quick": ModeSettings(0.01, 0.02, 3, 10, 0.3, max_retries=1, max_wait_seconds=0.5,
+                          retry_until_seconds=3.0),
     "tiny": ModeSettings(0.001, 0.003, 2, 5, 0.05),
 }
 
@@ -77,7 +77,7 @@ GEMM_SHAPES = {  # (tokens, hidden, out): 2·T·h·o from ~1e6 to ~7e10 FLOPs on
     "full": [(32, 128, 128), (128, 256, 256), (256, 512, 512), (512, 512, 1408),
              (512, 1024, 1024), (1024, 1024, 2816), (2048, 1024, 1024), (1024, 2048, 2048),
              (2048, 2048, 5632), (2048, 4096, 4096)],
-    "quick": [(64, 256, 256), (256, 512, 1024), (512, 1024, 2816), (1024, 2048, 2048)],
+    "quick": [(64, 256, 256), (256, 512, 1024), (512, 1024, 2816), (512, 2048, 2048)],
     "tiny": [(16, 32, 32), (32, 64, 64)],
 }
 GPU_EXTRA_GEMM_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (8192, 8192, 28672)]
@@ -95,12 +95,12 @@ ATTENTION_SHAPES = {  # (heads, seq, head_dim); the first (seq ≤ 8) is the ove
 }
 MEMORY_SIZES = {  # fp32 elements; 2**26 = 256 MiB per array
     "full": [16, 2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26],
-    "quick": [16, 2**14, 2**18, 2**22, 2**24],
+    "quick": [16, 2**14, 2**18, 2**22, 2**23],
     "tiny": [16, 1024, 16384],
 }
 ALLOC_SIZES = {  # fp32 elements: 16 (overhead probe) … 256 MiB
     "full": [16, 2**16, 2**20, 2**23, 2**26],
-    "quick": [16, 2**20, 2**24],
+    "quick": [16, 2**20, 2**23],
     "tiny": [16, 4096],
 }
 ELEMENTWISE_SHAPES = {
