@@ -42,21 +42,12 @@ def test_detect_reports_cores_ram_and_isa():
 
 def test_detect_does_not_import_torch():
     code = (
-        "import sys, time; t = time.perf_counter(); from estimator.hardware import detect; "
-        "detect(); print(time.perf_counter() - t); assert 'torch' not in sys.modules, 'torch'"
+        "import sys; from estimator.hardware import detect, local_device; "
+        "local_device(detect()); assert 'torch' not in sys.modules, 'torch was imported'"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-
-
-def test_detect_is_fast_after_import():
-    import time
-
-    detect()
-    start = time.perf_counter()
-    detect()
-    assert time.perf_counter() - start < 0.2
 
 
 def test_fp32_peak_avx2_is_cores_clock_32():
