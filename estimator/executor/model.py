@@ -47,6 +47,7 @@ class ModelArgs:
     norm: str = "rmsnorm"
     position: str = "rope"
     qkv_bias: bool = False
+    o_bias: bool = False
     linear_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
@@ -88,7 +89,8 @@ def model_args(spec: ModelSpec, **overrides) -> ModelArgs:
         intermediate_size=spec.intermediate_size, num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab_size=spec.vocab_size,
         max_seq_len=spec.max_seq_len, tied_embeddings=spec.tied_embeddings, mlp=spec.mlp,
-        norm=spec.norm, position=spec.position, qkv_bias=spec.qkv_bias or spec.linear_bias,
+        norm=spec.norm, position=spec.position, qkv_bias=spec.qkv_bias or spec.linear_bias or spec.attention_bias,
+        o_bias=spec.linear_bias or spec.attention_bias,
         linear_bias=spec.linear_bias, qk_norm=spec.qk_norm, sliding_window=spec.sliding_window,
         num_experts=moe.num_experts if moe else 0,
         num_experts_per_token=moe.num_experts_per_token if moe else 0,
@@ -195,7 +197,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, H * C, bias=args.qkv_bias)
         self.k_proj = nn.Linear(D, K * C, bias=args.qkv_bias)
         self.v_proj = nn.Linear(D, K * C, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(H * C, D, bias=args.linear_bias)
+        self.o_proj = nn.Linear(H * C, D, bias=args.o_bias)
         self.q_norm = RMSNorm(C, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(C, args.norm_eps) if args.qk_norm else None
 
