@@ -65,27 +65,6 @@ def reset_vmhwm() -> bool:
     return True
 
 
-GLIBC_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
-"""Allocations from 1 MiB up go to mmap and are returned to the OS when freed."""
-
-
-def return_freed_memory_to_os() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB (mallopt M_MMAP_THRESHOLD), so freed tensors leave
-    the resident set. glibc's default threshold is dynamic: after a large block is freed it
-    rises (up to 32 MiB) and later tensors come from the heap, which keeps freed activations
-    resident — measured here +200–400 MiB of VmHWM on a 135M full fine-tune, memory that
-    appears in no analytic term and that the OS counts against the job. No-op (False) off glibc.
-    Source: mallopt(3), "M_MMAP_THRESHOLD … disables the dynamic adjustment"."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
-
-
 def current_rss_bytes() -> int:
     """Resident set size of this process now (bytes)."""
     return psutil.Process().memory_info().rss

@@ -355,8 +355,6 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         raise SetupError(f"--seq-len {setup.seq_len} exceeds the {model_spec.max_seq_len} "
                          "learned positions of the model")
     device = resolve_device(config.device)
-    if device.type == "cpu":
-        measure.return_freed_memory_to_os()
     tokenizer = _load_tokenizer(config.model_path)
     dataset = load_dataset(config.data, tokenizer, setup.seq_len, text_field=config.text_field)
     data_source = describe_source(config.data)
