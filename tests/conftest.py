@@ -10,6 +10,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="rewrite tests/golden/*.json from the current estimator")
 
 
+@pytest.fixture(autouse=True)
+def private_profile_cache(tmp_path_factory: pytest.TempPathFactory,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees (or writes) the user's calibration profiles: a stored profile would change
+    what `--device local` predicts."""
+    monkeypatch.setenv("NVFREE_CACHE_DIR", str(tmp_path_factory.mktemp("nvfree-cache")))
+
+
 @pytest.fixture
 def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))

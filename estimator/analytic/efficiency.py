@@ -76,12 +76,20 @@ def default_seconds(device: Device, dtype: str, op_class: str, flops: float,
     return DEFAULT_OVERHEAD_SECONDS[device.kind] + max(compute, memory)
 
 
+FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory"}
+"""A class a profile may lack (older profiles, quick runs) and the class measured instead."""
+
+
 def profile_curve(profile: CalibrationProfile | None, op_class: str,
                   dtype: str) -> EfficiencyCurve | None:
-    """The measured curve for an op: '<class>.<dtype>' for compute classes, else '<class>'."""
+    """The measured curve for an op: '<class>.<dtype>' for compute classes, else '<class>',
+    else the fallback class's curve."""
     if profile is None:
         return None
-    return profile.curves.get(f"{op_class}.{dtype}") or profile.curves.get(op_class)
+    curve = profile.curves.get(f"{op_class}.{dtype}") or profile.curves.get(op_class)
+    if curve is None and op_class in FALLBACK_CLASS:
+        return profile_curve(profile, FALLBACK_CLASS[op_class], dtype)
+    return curve
 
 
 def call_seconds(device: Device, profile: CalibrationProfile | None, dtype: str,

@@ -44,7 +44,8 @@ class Op:
 
 
 def linear_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSetup,
-               *, trainable: bool, phase_mult: int, group: str = "linear") -> list[Op]:
+               *, trainable: bool, phase_mult: int, group: str = "linear",
+               op_class: str = "matmul") -> list[Op]:
     """Forward, input-gradient and weight-gradient GEMMs of one linear kind.
 
     For routed experts `lin.count` is tokens-weighted (experts a token visits); the calls are
@@ -54,11 +55,11 @@ def linear_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSet
     calls = lin.count * num_layers
     flops = 2 * tokens * lin.in_features * lin.out_features
     io = c * (lin.in_features * lin.out_features + tokens * (lin.in_features + lin.out_features))
-    ops = [Op(f"{group}.forward", "matmul", flops, io, calls * phase_mult)]
+    ops = [Op(f"{group}.forward", op_class, flops, io, calls * phase_mult)]
     if setup.method != "inference":
-        ops.append(Op(f"{group}.backward_input", "matmul", flops, io, calls))
+        ops.append(Op(f"{group}.backward_input", op_class, flops, io, calls))
         if trainable:
-            ops.append(Op(f"{group}.backward_weight", "matmul", flops, io, calls))
+            ops.append(Op(f"{group}.backward_weight", op_class, flops, io, calls))
     return ops
 
 
@@ -70,7 +71,7 @@ def lora_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSetup
     b = LinearShape(f"{lin.name}.lora_B", r, lin.out_features, lin.count)
     return [op for part in (a, b)
             for op in linear_ops(part, num_layers, tokens, setup, trainable=True,
-                                 phase_mult=phase_mult, group="lora")]
+                                 phase_mult=phase_mult, group="lora", op_class="lora")]
 
 
 def block_linear_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
@@ -156,6 +157,27 @@ def dequant_ops(model: ModelSpec, setup: TrainSetup, quantized_params: int) -> l
     per_call = quantized_params * c * passes / calls
     kind = "dequant.nf4" if setup.weight_bits == 4 else "dequant.int8"
     return [Op("dequantize", kind, 0, per_call, calls)]
+
+
+def cast_ops(setup: TrainSetup, cast_params: int, trainable: bool) -> list[Op]:
+    """Autocast's dtype casts of fp32 weights: every forward (and recompute) reads 4 B and
+    writes 2 B per matmul weight; a trained weight's 16-bit gradient is cast back to fp32
+    (read 2, write 4). Measured as a visible share of CPU bf16 step time (docs/calibration.md)."""
+    if cast_params == 0:
+        return []
+    passes = 2 if setup.checkpointing else 1
+    ops = [Op("autocast.weight_cast", "elementwise", 0, cast_params * 6, passes)]
+    if trainable:
+        ops.append(Op("autocast.grad_cast", "elementwise", 0, cast_params * 6, 1))
+    return ops
+
+
+def gradient_alloc_ops(setup: TrainSetup, gradient_bytes: int, num_tensors: int) -> list[Op]:
+    """Gradients are freed every step (zero_grad(set_to_none=True)) and allocated afresh: the
+    first write of a fresh tensor page-faults (`alloc` op class: calibrate/benches.py)."""
+    if gradient_bytes == 0:
+        return []
+    return [Op("gradients.alloc", "alloc", 0, gradient_bytes / num_tensors, num_tensors)]
 
 
 def optimizer_bytes_per_param(setup: TrainSetup) -> float:

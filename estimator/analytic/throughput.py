@@ -6,7 +6,12 @@ from dataclasses import replace
 
 from estimator.analytic import flops as F
 from estimator.analytic.efficiency import call_seconds
-from estimator.analytic.memory import quantized_linear_params
+from estimator.analytic.memory import (
+    autocasting,
+    block_linear_params,
+    gradient_bytes,
+    quantized_linear_params,
+)
 from estimator.analytic.params import layer_groups
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import (
@@ -20,7 +25,7 @@ from estimator.specs import (
 )
 
 SECONDS_PER_HOUR = 3600
-DTYPED_CLASSES = ("matmul", "attention")
+DTYPED_CLASSES = ("matmul", "attention", "lora")
 """Op classes whose calibrated curve depends on the compute dtype."""
 TRAINABLE_TENSORS_PER_LINEAR_LORA = 2
 DECODE_BANDWIDTH_FRACTION = 0.7
@@ -49,8 +54,21 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> list[F
              *F.elementwise_ops(model, setup), *F.head_ops(model, setup)]
     if setup.weight_bits <= 8:
         micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
+    casts = autocast_copy_params_per_pass(model, setup, params)
+    micro += F.cast_ops(setup, casts, trainable=setup.method == "full")
     ops = [replace(op, num_calls=op.num_calls * setup.grad_accum) for op in micro]
-    return ops + F.optimizer_ops(setup, params.trainable, num_trainable_tensors(model, setup))
+    tensors = num_trainable_tensors(model, setup)
+    return (ops + F.gradient_alloc_ops(setup, gradient_bytes(setup, params), tensors)
+            + F.optimizer_ops(setup, params.trainable, tensors))
+
+
+def autocast_copy_params_per_pass(model: ModelSpec, setup: TrainSetup,
+                                  params: ParamCounts) -> int:
+    """fp32 matmul weights autocast casts in one forward pass (all blocks + lm_head)."""
+    fp32_weights = setup.method == "full" or setup.weight_bits == 32
+    if not (autocasting(setup) and fp32_weights):
+        return 0
+    return block_linear_params(model, params) + model.vocab_size * model.hidden_size
 
 
 def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | None,
