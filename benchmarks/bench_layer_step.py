@@ -43,7 +43,7 @@ LAYERS = {
     "tinyllama b1 s1024": (2048, 5632, 32, 4, 64, 1, 1024),
     "llama2-7b b1 s256": (4096, 11008, 32, 32, 128, 1, 256),
 }
-BLOCK_OP_PREFIXES = ("linear.", "attention.", "elementwise")
+BLOCK_OP_PREFIXES = ("linear.", "attention.", "elementwise", "autocast.", "gradients.")
 
 
 def layer_spec(name: str, dims: tuple[int, ...]) -> tuple[ModelSpec, int, int]:
