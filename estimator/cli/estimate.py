@@ -10,6 +10,7 @@ from estimator.cli.options import (
     BatchOpt,
     BitsOpt,
     CkptOpt,
+    DeviceMemoryOpt,
     DeviceOpt,
     DoubleQuantOpt,
     DtypeOpt,
@@ -37,16 +38,18 @@ def estimate(
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
     fused_loss: FusedLossOpt = True,
-    device: DeviceOpt = "local", tokens: TokensOpt = None, json: JsonOpt = False,
+    device: DeviceOpt = "local", device_memory: DeviceMemoryOpt = None,
+    tokens: TokensOpt = None, json: JsonOpt = False,
     use_profile: bool = typer.Option(True, "--profile/--no-profile",
                                      help="Use this machine's calibration profile if present."),
 ) -> None:
     """Estimate peak memory, step time, tokens/s, wall time and cost; say whether it fits."""
     from estimator.api import estimate as run_estimate
-    from estimator.cli.options import resolve_device, resolve_model, resolve_setup
+    from estimator.cli.options import resolve_device, resolve_model, resolve_setup, with_memory
 
     spec = resolve_model(model, params, active_params, active_ratio)
     dev, profile, note = resolve_device(device, use_profile=use_profile)
+    dev = with_memory(dev, device_memory)
     setup = resolve_setup(method=method, bits=bits, dtype=dtype, device=dev, profile=profile,
                           lora_targets=lora_targets, tokens=tokens,
                           mixed_precision=mixed_precision, lora_rank=lora_rank,

@@ -65,6 +65,9 @@ FusedLossOpt = Annotated[bool, typer.Option(
          "logits (HF Trainer's default).")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", "-d", help="Catalogue device (see `nvfree devices`) or local (this machine).")]
+DeviceMemoryOpt = Annotated[float | None, typer.Option(
+    "--device-memory", min=0.001,
+    help="Override the device's memory in GiB (e.g. a CPU server's installed RAM).")]
 TokensOpt = Annotated[float | None, typer.Option(
     "--tokens", help="Training token budget for wall time and cost, e.g. 1e8.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -116,6 +119,13 @@ def resolve_setup(*, method: str | None, bits: str | None, dtype: str, device, p
         errors = getattr(exc, "errors", None)
         message = errors()[0]["msg"] if errors else str(exc)
         raise SetupError(message.removeprefix("Value error, ")) from None
+
+
+def with_memory(device, memory_gib: float | None):
+    """The device with its memory replaced by --device-memory (GiB), if given."""
+    if memory_gib is None:
+        return device
+    return device.model_copy(update={"memory_bytes": round(memory_gib * 1024**3)})
 
 
 def resolve_device(name: str, *, use_profile: bool = True):

@@ -85,6 +85,14 @@ def test_config_json_directory(tmp_path, capsys: pytest.CaptureFixture[str]) -> 
     assert abs(data["params"]["total"] - 494_032_768) / 494_032_768 < 1e-6  # Qwen2.5-0.5B
 
 
+def test_device_memory_override(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "estimate", "--model", "gpt2", "--device",
+                       "xeon-platinum-8480plus", "--device-memory", "64", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["device"]["memory_bytes"] == 64 * 1024**3
+    assert data["memory"]["capacity_bytes"] == 64 * 1024**3 - 64 * 1024**3 // 10
+
+
 def test_models_and_devices_list(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "models", "--json")
     assert code == 0 and any(m["name"] == "longcat-flash" for m in json.loads(out))
