@@ -29,13 +29,6 @@ import torch.nn.functional as F
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# NF4 code values (QLoRA, Dettmers et al. 2023, Appendix E / bitsandbytes `NF4` table).
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
 NF4_BLOCK = 64
 
 
@@ -254,24 +247,18 @@ def optimizer_cases(sizes: list[int]) -> list[Case]:
     return cases
 
 
-def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """NF4 → dtype: two 4-bit indices per byte (high nibble first), one absmax per 64 values."""
-    idx = torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1).long()
-    values = code[idx].view(-1, NF4_BLOCK) * absmax[:, None]
-    return values.to(dtype).view(-1)
-
-
 def dequant_cases(sizes: list[int], dtype: str = "bf16") -> list[Case]:
-    """NF4 dequantisation of n weights to a 16-bit dtype (work = 2·n output bytes)."""
+    """NF4 dequantisation of n weights to a 16-bit dtype (work = 2·n output bytes), with the
+    executor's own kernel (estimator.executor.nf4, double quantisation as QLoRA trains)."""
+    from estimator.executor.nf4 import dequantize_nf4, quantize_nf4
+
     cases = []
     for n in sizes:
 
         def build(device: str, n=n) -> Callable[[], object]:
-            packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=device)
-            absmax = torch.rand(n // NF4_BLOCK, device=device)
-            code = torch.tensor(NF4_CODE, device=device)
-            return lambda: nf4_dequantize(packed, absmax, code, DTYPES[dtype])
+            weight = quantize_nf4(torch.randn(n // NF4_BLOCK, NF4_BLOCK, device=device),
+                                  double_quant=True)
+            return lambda: dequantize_nf4(weight, DTYPES[dtype])
 
         tiny = n <= NF4_BLOCK
         cases.append(Case("dequant.nf4", f"nf4->{dtype} {n} weights", 2.0 * n, build, tiny))

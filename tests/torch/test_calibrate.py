@@ -115,13 +115,15 @@ def test_preferred_dtype_only_when_measured_faster():
 
 
 @pytest.mark.torch
-def test_nf4_dequant_matches_table():
+def test_nf4_dequant_case_times_the_executor_kernel():
+    """The dequant.nf4 curve measures the trainer's own NF4 dequantisation (executor/nf4.py):
+    n weights out, in bf16, work = 2·n bytes."""
     torch = pytest.importorskip("torch")
-    from estimator.calibrate.benches import NF4_CODE, nf4_dequantize
+    from estimator.calibrate.benches import dequant_cases
 
-    packed = torch.tensor([0x0F] * 32, dtype=torch.uint8)  # indices 0, 15 alternating
-    out = nf4_dequantize(packed, torch.tensor([2.0]), torch.tensor(NF4_CODE), torch.float32)
-    assert out[:2].tolist() == [-2.0, 2.0] and out.numel() == 64
+    (case,) = dequant_cases([4096])
+    out = case.build("cpu")()
+    assert out.dtype == torch.bfloat16 and out.numel() == 4096 and case.work == 2 * 4096
 
 
 @pytest.mark.torch
