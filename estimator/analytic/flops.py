@@ -172,6 +172,17 @@ def cast_ops(setup: TrainSetup, cast_params: int, trainable: bool) -> list[Op]:
     return ops
 
 
+def adapter_cast_ops(setup: TrainSetup, adapter_params: int, num_tensors: int) -> list[Op]:
+    """Under autocast the fp32 LoRA A and B weights are cast to 16 bits at every call and their
+    16-bit gradients cast back: two small casts per adapter tensor and micro-batch (per-call
+    overhead dominates; counted by the profiler as aten::_to_copy)."""
+    if adapter_params == 0 or num_tensors == 0:
+        return []
+    passes = 3 if setup.checkpointing else 2
+    return [Op("autocast.adapter_cast", "elementwise", 0, adapter_params * 6 / num_tensors,
+               num_tensors * passes)]
+
+
 def gradient_alloc_ops(setup: TrainSetup, gradient_bytes: int, num_tensors: int) -> list[Op]:
     """Gradients are freed every step (zero_grad(set_to_none=True)) and allocated afresh: the
     first write of a fresh tensor page-faults (`alloc` op class: calibrate/benches.py)."""

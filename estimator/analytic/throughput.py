@@ -56,6 +56,8 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> list[F
         micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)
     micro += F.cast_ops(setup, casts, trainable=setup.method == "full")
+    if setup.trains_adapters and autocasting(setup):
+        micro += F.adapter_cast_ops(setup, params.trainable, num_trainable_tensors(model, setup))
     ops = [replace(op, num_calls=op.num_calls * setup.grad_accum) for op in micro]
     tensors = num_trainable_tensors(model, setup)
     return (ops + F.gradient_alloc_ops(setup, gradient_bytes(setup, params), tensors)
