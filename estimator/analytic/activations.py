@@ -13,7 +13,7 @@ _RMSNormFunction). Measured against torch.autograd.graph.saved_tensors_hooks:
 tests/torch/test_activation_parity.py.
 """
 
-from estimator.analytic.params import attention_linears, dense_ffn_linears
+from estimator.analytic.params import attention_linears
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
 
@@ -179,8 +179,3 @@ def korthikanti_layer_bytes(seq: int, batch: int, hidden: int, heads: int) -> in
     """Korthikanti et al. 2022 (arXiv 2205.05198) eq. 2: activations of one GPT layer, 16-bit,
     no parallelism, no recomputation: s·b·h·(34 + 5·a·s/h) bytes."""
     return seq * batch * hidden * 34 + 5 * heads * seq * seq * batch
-
-
-def dense_layer_linears(model: ModelSpec) -> list[str]:
-    """PEFT names of the linears in a dense block (for documentation and tests)."""
-    return [lin.name for lin in attention_linears(model) + dense_ffn_linears(model)]

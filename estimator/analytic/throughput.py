@@ -13,7 +13,6 @@ from estimator.analytic.memory import (
     quantized_linear_params,
 )
 from estimator.analytic.params import layer_groups
-from estimator.analytic.precision import dtype_bytes
 from estimator.specs import (
     CalibrationProfile,
     Device,
@@ -126,8 +125,3 @@ def throughput(model: ModelSpec, setup: TrainSetup, device: Device, params: Para
         step_seconds=step_seconds, tokens_per_second=tokens_per_second, ops=times,
         compute_dtype=dtype, calibrated=calibrated and profile is not None,
         total_seconds=total_seconds, cost_usd=cost, decode_tokens_per_second=decode)
-
-
-def compute_bytes(setup: TrainSetup) -> int:
-    """Bytes of the compute dtype (for callers that report bandwidth per token)."""
-    return dtype_bytes(setup.compute_dtype)
