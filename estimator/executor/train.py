@@ -472,6 +472,13 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
                                                                   peak.current_bytes)
     resume_note = _resume(run, data_source) if config.resume else None
+    previous = config.output_dir / REPORT_FILE
+    if run.start_step >= config.max_steps and previous.is_file():
+        # nothing to train: keep the finished run's measurement instead of comparing the
+        # prediction with a peak that no training step produced
+        report = RunReport.model_validate_json(previous.read_text())
+        return report.model_copy(update={"message": _final_message(
+            _Outcome(), run, report.checkpoint_dir, resume_note)})
     weights_bytes = measure.weights_bytes(run.model)
     timer = measure.StepTimer(run.device)
     run.model.train()
