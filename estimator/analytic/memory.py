@@ -194,13 +194,16 @@ def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Devic
     return 2 * largest_trainable_tensor(model, setup, params) * FP32_BYTES
 
 
+def largest_block_weight(model: ModelSpec) -> int:
+    """Elements of the largest single weight matrix inside the blocks."""
+    return max(lin.in_features * lin.out_features
+               for linears, _ in layer_groups(model, routed_all=True) for lin in linears)
+
+
 def largest_trainable_tensor(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
     """Elements of the largest trainable tensor (embedding/lm_head for full, else a LoRA A/B)."""
     if setup.method == "full":
-        biggest = max(params.embedding, params.lm_head)
-        for linears, _ in layer_groups(model, routed_all=True):
-            biggest = max(biggest, *(lin.in_features * lin.out_features for lin in linears))
-        return biggest
+        return max(params.embedding, params.lm_head, largest_block_weight(model))
     widest = max(model.hidden_size, model.intermediate_size)
     return setup.lora_rank * widest
 
@@ -241,11 +244,7 @@ def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     matmul runs (the executor dequantises one weight at a time, forward and backward)."""
     if setup.weight_bits > 8:
         return 0
-    c = dtype_bytes(setup.compute_dtype)
-    largest = 0
-    for linears, _ in layer_groups(model, routed_all=True):
-        largest = max(largest, *(lin.in_features * lin.out_features for lin in linears))
-    return largest * c
+    return largest_block_weight(model) * dtype_bytes(setup.compute_dtype)
 
 
 def kv_cache_bytes(model: ModelSpec, setup: TrainSetup) -> int:
