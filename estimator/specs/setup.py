@@ -10,6 +10,7 @@ Method = Literal["full", "lora", "qlora", "inference"]
 Optimizer = Literal["adamw", "adamw8bit", "sgd", "sgd_momentum", "adafactor", "lion"]
 ComputeDtype = Literal["fp32", "bf16", "fp16"]
 AttentionKernel = Literal["sdpa", "eager"]
+Offload = Literal["none", "optimizer", "optimizer_and_params"]
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """PEFT module names of the linears in a Llama-style block; 'all-linear' expands to these."""
@@ -53,6 +54,19 @@ class TrainSetup(Spec):
     logits as `F.cross_entropy(model(x).float())` (HF Trainer's default)."""
     num_tokens: int | None = Field(default=None, gt=0)
     """Training token budget for the wall-time and cost estimate (tokens)."""
+    num_devices: int = Field(default=1, gt=0)
+    """Data-parallel devices in total, over all nodes (count); each runs batch_size."""
+    num_nodes: int = Field(default=1, gt=0)
+    """Machines the devices are spread over, evenly (count)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO sharding over the devices: 0 = DDP (all replicated), 1 = optimizer states,
+    2 = + gradients, 3 = + parameters (FSDP full shard)."""
+    offload: Offload = "none"
+    """CPU offload (ZeRO-Offload): optimizer states, or optimizer states and parameters, live
+    in host memory; the optimizer step runs on the host."""
+    expert_parallel: int = Field(default=1, gt=0)
+    """MoE expert-parallel degree: routed experts split over this many devices (count);
+    must divide num_devices."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSetup":
@@ -63,6 +77,12 @@ class TrainSetup(Spec):
                 f"a full fine-tune cannot train {self.weight_bits}-bit weights; "
                 "use --method qlora (4-bit) or --bits 16"
             )
+        if self.num_devices % self.num_nodes:
+            raise ValueError(f"{self.num_devices} devices cannot be spread evenly over "
+                             f"{self.num_nodes} nodes")
+        if self.num_devices % self.expert_parallel:
+            raise ValueError(f"expert-parallel degree {self.expert_parallel} must divide "
+                             f"the {self.num_devices} devices")
         return self
 
     @property
@@ -74,3 +94,8 @@ class TrainSetup(Spec):
     def tokens_per_step(self) -> int:
         """Tokens processed per optimizer step on one device (tokens)."""
         return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def global_tokens_per_step(self) -> int:
+        """Tokens processed per optimizer step over all devices (tokens)."""
+        return self.tokens_per_step * self.num_devices
