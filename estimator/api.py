@@ -2,6 +2,7 @@
 
 from estimator.analytic.advice import advise, devices_needed
 from estimator.analytic.memory import memory_breakdown
+from estimator.analytic.parallel import compose_throughput
 from estimator.analytic.params import count_params
 from estimator.analytic.throughput import throughput
 from estimator.errors import SetupError
@@ -15,9 +16,6 @@ from estimator.specs import (
     TrainSetup,
 )
 
-SHARDED_TERMS = ("weights", "quant_scales", "master_weights", "adapter_weights", "gradients",
-                 "optimizer_states")
-
 
 def check_setup(model: ModelSpec, setup: TrainSetup) -> None:
     """Reject setups the model cannot have (one line each)."""
@@ -30,6 +28,38 @@ def check_setup(model: ModelSpec, setup: TrainSetup) -> None:
     if setup.trains_adapters and unknown:
         raise SetupError(f"unknown LoRA target(s) {', '.join(unknown)}; use PEFT names: "
                          f"{', '.join(LINEAR_TARGETS)} or all-linear")
+    if setup.expert_parallel > 1 and model.moe is None:
+        raise SetupError(f"--expert-parallel {setup.expert_parallel} needs an MoE model; "
+                         f"{model.name} is dense")
+    if model.moe is not None and setup.expert_parallel > model.moe.num_experts:
+        raise SetupError(f"--expert-parallel {setup.expert_parallel} exceeds the "
+                         f"{model.moe.num_experts} experts of {model.name}")
+
+
+def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
+    """The link numbers and the overlap assumption of a multi-device or offloaded estimate."""
+    from estimator.analytic import comms as C
+
+    out = []
+    if setup.num_devices > 1:
+        intra = device.interconnect_bytes_per_second
+        if intra:
+            out.append(f"device interconnect {intra / 1e9:g} GB/s per direction (catalogue)")
+        elif device.kind != "cpu":
+            default = C.DEFAULT_INTERCONNECT_BYTES_PER_SECOND / 1e9
+            out.append(f"device interconnect unknown: {default:g} GB/s assumed (PCIe 4.0 x16)")
+        net = device.network_bytes_per_second
+        if setup.num_nodes > 1 or (device.kind == "cpu" and not intra):
+            default = C.DEFAULT_NETWORK_BYTES_PER_SECOND[device.kind] * 8 / 1e9
+            out.append(f"inter-node network {net / 1e9:g} GB/s per device (catalogue)" if net
+                       else f"inter-node network unknown: {default:g} Gb/s per device assumed")
+        out.append(f"collectives reach {C.LINK_EFFICIENCY:.0%} of the link peak and do NOT "
+                   "overlap compute (step time is an upper bound)")
+    if setup.offload != "none":
+        out.append(f"offload over PCIe at {C.DEFAULT_PCIE_BYTES_PER_SECOND / 1e9:g} GB/s; host "
+                   f"optimizer step at {C.DEFAULT_HOST_BANDWIDTH_BYTES_PER_SECOND / 1e9:g} GB/s "
+                   "host memory bandwidth shared by the node's devices")
+    return out
 
 
 def assumptions_for(model: ModelSpec, setup: TrainSetup, device: Device,
@@ -52,7 +82,7 @@ def assumptions_for(model: ModelSpec, setup: TrainSetup, device: Device,
     if setup.method in ("full", "lora", "qlora"):
         out.append("batch of fully packed sequences; gradients freed between steps "
                    "(zero_grad(set_to_none=True))")
-    return out
+    return out + multi_device_assumptions(setup, device)
 
 
 def combined_update(advice: list[Advice], setup: TrainSetup) -> dict:
@@ -67,17 +97,18 @@ def combined_update(advice: list[Advice], setup: TrainSetup) -> dict:
     return update
 
 
-def sharding_advice(memory: MemoryBreakdown, advice: list[Advice]) -> list[Advice]:
-    """'N devices with ZeRO-3/FSDP' on top of the smallest advised change, when one device is
-    not enough."""
-    shard = sum(memory.components[k] for k in SHARDED_TERMS)
-    n = devices_needed(shard, memory.total_bytes - shard, memory.capacity_bytes)
-    if n is None or n == 1:
+def sharding_advice(setup: TrainSetup, memory_of, capacity_bytes: int, prefix: str = ""
+                    ) -> list[Advice]:
+    """'--num-devices N --zero S': the fewest devices (and lowest ZeRO stage) whose per-device
+    memory fits (advice.devices_needed over the sharded memory model), when one is not enough."""
+    found = devices_needed(setup, memory_of, capacity_bytes)
+    if found is None:
         return []
-    best = min(advice, key=lambda a: a.total_bytes).change + " + " if advice else ""
-    total = -(-shard // n) + memory.total_bytes - shard
-    return [Advice(change=f"{best}{n} devices with ZeRO-3/FSDP sharding", total_bytes=total,
-                   fits=True)]
+    n, stage, total = found
+    if n == setup.num_devices and stage == setup.zero_stage:
+        return []
+    change = f"{prefix + ' ' if prefix else ''}--num-devices {n} --zero {stage}"
+    return [Advice(change=change, total_bytes=total, fits=True)]
 
 
 def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local",
@@ -95,8 +126,13 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
     memory = memory_of(setup)
     fits = memory.total_bytes <= memory.capacity_bytes
     advice = advise(setup, memory_of, memory.capacity_bytes)
-    advice += sharding_advice(memory if not advice else memory_of(setup.model_copy(
-        update=combined_update(advice, setup))), advice)
+    if not fits and setup.method != "inference":
+        advice += sharding_advice(setup, memory_of, memory.capacity_bytes)
+        single = [a for a in advice if "--num-devices" not in a.change]
+        best = min(single, key=lambda a: a.total_bytes) if single else None
+        if best is not None and not best.fits:
+            combined = setup.model_copy(update=combined_update(single, setup))
+            advice += sharding_advice(combined, memory_of, memory.capacity_bytes, best.change)
     if fits:
         verdict = "fits"
     else:
@@ -106,6 +142,7 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
                       weight_storage_bytes=memory.components["weights"]
                       + memory.components["quant_scales"],
                       kv_bytes=memory.components["kv_cache"])
+    perf = compose_throughput(model, setup, dev, params, profile, perf)
     return Estimate(model=model, setup=setup, device=dev, params=params, memory=memory,
                     throughput=perf, verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,

@@ -5,6 +5,7 @@ model; single changes first, then the cheapest combination that fits, found gree
 order a practitioner would try them (fused chunked loss, checkpointing, smaller micro-batch with
 more accumulation, 8-bit optimizer, LoRA, QLoRA)."""
 
+import math
 from collections.abc import Callable
 
 from estimator.specs import Advice, MemoryBreakdown, TrainSetup
@@ -60,13 +61,40 @@ def advise(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int) -> list[
     return advice
 
 
-def devices_needed(sharded_bytes: int, replicated_bytes: int, capacity_bytes: int,
-                   max_devices: int = 4096) -> int | None:
-    """Fewest devices N with sharded/N + replicated ≤ capacity (ZeRO-3/FSDP shards weights,
-    gradients and optimizer states; activations, logits and runtime stay per device;
-    Rajbhandari et al. 2020). None if even max_devices do not suffice."""
-    room = capacity_bytes - replicated_bytes
-    if room <= 0:
+def fewest_devices(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int, stage: int,
+                   max_devices: int) -> tuple[int, int] | None:
+    """(N, peak bytes per device) of the fewest devices that fit at one ZeRO stage, searched
+    over multiples of the node count and expert-parallel degree (per-device memory never grows
+    with N, so a binary search over the multiples is exact)."""
+    step = math.lcm(setup.num_nodes, setup.expert_parallel)
+
+    def total(k: int) -> int:
+        update = {"num_devices": k * step, "zero_stage": stage}
+        return memory_of(setup.model_copy(update=update)).total_bytes
+
+    lo, hi = max(1, -(-setup.num_devices // step)), max_devices // step
+    if hi < lo or total(hi) > capacity_bytes:
         return None
-    n = max(1, -(-sharded_bytes // room))
-    return n if n <= max_devices else None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if total(mid) <= capacity_bytes:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo * step, total(lo)
+
+
+def devices_needed(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int,
+                   max_devices: int = 4096) -> tuple[int, int, int] | None:
+    """(N, ZeRO stage, peak bytes per device) of the smallest data-parallel group that fits,
+    from the per-device memory model (memory.model_state_terms: ZeRO-1 shards optimizer
+    states, 2 adds gradients, 3 parameters; Rajbhandari et al. 2020). Ties go to the lowest
+    stage (least communication). None if even max_devices do not suffice."""
+    best = None
+    for stage in (1, 2, 3):
+        if stage < setup.zero_stage:
+            continue
+        found = fewest_devices(setup, memory_of, capacity_bytes, stage, max_devices)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = (found[0], stage, found[1])
+    return best

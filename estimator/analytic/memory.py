@@ -10,9 +10,12 @@ appear during backward while activations are freed, so they overlap little with 
 peak (the first term to check against a measurement when the two disagree).
 """
 
+import math
+
 from estimator.analytic.activations import activation_bytes
 from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
+from estimator.errors import SetupError
 from estimator.specs import Device, MemoryBreakdown, ModelSpec, ParamCounts, TrainSetup
 
 GIB = 1024**3
@@ -278,35 +281,193 @@ def os_reserve_bytes(device: Device) -> int:
     return max(2 * GIB, device.memory_bytes // 10)
 
 
+# ------------------------------------------------------------------ multi-device sharding
+
+
+def zero_model_state_bytes(param_bytes: float, grad_bytes: float, state_bytes: float,
+                           zero_stage: int, num_devices: int) -> dict[str, float]:
+    """Per-device model states under ZeRO (Rajbhandari et al. 2020, §5 and Figure 1): with
+    Ψ parameters, K bytes/param of optimizer states and N_d devices, baseline (2+2+K)Ψ;
+    P_os (stage 1) 2Ψ + 2Ψ + KΨ/N_d; P_os+g (stage 2) 2Ψ + (2+K)Ψ/N_d; P_os+g+p (stage 3)
+    (2+2+K)Ψ/N_d. Takes the three byte totals and returns them per device."""
+    n = num_devices
+    return {"params": param_bytes / n if zero_stage >= 3 else param_bytes,
+            "gradients": grad_bytes / n if zero_stage >= 2 else grad_bytes,
+            "optimizer_states": state_bytes / n if zero_stage >= 1 else state_bytes}
+
+
+ZERO_MIN_STAGE = {"optimizer_states": 1, "master_weights": 1, "optimizer_transient": 1,
+                  "gradients": 2, "weights": 3, "quant_scales": 3, "adapter_weights": 3}
+"""The ZeRO stage from which each memory term is sharded over the devices (ZeRO paper §5:
+stage 1 partitions the optimizer states, which include the fp32 master copy; 2 the gradients;
+3 the parameters)."""
+
+
+def routed_expert_params(model: ModelSpec) -> int:
+    """Weights of all routed experts (count): what expert parallelism splits."""
+    if model.moe is None:
+        return 0
+    total = 0.0
+    for linears, num_layers in layer_groups(model, routed_all=True):
+        total += sum(lin.num_params * lin.count for lin in linears if lin.routed) * num_layers
+    return round(total)
+
+
+def routed_fractions(model: ModelSpec, setup: TrainSetup, params: ParamCounts
+                     ) -> tuple[float, float]:
+    """(share of the stored weights, share of the trainable parameters) in routed experts.
+    LoRA: adapters on routed experts ≈ the routed share of the targeted linears' adapters."""
+    if model.moe is None or setup.expert_parallel <= 1:
+        return 0.0, 0.0
+    weights = routed_expert_params(model) / params.total
+    if not setup.trains_adapters:
+        return weights, weights if setup.method == "full" else 0.0
+    routed = 0.0
+    for linears, num_layers in layer_groups(model, routed_all=True):
+        for lin in linears:
+            if lin.routed and lin.name in setup.lora_targets:
+                routed += setup.lora_rank * (lin.in_features + lin.out_features) * lin.count * (
+                    num_layers)
+    return weights, min(1.0, routed / max(params.trainable, 1))
+
+
+def sharded_bytes(num_bytes: int, setup: TrainSetup, *, min_stage: int,
+                  routed_fraction: float = 0.0) -> int:
+    """Per-device bytes of a model-state term: routed-expert bytes split over the
+    expert-parallel degree E (each device holds 1/E of the experts), then ZeRO-sharded over the
+    N/E devices that replicate those experts; the rest ZeRO-sharded over all N devices from
+    `min_stage` on (zero_model_state_bytes)."""
+    n, ep = setup.num_devices, setup.expert_parallel
+    shard = setup.zero_stage >= min_stage
+    routed = num_bytes * routed_fraction
+    dense = (num_bytes - routed) / (n if shard else 1)
+    experts = routed / ep / ((n // ep) if shard else 1)
+    return math.ceil(dense + experts)
+
+
+def gathered_params_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts,
+                          stored_bytes: int) -> int:
+    """ZeRO-3/FSDP: the largest block's parameters gathered in full while its forward or
+    backward runs (freed after; prefetch of the next block not counted), in the gather dtype
+    (16-bit under mixed precision) or, for a frozen base, its storage format."""
+    if setup.zero_stage < 3 or setup.num_devices <= 1:
+        return 0
+    if setup.method == "full":
+        per_param = dtype_bytes(setup.compute_dtype) if autocasting(setup) else (
+            trainable_bytes_per_param(setup))
+        return largest_layer_params(model) * per_param
+    return math.ceil(largest_layer_params(model) * stored_bytes / params.total)
+
+
+HOST_TERMS = {"optimizer": ("optimizer_states", "master_weights", "optimizer_transient"),
+              "optimizer_and_params": ("optimizer_states", "master_weights",
+                                       "optimizer_transient", "weights", "quant_scales")}
+"""Terms ZeRO-Offload (Ren et al. 2021) keeps in host memory: the optimizer states with the
+fp32 master copy (the optimizer step runs on the CPU); ZeRO-Infinity parameter offload also
+the (sharded) parameters. Gradients stay on the device until they are shipped per step."""
+
+
+def check_offload(setup: TrainSetup, device: Device) -> None:
+    """A CPU has no separate host memory to offload to; offload needs a training optimizer."""
+    if setup.offload == "none":
+        return
+    if device.kind == "cpu" or device.unified_memory:
+        raise SetupError(f"--offload moves states to host memory, but {device.display_name} "
+                         "already uses host memory: use --offload none")
+    if setup.method == "inference":
+        raise SetupError("--offload applies to training (optimizer states); use --offload none")
+    if setup.offload == "optimizer_and_params" and setup.zero_stage != 3:
+        raise SetupError("--offload optimizer_and_params streams sharded parameters "
+                         "(ZeRO-Infinity): use --zero 3")
+
+
+def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
+                      params: ParamCounts) -> dict[str, int]:
+    """Weights, master weights, adapters, gradients, optimizer states and transients of one
+    device before the peak-phase choice: sharded per ZeRO stage and expert parallelism."""
+    weights = weight_bytes(model, setup, params)
+    copies = autocast_copy_params(model, setup, params) * dtype_bytes(setup.compute_dtype)
+    stored = weights["weights"] - copies
+    if setup.zero_stage >= 3 and setup.num_devices > 1:
+        copies = 0  # FSDP casts on gather: the gathered block replaces autocast's casts
+    adapters = adapter_bytes(model, setup, params)
+    adapter_stored = params.trainable * trainable_bytes_per_param(setup) if adapters else 0
+    w_share, t_share = routed_fractions(model, setup, params)
+
+    def shard(name: str, value: int, share: float) -> int:
+        return sharded_bytes(value, setup, min_stage=ZERO_MIN_STAGE[name], routed_fraction=share)
+
+    return {
+        "weights": shard("weights", stored, w_share) + copies,
+        "quant_scales": shard("quant_scales", weights["quant_scales"], w_share),
+        "master_weights": shard("master_weights", master_weight_bytes(setup, params), t_share),
+        "adapter_weights": shard("adapter_weights", adapter_stored, t_share)
+        + adapters - adapter_stored,
+        "gradients": shard("gradients", gradient_bytes(setup, params), t_share),
+        "optimizer_states": shard("optimizer_states",
+                                  optimizer_state_bytes(model, setup, params), t_share),
+        "optimizer_transient": shard(
+            "optimizer_transient", optimizer_transient_bytes(model, setup, device, params),
+            t_share) if device.backend != "cpu" else optimizer_transient_bytes(
+                model, setup, device, params),
+        "gathered_params": gathered_params_bytes(model, setup, params,
+                                                 stored + weights["quant_scales"]),
+    }
+
+
 def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
                      params: ParamCounts) -> MemoryBreakdown:
-    """Peak memory of one device, by term (see the module docstring for the phases)."""
-    weights = weight_bytes(model, setup, params)
+    """Peak memory of one device, by term (see the module docstring for the phases); on
+    several devices the model states are sharded (model_state_terms) and offloaded terms are
+    reported as host memory."""
+    check_offload(setup, device)
+    state = model_state_terms(model, setup, device, params)
+    host = {k: state.pop(k) for k in HOST_TERMS.get(setup.offload, ())}
     acts = activation_bytes(model, setup)
-    grads = gradient_bytes(setup, params)
+    grads = state["gradients"]
     fwd_bwd = (sum(acts.values()) + logits_bytes(model, setup)
-               + dequant_transient_bytes(model, setup))
+               + dequant_transient_bytes(model, setup) + state["gathered_params"])
     accumulate = setup.grad_accum > 1
-    opt_transient = optimizer_transient_bytes(model, setup, device, params)
+    opt_transient = state.get("optimizer_transient", 0)
     opt_phase = grads + opt_transient
     fwd_phase = fwd_bwd + (grads if accumulate else 0)
     peak_in_opt = opt_phase > fwd_phase
     components = {
-        "weights": weights["weights"],
-        "quant_scales": weights["quant_scales"],
-        "master_weights": master_weight_bytes(setup, params),
-        "adapter_weights": adapter_bytes(model, setup, params),
+        "weights": state.get("weights", 0),
+        "quant_scales": state.get("quant_scales", 0),
+        "master_weights": state.get("master_weights", 0),
+        "adapter_weights": state["adapter_weights"],
         "gradients": grads if (peak_in_opt or accumulate) else 0,
-        "optimizer_states": optimizer_state_bytes(model, setup, params),
+        "optimizer_states": state.get("optimizer_states", 0),
         "optimizer_transient": opt_transient if peak_in_opt else 0,
         "activations": 0 if peak_in_opt else acts["layers"] + acts["head"],
         "recompute": 0 if peak_in_opt else acts["recompute"],
         "logits": 0 if peak_in_opt else logits_bytes(model, setup),
         "dequant_transient": 0 if peak_in_opt else dequant_transient_bytes(model, setup),
+        "gathered_params": 0 if peak_in_opt else state["gathered_params"],
         "kv_cache": kv_cache_bytes(model, setup),
         "runtime_overhead": runtime_overhead_bytes(device),
     }
     notes = {"peak_phase": "optimizer step" if peak_in_opt else "start of backward"}
+    notes.update(sharding_notes(setup))
     capacity = device.memory_bytes - os_reserve_bytes(device)
     return MemoryBreakdown(components=components, total_bytes=sum(components.values()),
-                           capacity_bytes=capacity, notes=notes)
+                           capacity_bytes=capacity, notes=notes, host_components=host,
+                           host_total_bytes=sum(host.values()))
+
+
+def sharding_notes(setup: TrainSetup) -> dict[str, str]:
+    """One line on how the model states are split (only on several devices or offload)."""
+    notes = {}
+    if setup.num_devices > 1:
+        what = {0: "replicated (DDP)", 1: "optimizer states sharded (ZeRO-1)",
+                2: "optimizer states + gradients sharded (ZeRO-2)",
+                3: "parameters, gradients, optimizer states sharded (ZeRO-3/FSDP)"}
+        notes["sharding"] = f"per device of {setup.num_devices}: {what[setup.zero_stage]}"
+    if setup.expert_parallel > 1:
+        notes["expert_parallel"] = (f"routed experts split over {setup.expert_parallel} "
+                                    "devices")
+    if setup.offload != "none":
+        notes["offload"] = ("optimizer states and master weights in host memory"
+                            + (", parameters too" if setup.offload != "optimizer" else ""))
+    return notes

@@ -40,7 +40,10 @@ class Device(Spec):
     isa: tuple[str, ...] = ()
     """CPU instruction-set features that matter (avx2, avx512f, avx512_bf16, amx_bf16, neon…)."""
     interconnect_bytes_per_second: float | None = Field(default=None, gt=0)
-    """Device-to-device bandwidth per direction (bytes/s); None = unknown."""
+    """Device-to-device bandwidth per direction inside one node (bytes/s); None = unknown."""
+    network_bytes_per_second: float | None = Field(default=None, gt=0)
+    """Inter-node network bandwidth per device, per direction (bytes/s); None = unknown (a
+    documented default is used and stated)."""
     tdp_watts: float | None = Field(default=None, gt=0)
     """Board/package power (W)."""
     price_per_hour_usd: float | None = Field(default=None, ge=0)

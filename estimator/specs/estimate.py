@@ -40,6 +40,12 @@ class MemoryBreakdown(Spec):
     """Memory the device offers for this job (bytes), after what the OS keeps (unified memory)."""
     notes: dict[str, str] = Field(default_factory=dict)
     """Term name → how it was derived (one line)."""
+    host_components: dict[str, int] = Field(default_factory=dict)
+    """Offloaded term → bytes this device's rank keeps in host (CPU) memory (bytes); not part
+    of total_bytes. Empty without --offload."""
+    host_total_bytes: int = 0
+    """Sum of host_components: host memory per device rank (bytes); a node needs this times its
+    devices per node."""
 
 
 class OpTime(Spec):
@@ -80,6 +86,11 @@ class Throughput(Spec):
     """Cost for the token budget at the device price (USD); None if either is unknown."""
     decode_tokens_per_second: float | None = None
     """Inference only: bandwidth-bound decode rate at this batch (tokens/s)."""
+    num_devices: int = 1
+    """Devices the step runs on in parallel (count); tokens_per_second and cost cover all."""
+    communication_seconds: float = 0.0
+    """Part of step_seconds spent in collectives and host transfers, not overlapped with
+    compute (seconds)."""
 
 
 class Advice(Spec):

@@ -1,0 +1,136 @@
+"""Step time on several devices: the single-device compute time (throughput.py, one
+micro-batch per device) plus the communication of comms.py, and the sharded optimizer step.
+
+step_seconds = compute (with the optimizer step of this device's shard) + communication.
+Overlap assumption: NONE — collectives and host transfers are added to compute (an upper bound;
+DDP's bucketed all-reduce and FSDP prefetch hide part of it in practice). tokens_per_second
+counts all devices (global_tokens_per_step); cost = devices × price × hours."""
+
+from estimator.analytic import comms as C
+from estimator.analytic.flops import optimizer_bytes_per_param
+from estimator.analytic.memory import (
+    autocast_copy_params,
+    gradient_bytes,
+    routed_fractions,
+    sharded_bytes,
+    trainable_bytes_per_param,
+    weight_bytes,
+)
+from estimator.analytic.precision import dtype_bytes
+from estimator.specs import (
+    CalibrationProfile,
+    Device,
+    ModelSpec,
+    OpTime,
+    ParamCounts,
+    Throughput,
+    TrainSetup,
+)
+
+SECONDS_PER_HOUR = 3600
+
+
+def frozen_storage_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
+    """Bytes of the frozen base that ZeRO-3 gathers too (LoRA/QLoRA: the base in its storage
+    format, scales included; 0 for a full fine-tune)."""
+    if setup.method == "full":
+        return 0
+    weights = weight_bytes(model, setup, params)
+    copies = autocast_copy_params(model, setup, params) * dtype_bytes(setup.compute_dtype)
+    return weights["weights"] - copies + weights["quant_scales"]
+
+
+def step_collectives(model: ModelSpec, setup: TrainSetup,
+                     params: ParamCounts) -> list[C.Collective]:
+    """Every collective and host transfer of one optimizer step on one device."""
+    if setup.method == "inference":
+        return C.expert_parallel_collectives(model, setup)
+    _, t_share = routed_fractions(model, setup, params)
+    ep_scale = 1 - t_share + t_share / setup.expert_parallel
+    grads = gradient_bytes(setup, params) * ep_scale
+    per_param = C.gather_bytes_per_param(setup, trainable_bytes_per_param(setup))
+    param_bytes = params.trainable * per_param * ep_scale
+    out = C.data_parallel_collectives(setup, round(grads), round(param_bytes),
+                                      frozen_storage_bytes(model, setup, params))
+    out += C.expert_parallel_collectives(model, setup)
+    grad_shard = sharded_bytes(gradient_bytes(setup, params), setup, min_stage=1,
+                               routed_fraction=t_share)
+    param_shard = sharded_bytes(params.trainable * per_param, setup, min_stage=1,
+                                routed_fraction=t_share)
+    return out + C.offload_collectives(setup, grad_shard, param_shard)
+
+
+def communication_ops(model: ModelSpec, setup: TrainSetup, device: Device,
+                      params: ParamCounts, profile: CalibrationProfile | None) -> list[OpTime]:
+    """The collectives of one step as OpTime rows (op_class 'collective.<kind>' or
+    'host.pcie'); a measured collective.all_reduce curve is used on the local machine."""
+    links = C.links_for(device, setup)
+    curve = C.all_reduce_curve(device, profile)
+    rows = []
+    for c in step_collectives(model, setup, params):
+        klass = "host.pcie" if c.kind == "host_transfer" else f"collective.{c.kind}"
+        rows.append(OpTime(name=f"comm.{c.name}", op_class=klass, flops=0,
+                           bytes_moved=round(c.num_bytes * c.num_calls),
+                           seconds=C.collective_seconds(c, links, curve)))
+    return rows
+
+
+def optimizer_share(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> float:
+    """Fraction of the trainable parameters this device's optimizer steps (1/N from ZeRO-1 on,
+    routed experts 1/E)."""
+    if params.trainable == 0:
+        return 1.0
+    _, t_share = routed_fractions(model, setup, params)
+    return sharded_bytes(params.trainable, setup, min_stage=1,
+                         routed_fraction=t_share) / params.trainable
+
+
+def device_compute_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts,
+                       ops: list[OpTime]) -> list[OpTime]:
+    """The single-device ops with the optimizer step scaled to this device's shard, and
+    removed when offloaded (the host runs it: host_optimizer_op)."""
+    share = optimizer_share(model, setup, params)
+    out = []
+    for op in ops:
+        if op.op_class == "optimizer":
+            if setup.offload != "none":
+                continue
+            op = op.model_copy(update={"bytes_moved": round(op.bytes_moved * share),
+                                       "seconds": op.seconds * share})
+        out.append(op)
+    return out
+
+
+def host_optimizer_op(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> list[OpTime]:
+    """The offloaded optimizer step on the host CPU (comms.host_optimizer_seconds)."""
+    if setup.offload == "none" or params.trainable == 0:
+        return []
+    moved = params.trainable * optimizer_share(model, setup, params) * (
+        optimizer_bytes_per_param(setup))
+    return [OpTime(name="offload.optimizer_step", op_class="host.memory", flops=0,
+                   bytes_moved=round(moved), seconds=C.host_optimizer_seconds(moved, setup))]
+
+
+def compose_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
+                       params: ParamCounts, profile: CalibrationProfile | None,
+                       compute: Throughput) -> Throughput:
+    """Multi-device step time, rates and cost from the single-device compute Throughput."""
+    compute_ops = device_compute_ops(model, setup, params, compute.ops)
+    host = host_optimizer_op(model, setup, params)
+    comm = communication_ops(model, setup, device, params, profile)
+    ops = compute_ops + host + comm
+    step = sum(op.seconds for op in ops)
+    comm_seconds = sum(op.seconds for op in comm)
+    tokens_per_second = setup.global_tokens_per_step / step
+    total = cost = None
+    if setup.num_tokens is not None:
+        total = setup.num_tokens / tokens_per_second
+        if device.price_per_hour_usd is not None:
+            cost = setup.num_devices * device.price_per_hour_usd * total / SECONDS_PER_HOUR
+    decode = compute.decode_tokens_per_second
+    if decode is not None:
+        decode *= setup.num_devices
+    return compute.model_copy(update={
+        "step_seconds": step, "tokens_per_second": tokens_per_second, "ops": ops,
+        "total_seconds": total, "cost_usd": cost, "decode_tokens_per_second": decode,
+        "num_devices": setup.num_devices, "communication_seconds": comm_seconds})
