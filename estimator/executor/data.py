@@ -154,6 +154,16 @@ class PackedDataset:
         return window_BT1[:, :-1], window_BT1[:, 1:]
 
 
+def stream_position(step: int, micro: int, *, batch_size: int, grad_accum: int, rank: int = 0,
+                    world_size: int = 1) -> int:
+    """Stream position of a micro-batch (sequences consumed before it). Optimizer step `step`
+    consumes batch_size · grad_accum · world_size sequences; rank r takes the r-th contiguous
+    slice of grad_accum micro-batches. So world_size ranks × accumulation a read, per step,
+    exactly the sequences one rank × accumulation world_size · a reads (a disjoint slice per
+    rank, the same for every run with the same seed)."""
+    return ((step * world_size + rank) * grad_accum + micro) * batch_size
+
+
 def load_dataset(source: Path | None, tokenizer: Tokenizer, seq_len: int, *,
                  text_field: str = "text",
                  max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> PackedDataset:

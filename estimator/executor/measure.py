@@ -347,27 +347,47 @@ def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigL
                      stop_reason: str, message: str, checkpoint_dir: Path | None,
                      memory_method: str, runtime_bytes: int, baseline_bytes: int,
                      peak_bytes: int, weights_bytes: int, gradient_bytes: int | None,
-                     optimizer_bytes: int | None) -> RunReport:
-    """Assemble the RunReport: measurement, and the prediction for the same config beside it."""
+                     optimizer_bytes: int | None, world_size: int = 1,
+                     peak_bytes_per_rank: Iterable[int] = (),
+                     allreduce_step_seconds: list[float] | None = None) -> RunReport:
+    """Assemble the RunReport: measurement, and the prediction for the same config beside it.
+    Data parallel: peak_bytes is the largest rank's; tokens count all ranks."""
     estimate, note = predict(spec, setup, device) if config.predict else (None, "not requested")
     median = median_step_seconds(step_seconds)
     predicted_seconds = estimate.throughput.step_seconds if estimate is not None else None
+    allreduce = median_step_seconds(allreduce_step_seconds or [])
     return RunReport(
         model=spec, setup=setup, device_name=str(device),
         device_display_name=device_display_name(device), torch_version=torch.__version__,
         num_threads=num_threads(), seed=config.seed, data_source=data_source,
         num_data_tokens=num_data_tokens, start_step=start_step, num_steps=len(losses),
         max_steps=config.max_steps, losses=tuple(losses),
-        num_tokens=len(step_seconds) * setup.tokens_per_step, stop_reason=stop_reason,
+        num_tokens=len(step_seconds) * setup.global_tokens_per_step, stop_reason=stop_reason,
         message=message, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
         memory_method=memory_method, runtime_bytes=runtime_bytes,
         baseline_bytes=baseline_bytes, peak_bytes=peak_bytes,
         step_seconds=median,
-        tokens_per_second=setup.tokens_per_step / median if median else None,
+        tokens_per_second=setup.global_tokens_per_step / median if median else None,
         memory_terms=memory_terms(estimate, method=memory_method, baseline_bytes=baseline_bytes,
                                   peak_bytes=peak_bytes, weights=weights_bytes,
                                   gradients=gradient_bytes, optimizer_states=optimizer_bytes),
         predicted_step_seconds=predicted_seconds,
         step_seconds_relative_error=relative_error(predicted_seconds, median),
-        prediction_note=note,
+        prediction_note=note, world_size=world_size,
+        peak_bytes_per_rank=tuple(peak_bytes_per_rank), allreduce_seconds=allreduce,
+        predicted_allreduce_seconds=predicted_allreduce_seconds(estimate),
     )
+
+
+def predicted_allreduce_seconds(estimate: Estimate | None) -> float | None:
+    """The estimate's gradient all-reduce time per optimizer step (seconds), where the
+    analytic model gives one (a multi-device estimate); None otherwise."""
+    if estimate is None or estimate.setup.num_devices == 1:
+        return None
+    for holder in (estimate.throughput, estimate):
+        for name in ("allreduce_seconds", "all_reduce_seconds", "comm_seconds",
+                     "communication_seconds"):
+            value = getattr(holder, name, None)
+            if isinstance(value, int | float):
+                return float(value)
+    return None

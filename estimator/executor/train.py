@@ -15,9 +15,17 @@ Step semantics: one optimizer step = grad_accum micro-batches of batch_size sequ
 of a step is the mean cross-entropy over its micro-batches (nats/token), computed in fp32.
 Stops: max_steps reached; SIGINT/SIGTERM (the current step finishes, a checkpoint is saved);
 a non-finite loss or gradient norm (nothing is saved, the last good checkpoint stays).
+
+Data parallel (estimator/executor/distributed.py): under torchrun every rank builds the same
+model, trains on its own slice of each step's sequences (data.stream_position) and DDP averages
+the gradients, so N ranks × accumulation a train exactly as one rank × accumulation N·a. The
+ranks agree after every step on the mean loss and on whether to stop (a signal or a non-finite
+value on any rank stops all of them after the same step); only rank 0 writes checkpoints and
+the report.
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -31,13 +39,14 @@ import torch.nn.functional as F
 
 from estimator.errors import ConfigError, SetupError
 from estimator.executor import checkpoint as ckpt
-from estimator.executor import measure
+from estimator.executor import distributed, measure
 from estimator.executor.data import (
     PackedDataset,
     Tokenizer,
     check_vocab,
     describe_source,
     load_dataset,
+    stream_position,
 )
 from estimator.executor.optim import (
     build_optimizer,
@@ -118,6 +127,10 @@ class Run:
     losses: list[float] = field(default_factory=list)
     grads_bytes: int | None = None
     scaler: torch.amp.GradScaler | None = None
+    dist: distributed.DistContext = field(default_factory=distributed.DistContext)
+    ddp: torch.nn.Module | None = None
+    """The DDP-wrapped LossModule that forwards micro-batches when dist.is_distributed."""
+    allreduce: distributed.AllReduceTimer | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,7 +267,7 @@ def _save(run: Run, step: int, data_source: str) -> Path:
         "seed": run.config.seed,
         "data": data_source,
         "num_data_tokens": run.dataset.tokens.numel(),
-        "data_position": step * setup.batch_size * setup.grad_accum,
+        "data_position": step * setup.batch_size * setup.grad_accum * run.dist.world_size,
         "losses": run.losses,
         "rng": ckpt.rng_states(run.device),
         "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,
@@ -296,6 +309,8 @@ def _micro_batch_loss(run: Run, position: int) -> torch.Tensor:
     inputs_BT, targets_BT = run.dataset.batch(run.config.seed, position, run.setup.batch_size)
     inputs_BT, targets_BT = inputs_BT.to(run.device), targets_BT.to(run.device)
     with autocast_context(run.setup, run.device):
+        if run.ddp is not None:
+            return run.ddp(inputs_BT, targets_BT)
         if run.setup.fused_loss:
             return run.model.loss(inputs_BT, targets_BT)
         logits_BTV = run.model(inputs_BT)
@@ -304,20 +319,30 @@ def _micro_batch_loss(run: Run, position: int) -> torch.Tensor:
 
 def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
     """One optimizer step; returns (mean loss, None) or (loss, reason) when it is not finite
-    (then no update is applied)."""
-    setup = run.setup
+    (then no update is applied). Data parallel: the loss is this rank's; gradients are
+    all-reduced with the last micro-batch's backward only (no_sync before), and a non-finite
+    loss does not return early (the other ranks wait in the all-reduce): it makes the
+    averaged gradient norm non-finite on every rank, which skips the update everywhere."""
+    setup, ctx = run.setup, run.dist
     set_lr(run.optimizer, lr)
     total = 0.0
     for micro in range(setup.grad_accum):
-        position = (step * setup.grad_accum + micro) * setup.batch_size
-        loss = _micro_batch_loss(run, position)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            run.optimizer.zero_grad(set_to_none=True)
-            return value, f"loss became {value} at step {step + 1}"
-        scaled = loss / setup.grad_accum
-        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        position = stream_position(step, micro, batch_size=setup.batch_size,
+                                   grad_accum=setup.grad_accum, rank=ctx.rank,
+                                   world_size=ctx.world_size)
+        last = micro == setup.grad_accum - 1
+        with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
+            loss = _micro_batch_loss(run, position)
+            value = float(loss.detach())
+            if not math.isfinite(value) and run.ddp is None:
+                run.optimizer.zero_grad(set_to_none=True)
+                return value, f"loss became {value} at step {step + 1}"
+            scaled = loss / setup.grad_accum
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         total += value
+    if not math.isfinite(total):
+        run.optimizer.zero_grad(set_to_none=True)
+        return total / setup.grad_accum, f"loss became {total} at step {step + 1}"
     if run.grads_bytes is None:
         run.grads_bytes = measure.gradient_bytes(run.model)
     if run.scaler is not None:
@@ -392,18 +417,24 @@ def train(model_spec: ModelSpec, setup: TrainSetup, *, max_steps: int, output_di
 
 def train_with_config(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig, *,
                       on_progress: Callable[[StepProgress], None] | None = None) -> RunReport:
-    """train() with the options gathered in a TrainConfig."""
+    """train() with the options gathered in a TrainConfig. Under torchrun (see
+    estimator/executor/distributed.py) every rank calls this; setup.num_devices must equal the
+    number of processes. Every rank returns the report; only rank 0 writes it."""
     if config.max_steps <= 0:
         raise SetupError("--max-steps must be positive")
-    root = _checkpoint_root(config)
-    if not config.resume and ckpt.list_checkpoints(root):
-        raise ConfigError(f"{config.output_dir} already holds checkpoints; pass --resume to "
-                          "continue that run or choose another --output")
-    peak = measure.PeakMemory(resolve_device(config.device))
-    try:
-        return _train(model_spec, setup, config, peak, on_progress)
-    finally:
-        peak.close()
+    with distributed.process_group(config.device) as (ctx, device_name):
+        distributed.check_setup(setup, ctx)
+        config = dataclasses.replace(config, device=device_name,
+                                     predict=config.predict and ctx.is_main)
+        root = _checkpoint_root(config)
+        if not config.resume and ckpt.list_checkpoints(root):
+            raise ConfigError(f"{config.output_dir} already holds checkpoints; pass --resume "
+                              "to continue that run or choose another --output")
+        peak = measure.PeakMemory(resolve_device(config.device))
+        try:
+            return _train(model_spec, setup, config, peak, on_progress, ctx)
+        finally:
+            peak.close()
 
 
 @dataclass
@@ -414,6 +445,21 @@ class _Outcome:
     message: str = ""
     checkpoint_dir: Path | None = None
     optimizer_bytes: int | None = None
+
+
+def _agree(run: Run, loss: float, bad: str | None, received: list[int], step: int
+           ) -> tuple[float, str | None, int]:
+    """After a step, every rank's (loss, non-finite?, signal?) → the mean loss, a stop message
+    if any rank saw a non-finite value, the signal any rank received (0 if none). A single
+    process gets its own values back."""
+    signum = received[0] if received else 0
+    if not run.dist.is_distributed:
+        return loss, bad, signum
+    rows = distributed.gather_floats([loss, float(bad is not None), float(signum)], run.dist)
+    mean = sum(row[0] for row in rows) / len(rows)
+    if bad is None and any(row[1] for row in rows):
+        bad = f"a rank's loss or gradient norm became non-finite at step {step + 1}"
+    return mean, bad, signum or int(max(row[2] for row in rows))
 
 
 def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.PeakMemory,
@@ -430,6 +476,9 @@ def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.Pe
             timer.start()
             loss, bad = train_step(run, step, lr)
             seconds = timer.stop()
+            if run.allreduce is not None:
+                run.allreduce.end_step()
+            loss, bad, signum = _agree(run, loss, bad, received, step)
             if bad is not None:
                 out.stop_reason, out.message = "nonfinite_loss", bad
                 return out
@@ -439,15 +488,16 @@ def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.Pe
             done = step + 1
             _report_progress(on_progress, run, done, loss, lr, seconds, timer, peak)
             due = config.checkpoint_every and done % config.checkpoint_every == 0
-            if received or due or done == config.max_steps:
+            if signum or due or done == config.max_steps:
                 if not _params_finite(run.trainable):
                     out.stop_reason = "nonfinite_loss"
                     out.message = f"weights became non-finite at step {done}"
                     return out
-                out.checkpoint_dir = _save(run, done, data_source)
-            if received:
+                if run.dist.is_main:
+                    out.checkpoint_dir = _save(run, done, data_source)
+            if signum:
                 out.stop_reason = "interrupted"
-                out.message = (f"stopped by {signal.Signals(received[0]).name} after step "
+                out.message = (f"stopped by {signal.Signals(signum).name} after step "
                                f"{done}; checkpoint {out.checkpoint_dir}; continue with --resume")
                 return out
     return out
@@ -467,10 +517,11 @@ def _final_message(out: _Outcome, run: Run, latest: Path | None, resume_note: st
 
 
 def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
-           peak: measure.PeakMemory,
-           on_progress: Callable[[StepProgress], None] | None) -> RunReport:
+           peak: measure.PeakMemory, on_progress: Callable[[StepProgress], None] | None,
+           ctx: distributed.DistContext) -> RunReport:
     run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
                                                                   peak.current_bytes)
+    run.dist = ctx
     resume_note = _resume(run, data_source) if config.resume else None
     previous = config.output_dir / REPORT_FILE
     if run.start_step >= config.max_steps and previous.is_file():
@@ -480,11 +531,13 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         return report.model_copy(update={"message": _final_message(
             _Outcome(), run, report.checkpoint_dir, resume_note)})
     weights_bytes = measure.weights_bytes(run.model)
+    if ctx.is_distributed:
+        run.ddp, run.allreduce = distributed.wrap_ddp(run.model, run.spec, setup, ctx, run.device)
     timer = measure.StepTimer(run.device)
     run.model.train()
     peak.reset()
     out = _loop(run, data_source, timer, peak, on_progress)
-    peak_bytes = peak.peak_bytes()
+    peaks = [int(row[0]) for row in distributed.gather_floats([peak.peak_bytes()], ctx)]
     latest = ckpt.latest_checkpoint(_checkpoint_root(config))
     latest_path = latest.path if latest else None
     report = measure.build_run_report(
@@ -493,21 +546,26 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         losses=run.losses, step_seconds=timer.step_seconds, stop_reason=out.stop_reason,
         message=_final_message(out, run, latest_path, resume_note),
         checkpoint_dir=latest_path, memory_method=peak.method, runtime_bytes=runtime_bytes,
-        baseline_bytes=baseline_bytes, peak_bytes=peak_bytes, weights_bytes=weights_bytes,
+        baseline_bytes=baseline_bytes, peak_bytes=max(peaks), weights_bytes=weights_bytes,
         gradient_bytes=run.grads_bytes, optimizer_bytes=out.optimizer_bytes,
+        world_size=ctx.world_size, peak_bytes_per_rank=peaks if ctx.is_distributed else [],
+        allreduce_step_seconds=run.allreduce.step_seconds if run.allreduce else None,
     )
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    _write_report(report, config.output_dir / REPORT_FILE)
+    if ctx.is_main:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_report(report, config.output_dir / REPORT_FILE)
+    distributed.barrier(ctx)
     return report
 
 
 def _report_progress(on_progress: Callable[[StepProgress], None] | None, run: Run, done: int,
                      loss: float, lr: float, seconds: float, timer: measure.StepTimer,
                      peak: measure.PeakMemory) -> None:
-    if on_progress is None or (done % run.config.log_every and done != run.config.max_steps):
+    if on_progress is None or not run.dist.is_main or (
+            done % run.config.log_every and done != run.config.max_steps):
         return
     median = measure.median_step_seconds(timer.step_seconds) or seconds
-    tokens = run.setup.tokens_per_step
+    tokens = run.setup.global_tokens_per_step
     on_progress(StepProgress(
         step=done, max_steps=run.config.max_steps, loss=loss, lr=lr, step_seconds=seconds,
         tokens_per_second=tokens / median, eta_seconds=(run.config.max_steps - done) * median,

@@ -85,3 +85,15 @@ class RunReport(Spec):
     """(predicted − measured) / measured step time (fraction); None when either is missing."""
     prediction_note: str | None = None
     """Why the prediction is missing or partial; None when it is complete."""
+    world_size: int = Field(default=1, gt=0)
+    """Data-parallel processes that trained (count); peak_bytes is the largest rank's peak."""
+    peak_bytes_per_rank: tuple[int, ...] = ()
+    """Peak memory of each rank during the training steps, rank order (bytes); empty for a
+    single process."""
+    allreduce_seconds: float | None = None
+    """Median over steps (after warm-up) of the gradient all-reduce's wall time per optimizer
+    step on rank 0 (seconds): per DDP bucket from launch to completion, union over buckets
+    (waiting for slower ranks included); None for one process or off gloo."""
+    predicted_allreduce_seconds: float | None = None
+    """Analytic all-reduce time per optimizer step for the same config (seconds); None without
+    a multi-device prediction."""

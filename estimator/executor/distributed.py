@@ -1,0 +1,303 @@
+"""Data-parallel training over processes started by torchrun (torch.distributed), and the
+launcher that starts them.
+
+Inside a worker: `process_group(device)` reads torchrun's environment (RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), joins the process group with the device's
+collective backend (gloo on the CPU, nccl on CUDA — RCCL on ROCm builds —, xccl on XPU), splits
+the CPU cores between the local ranks and tears the group down on every exit path. Without
+torchrun's environment it is a single process and nothing is initialised.
+
+Only DDP is supported (every rank holds the whole model; gradients are averaged by an
+all-reduce after each optimizer step's last micro-batch). Sharded modes (ZeRO 1–3 / FSDP),
+CPU offload and expert parallelism are refused: FSDP2 on gloo had a silent gradient-averaging
+bug (pytorch#162338), and a sharded mode is only accepted once a test proves its gradients
+equal a single process's.
+
+Outside a worker: `launch(argv, nproc, …)` re-executes `python -m estimator ARGV` under
+`python -m torch.distributed.run`.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from estimator.errors import SetupError
+from estimator.specs.model import ModelSpec
+from estimator.specs.setup import TrainSetup
+
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl"}
+"""Collective backend per torch device type (ROCm builds expose AMD GPUs as 'cuda'; their
+'nccl' backend is RCCL)."""
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+"""Variables torchrun sets in every worker (a process is a worker when all are present)."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the data-parallel group."""
+
+    rank: int = 0
+    """Global rank (0 … world_size − 1)."""
+    world_size: int = 1
+    """Processes in the group (count)."""
+    local_rank: int = 0
+    """Rank on this machine."""
+    local_world_size: int = 1
+    """Processes on this machine (count)."""
+    backend: str | None = None
+    """Collective backend; None for a single process."""
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one process trains."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only rank that writes files."""
+        return self.rank == 0
+
+
+def in_worker() -> bool:
+    """True inside a process started by torchrun."""
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def context_from_env() -> DistContext:
+    """DistContext from torchrun's environment; a single process when it is absent."""
+    if not in_worker():
+        return DistContext()
+    world = int(os.environ["WORLD_SIZE"])
+    return DistContext(rank=int(os.environ["RANK"]), world_size=world,
+                       local_rank=int(os.environ["LOCAL_RANK"]),
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def backend_for(device_type: str) -> str:
+    """The collective backend for a torch device type; SetupError where there is none."""
+    if device_type not in BACKENDS:
+        raise SetupError(f"no collective backend for --device {device_type} (data-parallel "
+                         "training runs on cpu, cuda/rocm or xpu)")
+    return BACKENDS[device_type]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (count)."""
+    with contextlib.suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def threads_per_rank(local_world_size: int, cores: int | None = None) -> int:
+    """Intra-op threads of each local rank: cores // local ranks, at least 1 (count)."""
+    return max(1, (cores or available_cores()) // max(1, local_world_size))
+
+
+def rank_device(device: str, ctx: DistContext) -> str:
+    """The device string of this rank: an accelerator without an index gets the local rank's."""
+    if ctx.is_distributed and device in ("cuda", "xpu"):
+        return f"{device}:{ctx.local_rank}"
+    return device
+
+
+def check_setup(setup: TrainSetup, ctx: DistContext) -> None:
+    """Refuse, with one line, what this executor would not run as the setup says."""
+    if setup.zero_stage > 0:
+        raise SetupError(f"zero_stage {setup.zero_stage}: the executor runs DDP only (every rank "
+                         "holds all states); use zero_stage 0 (sharded modes are unproven here)")
+    if setup.offload != "none":
+        raise SetupError(f"offload {setup.offload}: the executor has no CPU offload; use 'none'")
+    if setup.expert_parallel > 1:
+        raise SetupError("expert_parallel > 1: the executor has no expert parallelism; use 1")
+    if setup.num_devices != ctx.world_size:
+        how = "launch with nvfree train --nproc N (torchrun)" if ctx.world_size == 1 else \
+            "pass --nproc/--nnodes matching the processes torchrun starts"
+        raise SetupError(f"the setup trains on {setup.num_devices} devices but "
+                         f"{ctx.world_size} process(es) run; {how}")
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM outside the training loop raises SystemExit(143), so `finally` blocks (the
+    process-group teardown) run; the loop installs its own graceful handler inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[tuple[DistContext, str]]:
+    """Join torchrun's process group (if any) for the run; yields (context, this rank's device).
+    A group that is already initialised (by the caller) is used and left to the caller."""
+    ctx = context_from_env()
+    if not ctx.is_distributed:
+        yield ctx, device
+        return
+    local = rank_device(device, ctx)
+    device_type = torch.device(local).type
+    backend = backend_for(device_type)
+    owned = not dist.is_initialized()
+    torch.set_num_threads(threads_per_rank(ctx.local_world_size))
+    with _sigterm_exits():
+        try:
+            if owned:
+                if device_type != "cpu":
+                    torch.accelerator.set_device_index(torch.device(local).index)
+                dist.init_process_group(backend=backend)
+            yield DistContext(rank=ctx.rank, world_size=ctx.world_size,
+                              local_rank=ctx.local_rank, local_world_size=ctx.local_world_size,
+                              backend=dist.get_backend()), local
+        finally:
+            if owned and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class LossModule(torch.nn.Module):
+    """model → loss, as one forward: DDP hooks its gradient reduction into forward(), so the
+    fused loss (Transformer.loss) must be reached through it."""
+
+    def __init__(self, model: torch.nn.Module, fused_loss: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.fused_loss = fused_loss
+
+    def forward(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        if self.fused_loss:
+            return self.model.loss(inputs_BT, targets_BT)
+        logits_BTV = self.model(inputs_BT)
+        return torch.nn.functional.cross_entropy(logits_BTV.float().flatten(0, 1),
+                                                 targets_BT.flatten())
+
+
+@dataclass
+class AllReduceTimer:
+    """Wall time of the DDP gradient all-reduce, from a comm hook: per bucket, launch to
+    completion (waiting for slower ranks included); per step, the union of the buckets'
+    intervals (buckets that overlap each other count once; time overlapping the rest of
+    backward is included). Honest on gloo (the future completes when the data arrived); not
+    used on accelerators, where completion is asynchronous to the host."""
+
+    world_size: int
+    intervals: list[tuple[float, float]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hook(self, state: object, bucket: dist.GradBucket
+             ) -> torch.futures.Future[torch.Tensor]:
+        """DDP comm hook: average the bucket (as DDP's default allreduce_hook) and time it."""
+        started = time.perf_counter()
+        buffer = bucket.buffer().div_(self.world_size)
+        future = dist.all_reduce(buffer, async_op=True).get_future()
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            with self._lock:
+                self.intervals.append((started, time.perf_counter()))
+            return fut.value()[0]
+
+        return future.then(done)
+
+    def end_step(self) -> float:
+        """Close the step: record and return its all-reduce seconds (union of intervals)."""
+        with self._lock:
+            spans, self.intervals = sorted(self.intervals), []
+        total, end = 0.0, float("-inf")
+        for a, b in spans:
+            total += max(0.0, b - max(a, end))
+            end = max(end, b)
+        self.step_seconds.append(total)
+        return total
+
+
+def wrap_ddp(model: torch.nn.Module, spec: ModelSpec, setup: TrainSetup, ctx: DistContext,
+             device: torch.device) -> tuple[torch.nn.Module, AllReduceTimer | None]:
+    """The model wrapped for data parallelism: LossModule in DDP. Only parameters that require
+    grad are reduced (LoRA: the adapters); frozen ones are not broadcast either (every rank
+    built them identically from the seed). find_unused_parameters only for MoE (routing can
+    leave experts unused in a micro-batch). Returns (module, all-reduce timer or None)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapper = LossModule(model, setup.fused_loss)
+    frozen = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, frozen)
+    ddp = DistributedDataParallel(
+        wrapper, device_ids=None if device.type == "cpu" else [device.index],
+        broadcast_buffers=False, find_unused_parameters=spec.is_moe,
+        gradient_as_bucket_view=True)
+    timer = None
+    if ctx.backend == "gloo":
+        timer = AllReduceTimer(ctx.world_size)
+        ddp.register_comm_hook(None, timer.hook)
+    return ddp, timer
+
+
+def gather_floats(values: list[float], ctx: DistContext) -> list[list[float]]:
+    """Every rank's `values` (same length on all ranks), in rank order."""
+    if not ctx.is_distributed:
+        return [list(values)]
+    local = torch.tensor(values, dtype=torch.float64)
+    parts = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, local)
+    return [p.tolist() for p in parts]
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if ctx.is_distributed:
+        dist.barrier()
+
+
+def torchrun_command(argv: list[str], nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = "nvfree") -> list[str]:
+    """`python -m torch.distributed.run … -m estimator ARGV`: standalone on one machine, a c10d
+    rendezvous at rdzv_endpoint (host:port) over nnodes machines."""
+    if nproc < 1 or nnodes < 1:
+        raise SetupError("--nproc and --nnodes must be at least 1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        command.append("--standalone")
+    else:
+        if rdzv_endpoint is None:
+            raise SetupError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (a machine all "
+                             "nodes reach; run the same command on every node)")
+        command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+        if node_rank is not None:
+            command.append(f"--node-rank={node_rank}")
+    return [*command, "-m", "estimator", *argv]
+
+
+def launch(argv: list[str], nproc: int, nnodes: int = 1, *, node_rank: int | None = None,
+           rdzv_endpoint: str | None = None, rdzv_id: str = "nvfree",
+           env: dict[str, str] | None = None) -> int:
+    """Run `nvfree ARGV` in nproc processes per node under torchrun and wait; returns
+    torchrun's exit code. OMP_NUM_THREADS is set to cores // nproc (the workers set torch's
+    threads the same way). SIGINT is left to torchrun, which stops the workers; this process
+    keeps waiting so the caller can read what they wrote."""
+    command = torchrun_command(argv, nproc, nnodes=nnodes, node_rank=node_rank,
+                               rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+    environment = {**os.environ, **(env or {})}
+    environment.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    process = subprocess.Popen(command, env=environment)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
