@@ -380,14 +380,10 @@ def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigL
 
 
 def predicted_allreduce_seconds(estimate: Estimate | None) -> float | None:
-    """The estimate's gradient all-reduce time per optimizer step (seconds), where the
-    analytic model gives one (a multi-device estimate); None otherwise."""
-    if estimate is None or estimate.setup.num_devices == 1:
+    """The estimate's gradient all-reduce time per optimizer step (seconds): its
+    'comm.grad.all_reduce' op (estimator/analytic/parallel.py); None for one device or
+    without an estimate."""
+    if estimate is None:
         return None
-    for holder in (estimate.throughput, estimate):
-        for name in ("allreduce_seconds", "all_reduce_seconds", "comm_seconds",
-                     "communication_seconds"):
-            value = getattr(holder, name, None)
-            if isinstance(value, int | float):
-                return float(value)
-    return None
+    seconds = [op.seconds for op in estimate.throughput.ops if op.name == "comm.grad.all_reduce"]
+    return sum(seconds) if seconds else None
