@@ -381,6 +381,23 @@ def check_offload(setup: TrainSetup, device: Device) -> None:
                          "(ZeRO-Infinity): use --zero 3")
 
 
+def sixteen_bit_params(setup: TrainSetup) -> bool:
+    """True when a mixed-precision full fine-tune keeps 16-bit working parameters and
+    gradients on the device and the fp32 master copy with the optimizer (DeepSpeed's layout,
+    the ZeRO paper's 2Ψ + 2Ψ + KΨ, K = 12): whenever the master copy is sharded (ZeRO ≥ 1 on
+    several devices) or offloaded. Single-device torch.autocast keeps fp32 parameters instead."""
+    return (setup.method == "full" and autocasting(setup)
+            and (setup.offload != "none" or (setup.zero_stage >= 1 and setup.num_devices > 1)))
+
+
+def device_gradient_bytes(setup: TrainSetup, params: ParamCounts) -> int:
+    """Gradients as they are reduced: 16-bit in the sharded layout (sixteen_bit_params), else
+    gradient_bytes."""
+    if sixteen_bit_params(setup):
+        return params.trainable * dtype_bytes(setup.compute_dtype)
+    return gradient_bytes(setup, params)
+
+
 def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
                       params: ParamCounts) -> dict[str, int]:
     """Weights, master weights, adapters, gradients, optimizer states and transients of one
@@ -388,6 +405,8 @@ def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
     weights = weight_bytes(model, setup, params)
     copies = autocast_copy_params(model, setup, params) * dtype_bytes(setup.compute_dtype)
     stored = weights["weights"] - copies
+    if sixteen_bit_params(setup):
+        stored, copies = params.total * dtype_bytes(setup.compute_dtype), 0
     if setup.zero_stage >= 3 and setup.num_devices > 1:
         copies = 0  # FSDP casts on gather: the gathered block replaces autocast's casts
     adapters = adapter_bytes(model, setup, params)
@@ -403,7 +422,7 @@ def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
         "master_weights": shard("master_weights", master_weight_bytes(setup, params), t_share),
         "adapter_weights": shard("adapter_weights", adapter_stored, t_share)
         + adapters - adapter_stored,
-        "gradients": shard("gradients", gradient_bytes(setup, params), t_share),
+        "gradients": shard("gradients", device_gradient_bytes(setup, params), t_share),
         "optimizer_states": shard("optimizer_states",
                                   optimizer_state_bytes(model, setup, params), t_share),
         "optimizer_transient": shard(

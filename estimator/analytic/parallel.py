@@ -10,7 +10,7 @@ from estimator.analytic import comms as C
 from estimator.analytic.flops import optimizer_bytes_per_param
 from estimator.analytic.memory import (
     autocast_copy_params,
-    gradient_bytes,
+    device_gradient_bytes,
     routed_fractions,
     sharded_bytes,
     trainable_bytes_per_param,
@@ -47,13 +47,13 @@ def step_collectives(model: ModelSpec, setup: TrainSetup,
         return C.expert_parallel_collectives(model, setup)
     _, t_share = routed_fractions(model, setup, params)
     ep_scale = 1 - t_share + t_share / setup.expert_parallel
-    grads = gradient_bytes(setup, params) * ep_scale
+    grads = device_gradient_bytes(setup, params) * ep_scale
     per_param = C.gather_bytes_per_param(setup, trainable_bytes_per_param(setup))
     param_bytes = params.trainable * per_param * ep_scale
     out = C.data_parallel_collectives(setup, round(grads), round(param_bytes),
                                       frozen_storage_bytes(model, setup, params))
     out += C.expert_parallel_collectives(model, setup)
-    grad_shard = sharded_bytes(gradient_bytes(setup, params), setup, min_stage=1,
+    grad_shard = sharded_bytes(device_gradient_bytes(setup, params), setup, min_stage=1,
                                routed_fraction=t_share)
     param_shard = sharded_bytes(params.trainable * per_param, setup, min_stage=1,
                                 routed_fraction=t_share)

@@ -14,6 +14,7 @@ from estimator.cli.options import (
     DeviceOpt,
     DoubleQuantOpt,
     DtypeOpt,
+    ExpertParallelOpt,
     FusedLossOpt,
     JsonOpt,
     LoraAlphaOpt,
@@ -22,10 +23,14 @@ from estimator.cli.options import (
     MethodOpt,
     MixedOpt,
     ModelOpt,
+    NodesOpt,
+    NumDevicesOpt,
+    OffloadOpt,
     OptimizerOpt,
     ParamsOpt,
     SeqOpt,
     TokensOpt,
+    ZeroOpt,
 )
 
 
@@ -38,6 +43,8 @@ def estimate(
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
     fused_loss: FusedLossOpt = True,
+    num_devices: NumDevicesOpt = 1, nodes: NodesOpt = 1, zero: ZeroOpt = "0",
+    offload: OffloadOpt = "none", expert_parallel: ExpertParallelOpt = 1,
     device: DeviceOpt = "local", device_memory: DeviceMemoryOpt = None,
     tokens: TokensOpt = None, json: JsonOpt = False,
     use_profile: bool = typer.Option(True, "--profile/--no-profile",
@@ -56,7 +63,9 @@ def estimate(
                           lora_alpha=lora_alpha, batch_size=batch_size, seq_len=seq_len,
                           grad_accum=grad_accum, checkpointing=checkpointing,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
-                          fused_loss=fused_loss)
+                          fused_loss=fused_loss, num_devices=num_devices, num_nodes=nodes,
+                          zero_stage=int(zero), offload=offload,
+                          expert_parallel=expert_parallel)
     result = run_estimate(spec, setup, dev, profile)
     if json:
         typer.echo(result.model_dump_json(indent=2))

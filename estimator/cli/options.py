@@ -63,6 +63,24 @@ FusedLossOpt = Annotated[bool, typer.Option(
     "--fused-loss/--no-fused-loss", rich_help_panel=SETUP_PANEL,
     help="lm_head + cross-entropy fused in row chunks (the bundled trainer), or full b·s·V "
          "logits (HF Trainer's default).")]
+PARALLEL_PANEL = "Devices and sharding"
+NumDevicesOpt = Annotated[int, typer.Option(
+    "--num-devices", min=1, rich_help_panel=PARALLEL_PANEL,
+    help="Data-parallel devices in total, over all nodes; each runs --batch-size.")]
+NodesOpt = Annotated[int, typer.Option(
+    "--nodes", min=1, rich_help_panel=PARALLEL_PANEL,
+    help="Machines the devices are spread over evenly (inter-node traffic uses the network).")]
+ZeroOpt = Annotated[Literal["0", "1", "2", "3"], typer.Option(
+    "--zero", rich_help_panel=PARALLEL_PANEL,
+    help="ZeRO stage: 0 = DDP, 1 = shard optimizer states, 2 = + gradients, 3 = + parameters "
+         "(FSDP).")]
+OffloadOpt = Annotated[Literal["none", "optimizer", "optimizer_and_params"], typer.Option(
+    "--offload", rich_help_panel=PARALLEL_PANEL,
+    help="Keep optimizer states (and parameters, with --zero 3) in host memory; the optimizer "
+         "step runs on the CPU (ZeRO-Offload).")]
+ExpertParallelOpt = Annotated[int, typer.Option(
+    "--expert-parallel", min=1, rich_help_panel=PARALLEL_PANEL,
+    help="MoE: split the routed experts over this many devices (divides --num-devices).")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", "-d", help="Catalogue device (see `nvfree devices`) or local (this machine).")]
 DeviceMemoryOpt = Annotated[float | None, typer.Option(

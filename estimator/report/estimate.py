@@ -22,13 +22,30 @@ def model_line(est: Estimate) -> str:
             f"trainable · {method}, {s.weight_bits}-bit base, {s.compute_dtype}"
             f"{' mixed' if s.mixed_precision else ''}, {s.optimizer}, batch {s.batch_size}×"
             f"{s.seq_len}{f' ×{s.grad_accum} accum' if s.grad_accum > 1 else ''}"
-            f"{', checkpointing' if s.checkpointing else ''}")
+            f"{', checkpointing' if s.checkpointing else ''}{parallel_text(est)}")
+
+
+def parallel_text(est: Estimate) -> str:
+    """', 8 devices over 2 nodes, ZeRO-3, offload optimizer, expert-parallel 4' (or '')."""
+    s = est.setup
+    parts = []
+    if s.num_devices > 1:
+        nodes = f" over {s.num_nodes} nodes" if s.num_nodes > 1 else ""
+        parts.append(f"{s.num_devices} devices{nodes}, "
+                     + (f"ZeRO-{s.zero_stage}" if s.zero_stage else "DDP"))
+    if s.offload != "none":
+        parts.append(f"offload {s.offload.replace('_', ' ')}")
+    if s.expert_parallel > 1:
+        parts.append(f"expert-parallel {s.expert_parallel}")
+    return "".join(f" · {p}" for p in parts)
 
 
 def memory_table(est: Estimate) -> Table:
     """Non-zero memory terms, total, capacity."""
     mem = est.memory
-    table = Table(title=f"Peak memory on {est.device.display_name} ({mem.notes.get('peak_phase')})",
+    per = " per device" if est.setup.num_devices > 1 else ""
+    table = Table(title=f"Peak memory{per} on {est.device.display_name} "
+                        f"({mem.notes.get('peak_phase')})",
                   title_justify="left", show_edge=False)
     table.add_column("term")
     table.add_column("bytes", justify="right")
@@ -39,6 +56,13 @@ def memory_table(est: Estimate) -> Table:
     table.add_section()
     table.add_row("total", fmt_bytes(mem.total_bytes), "", style="bold")
     table.add_row("available on device", fmt_bytes(mem.capacity_bytes), "")
+    if mem.host_components:
+        table.add_section()
+        for name, value in mem.host_components.items():
+            if value:
+                table.add_row(f"host: {name}", fmt_bytes(value), "")
+        table.add_row("host memory per device", fmt_bytes(mem.host_total_bytes), "",
+                      style="bold")
     return table
 
 
@@ -50,12 +74,17 @@ def time_table(est: Estimate) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("step", fmt_seconds(t.step_seconds))
-    table.add_row("tokens/s", f"{t.tokens_per_second:,.1f}")
+    if t.num_devices > 1 or t.communication_seconds:
+        table.add_row("  of which communication", f"{fmt_seconds(t.communication_seconds)} "
+                      f"({t.communication_seconds / t.step_seconds:.0%}, not overlapped)")
+    devices = f" ({t.num_devices} devices)" if t.num_devices > 1 else ""
+    table.add_row(f"tokens/s{devices}", f"{t.tokens_per_second:,.1f}")
     if t.decode_tokens_per_second is not None:
         table.add_row("decode tokens/s", f"{t.decode_tokens_per_second:,.1f}")
-    achieved = t.model_flops_per_token * t.tokens_per_second
+    achieved = t.model_flops_per_token * t.tokens_per_second / t.num_devices
     peak = est.device.peak_for(t.compute_dtype) or est.device.peak_for("fp32")
-    table.add_row("model FLOP/s", f"{fmt_rate(achieved)} of {fmt_rate(peak)}")
+    table.add_row("model FLOP/s" + (" per device" if t.num_devices > 1 else ""),
+                  f"{fmt_rate(achieved)} of {fmt_rate(peak)}")
     if t.total_seconds is not None:
         tokens = fmt_count(est.setup.num_tokens or 0)
         table.add_row(f"{tokens} tokens", fmt_seconds(t.total_seconds))
