@@ -4,7 +4,7 @@ import sys
 
 import typer
 
-from estimator.cli import calibrate, catalog_cmds, estimate, hardware, train
+from estimator.cli import calibrate, catalog_cmds, compare, estimate, hardware, train
 
 app = typer.Typer(name="nvfree", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -14,6 +14,7 @@ catalog_cmds.register(app)
 hardware.register(app)
 calibrate.register(app)
 train.register(app)
+compare.register(app)
 
 EXIT_USAGE = 2
 

@@ -5,6 +5,7 @@ from estimator.specs.calibration import (
     CalibrationProfile,
     EfficiencyCurve,
 )
+from estimator.specs.compare import Comparison, DeviceOption, FreeTier, SmallerModel
 from estimator.specs.device import Device
 from estimator.specs.estimate import (
     Advice,
@@ -26,9 +27,12 @@ __all__ = [
     "AcceleratorInfo",
     "Advice",
     "CalibrationProfile",
+    "Comparison",
     "Device",
+    "DeviceOption",
     "EfficiencyCurve",
     "Estimate",
+    "FreeTier",
     "MLASpec",
     "MachineInfo",
     "MemoryBreakdown",
@@ -37,6 +41,7 @@ __all__ = [
     "OpTime",
     "ParamCounts",
     "RunReport",
+    "SmallerModel",
     "TermComparison",
     "Throughput",
     "TrainSetup",

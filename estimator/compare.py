@@ -1,0 +1,445 @@
+"""`compare`: one model + setup on every catalogue device — does it fit on one, how many are
+needed, how many hours, what cost, which method — plus smaller models and free tiers.
+
+Pure library (no torch, no printing). Every number comes from `estimator.api.estimate`; this
+module only searches device counts, picks methods and sorts.
+
+Rules (stated in the result):
+* Devices needed: the fewest N (in whole nodes of DEVICES_PER_NODE beyond one node) for which
+  `estimate(..., TrainSetup(num_devices=N, zero_stage=3))` fits, then the lowest ZeRO stage that
+  still fits at that N. Where `estimate` does not model several devices yet (its memory does not
+  change with num_devices), the fallback shards weights, gradients and optimizer states ideally
+  (FALLBACK_SHARDED_TERMS) and scales throughput by N with no communication time; such options carry
+  multi_device_modelled=False.
+* Method, when the user did not fix it: among full, LoRA and QLoRA, the one that needs the
+  fewest devices, then the fewest device-hours per token on that device (what a fixed hourly
+  price makes cheapest); ties go to the earlier of full, lora, qlora. Training setups are also
+  tried with gradient checkpointing (unless the user already set it), under the same rule: a
+  job that misses one device by its activations gets checkpointing, not 200 devices.
+* Inference: prefill tokens/s from the per-op forward model, decode tokens/s from
+  analytic/inference.py; the budget is generated tokens at the decode rate. N devices are
+  treated as ideal tensor parallelism (N× bandwidth and FLOP/s).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+from estimator.analytic.inference import decode_step_seconds
+from estimator.analytic.memory import memory_breakdown
+from estimator.analytic.params import count_params
+from estimator.api import auto_dtype, estimate
+from estimator.catalog import GB, GIB, TERA, list_devices, list_models, load_device, read_toml
+from estimator.errors import SetupError
+from estimator.specs import (
+    CalibrationProfile,
+    Comparison,
+    Device,
+    DeviceOption,
+    Estimate,
+    FreeTier,
+    ModelSpec,
+    SmallerModel,
+    TrainSetup,
+)
+
+AUTO_METHODS = ("full", "lora", "qlora")
+DEFAULT_MAX_DEVICES = 1024
+SECONDS_PER_HOUR = 3600
+MAX_SMALLER_MODELS = 3
+FALLBACK_SHARDED_TERMS = ("weights", "quant_scales", "master_weights", "adapter_weights",
+                          "gradients", "optimizer_states")
+"""Terms ideal ZeRO-3 sharding divides by N in the fallback (activations, logits, KV cache and
+runtime stay per device; Rajbhandari et al. 2020)."""
+METHOD_RULE = ("per device, among full, lora and qlora (each with and without gradient "
+               "checkpointing): the fewest devices, then the fewest device-hours per token "
+               "(ties: full, lora, qlora; no checkpointing)")
+CKPT_RULE = ("gradient checkpointing is switched on where it needs fewer devices (or, at equal "
+             "count, fewer device-hours)")
+
+
+def devices_per_node(device: Device) -> int:
+    """Devices one machine holds: 1 for a CPU socket or an Apple machine, 8 for accelerators
+    (HGX/OAM boards, TPU/Trainium hosts are 4–16; 8 is the common case)."""
+    return 1 if device.kind == "cpu" or device.backend == "mps" else 8
+
+
+def whole_nodes(num_devices: int, per_node: int) -> int:
+    """num_devices rounded up to whole nodes once it exceeds one node (count)."""
+    if num_devices <= per_node:
+        return num_devices
+    return -(-num_devices // per_node) * per_node
+
+
+def sized(setup: TrainSetup, num_devices: int, zero_stage: int, per_node: int) -> TrainSetup:
+    """The setup on num_devices devices with a ZeRO stage, spread over whole nodes."""
+    nodes = max(1, num_devices // per_node) if num_devices > per_node else 1
+    return setup.model_copy(update={"num_devices": num_devices, "num_nodes": nodes,
+                                    "zero_stage": zero_stage})
+
+
+def fits(est: Estimate) -> bool:
+    """Peak memory within the device's capacity."""
+    return est.memory.total_bytes <= est.memory.capacity_bytes
+
+
+def method_setup(setup: TrainSetup, method: str) -> TrainSetup:
+    """The setup with another method: full/lora at 16-bit, qlora at 4-bit; the user's bits
+    are kept for the method they gave."""
+    if method == setup.method:
+        return setup
+    return setup.model_copy(update={"method": method, "weight_bits": 4 if method == "qlora"
+                                    else 16})
+
+
+def device_dtype_setup(setup: TrainSetup, device: Device, profile: CalibrationProfile | None,
+                       auto: bool) -> TrainSetup:
+    """With `auto`, the compute dtype `--dtype auto` picks on this device; mixed precision
+    stays as requested unless the dtype becomes fp32."""
+    if not auto:
+        return setup
+    dtype = auto_dtype(device, profile)
+    return setup.model_copy(update={"compute_dtype": dtype,
+                                    "mixed_precision": setup.mixed_precision and dtype != "fp32"})
+
+
+class Sizing:
+    """The smallest fitting device count for one setup on one device."""
+
+    def __init__(self, num_devices: int | None, zero_stage: int | None, est: Estimate,
+                 single: Estimate, modelled: bool) -> None:
+        self.num_devices, self.zero_stage = num_devices, zero_stage
+        self.est, self.single, self.modelled = est, single, modelled
+
+
+def fallback_sizing(single: Estimate, per_node: int, max_devices: int) -> Sizing:
+    """Ideal ZeRO-3 sharding of weights, gradients and optimizer states over N devices:
+    the fewest N with sharded/N + replicated ≤ capacity."""
+    mem = single.memory
+    shard = sum(mem.components.get(k, 0) for k in FALLBACK_SHARDED_TERMS)
+    room = mem.capacity_bytes - (mem.total_bytes - shard)
+    if room <= 0:
+        return Sizing(None, None, single, single, False)
+    n = whole_nodes(max(1, -(-shard // room)), per_node)
+    if n > max_devices:
+        return Sizing(None, None, single, single, False)
+    return Sizing(n, 3, single, single, False)
+
+
+def smallest_fit(model: ModelSpec, setup: TrainSetup, device: Device,
+                 profile: CalibrationProfile | None, max_devices: int,
+                 exact: int | None = None) -> Sizing:
+    """Fewest devices (then lowest ZeRO stage) that hold the job; see the module rules.
+    With `exact`, exactly that many devices (a free tier's session), lowest fitting stage.
+
+    The search reads the same memory model `estimate` uses (memory_breakdown) and runs the
+    full `estimate` once, at the chosen count — a whole estimate per probe would re-run its
+    own advice search every time."""
+    per_node = devices_per_node(device)
+
+    def fits_at(n: int, zero: int) -> bool:
+        s = sized(setup, n, zero, per_node)
+        mem = memory_breakdown(model, s, device, count_params(model, s))
+        return mem.total_bytes <= mem.capacity_bytes
+
+    single = estimate(model, sized(setup, 1, 0, per_node), device, profile)
+    two = sized(setup, 2, 3, per_node)
+    multi = max(max_devices, exact or 1) >= 2 and memory_breakdown(
+        model, two, device, count_params(model, two)).total_bytes != single.memory.total_bytes
+    if exact is not None and exact > 1 and not multi:
+        fallback = fallback_sizing(single, per_node, exact)
+        ok = fallback.num_devices is not None
+        return Sizing(exact if ok else None, 3 if ok else None, single, single, False)
+    if exact is None:
+        if fits(single):
+            return Sizing(1, 0, single, single, True)
+        if max_devices < 2:
+            return Sizing(None, None, single, single, True)
+        if not multi:
+            return fallback_sizing(single, per_node, max_devices)
+        n = fewest_sharded(fits_at, per_node, max_devices)
+    else:
+        n = exact
+    for zero in (0, 1, 2, 3):
+        if n is not None and (n > 1 or zero == 0) and fits_at(n, zero):
+            est = single if n == 1 else estimate(model, sized(setup, n, zero, per_node),
+                                                 device, profile)
+            return Sizing(n, zero, est, single, True)
+    return Sizing(None, None, single, single, True)
+
+
+def fewest_sharded(fits_at, per_node: int, max_devices: int) -> int | None:
+    """Fewest device count (whole nodes past one) that fits with ZeRO-3: doubling, then
+    bisection (per-device memory never grows with N)."""
+    lo, hi = 1, 2
+    while not fits_at(whole_nodes(hi, per_node), 3):
+        if hi >= max_devices:
+            return None
+        lo, hi = hi, min(2 * hi, max_devices)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits_at(whole_nodes(mid, per_node), 3):
+            hi = mid
+        else:
+            lo = mid
+    n = whole_nodes(hi, per_node)
+    return n if n <= max_devices else None
+
+
+def rates(model: ModelSpec, sizing: Sizing, device: Device) -> tuple[float, float | None,
+                                                                     str | None]:
+    """(tokens/s over all devices — training or prefill —, decode tokens/s, decode bound)."""
+    n = sizing.num_devices or 1
+    est = sizing.est
+    if sizing.modelled:
+        tokens = est.setup.global_tokens_per_step / est.throughput.step_seconds
+    else:
+        tokens = n * est.throughput.tokens_per_second
+    if est.setup.method != "inference":
+        return tokens, None, None
+    one = sizing.single
+    weights = one.memory.components["weights"] + one.memory.components["quant_scales"]
+    seconds, bound = decode_step_seconds(model, one.setup, device, one.params, weights,
+                                         one.memory.components["kv_cache"])
+    return tokens, n * one.setup.batch_size / seconds, bound
+
+
+def device_unknowns(device: Device, setup: TrainSetup, requested_dtype: str | None) -> list[str]:
+    """What the catalogue does not know for this device, one line each."""
+    out = []
+    if device.price_per_hour_usd is None:
+        out.append("no on-demand price in the catalogue: cost unknown")
+    if requested_dtype and device.peak_for(requested_dtype) is None:
+        out.append(f"no {requested_dtype} peak: its fp32 rate is used")
+    elif setup.compute_dtype == "fp32" and device.peak_for("bf16") is None:
+        out.append("no bf16/fp16 peak: runs in fp32")
+    if device.achievable_matmul_fraction is None:
+        out.append("no measured large-GEMM efficiency: 60 % of peak assumed")
+    if devices_per_node(device) > 1 and device.interconnect_bytes_per_second is None:
+        out.append("no interconnect bandwidth in the catalogue")
+    return out
+
+
+def option_for(model: ModelSpec, setup: TrainSetup, device: Device,
+               profile: CalibrationProfile | None, max_devices: int,
+               requested_dtype: str | None, exact: int | None = None) -> DeviceOption:
+    """Size one setup on one device and price it."""
+    sizing = smallest_fit(model, setup, device, profile, max_devices, exact)
+    est = sizing.est
+    tokens = decode = bound = hours_per_m = total = cost = None
+    if sizing.num_devices is not None:
+        tokens, decode, bound = rates(model, sizing, device)
+        rate = decode if decode is not None else tokens
+        hours_per_m = sizing.num_devices * 1e6 / rate / SECONDS_PER_HOUR
+        if setup.num_tokens is not None:
+            total = setup.num_tokens / rate
+            if device.price_per_hour_usd is not None:
+                cost = (sizing.num_devices * device.price_per_hour_usd * total
+                        / SECONDS_PER_HOUR)
+    return DeviceOption(
+        device=device.name, display_name=device.display_name, kind=device.kind,
+        vendor=device.vendor, method=setup.method, weight_bits=setup.weight_bits,
+        compute_dtype=setup.compute_dtype, checkpointing=setup.checkpointing,
+        fits_on_one=sizing.num_devices == 1,
+        num_devices=sizing.num_devices, zero_stage=sizing.zero_stage,
+        peak_memory_bytes=est.memory.total_bytes, capacity_bytes=est.memory.capacity_bytes,
+        memory_components={k: v for k, v in est.memory.components.items() if v},
+        tokens_per_second=tokens, decode_tokens_per_second=decode, decode_bound=bound,
+        total_seconds=total, device_hours_per_million_tokens=hours_per_m,
+        price_per_hour_usd=device.price_per_hour_usd, cost_usd=cost,
+        within_limits=sizing.num_devices is not None,
+        multi_device_modelled=sizing.modelled or sizing.num_devices in (None, 1),
+        price_source=device.price_source, sources=device.sources,
+        unknowns=device_unknowns(device, setup, requested_dtype))
+
+
+def method_key(option: DeviceOption) -> tuple:
+    """Fewest devices, then fewest device-hours per token; when nothing fits, the smallest
+    peak memory; ties by method order, then without checkpointing."""
+    hours = option.device_hours_per_million_tokens
+    order = AUTO_METHODS.index(option.method) if option.method in AUTO_METHODS else 0
+    if option.num_devices is None:
+        return (True, 0, option.peak_memory_bytes / option.capacity_bytes, order,
+                option.checkpointing)
+    return (False, option.num_devices, hours or 0.0, order, option.checkpointing)
+
+
+def best_option(model: ModelSpec, setup: TrainSetup, device: Device, methods: Sequence[str],
+                profile: CalibrationProfile | None, max_devices: int, auto: bool,
+                requested_dtype: str | None, exact: int | None = None) -> DeviceOption:
+    """The option of the recommended method on one device."""
+    options = []
+    for method in methods:
+        for ckpt in sorted({setup.checkpointing, setup.method != "inference"}):
+            s = device_dtype_setup(method_setup(setup, method), device, profile, auto)
+            s = s.model_copy(update={"checkpointing": ckpt})
+            options.append(option_for(model, s, device, profile, max_devices, requested_dtype,
+                                      exact))
+    return min(options, key=method_key)
+
+
+def apply_limits(option: DeviceOption, max_hours: float | None,
+                 max_cost_usd: float | None) -> DeviceOption:
+    """Mark an option outside --max-hours / --max-cost; say when a limit cannot be checked."""
+    within = option.num_devices is not None
+    unknowns = list(option.unknowns)
+    if max_hours is not None:
+        if option.total_seconds is None:
+            unknowns.append("no token budget: --max-hours not checked")
+        else:
+            within &= option.total_seconds / SECONDS_PER_HOUR <= max_hours
+    if max_cost_usd is not None:
+        if option.cost_usd is None:
+            unknowns.append("cost unknown: --max-cost not checked")
+        else:
+            within &= option.cost_usd <= max_cost_usd
+    return option.model_copy(update={"within_limits": within, "unknowns": unknowns})
+
+
+def sort_key(objective: str):
+    """Sort: within limits first, then fitting, then by time or cost."""
+
+    def key(o: DeviceOption) -> tuple:
+        hours = o.device_hours_per_million_tokens
+        time = (o.total_seconds if o.total_seconds is not None
+                else (hours / (o.num_devices or 1) if hours is not None else None))
+        head = (not o.within_limits, o.num_devices is None)
+        if objective == "cost":
+            return (*head, o.cost_usd is None, o.cost_usd or 0.0, time or 0.0)
+        return (*head, time is None, time or 0.0)
+
+    return key
+
+
+def resolve_devices(names: Sequence[str] | None) -> list[Device]:
+    """Catalogue devices by name (all when None); unknown names raise UnknownDeviceError."""
+    if names is None:
+        return list_devices()
+    devices = [load_device(n) for n in names]
+    if not devices:
+        raise SetupError("no devices given: use --devices a,b,c (see `nvfree devices`)")
+    return devices
+
+
+def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = None,
+            profile: CalibrationProfile | None = None, *,
+            methods: Sequence[str] | None = None, auto_dtype_per_device: bool = False,
+            objective: str = "time", max_hours: float | None = None,
+            max_cost_usd: float | None = None, max_devices: int = DEFAULT_MAX_DEVICES,
+            alternatives: bool = True) -> Comparison:
+    """Run the job on each device: fits, devices needed, hours, cost, recommended method.
+
+    methods: candidate methods (None = setup.method only; AUTO_METHODS = recommend one per
+    device). auto_dtype_per_device: choose the compute dtype per device as `--dtype auto`."""
+    if objective not in ("time", "cost"):
+        raise SetupError(f"--objective must be time or cost, got {objective}")
+    methods = tuple(methods) if methods else (setup.method,)
+    requested = None if auto_dtype_per_device else setup.compute_dtype
+    options = [apply_limits(best_option(model, setup, dev, methods, profile, max_devices,
+                                        auto_dtype_per_device, requested), max_hours,
+                            max_cost_usd)
+               for dev in resolve_devices(devices)]
+    options.sort(key=sort_key(objective))
+    params = estimate(model, method_setup(setup, methods[0]), options_device(options),
+                      profile).params
+    smaller: list[SmallerModel] = []
+    if alternatives and not any(o.within_limits and o.fits_on_one for o in options):
+        smaller = smaller_models(model, setup, devices, profile, methods=methods,
+                                 auto=auto_dtype_per_device, objective=objective,
+                                 max_hours=max_hours, max_cost_usd=max_cost_usd)
+    tiers = free_tiers(model, setup, profile, methods, auto_dtype_per_device) if alternatives \
+        else []
+    return Comparison(
+        model=model.name, total_params=params.total, active_params=params.active_per_token,
+        setup=setup, objective=objective,
+        method_rule=method_rule(methods),
+        max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices,
+        options=options, smaller_models=smaller, free_tiers=tiers, notes=shared_notes(setup))
+
+
+def method_rule(methods: Sequence[str]) -> str:
+    """The sentence that says how each option's method was chosen."""
+    if len(methods) > 1:
+        return METHOD_RULE
+    if methods[0] == "inference":
+        return "fixed by the user: inference"
+    return f"fixed by the user: {methods[0]}; {CKPT_RULE}"
+
+
+def options_device(options: list[DeviceOption]) -> Device:
+    """Any device of the comparison (parameter counts do not depend on it)."""
+    return load_device(options[0].device) if options else list_devices()[0]
+
+
+def shared_notes(setup: TrainSetup) -> list[str]:
+    """Assumptions every option shares."""
+    notes = ["uncalibrated catalogue peaks with default efficiency (run `nvfree calibrate` on a "
+             "machine to measure it)",
+             "devices per node: 1 for CPUs and Apple machines, 8 for accelerators; beyond one "
+             "node counts are whole nodes"]
+    if setup.method == "inference":
+        notes.append("inference: decode at a full seq_len context (the slowest step); the token "
+                     "budget is generated tokens; N devices = ideal tensor parallelism")
+    return notes
+
+
+def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | None,
+                   profile: CalibrationProfile | None, *, methods: Sequence[str], auto: bool,
+                   objective: str, max_hours: float | None,
+                   max_cost_usd: float | None) -> list[SmallerModel]:
+    """Presets smaller than the model that fit one device within the limits (largest first)."""
+    total = count_params(model).total
+    presets = sorted(((count_params(m).total, m) for m in list_models()),
+                     key=lambda pm: -pm[0])
+    out = []
+    for size, preset in presets:
+        if size >= total or preset.name == model.name:
+            continue
+        result = compare(preset, setup, devices, profile, methods=methods,
+                         auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
+                         max_cost_usd=max_cost_usd, alternatives=False)
+        best = next((o for o in result.options if o.within_limits and o.fits_on_one), None)
+        if best is not None:
+            out.append(SmallerModel(model=preset.name, total_params=size, option=best))
+        if len(out) == MAX_SMALLER_MODELS:
+            break
+    return out
+
+
+def offer_device(entry: dict[str, Any]) -> Device:
+    """The catalogue device an offer maps to, with its device_override applied."""
+    device = load_device(entry["device"])
+    override = dict(entry.get("device_override", {}))
+    update: dict[str, Any] = {}
+    if "display_name" in override:
+        update["display_name"] = override["display_name"]
+    if "memory_gib" in override:
+        update["memory_bytes"] = round(override["memory_gib"] * GIB)
+    if "bandwidth_gb_per_s" in override:
+        update["memory_bandwidth_bytes_per_second"] = override["bandwidth_gb_per_s"] * GB
+    if "peak_tflops" in override:
+        update["peak_flops_per_second"] = {k: v * TERA
+                                           for k, v in override["peak_tflops"].items()}
+        update["achievable_matmul_fraction"] = None
+    return device.model_copy(update={**update, "price_per_hour_usd": 0.0})
+
+
+def free_tiers(model: ModelSpec, setup: TrainSetup, profile: CalibrationProfile | None,
+               methods: Sequence[str], auto: bool) -> list[FreeTier]:
+    """Each free offer (data/offers.toml) with the job sized to the offer's device count."""
+    out = []
+    for key, entry in read_toml("offers.toml")["offers"].items():
+        device = offer_device(entry)
+        count = entry["num_devices"]
+        option = best_option(model, setup, device, methods, profile, max_devices=count,
+                             auto=auto, requested_dtype=None, exact=count)
+        weekly = entry.get("weekly_hours")
+        weeks = (option.total_seconds / SECONDS_PER_HOUR / weekly
+                 if weekly and option.total_seconds is not None else None)
+        out.append(FreeTier(
+            offer=key, display_name=entry["display_name"], provider=entry["provider"],
+            device=entry["device"], num_devices=count, weekly_hours=weekly,
+            session_hours=entry.get("session_hours"), fits=option.num_devices is not None,
+            method=option.method, total_seconds=option.total_seconds, weeks_of_quota=weeks,
+            sources=tuple(entry.get("sources", ())), read_on=entry["read_on"],
+            notes=entry.get("notes")))
+    return out

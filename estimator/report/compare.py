@@ -1,0 +1,199 @@
+"""Rich rendering of a Comparison (table, terminal bars) and optional matplotlib plots."""
+
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from estimator.errors import SetupError
+from estimator.report.units import GIB, fmt_count, fmt_seconds, fmt_usd
+from estimator.specs import Comparison, DeviceOption
+
+BAR_WIDTH = 24
+PLOT_EXTRA_HINT = "--plot needs matplotlib: pip install 'nvfree[plot]' (or pip install matplotlib)"
+
+
+def devices_cell(o: DeviceOption) -> str:
+    """'1', '16 (ZeRO-3)', or 'no fit'."""
+    if o.num_devices is None:
+        return "no fit"
+    zero = f" z{o.zero_stage}" if o.num_devices > 1 and o.zero_stage else ""
+    approx = "*" if not o.multi_device_modelled else ""
+    return f"{o.num_devices}{zero}{approx}"
+
+
+def method_cell(o: DeviceOption) -> str:
+    """'qlora4 bf16 ckpt'."""
+    return (f"{o.method}{o.weight_bits if o.weight_bits < 16 else ''} {o.compute_dtype}"
+            f"{' ckpt' if o.checkpointing else ''}")
+
+
+UNKNOWN_TAGS = (("no on-demand price", "price"), ("peak:", "dtype peak"),
+                ("large-GEMM", "GEMM eff."), ("interconnect", "link"),
+                ("--max-hours not checked", "hours limit"), ("--max-cost not checked",
+                                                             "cost limit"))
+
+
+def unknown_cell(o: DeviceOption) -> str:
+    """Short tags for the option's unknowns (the JSON has the full lines)."""
+    return ", ".join(tag for key, tag in UNKNOWN_TAGS if any(key in u for u in o.unknowns))
+
+
+def rate_cell(o: DeviceOption) -> str:
+    """tokens/s, with decode for inference."""
+    if o.tokens_per_second is None:
+        return "–"
+    if o.decode_tokens_per_second is None:
+        return f"{o.tokens_per_second:,.0f}"
+    return f"{o.tokens_per_second:,.0f} / {o.decode_tokens_per_second:,.1f}"
+
+
+def options_table(cmp: Comparison) -> Table:
+    """One row per device, best first."""
+    inference = cmp.setup.method == "inference"
+    table = Table(title=f"{cmp.model} on each device (sorted by {cmp.objective})",
+                  title_justify="left", show_edge=False)
+    for name, justify in (("device", "left"), ("method", "left"), ("N", "right"),
+                          ("GiB peak / cap.", "right"),
+                          ("prefill / decode tok/s" if inference else "tok/s", "right"),
+                          ("time", "right"), ("$/h", "right"), ("cost", "right"),
+                          ("unknown", "left")):
+        table.add_column(name, justify=justify)
+    for o in cmp.options:
+        style = None if o.within_limits else "dim"
+        table.add_row(o.device, method_cell(o), devices_cell(o),
+                      f"{o.peak_memory_bytes / GIB:,.1f} / {o.capacity_bytes / GIB:,.0f}",
+                      rate_cell(o), fmt_seconds(o.total_seconds),
+                      fmt_usd(o.price_per_hour_usd), fmt_usd(o.cost_usd), unknown_cell(o),
+                      style=style)
+    return table
+
+
+def bar(value: float, largest: float) -> str:
+    """A bar of BAR_WIDTH cells at most, on a log-free linear scale."""
+    cells = max(1, round(BAR_WIDTH * value / largest)) if largest > 0 else 1
+    return "█" * cells
+
+
+def bars_table(cmp: Comparison) -> Table | None:
+    """Terminal bars of time (and cost) per fitting device."""
+    rows = [o for o in cmp.options if o.num_devices is not None]
+    if not rows:
+        return None
+    use_total = all(o.total_seconds is not None for o in rows)
+    times = [o.total_seconds if use_total else o.device_hours_per_million_tokens
+             for o in rows]
+    costs = [o.cost_usd for o in rows]
+    known = [c for c in costs if c is not None]
+    table = Table(title="Time" + (" and cost" if known else "") + " per device",
+                  title_justify="left", show_edge=False, show_header=False)
+    table.add_column("device")
+    table.add_column("time")
+    table.add_column("cost")
+    for o, t, c in zip(rows, times, costs, strict=True):
+        label = fmt_seconds(t) if use_total else f"{t:,.3g} dev-h/M tok"
+        cost = f"[yellow]{bar(c, max(known))}[/] {fmt_usd(c)}" if c is not None else "–"
+        table.add_row(o.device, f"[cyan]{bar(t or 0, max(times))}[/] {label}", cost)
+    return table
+
+
+def alternatives_parts(cmp: Comparison) -> list:
+    """Smaller models and free tiers."""
+    parts: list = []
+    if cmp.smaller_models:
+        table = Table(title="Smaller models that fit one device within the limits",
+                      title_justify="left", show_edge=False)
+        for col in ("model", "params", "best device", "method", "time", "cost"):
+            table.add_column(col)
+        for m in cmp.smaller_models:
+            o = m.option
+            table.add_row(m.model, fmt_count(m.total_params), o.display_name, method_cell(o),
+                          fmt_seconds(o.total_seconds), fmt_usd(o.cost_usd))
+        parts.append(table)
+    if cmp.free_tiers:
+        table = Table(title="Free tiers", title_justify="left", show_edge=False)
+        for col in ("offer", "devices", "fits", "method", "time", "quota", "weeks of quota"):
+            table.add_column(col)
+        for f in cmp.free_tiers:
+            quota = " · ".join(q for q in (
+                f"{f.weekly_hours:g} h/week" if f.weekly_hours else "weekly quota unpublished",
+                f"{f.session_hours:g} h/session" if f.session_hours else "") if q)
+            weeks = f"{f.weeks_of_quota:,.2f}" if f.weeks_of_quota is not None else "–"
+            table.add_row(f.display_name, f"{f.num_devices}× {f.device}",
+                          "yes" if f.fits else "no", f.method if f.fits else "–",
+                          fmt_seconds(f.total_seconds), quota, weeks)
+        parts.append(table)
+    return parts
+
+
+def render_compare(cmp: Comparison, console: Console) -> None:
+    """Print the whole comparison."""
+    head = (f"{cmp.model}: {fmt_count(cmp.total_params)} params, "
+            f"{fmt_count(cmp.active_params)} active · {cmp.setup.method}, batch "
+            f"{cmp.setup.batch_size}×{cmp.setup.seq_len}"
+            + (f" · {fmt_count(cmp.setup.num_tokens)} tokens" if cmp.setup.num_tokens else ""))
+    limits = [f"max {cmp.max_hours:g} h" if cmp.max_hours is not None else "",
+              f"max {fmt_usd(cmp.max_cost_usd)}" if cmp.max_cost_usd is not None else ""]
+    parts: list = [Text(head), Text(f"Method: {cmp.method_rule}", style="dim"),
+                   options_table(cmp)]
+    if any(limits):
+        parts.insert(1, Text("Limits: " + ", ".join(x for x in limits if x)
+                             + " (dim rows miss them)"))
+    bars = bars_table(cmp)
+    if bars is not None:
+        parts.append(bars)
+    parts += alternatives_parts(cmp)
+    notes = [*cmp.notes,
+             "N = devices needed (zK = ZeRO stage K); unknown: what the catalogue lacks for "
+             "that device (price, dtype peak, GEMM efficiency, interconnect link), see --json"]
+    if any(not o.multi_device_modelled for o in cmp.options):
+        notes.append("* device count from ideal ZeRO-3 sharding without communication time "
+                     "(the multi-device model does not cover this setup)")
+    parts.append(Text("Assumptions:\n" + "\n".join(f"  • {n}" for n in notes), style="dim"))
+    console.print(Panel(Group(*parts), title="nvfree compare", expand=False))
+
+
+def plot_compare(cmp: Comparison, path: str | Path) -> Path:
+    """Save three panels — memory breakdown, time and cost per device — to a .png or .svg
+    (needs matplotlib, imported here only)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise SetupError(f"--plot must end in .png or .svg, got '{path.name}'")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SetupError(PLOT_EXTRA_HINT) from None
+    rows = [o for o in cmp.options if o.num_devices is not None] or cmp.options
+    names = [f"{o.device} ×{o.num_devices or '?'}" for o in rows]
+    hours = [(o.total_seconds or 0) / 3600 if o.total_seconds is not None
+             else (o.device_hours_per_million_tokens or 0) / (o.num_devices or 1) for o in rows]
+    fig, (ax_mem, ax_time, ax_cost) = plt.subplots(
+        1, 3, figsize=(15, max(3, 0.3 * len(rows) + 1)), sharey=True)
+    terms = sorted({t for o in rows for t in o.memory_components},
+                   key=lambda t: -sum(o.memory_components.get(t, 0) for o in rows))
+    left = [0.0] * len(rows)
+    for term in terms:
+        gib = [o.memory_components.get(term, 0) / 2**30 for o in rows]
+        ax_mem.barh(names, gib, left=left, label=term)
+        left = [a + b for a, b in zip(left, gib, strict=True)]
+    ax_mem.scatter([o.capacity_bytes / 2**30 for o in rows], names, marker="|", color="black",
+                   s=200, label="capacity")
+    ax_mem.set_xlabel("peak memory per device (GiB)")
+    ax_mem.legend(fontsize="small")
+    ax_mem.invert_yaxis()
+    ax_time.barh(names, hours, color="tab:blue")
+    if any(h > 0 for h in hours):
+        ax_time.set_xscale("log")
+    ax_time.set_xlabel("hours for the budget" if cmp.setup.num_tokens else "hours per 1M tokens")
+    ax_cost.barh(names, [o.cost_usd or 0 for o in rows], color="tab:orange")
+    ax_cost.set_xlabel("cost (USD; 0 = no price known)")
+    fig.suptitle(f"{cmp.model} · {cmp.setup.method} · sorted by {cmp.objective}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
