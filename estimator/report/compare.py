@@ -184,7 +184,7 @@ def plot_compare(cmp: Comparison, path: str | Path) -> Path:
     ax_mem.scatter([o.capacity_bytes / 2**30 for o in rows], names, marker="|", color="black",
                    s=200, label="capacity")
     ax_mem.set_xlabel("peak memory per device (GiB)")
-    ax_mem.legend(fontsize="small")
+    ax_mem.legend(fontsize="x-small", loc="best")
     ax_mem.invert_yaxis()
     ax_time.barh(names, hours, color="tab:blue")
     if any(h > 0 for h in hours):

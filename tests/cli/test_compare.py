@@ -1,0 +1,71 @@
+"""`nvfree compare`: table, JSON contract, one-line errors with exit 2, --plot."""
+
+import json
+import sys
+
+import pytest
+
+from estimator.cli.app import main
+
+DEVICES = ["--devices", "h100-sxm,mi300x,rtx-4090,ryzen-9-7950x"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def test_table_names_devices_time_and_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "compare", "--model", "llama-3.1-8b", "--method", "qlora",
+                       "--tokens", "1e8", *DEVICES)
+    assert code == 0
+    for name in ("h100-sxm", "mi300x", "rtx-4090", "ryzen-9-7950x", "Free tiers", "Kaggle"):
+        assert name in out
+    assert "$" in out and "qlora4" in out
+
+
+def test_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "compare", "--model", "llama-3.1-8b", "--tokens", "1e7",
+                       "--objective", "cost", "--json", *DEVICES)
+    assert code == 0
+    data = json.loads(out)
+    assert data["objective"] == "cost" and len(data["options"]) == 4
+    assert "fewest devices" in data["method_rule"]  # no --method: recommended per device
+    first = data["options"][0]
+    assert first["cost_usd"] is not None and first["num_devices"] >= 1
+    assert {"total_seconds", "unknowns", "sources", "memory_components"} <= set(first)
+
+
+def test_inference_reports_prefill_and_decode(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "compare", "--model", "llama-3.1-8b", "--method", "inference",
+                       "--bits", "4", "--json", "--devices", "ryzen-9-7950x")
+    assert code == 0
+    option = json.loads(out)["options"][0]
+    assert option["tokens_per_second"] > option["decode_tokens_per_second"] > 0
+
+
+def test_bad_device_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "compare", "--model", "llama-3.1-8b", "--devices",
+                         "h100-sxm,h100-pcie-x")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "unknown device 'h100-pcie-x'" in err
+
+
+def test_plot_without_matplotlib_is_one_line(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    code, _, err = run(capsys, "compare", "--model", "llama-3.1-8b", "--devices", "h100-sxm",
+                       "--plot", str(tmp_path / "c.png"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "pip install" in err and "matplotlib" in err
+
+
+def test_plot_writes_a_file(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "compare.svg"
+    code, _, _ = run(capsys, "compare", "--model", "llama-3.1-8b", "--tokens", "1e7",
+                     "--plot", str(path), *DEVICES)
+    assert code == 0 and path.stat().st_size > 1000
