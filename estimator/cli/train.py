@@ -1,5 +1,12 @@
-"""`nvfree train`: run the training an estimate describes on this machine, and measure it."""
+"""`nvfree train`: run the training an estimate describes on this machine, and measure it.
 
+With --nproc N (and --nnodes) this process is the launcher: it re-executes the same command
+under torchrun (estimator.executor.distributed.launch), waits, then renders the report rank 0
+wrote. Inside torchrun (a worker) the same command trains one rank; rank 0 draws the progress
+bar on stderr; workers exit 0 after a handled stop and the launcher sets the exit code."""
+
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +68,19 @@ ClipOpt = Annotated[float, typer.Option("--max-grad-norm", min=0.0, rich_help_pa
                                         help="Gradient clipping (global L2 norm); 0 = off.")]
 DropoutOpt = Annotated[float, typer.Option("--lora-dropout", min=0.0, max=1.0,
                                            rich_help_panel=RUN_PANEL)]
+DIST_PANEL = "Data parallel"
+NprocOpt = Annotated[int, typer.Option(
+    "--nproc", "--nproc-per-node", min=1, rich_help_panel=DIST_PANEL,
+    help="Processes per machine (DDP ranks; torchrun). On the CPU each gets cores // N "
+         "threads; on GPUs one device each.")]
+NnodesOpt = Annotated[int, typer.Option("--nnodes", min=1, rich_help_panel=DIST_PANEL,
+                                        help="Machines (run the same command on each).")]
+NodeRankOpt = Annotated[int | None, typer.Option(
+    "--node-rank", min=0, rich_help_panel=DIST_PANEL,
+    help="This machine's rank (0 … nnodes − 1), passed to torchrun.")]
+RdzvOpt = Annotated[str | None, typer.Option(
+    "--rdzv-endpoint", rich_help_panel=DIST_PANEL,
+    help="HOST:PORT of the c10d rendezvous every machine reaches (needed with --nnodes > 1).")]
 CkptEveryOpt = Annotated[int | None, typer.Option(
     "--checkpoint-every", min=1, rich_help_panel=RUN_PANEL,
     help="Save every N steps  [default: at the end, and when interrupted]")]
@@ -88,11 +108,15 @@ def train(
     device: TorchDeviceOpt = "cpu", seed: SeedOpt = 0, lr: LrOpt = None,
     warmup_steps: WarmupOpt = None, max_grad_norm: ClipOpt = 1.0,
     lora_dropout: DropoutOpt = 0.0, checkpoint_every: CkptEveryOpt = None,
-    json: JsonOpt = False,
+    nproc: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = None,
+    rdzv_endpoint: RdzvOpt = None, json: JsonOpt = False,
 ) -> None:
     """Train the model with the setup on this machine (random init, or the weights of a
-    Hugging Face --model directory); checkpoint, measure, and compare with the estimate."""
+    Hugging Face --model directory); checkpoint, measure, and compare with the estimate.
+    --nproc N trains data-parallel (DDP) in N processes launched by torchrun."""
     from estimator.cli.options import resolve_device, resolve_model, resolve_setup
+    from estimator.executor.distributed import context_from_env, in_worker
+
 
     spec = resolve_model(model, params, active_params, active_ratio)
     local, profile, _ = resolve_device("local")
@@ -103,6 +127,10 @@ def train(
                           grad_accum=grad_accum, checkpointing=checkpointing,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
                           fused_loss=fused_loss)
+    setup = type(setup).model_validate({**setup.model_dump(), "num_devices": nproc * nnodes,
+                                        "num_nodes": nnodes})
+    if nproc * nnodes > 1 and not in_worker():  # errors above are shown once, here
+        _launch_and_report(nproc, nnodes, node_rank, rdzv_endpoint, output, json)
     from rich.console import Console
 
     from estimator.executor.train import TrainConfig, train_with_config
@@ -113,13 +141,41 @@ def train(
                          device=device, seed=seed, lr=lr, warmup_steps=warmup_steps,
                          max_grad_norm=max_grad_norm, lora_dropout=lora_dropout,
                          checkpoint_every=checkpoint_every)
-    console = Console(stderr=json)
+    worker = in_worker()
+    console = Console(stderr=json or worker, quiet=worker and context_from_env().rank > 0)
     with TrainProgress(console, max_steps=max_steps) as bar:
         report = train_with_config(spec, setup, config, on_progress=bar.update)
+    if worker:  # the launcher renders rank 0's report and sets the exit code
+        raise typer.Exit(0)
     if json:
         typer.echo(report.model_dump_json(indent=2))
     else:
         render_run_report(report, console, report_path=str(output / "run_report.json"))
+    raise typer.Exit(_exit_code(report.stop_reason, report.message))
+
+
+def _launch_and_report(nproc: int, nnodes: int, node_rank: int | None,
+                       rdzv_endpoint: str | None, output: Path, json: bool) -> None:
+    """Run this same command under torchrun, then render the report rank 0 wrote (if it
+    was written on this machine) and exit with its code; else exit with torchrun's."""
+    from rich.console import Console
+
+    from estimator.executor.distributed import launch
+    from estimator.report.train import render_run_report
+    from estimator.specs.run import RunReport
+
+    started = time.time()
+    code = launch(sys.argv[1:], nproc, nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+    path = output / "run_report.json"
+    if not path.is_file() or path.stat().st_mtime < started:
+        if code == 0:
+            typer.echo(f"the run finished; its report is where rank 0 ran ({path})", err=True)
+        raise typer.Exit(code)
+    report = RunReport.model_validate_json(path.read_text())
+    if json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        render_run_report(report, Console(), report_path=str(path))
     raise typer.Exit(_exit_code(report.stop_reason, report.message))
 
 

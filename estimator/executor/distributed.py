@@ -230,17 +230,18 @@ def wrap_ddp(model: torch.nn.Module, spec: ModelSpec, setup: TrainSetup, ctx: Di
              device: torch.device) -> tuple[torch.nn.Module, AllReduceTimer | None]:
     """The model wrapped for data parallelism: LossModule in DDP. Only parameters that require
     grad are reduced (LoRA: the adapters); frozen ones are not broadcast either (every rank
-    built them identically from the seed). find_unused_parameters only for MoE (routing can
+    built them identically from the seed), nor are buffers (RoPE tables, NF4 codes: the same
+    on every rank by construction). find_unused_parameters only for MoE (routing can
     leave experts unused in a micro-batch). Returns (module, all-reduce timer or None)."""
     from torch.nn.parallel import DistributedDataParallel
 
     wrapper = LossModule(model, setup.fused_loss)
-    frozen = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, frozen)
+    identical = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+    identical += [f"model.{n}" for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, identical)
     ddp = DistributedDataParallel(
         wrapper, device_ids=None if device.type == "cpu" else [device.index],
-        broadcast_buffers=False, find_unused_parameters=spec.is_moe,
-        gradient_as_bucket_view=True)
+        find_unused_parameters=spec.is_moe, gradient_as_bucket_view=True)
     timer = None
     if ctx.backend == "gloo":
         timer = AllReduceTimer(ctx.world_size)
@@ -281,16 +282,26 @@ def torchrun_command(argv: list[str], nproc: int, *, nnodes: int = 1, node_rank:
                     f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
         if node_rank is not None:
             command.append(f"--node-rank={node_rank}")
-    return [*command, "-m", "estimator", *argv]
+    return [*command, "-m", "estimator", *[_unambiguous(arg) for arg in argv]]
+
+
+def _unambiguous(arg: str) -> str:
+    """torchrun's argparse rejects, even after the script name, an option that abbreviates two
+    of its own ('--nproc' → --nproc-per-node / --nproc_per_node): pass the full spelling,
+    which the nvfree command accepts as an alias."""
+    name, sep, value = arg.partition("=")
+    return f"--nproc-per-node{sep}{value}" if name == "--nproc" else arg
 
 
 def launch(argv: list[str], nproc: int, nnodes: int = 1, *, node_rank: int | None = None,
            rdzv_endpoint: str | None = None, rdzv_id: str = "nvfree",
            env: dict[str, str] | None = None) -> int:
     """Run `nvfree ARGV` in nproc processes per node under torchrun and wait; returns
-    torchrun's exit code. OMP_NUM_THREADS is set to cores // nproc (the workers set torch's
-    threads the same way). SIGINT is left to torchrun, which stops the workers; this process
-    keeps waiting so the caller can read what they wrote."""
+    torchrun's exit code. ARGV reaches the workers unchanged except '--nproc', spelled
+    '--nproc-per-node' (see _unambiguous: the command must accept both).
+    OMP_NUM_THREADS is set to cores // nproc (the workers set torch's threads the same way).
+    SIGINT is left to torchrun, which stops the workers; this process keeps waiting so the
+    caller can read what they wrote."""
     command = torchrun_command(argv, nproc, nnodes=nnodes, node_rank=node_rank,
                                rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
     environment = {**os.environ, **(env or {})}

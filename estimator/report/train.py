@@ -91,6 +91,12 @@ def summary_table(report: RunReport) -> Table:
         ("peak memory", f"{fmt_bytes(report.peak_bytes)} ({report.memory_method}); "
                         f"after model build {fmt_bytes(report.baseline_bytes)}"),
     ]
+    if report.world_size > 1:
+        per_rank = ", ".join(fmt_bytes(b) for b in report.peak_bytes_per_rank)
+        rows += [("ranks", f"{report.world_size} (DDP); peak per rank: {per_rank or '–'}"),
+                 ("all-reduce", f"{fmt_seconds(report.allreduce_seconds)} measured, "
+                                f"{fmt_seconds(report.predicted_allreduce_seconds)} predicted "
+                                "per step")]
     if report.prediction_note:
         rows.append(("prediction", report.prediction_note))
     for key, value in rows:

@@ -146,7 +146,8 @@ def test_threads_and_backends():
     command = distributed.torchrun_command(["train", "--nproc", "2"], 2, nnodes=2, node_rank=1,
                                            rdzv_endpoint="10.0.0.1:29500")
     assert "--nnodes=2" in command and "--rdzv-endpoint=10.0.0.1:29500" in command
-    assert command[command.index("-m", 3):] == ["-m", "estimator", "train", "--nproc", "2"]
+    assert command[command.index("-m", 3):] == ["-m", "estimator", "train", "--nproc-per-node",
+                                                "2"]
     with pytest.raises(SetupError, match="rdzv-endpoint"):
         distributed.torchrun_command([], 2, nnodes=2)
 
@@ -157,3 +158,25 @@ def test_collective_bench_fits_a_curve():
     curves = collective_curves(quick=True, sizes=[4096, 65536])
     curve = curves["collective.all_reduce"]
     assert curve.unit == "bytes" and curve.num_samples >= 2 and curve.rates[0] > 0
+
+
+def test_nvfree_train_nproc_2_launches_torchrun_and_renders_rank_0s_report(tmp_path, text_file):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+        "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 258, "max_position_embeddings": 256}))
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "estimator", "train", "--model", str(config), "--method", "qlora",
+         "--bits", "4", "--dtype", "fp32", "--seq-len", "32", "--batch-size", "2",
+         "--max-steps", "2", "--data", str(text_file), "-o", str(out), "--nproc", "2",
+         "--json"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)  # the launcher prints rank 0's report
+    assert report["world_size"] == 2 and report["setup"]["num_devices"] == 2
+    assert report["num_threads"] == distributed.threads_per_rank(2)  # cores split by 2
+    assert report["stop_reason"] == "max_steps" and len(report["losses"]) == 2
+    assert json.loads((out / "run_report.json").read_text()) == report
