@@ -2,7 +2,7 @@
 
 from estimator.analytic.advice import advise, devices_needed
 from estimator.analytic.memory import memory_breakdown
-from estimator.analytic.parallel import compose_throughput
+from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
 from estimator.analytic.params import count_params
 from estimator.analytic.throughput import throughput
 from estimator.errors import SetupError
@@ -13,6 +13,7 @@ from estimator.specs import (
     Estimate,
     MemoryBreakdown,
     ModelSpec,
+    Throughput,
     TrainSetup,
 )
 
@@ -55,6 +56,10 @@ def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
                        else f"inter-node network unknown: {default:g} Gb/s per device assumed")
         out.append(f"collectives reach {C.LINK_EFFICIENCY:.0%} of the link peak and do NOT "
                    "overlap compute (step time is an upper bound)")
+        per_node = setup.num_devices // setup.num_nodes
+        if device.kind == "cpu" and per_node > 1:
+            out.append(f"{per_node} processes share each CPU machine: each gets 1/{per_node} of "
+                       "its cores, memory and bandwidth (and of calibrated rates)")
     if setup.offload != "none":
         out.append(f"offload over PCIe at {C.DEFAULT_PCIE_BYTES_PER_SECOND / 1e9:g} GB/s; host "
                    f"optimizer step at {C.DEFAULT_HOST_BANDWIDTH_BYTES_PER_SECOND / 1e9:g} GB/s "
@@ -97,18 +102,21 @@ def combined_update(advice: list[Advice], setup: TrainSetup) -> dict:
     return update
 
 
-def sharding_advice(setup: TrainSetup, memory_of, capacity_bytes: int, prefix: str = ""
-                    ) -> list[Advice]:
+def sharding_advice(setup: TrainSetup, memory_of, time_of, one_per_node: bool,
+                    prefix: str = "") -> list[Advice]:
     """'--num-devices N --zero S': the fewest devices (and lowest ZeRO stage) whose per-device
-    memory fits (advice.devices_needed over the sharded memory model), when one is not enough."""
-    found = devices_needed(setup, memory_of, capacity_bytes)
+    memory fits (advice.devices_needed over the sharded memory model), with its step time."""
+    found = devices_needed(setup, memory_of, one_per_node=one_per_node)
     if found is None:
         return []
     n, stage, total = found
     if n == setup.num_devices and stage == setup.zero_stage:
         return []
-    change = f"{prefix + ' ' if prefix else ''}--num-devices {n} --zero {stage}"
-    return [Advice(change=change, total_bytes=total, fits=True)]
+    update = {"num_devices": n, "zero_stage": stage} | ({"num_nodes": n} if one_per_node else {})
+    nodes = f" --nodes {n}" if one_per_node and n > 1 else ""
+    change = f"{prefix + ' ' if prefix else ''}--num-devices {n}{nodes} --zero {stage}"
+    return [Advice(change=change, total_bytes=total, fits=True,
+                   step_seconds=time_of(setup.model_copy(update=update)))]
 
 
 def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local",
@@ -120,31 +128,38 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
     check_setup(model, setup)
 
     def memory_of(s: TrainSetup) -> MemoryBreakdown:
-        return memory_breakdown(model, s, dev, count_params(model, s))
+        return memory_breakdown(model, s, rank_device(dev, s), count_params(model, s))
+
+    def perf_of(s: TrainSetup, memory: MemoryBreakdown) -> Throughput:
+        rank, params = rank_device(dev, s), count_params(model, s)
+        perf = throughput(model, s, rank, params, rank_profile(profile, dev, s),
+                          weight_storage_bytes=memory.components["weights"]
+                          + memory.components["quant_scales"],
+                          kv_bytes=memory.components["kv_cache"])
+        return compose_throughput(model, s, rank, params, profile, perf)
 
     params = count_params(model, setup)
     memory = memory_of(setup)
     fits = memory.total_bytes <= memory.capacity_bytes
     advice = advise(setup, memory_of, memory.capacity_bytes)
     if not fits and setup.method != "inference":
-        advice += sharding_advice(setup, memory_of, memory.capacity_bytes)
+        def time_of(s: TrainSetup) -> float:
+            return perf_of(s, memory_of(s)).step_seconds
+
+        cpu = dev.kind == "cpu"
+        advice += sharding_advice(setup, memory_of, time_of, cpu)
         single = [a for a in advice if "--num-devices" not in a.change]
         best = min(single, key=lambda a: a.total_bytes) if single else None
         if best is not None and not best.fits:
             combined = setup.model_copy(update=combined_update(single, setup))
-            advice += sharding_advice(combined, memory_of, memory.capacity_bytes, best.change)
+            advice += sharding_advice(combined, memory_of, time_of, cpu, best.change)
     if fits:
         verdict = "fits"
     else:
         verdict = "fits_with_changes" if any(a.fits for a in advice) else "does_not_fit"
     minimum = min([memory.total_bytes, *(a.total_bytes for a in advice)])
-    perf = throughput(model, setup, dev, params, profile,
-                      weight_storage_bytes=memory.components["weights"]
-                      + memory.components["quant_scales"],
-                      kv_bytes=memory.components["kv_cache"])
-    perf = compose_throughput(model, setup, dev, params, profile, perf)
     return Estimate(model=model, setup=setup, device=dev, params=params, memory=memory,
-                    throughput=perf, verdict=verdict, advice=advice,
+                    throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
                     assumptions=assumptions_for(model, setup, dev, profile))
 

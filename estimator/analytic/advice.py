@@ -61,40 +61,50 @@ def advise(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int) -> list[
     return advice
 
 
-def fewest_devices(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int, stage: int,
-                   max_devices: int) -> tuple[int, int] | None:
+def fewest_devices(setup: TrainSetup, memory_of: MemoryFn, stage: int, max_devices: int,
+                   one_per_node: bool = False) -> tuple[int, int] | None:
     """(N, peak bytes per device) of the fewest devices that fit at one ZeRO stage, searched
     over multiples of the node count and expert-parallel degree (per-device memory never grows
-    with N, so a binary search over the multiples is exact)."""
-    step = math.lcm(setup.num_nodes, setup.expert_parallel)
+    with N, so a binary search over the multiples is exact). one_per_node: each device is a
+    whole machine (CPUs), so N devices are N nodes."""
+    step = setup.expert_parallel if one_per_node else math.lcm(setup.num_nodes,
+                                                               setup.expert_parallel)
 
-    def total(k: int) -> int:
-        update = {"num_devices": k * step, "zero_stage": stage}
-        return memory_of(setup.model_copy(update=update)).total_bytes
+    def memory(k: int):
+        n = k * step
+        update = {"num_devices": n, "zero_stage": stage}
+        if one_per_node:
+            update["num_nodes"] = n
+        return memory_of(setup.model_copy(update=update))
+
+    def fits(k: int) -> bool:
+        m = memory(k)
+        return m.total_bytes <= m.capacity_bytes
 
     lo, hi = max(1, -(-setup.num_devices // step)), max_devices // step
-    if hi < lo or total(hi) > capacity_bytes:
+    if hi < lo or not fits(hi):
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if total(mid) <= capacity_bytes:
+        if fits(mid):
             hi = mid
         else:
             lo = mid + 1
-    return lo * step, total(lo)
+    return lo * step, memory(lo).total_bytes
 
 
-def devices_needed(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int,
-                   max_devices: int = 4096) -> tuple[int, int, int] | None:
-    """(N, ZeRO stage, peak bytes per device) of the smallest data-parallel group that fits,
-    from the per-device memory model (memory.model_state_terms: ZeRO-1 shards optimizer
-    states, 2 adds gradients, 3 parameters; Rajbhandari et al. 2020). Ties go to the lowest
-    stage (least communication). None if even max_devices do not suffice."""
+def devices_needed(setup: TrainSetup, memory_of: MemoryFn, max_devices: int = 4096,
+                   one_per_node: bool = False) -> tuple[int, int, int] | None:
+    """(N, ZeRO stage, peak bytes per device) of the smallest data-parallel group that fits
+    (peak ≤ the capacity memory_of reports), from the per-device memory model
+    (memory.model_state_terms: ZeRO-1 shards optimizer states, 2 adds gradients, 3 parameters;
+    Rajbhandari et al. 2020). Ties go to the lowest stage (least communication). None if even
+    max_devices do not suffice."""
     best = None
     for stage in (1, 2, 3):
         if stage < setup.zero_stage:
             continue
-        found = fewest_devices(setup, memory_of, capacity_bytes, stage, max_devices)
+        found = fewest_devices(setup, memory_of, stage, max_devices, one_per_node)
         if found is not None and (best is None or found[0] < best[0]):
             best = (found[0], stage, found[1])
     return best

@@ -30,6 +30,37 @@ from estimator.specs import (
 SECONDS_PER_HOUR = 3600
 
 
+def ranks_per_node(setup: TrainSetup) -> int:
+    """Devices (processes) per node (count)."""
+    return setup.num_devices // setup.num_nodes
+
+
+def rank_device(device: Device, setup: TrainSetup) -> Device:
+    """What one rank gets: a catalogue CPU is a whole machine, so g processes on one node split
+    its memory, peak rates, bandwidth and cores evenly (the executor's gloo DDP on one host);
+    any other device is one rank."""
+    g = ranks_per_node(setup)
+    if device.kind != "cpu" or g <= 1:
+        return device
+    return device.model_copy(update={
+        "memory_bytes": device.memory_bytes // g,
+        "memory_bandwidth_bytes_per_second": device.memory_bandwidth_bytes_per_second / g,
+        "peak_flops_per_second": {k: v / g for k, v in device.peak_flops_per_second.items()},
+        "num_cores": max(1, device.num_cores // g) if device.num_cores else None})
+
+
+def rank_profile(profile: CalibrationProfile | None, device: Device,
+                 setup: TrainSetup) -> CalibrationProfile | None:
+    """A CPU profile measured with the whole machine, with every compute and memory rate
+    divided by the g processes that share it (collective curves are kept as measured)."""
+    g = ranks_per_node(setup)
+    if profile is None or device.kind != "cpu" or g <= 1:
+        return profile
+    curves = {k: c if k.startswith("collective.") else c.model_copy(
+        update={"rates": tuple(r / g for r in c.rates)}) for k, c in profile.curves.items()}
+    return profile.model_copy(update={"curves": curves})
+
+
 def frozen_storage_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
     """Bytes of the frozen base that ZeRO-3 gathers too (LoRA/QLoRA: the base in its storage
     format, scales included; 0 for a full fine-tune)."""
