@@ -4,7 +4,17 @@ import sys
 
 import typer
 
-from estimator.cli import calibrate, catalog_cmds, compare, estimate, hardware, train
+from estimator.cli import (
+    calibrate,
+    catalog_cmds,
+    compare,
+    estimate,
+    hardware,
+    plan,
+    run,
+    train,
+    validate,
+)
 
 app = typer.Typer(name="nvfree", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -15,6 +25,9 @@ hardware.register(app)
 calibrate.register(app)
 train.register(app)
 compare.register(app)
+plan.register(app)
+run.register(app)
+validate.register(app)
 
 EXIT_USAGE = 2
 

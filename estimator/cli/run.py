@@ -1,0 +1,80 @@
+"""`nvfree run PLAN`: check this machine against a plan, run it with the bundled trainer, and
+compare the prediction with the measurement. Re-running an interrupted plan resumes it."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from estimator.cli.options import JsonOpt
+
+PlanArg = Annotated[Path, typer.Argument(help="Plan file written by `nvfree plan`.")]
+RunOutputOpt = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Run directory (checkpoints, run_report.json)  [default: "
+                           "runs/<plan file name>]")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Run even if the plan is predicted not to fit or was made elsewhere.")]
+
+
+def run(plan_path: PlanArg, output: RunOutputOpt = None, force: ForceOpt = False,
+        json: JsonOpt = False) -> None:
+    """Run a plan on this machine (resuming it if it was interrupted) and report predicted vs
+    measured peak memory and step time."""
+    import psutil
+
+    from estimator.errors import SetupError
+    from estimator.hardware import detect, fingerprint
+    from estimator.planfile import load_plan, machine_problems
+    from estimator.profiles import lookup_profile
+
+    the_plan = load_plan(plan_path)
+    machine = detect()
+    found = lookup_profile(machine)
+    refuse, notes = machine_problems(
+        the_plan, fingerprint=fingerprint(machine),
+        available_bytes=psutil.virtual_memory().available,
+        profile=found.profile if found else None)
+    if refuse and not force:
+        raise SetupError(f"{plan_path}: {'; '.join(refuse)} (--force runs it anyway)")
+    out = output or Path("runs") / plan_path.stem
+    from rich.console import Console
+
+    console = Console(stderr=json)
+    for line in [*notes, *(f"forced: {r}" for r in refuse if force)]:
+        console.print(f"[yellow]note:[/] {line}")
+    report = _execute(the_plan, out, console)
+    if json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        from estimator.report.plan import render_plan_outcome
+        from estimator.report.train import render_run_report
+
+        render_run_report(report, console, report_path=str(out / "run_report.json"))
+        render_plan_outcome(the_plan, report, console)
+    from estimator.cli.train import _exit_code
+
+    raise typer.Exit(_exit_code(report.stop_reason, report.message))
+
+
+def _execute(the_plan, out: Path, console):
+    """Train the plan's setup for its steps in `out`, resuming a checkpoint found there."""
+    from estimator.executor import checkpoint as ckpt
+    from estimator.executor.train import TrainConfig, train_with_config
+    from estimator.report.train import TrainProgress
+
+    resume = bool(ckpt.list_checkpoints(out / ckpt.CHECKPOINTS_DIR))
+    if resume:
+        console.print(f"resuming the interrupted run in {out}")
+    source = Path(the_plan.model_source)
+    model_path = source if source.is_dir() and any(source.glob("*.safetensors")) else None
+    config = TrainConfig(max_steps=the_plan.max_steps, output_dir=out,
+                         data=None if the_plan.data is None else Path(the_plan.data),
+                         text_field=the_plan.text_field, model_path=model_path, resume=resume,
+                         device=the_plan.torch_device, seed=the_plan.seed)
+    with TrainProgress(console, max_steps=the_plan.max_steps) as bar:
+        return train_with_config(the_plan.model, the_plan.setup, config, on_progress=bar.update)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `run` to the app."""
+    app.command()(run)

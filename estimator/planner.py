@@ -1,0 +1,290 @@
+"""Choose the training plan that fits and finishes soonest (or cheapest).
+
+Pure (no torch). The search space is method × precision × optimizer × checkpointing ×
+micro-batch (with the accumulation that keeps the global batch) for the setup's devices. For each
+structural choice (everything but the micro-batch) the analytic model is evaluated at micro-batch
+1 and 2: every memory term and every op's per-call work is affine in the micro-batch at a fixed
+sequence length (activations, logits and GEMM rows scale with b·s; weights, states, casts and the
+optimizer step do not), so all micro-batches are then scored at once with numpy, through the
+same efficiency curves as `estimate()` (efficiency.profile_curve / call_seconds). Affinity is
+checked at the largest micro-batch; a structure that breaks it is scored exactly per batch. The
+best candidates are re-scored with `estimator.api.estimate` and those exact numbers are what the
+plan records.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+
+from estimator.analytic.efficiency import default_seconds, profile_curve
+from estimator.analytic.memory import memory_breakdown
+from estimator.analytic.params import count_params
+from estimator.analytic.throughput import step_ops
+from estimator.errors import SetupError
+from estimator.specs import CalibrationProfile, Device, ModelSpec, TrainSetup
+from estimator.specs.plan import Candidate, Objective
+
+Precision = tuple[str, bool]
+"""(compute dtype, mixed precision)."""
+
+AFFINE_TOLERANCE = 1e-6
+"""Relative mismatch above which a structure is scored exactly per micro-batch."""
+SECONDS_PER_HOUR = 3600
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user fixed or limited; empty tuples mean 'search all'."""
+
+    global_batch: int = 8
+    """Sequences per optimizer step over all devices."""
+    memory_limit_bytes: int | None = None
+    """Memory per device the plan must fit (bytes); None = the device's capacity."""
+    max_seconds: float | None = None
+    """Wall-time budget for the token budget (seconds)."""
+    max_cost_usd: float | None = None
+    """Money budget for the token budget (USD)."""
+    methods: tuple[str, ...] = ("full", "lora", "qlora")
+    precisions: tuple[Precision, ...] = ()
+    optimizers: tuple[str, ...] = ("adamw", "adamw8bit")
+    checkpointing: tuple[bool, ...] = (False, True)
+    objective: Objective = "time"
+    top: int = 5
+    """Candidates re-scored exactly and kept in the plan."""
+
+
+@dataclass
+class Scored:
+    """All candidates as parallel arrays (one row per candidate)."""
+
+    setups: list[TrainSetup] = field(default_factory=list)
+    peak_bytes: list[np.ndarray] = field(default_factory=list)
+    step_seconds: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Ranked candidates (exact numbers for the first `top`) and search statistics."""
+
+    candidates: list[Candidate]
+    num_candidates: int
+    num_fitting: int
+    memory_limit_bytes: int
+    max_steps: int
+    search_seconds: float
+
+
+def device_precisions(device: Device, profile: CalibrationProfile | None) -> list[Precision]:
+    """fp32, plus mixed and pure 16-bit where the device computes in 16-bit: bf16 if it has
+    a bf16 rate (or calibration measured bf16 GEMMs), else fp16."""
+    out: list[Precision] = [("fp32", False)]
+    measured = set(profile.curves) if profile else set()
+    for dtype in ("bf16", "fp16"):
+        if device.peak_for(dtype) or f"matmul.{dtype}" in measured:
+            return [*out, (dtype, True), (dtype, False)]
+    return out
+
+
+def structural_setups(base: TrainSetup, precisions: list[Precision],
+                      c: Constraints) -> list[TrainSetup]:
+    """Every method × precision × optimizer × checkpointing, at micro-batch 1 (validated)."""
+    out = []
+    for method, (dtype, mixed), optim, ckpt in product(c.methods, precisions, c.optimizers,
+                                                       c.checkpointing):
+        bits = 4 if method == "qlora" else (32 if dtype == "fp32" else 16)
+        update = {"method": method, "weight_bits": bits, "compute_dtype": dtype,
+                  "mixed_precision": mixed, "optimizer": optim, "checkpointing": ckpt,
+                  "batch_size": 1, "grad_accum": 1}
+        out.append(TrainSetup.model_validate({**base.model_dump(), **update}))
+    return out
+
+
+def micro_batches(global_batch: int, num_devices: int) -> np.ndarray:
+    """Micro-batches b that divide the per-device batch (so accumulation is whole)."""
+    if global_batch % num_devices:
+        raise SetupError(f"global batch {global_batch} is not divisible by "
+                         f"{num_devices} devices")
+    per_device = global_batch // num_devices
+    return np.array([b for b in range(1, per_device + 1) if per_device % b == 0])
+
+
+def _at(setup: TrainSetup, batch: int, accum: int = 1) -> TrainSetup:
+    return setup.model_copy(update={"batch_size": int(batch), "grad_accum": int(accum)})
+
+
+def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
+                  batches: np.ndarray) -> np.ndarray:
+    """Peak bytes at each micro-batch: affine from b = 1, 2, checked at the largest b."""
+    params = count_params(model, setup)
+
+    def total(b: int) -> int:
+        return memory_breakdown(model, _at(setup, b), device, params).total_bytes
+
+    m1 = total(1)
+    slope = total(2) - m1 if batches[-1] > 1 else 0
+    affine = m1 + slope * (batches - 1)
+    if batches[-1] > 2 and abs(total(int(batches[-1])) - affine[-1]) > AFFINE_TOLERANCE * m1:
+        return np.array([total(int(b)) for b in batches], dtype=float)
+    return affine.astype(float)
+
+
+def seconds_per_call(device: Device, profile: CalibrationProfile | None, dtype: str,
+                     op_class: str, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """efficiency.call_seconds over arrays of per-call work: a measured curve interpolated in
+    log10(work) (np.interp clamps at the end knots exactly as curve_rate does), else the
+    roofline default call by call."""
+    curve = profile_curve(profile, op_class, dtype)
+    if curve is None:
+        return np.array([default_seconds(device, dtype, op_class, f, b)
+                         for f, b in zip(flops, nbytes, strict=True)])
+    work = flops if curve.unit == "flops" else nbytes
+    rate = np.interp(np.log10(np.maximum(work, 1.0)), curve.log10_work, curve.rates)
+    return curve.overhead_seconds + np.where(work > 0, work / rate, 0.0)
+
+
+def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
+                 profile: CalibrationProfile | None, batches: np.ndarray,
+                 accums: np.ndarray) -> np.ndarray:
+    """Step time at each (micro-batch, accumulation): per-op work affine in b from the op
+    lists at b = 1 and 2; ops whose calls double with accumulation run once per micro-batch."""
+    params = count_params(model, setup)
+    one, two = step_ops(model, _at(setup, 1), params), step_ops(model, _at(setup, 2), params)
+    accum2 = step_ops(model, _at(setup, 1, 2), params)
+    if [o.name for o in one] != [o.name for o in two] or len(one) != len(accum2):
+        return np.array([_exact_seconds(model, setup, device, profile, b, a)
+                         for b, a in zip(batches, accums, strict=True)])
+    total = np.zeros(len(batches))
+    for o1, o2, oa in zip(one, two, accum2, strict=True):
+        flops = o1.flops_per_call + (o2.flops_per_call - o1.flops_per_call) * (batches - 1)
+        nbytes = o1.bytes_per_call + (o2.bytes_per_call - o1.bytes_per_call) * (batches - 1)
+        per_call = seconds_per_call(device, profile, setup.compute_dtype, o1.op_class,
+                                    flops, nbytes)
+        repeats = accums if oa.num_calls == 2 * o1.num_calls else 1
+        total += per_call * o1.num_calls * repeats
+    return total
+
+
+def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
+                   profile: CalibrationProfile | None, batch: int, accum: int) -> float:
+    from estimator.analytic.throughput import ops_seconds
+
+    s = _at(setup, batch, accum)
+    times, _ = ops_seconds(step_ops(model, s, count_params(model, s)), device, profile,
+                           s.compute_dtype)
+    return sum(t.seconds for t in times)
+
+
+def score(model: ModelSpec, base: TrainSetup, device: Device,
+          profile: CalibrationProfile | None, c: Constraints) -> Scored:
+    """Memory and step time of every candidate, vectorised over the micro-batch."""
+    precisions = list(c.precisions) or device_precisions(device, profile)
+    batches = micro_batches(c.global_batch, base.num_devices)
+    accums = (c.global_batch // base.num_devices) // batches
+    scored = Scored()
+    for setup in structural_setups(base, precisions, c):
+        scored.setups += [_at(setup, b, a) for b, a in zip(batches, accums, strict=True)]
+        scored.peak_bytes.append(memory_totals(model, setup, device, batches))
+        scored.step_seconds.append(step_seconds(model, setup, device, profile, batches, accums))
+    return scored
+
+
+def num_steps(num_tokens: int, global_batch: int, seq_len: int) -> int:
+    """Optimizer steps that cover the token budget (count)."""
+    return max(1, math.ceil(num_tokens / (global_batch * seq_len)))
+
+
+def search(model: ModelSpec, base: TrainSetup, device: Device,
+           profile: CalibrationProfile | None, c: Constraints) -> SearchResult:
+    """Score every candidate, rank the ones that fit and meet the budgets, re-score the best
+    `c.top` exactly with estimate(), and say why each lost."""
+    if base.num_tokens is None:
+        raise SetupError("the planner needs a token budget (--tokens, or --data to count)")
+    started = time.perf_counter()
+    scored = score(model, base, device, profile, c)
+    peak = np.concatenate(scored.peak_bytes)
+    step = np.concatenate(scored.step_seconds)
+    steps = num_steps(base.num_tokens, c.global_batch, base.seq_len)
+    limit = c.memory_limit_bytes or _capacity(model, base, device)
+    total = step * steps
+    cost = _cost(total, device, base.num_devices)
+    ok = (peak <= limit) & _within(total, c.max_seconds) & _within(cost, c.max_cost_usd)
+    key = cost if c.objective == "cost" and device.price_per_hour_usd is not None else total
+    order = np.lexsort((peak, key, ~ok))
+    best = [scored.setups[i] for i in order[: c.top]]
+    exact = _exact(model, best, device, profile, steps, limit, c)
+    elapsed = time.perf_counter() - started
+    return SearchResult(candidates=exact, num_candidates=len(scored.setups),
+                        num_fitting=int((peak <= limit).sum()), memory_limit_bytes=limit,
+                        max_steps=steps, search_seconds=elapsed)
+
+
+def _within(values: np.ndarray, limit: float | None) -> np.ndarray:
+    return np.ones(len(values), bool) if limit is None else values <= limit
+
+
+def _cost(total_seconds: np.ndarray, device: Device, num_devices: int) -> np.ndarray:
+    price = device.price_per_hour_usd
+    if price is None:
+        return np.full(len(total_seconds), np.nan)
+    return total_seconds / SECONDS_PER_HOUR * price * num_devices
+
+
+def _capacity(model: ModelSpec, base: TrainSetup, device: Device) -> int:
+    return memory_breakdown(model, base, device, count_params(model, base)).capacity_bytes
+
+
+def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
+           profile: CalibrationProfile | None, steps: int, limit: int,
+           c: Constraints) -> list[Candidate]:
+    """estimate() of the best setups, re-ranked on its numbers, each with its verdict."""
+    from estimator.api import estimate
+
+    rows = []
+    for setup in setups:
+        est = estimate(model, setup.model_copy(update={"num_tokens": None}), device, profile)
+        seconds = est.throughput.step_seconds
+        cost = _cost(np.array([seconds * steps]), device, setup.num_devices)[0]
+        rows.append(Candidate(
+            setup=setup, peak_bytes=est.memory.total_bytes, step_seconds=seconds,
+            total_seconds=seconds * steps, cost_usd=None if np.isnan(cost) else float(cost),
+            fits=est.memory.total_bytes <= limit, verdict=""))
+    rows.sort(key=lambda r: (not _meets(r, c, limit), _key(r, c), r.peak_bytes))
+    return [replace_verdict(r, rows[0], c, limit) for r in rows]
+
+
+def _meets(r: Candidate, c: Constraints, limit: int) -> bool:
+    return (r.peak_bytes <= limit and (c.max_seconds is None or r.total_seconds <= c.max_seconds)
+            and (c.max_cost_usd is None or (r.cost_usd or 0) <= c.max_cost_usd))
+
+
+def _key(r: Candidate, c: Constraints) -> float:
+    if c.objective == "cost" and r.cost_usd is not None:
+        return r.cost_usd
+    return r.total_seconds
+
+
+def replace_verdict(r: Candidate, best: Candidate, c: Constraints, limit: int) -> Candidate:
+    """One line on why a candidate won or lost against the best."""
+    if r.peak_bytes > limit:
+        why = f"does not fit: {r.peak_bytes / 2**30:.2f} GiB > {limit / 2**30:.2f} GiB"
+    elif c.max_seconds is not None and r.total_seconds > c.max_seconds:
+        why = "over the time budget"
+    elif c.max_cost_usd is not None and (r.cost_usd or 0) > c.max_cost_usd:
+        why = "over the cost budget"
+    elif r is best:
+        why = "chosen: " + ("cheapest" if c.objective == "cost" else "fastest") + " that fits"
+    else:
+        ratio = _key(r, c) / _key(best, c)
+        why = f"{ratio:.2f}× {'dearer' if c.objective == 'cost' else 'slower'} than the chosen"
+    return r.model_copy(update={"verdict": why})
+
+
+def plan_setup(candidate: Candidate, num_tokens: int) -> TrainSetup:
+    """The chosen setup with the token budget recorded."""
+    return candidate.setup.model_copy(update={"num_tokens": num_tokens})
+
+
+__all__ = ["Constraints", "SearchResult", "plan_setup", "search"]
