@@ -145,3 +145,22 @@ def test_compose_keeps_decode_rate_per_device_group() -> None:
                    "l4").throughput
     assert math.isclose(two.decode_tokens_per_second, 2 * one.decode_tokens_per_second)
     assert two.communication_seconds == 0.0
+
+
+def test_cpu_ranks_on_one_machine_share_it() -> None:
+    model = load_model("gpt2")
+    setup = TrainSetup(compute_dtype="fp32", mixed_precision=False, seq_len=512)
+    one = estimate(model, setup, "xeon-platinum-8480plus")
+    two = estimate(model, setup.model_copy(update={"num_devices": 2}), "xeon-platinum-8480plus")
+    assert two.memory.capacity_bytes < one.memory.capacity_bytes
+    # two processes on one machine: no more than the machine's rate, less after communication
+    assert two.throughput.tokens_per_second < 1.05 * one.throughput.tokens_per_second
+    apart = estimate(model, setup.model_copy(update={"num_devices": 2, "num_nodes": 2}),
+                     "xeon-platinum-8480plus")
+    assert apart.throughput.tokens_per_second > 1.2 * one.throughput.tokens_per_second
+
+
+def test_sharding_advice_has_a_step_time() -> None:
+    est = estimate(load_model("llama-3.1-70b"), TrainSetup(checkpointing=True), "h100-sxm")
+    sharded = [a for a in est.advice if "--num-devices" in a.change]
+    assert sharded and all(a.fits and a.step_seconds > 0 for a in sharded)
