@@ -194,10 +194,14 @@ def data_parallel_collectives(setup: TrainSetup, grad_bytes: int, param_bytes: i
     step (the same 2Ψ volume as DDP; Rajbhandari et al. 2020 §7). ZeRO-2: gradients are
     sharded, so they are reduce-scattered every micro-batch. ZeRO-3/FSDP: parameters
     all-gathered in the forward and again in the backward of every micro-batch (3Ψ with the
-    gradient reduce-scatter; ZeRO paper §7.2.2); the frozen base of LoRA is gathered too."""
-    if setup.num_devices <= 1 or setup.method == "inference":
+    gradient reduce-scatter; ZeRO paper §7.2.2); the frozen base of LoRA is gathered too.
+    Inference: only ZeRO-3's forward gather of the (frozen) weights."""
+    if setup.num_devices <= 1:
         return []
     accum = setup.grad_accum
+    if setup.method == "inference":  # ZeRO-3 inference gathers the weights once per forward
+        gather = Collective("param.all_gather", "all_gather", frozen_bytes, accum)
+        return [gather] if setup.zero_stage >= 3 else []
     if setup.zero_stage == 0:
         return [Collective("grad.all_reduce", "all_reduce", grad_bytes, 1)]
     scatters = accum if setup.zero_stage >= 2 else 1

@@ -75,7 +75,9 @@ def step_collectives(model: ModelSpec, setup: TrainSetup,
                      params: ParamCounts) -> list[C.Collective]:
     """Every collective and host transfer of one optimizer step on one device."""
     if setup.method == "inference":
-        return C.expert_parallel_collectives(model, setup)
+        frozen = frozen_storage_bytes(model, setup, params)
+        return (C.data_parallel_collectives(setup, 0, 0, frozen)
+                + C.expert_parallel_collectives(model, setup))
     _, t_share = routed_fractions(model, setup, params)
     ep_scale = 1 - t_share + t_share / setup.expert_parallel
     grads = device_gradient_bytes(setup, params) * ep_scale
