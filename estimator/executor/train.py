@@ -487,6 +487,8 @@ def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.Pe
             run.losses.append(loss)
             done = step + 1
             _report_progress(on_progress, run, done, loss, lr, seconds, timer, peak)
+            if received and not run.dist.is_distributed:  # ranks act on agreed signals only
+                signum = received[0]
             due = config.checkpoint_every and done % config.checkpoint_every == 0
             if signum or due or done == config.max_steps:
                 if not _params_finite(run.trainable):
