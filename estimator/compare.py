@@ -279,17 +279,20 @@ def best_option(model: ModelSpec, setup: TrainSetup, device: Device, methods: Se
 
 def apply_limits(option: DeviceOption, max_hours: float | None,
                  max_cost_usd: float | None) -> DeviceOption:
-    """Mark an option outside --max-hours / --max-cost; say when a limit cannot be checked."""
+    """Mark an option outside --max-hours / --max-cost. A limit that cannot be checked (no
+    price, no token budget) counts as missed, and the option says why."""
     within = option.num_devices is not None
     unknowns = list(option.unknowns)
     if max_hours is not None:
         if option.total_seconds is None:
-            unknowns.append("no token budget: --max-hours not checked")
+            unknowns.append("no token budget: cannot confirm --max-hours")
+            within = False
         else:
             within &= option.total_seconds / SECONDS_PER_HOUR <= max_hours
     if max_cost_usd is not None:
         if option.cost_usd is None:
-            unknowns.append("cost unknown: --max-cost not checked")
+            unknowns.append("cost unknown: cannot confirm --max-cost")
+            within = False
         else:
             within &= option.cost_usd <= max_cost_usd
     return option.model_copy(update={"within_limits": within, "unknowns": unknowns})

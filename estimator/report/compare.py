@@ -32,8 +32,7 @@ def method_cell(o: DeviceOption) -> str:
 
 UNKNOWN_TAGS = (("no on-demand price", "price"), ("peak:", "dtype peak"),
                 ("large-GEMM", "GEMM eff."), ("interconnect", "link"),
-                ("--max-hours not checked", "hours limit"), ("--max-cost not checked",
-                                                             "cost limit"))
+                ("confirm --max-hours", "hours limit"), ("confirm --max-cost", "cost limit"))
 
 
 def unknown_cell(o: DeviceOption) -> str:
@@ -130,8 +129,10 @@ def alternatives_parts(cmp: Comparison) -> list:
 
 def render_compare(cmp: Comparison, console: Console) -> None:
     """Print the whole comparison."""
+    method = "method per device" if cmp.method_rule.startswith("per device") else (
+        cmp.setup.method)
     head = (f"{cmp.model}: {fmt_count(cmp.total_params)} params, "
-            f"{fmt_count(cmp.active_params)} active · {cmp.setup.method}, batch "
+            f"{fmt_count(cmp.active_params)} active · {method}, batch "
             f"{cmp.setup.batch_size}×{cmp.setup.seq_len}"
             + (f" · {fmt_count(cmp.setup.num_tokens)} tokens" if cmp.setup.num_tokens else ""))
     limits = [f"max {cmp.max_hours:g} h" if cmp.max_hours is not None else "",

@@ -89,6 +89,11 @@ def test_limits_mark_options_and_free_tier_quota(llama8b) -> None:
     options = {o.device: o for o in result.options}
     assert options["h100-sxm"].within_limits and not options["ryzen-9-7950x"].within_limits
     assert result.options[0].device == "h100-sxm"
+    priced = compare(llama8b, QLORA, ["h100-sxm", "gaudi3"], max_cost_usd=1e6,
+                     alternatives=False)
+    unpriced = next(o for o in priced.options if o.device == "gaudi3")
+    assert not unpriced.within_limits and any("--max-cost" in u for u in unpriced.unknowns)
+    assert priced.options[0].device == "h100-sxm"
     kaggle = next(t for t in result.free_tiers if t.offer == "kaggle-gpu-t4x2")
     assert kaggle.fits and kaggle.num_devices == 2
     assert kaggle.weeks_of_quota == pytest.approx(kaggle.total_seconds / 3600 / 30)

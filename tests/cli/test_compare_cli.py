@@ -69,3 +69,15 @@ def test_plot_writes_a_file(capsys: pytest.CaptureFixture[str], tmp_path) -> Non
     code, _, _ = run(capsys, "compare", "--model", "llama-3.1-8b", "--tokens", "1e7",
                      "--plot", str(path), *DEVICES)
     assert code == 0 and path.stat().st_size > 1000
+
+
+def test_compare_json_does_not_import_torch() -> None:
+    """specs, catalog, analytic and compare stay torch-free (DESIGN: import direction)."""
+    import subprocess
+
+    code = ("import sys; from estimator.cli.app import main\n"
+            "try:\n main(['compare', '--model', 'gpt2', '--devices', 'l4', '--json'])\n"
+            "except SystemExit:\n pass\n"
+            "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
