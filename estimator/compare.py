@@ -399,7 +399,7 @@ def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | Non
             continue
         result = compare(preset, setup, devices, profile, methods=methods,
                          auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
-                         max_cost_usd=max_cost_usd, alternatives=False)
+                         max_cost_usd=max_cost_usd, max_devices=1, alternatives=False)
         best = next((o for o in result.options if o.within_limits and o.fits_on_one), None)
         if best is not None:
             out.append(SmallerModel(model=preset.name, total_params=size, option=best))
