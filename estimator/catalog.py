@@ -58,9 +58,11 @@ def device_from_entry(key: str, entry: dict[str, Any]) -> Device:
     bandwidth = fields.pop("bandwidth_gb_per_s") * GB
     peaks = {k: v * TERA for k, v in fields.pop("peak_tflops", {}).items()}
     interconnect = fields.pop("interconnect_gb_per_s", None)
+    network = fields.pop("network_gb_per_s", None)
     return Device(name=key, memory_bytes=round(memory), memory_bandwidth_bytes_per_second=bandwidth,
                   peak_flops_per_second=peaks,
                   interconnect_bytes_per_second=interconnect * GB if interconnect else None,
+                  network_bytes_per_second=network * GB if network else None,
                   **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 

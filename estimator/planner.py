@@ -21,10 +21,11 @@ import numpy as np
 
 from estimator.analytic.efficiency import default_seconds, profile_curve
 from estimator.analytic.memory import memory_breakdown
+from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
 from estimator.analytic.params import count_params
-from estimator.analytic.throughput import step_ops
+from estimator.analytic.throughput import step_ops, throughput
 from estimator.errors import SetupError
-from estimator.specs import CalibrationProfile, Device, ModelSpec, TrainSetup
+from estimator.specs import CalibrationProfile, Device, ModelSpec, Throughput, TrainSetup
 from estimator.specs.plan import Candidate, Objective
 
 Precision = tuple[str, bool]
@@ -51,6 +52,8 @@ class Constraints:
     precisions: tuple[Precision, ...] = ()
     optimizers: tuple[str, ...] = ("adamw", "adamw8bit")
     checkpointing: tuple[bool, ...] = (False, True)
+    zero_stages: tuple[int, ...] = (0,)
+    """ZeRO stages searched when the setup has several devices (the executor runs 0, DDP)."""
     objective: Objective = "time"
     top: int = 5
     """Candidates re-scored exactly and kept in the plan."""
@@ -90,14 +93,16 @@ def device_precisions(device: Device, profile: CalibrationProfile | None) -> lis
 
 def structural_setups(base: TrainSetup, precisions: list[Precision],
                       c: Constraints) -> list[TrainSetup]:
-    """Every method × precision × optimizer × checkpointing, at micro-batch 1 (validated)."""
+    """Every method × precision × optimizer × checkpointing (× ZeRO stage on several
+    devices), at micro-batch 1 (validated)."""
     out = []
-    for method, (dtype, mixed), optim, ckpt in product(c.methods, precisions, c.optimizers,
-                                                       c.checkpointing):
+    stages = c.zero_stages if base.num_devices > 1 else (base.zero_stage,)
+    for method, (dtype, mixed), optim, ckpt, stage in product(
+            c.methods, precisions, c.optimizers, c.checkpointing, stages):
         bits = 4 if method == "qlora" else (32 if dtype == "fp32" else 16)
         update = {"method": method, "weight_bits": bits, "compute_dtype": dtype,
                   "mixed_precision": mixed, "optimizer": optim, "checkpointing": ckpt,
-                  "batch_size": 1, "grad_accum": 1}
+                  "zero_stage": stage, "batch_size": 1, "grad_accum": 1}
         out.append(TrainSetup.model_validate({**base.model_dump(), **update}))
     return out
 
@@ -117,11 +122,13 @@ def _at(setup: TrainSetup, batch: int, accum: int = 1) -> TrainSetup:
 
 def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
                   batches: np.ndarray) -> np.ndarray:
-    """Peak bytes at each micro-batch: affine from b = 1, 2, checked at the largest b."""
+    """Peak bytes per device at each micro-batch: affine from b = 1, 2, checked at the
+    largest b."""
     params = count_params(model, setup)
+    rank = rank_device(device, setup)
 
     def total(b: int) -> int:
-        return memory_breakdown(model, _at(setup, b), device, params).total_bytes
+        return memory_breakdown(model, _at(setup, b), rank, params).total_bytes
 
     m1 = total(1)
     slope = total(2) - m1 if batches[-1] > 1 else 0
@@ -148,33 +155,48 @@ def seconds_per_call(device: Device, profile: CalibrationProfile | None, dtype: 
 def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
                  profile: CalibrationProfile | None, batches: np.ndarray,
                  accums: np.ndarray) -> np.ndarray:
-    """Step time at each (micro-batch, accumulation): per-op work affine in b from the op
-    lists at b = 1 and 2; ops whose calls double with accumulation run once per micro-batch."""
+    """Step time at each (micro-batch, accumulation). One device: per-op work is affine in b
+    from the op lists at (b, accumulation) = (1, 1) and (2, 2), and ops whose calls double
+    run once per micro-batch. Several devices (communication, sharded optimizer step): the
+    exact model per micro-batch."""
     params = count_params(model, setup)
-    one, two = step_ops(model, _at(setup, 1), params), step_ops(model, _at(setup, 2), params)
-    accum2 = step_ops(model, _at(setup, 1, 2), params)
-    if [o.name for o in one] != [o.name for o in two] or len(one) != len(accum2):
+    one, two = step_ops(model, _at(setup, 1), params), step_ops(model, _at(setup, 2, 2), params)
+    if (setup.num_devices > 1 or setup.offload != "none"
+            or [o.name for o in one] != [o.name for o in two]):
         return np.array([_exact_seconds(model, setup, device, profile, b, a)
                          for b, a in zip(batches, accums, strict=True)])
     total = np.zeros(len(batches))
-    for o1, o2, oa in zip(one, two, accum2, strict=True):
+    check = _exact_seconds(model, setup, device, profile, batches[-1], accums[-1])
+    for o1, o2 in zip(one, two, strict=True):
         flops = o1.flops_per_call + (o2.flops_per_call - o1.flops_per_call) * (batches - 1)
         nbytes = o1.bytes_per_call + (o2.bytes_per_call - o1.bytes_per_call) * (batches - 1)
         per_call = seconds_per_call(device, profile, setup.compute_dtype, o1.op_class,
                                     flops, nbytes)
-        repeats = accums if oa.num_calls == 2 * o1.num_calls else 1
+        repeats = accums if o2.num_calls == 2 * o1.num_calls else 1
         total += per_call * o1.num_calls * repeats
+    if abs(total[-1] - check) > AFFINE_TOLERANCE * check:  # e.g. loss chunks grow with b
+        return np.array([_exact_seconds(model, setup, device, profile, b, a)
+                         for b, a in zip(batches, accums, strict=True)])
     return total
 
 
 def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
                    profile: CalibrationProfile | None, batch: int, accum: int) -> float:
-    from estimator.analytic.throughput import ops_seconds
-
     s = _at(setup, batch, accum)
-    times, _ = ops_seconds(step_ops(model, s, count_params(model, s)), device, profile,
-                           s.compute_dtype)
-    return sum(t.seconds for t in times)
+    return step_throughput(model, s, device, profile).step_seconds
+
+
+def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
+                    profile: CalibrationProfile | None) -> Throughput:
+    """The Throughput estimate() reports: compute on one rank (parallel.rank_device /
+    rank_profile) composed with communication (parallel.compose_throughput)."""
+    rank, params = rank_device(device, setup), count_params(model, setup)
+    memory = memory_breakdown(model, setup, rank, params)
+    perf = throughput(model, setup, rank, params, rank_profile(profile, device, setup),
+                      weight_storage_bytes=memory.components["weights"]
+                      + memory.components["quant_scales"],
+                      kv_bytes=memory.components["kv_cache"])
+    return compose_throughput(model, setup, rank, params, profile, perf)
 
 
 def score(model: ModelSpec, base: TrainSetup, device: Device,

@@ -15,6 +15,9 @@ from estimator.cli.options import (
     LoraRankOpt,
     LoraTargetsOpt,
     ModelOpt,
+    NodesOpt,
+    NumDevicesOpt,
+    OffloadOpt,
     ParamsOpt,
     SeqOpt,
     TokensOpt,
@@ -57,12 +60,16 @@ DataOpt = Annotated[Path | None, typer.Option(
                    "corpus]; without --tokens the plan covers it once.")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Plan file to write.")]
 TopOpt = Annotated[int, typer.Option("--top", min=1, help="Candidates kept in the plan.")]
+FixedZeroOpt = Annotated[Literal["0", "1", "2", "3"] | None, typer.Option(
+    "--zero", rich_help_panel=PLAN_PANEL,
+    help="Fix the ZeRO stage  [default: search 0–3 on catalogue devices; 0 (DDP, what the "
+         "bundled trainer runs) for local]")]
 TorchDeviceOpt = Annotated[str, typer.Option(
     "--torch-device", help="torch device `nvfree run` trains on: cpu, cuda, mps, xpu.")]
 
 
 def constraints_from(*, method, dtype, optimizer, checkpointing, global_batch, memory_limit,
-                     max_hours, max_cost, objective, top):
+                     max_hours, max_cost, objective, top, zero_stages):
     """planner.Constraints from the flags (a fixed flag narrows that dimension to one value)."""
     from estimator.planner import Constraints
 
@@ -75,7 +82,8 @@ def constraints_from(*, method, dtype, optimizer, checkpointing, global_batch, m
         max_cost_usd=max_cost, objective=objective, top=top,
         methods=(method,) if method else ("full", "lora", "qlora"), precisions=precisions,
         optimizers=(optimizer,) if optimizer else ("adamw", "adamw8bit"),
-        checkpointing=(checkpointing,) if checkpointing is not None else (False, True))
+        checkpointing=(checkpointing,) if checkpointing is not None else (False, True),
+        zero_stages=zero_stages)
 
 
 def plan(
@@ -86,7 +94,9 @@ def plan(
     lora_alpha: LoraAlphaOpt = 32.0, lora_targets: LoraTargetsOpt = "all-linear",
     seq_len: SeqOpt = 256, global_batch: GlobalBatchOpt = 8, data: DataOpt = None,
     text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
-    tokens: TokensOpt = None, device: DeviceOpt = "local", memory_limit: MemoryLimitOpt = None,
+    tokens: TokensOpt = None, device: DeviceOpt = "local", num_devices: NumDevicesOpt = 1,
+    nodes: NodesOpt = 1, zero: FixedZeroOpt = None, offload: OffloadOpt = "none",
+    memory_limit: MemoryLimitOpt = None,
     max_hours: MaxHoursOpt = None, max_cost: MaxCostOpt = None,
     objective: ObjectiveOpt = "time", output: OutputOpt = Path("plan.json"), top: TopOpt = 5,
     torch_device: TorchDeviceOpt = "cpu", seed: int = typer.Option(0, "--seed"),
@@ -108,18 +118,26 @@ def plan(
                else tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:
         base = TrainSetup(seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                          lora_targets=targets, num_tokens=num_tokens)
+                          lora_targets=targets, num_tokens=num_tokens,
+                          num_devices=num_devices, num_nodes=nodes, offload=offload)
     except ValueError as exc:
-        raise SetupError(str(exc).splitlines()[-1]) from None
+        errors = getattr(exc, "errors", None)
+        raise SetupError(errors()[0]["msg"].removeprefix("Value error, ") if errors
+                         else str(exc)) from None
+    local = device.strip().lower() == "local"
+    if local and zero not in (None, "0"):
+        raise SetupError("the bundled trainer runs data parallel without sharding (--zero 0, "
+                         "DDP); plan ZeRO stages for a catalogue --device")
+    stages = (int(zero),) if zero is not None else ((0,) if local else (0, 1, 2, 3))
     c = constraints_from(method=method, dtype=dtype, optimizer=optimizer,
                          checkpointing=checkpointing, global_batch=global_batch,
                          memory_limit=memory_limit, max_hours=max_hours, max_cost=max_cost,
-                         objective=objective, top=top)
+                         objective=objective, top=top, zero_stages=stages)
     result = search(spec, base, dev, profile, c)
     if not result.candidates[0].verdict.startswith("chosen"):
         raise SetupError(f"no candidate meets the constraints; the closest: "
                          f"{result.candidates[0].verdict} (see `nvfree estimate` advice)")
-    fingerprint = _local_fingerprint() if device.strip().lower() == "local" else None
+    fingerprint = _local_fingerprint() if local else None
     the_plan = make_plan(result, model=spec, model_source=model or f"--params {params:g}",
                          data=None if data is None else str(data), text_field=text_field,
                          device=dev, device_key=device.strip().lower(),

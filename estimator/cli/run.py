@@ -14,18 +14,28 @@ RunOutputOpt = Annotated[Path | None, typer.Option(
                            "runs/<plan file name>]")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Run even if the plan is predicted not to fit or was made elsewhere.")]
+NodeRankOpt = Annotated[int | None, typer.Option(
+    "--node-rank", min=0, help="Multi-node plans: this machine's rank (torchrun).")]
+RdzvOpt = Annotated[str | None, typer.Option(
+    "--rdzv-endpoint", help="Multi-node plans: HOST:PORT every node reaches (torchrun c10d).")]
 
 
 def run(plan_path: PlanArg, output: RunOutputOpt = None, force: ForceOpt = False,
+        node_rank: NodeRankOpt = None, rdzv_endpoint: RdzvOpt = None,
         json: JsonOpt = False) -> None:
     """Run a plan on this machine (resuming it if it was interrupted) and report predicted vs
-    measured peak memory and step time."""
+    measured peak memory and step time. A plan for N devices runs N data-parallel processes
+    under torchrun (num_devices / num_nodes per machine)."""
+    import sys
+
     import psutil
 
     from estimator.errors import SetupError
+    from estimator.executor.distributed import context_from_env, in_worker, launch
     from estimator.hardware import detect, fingerprint
     from estimator.planfile import load_plan, machine_problems
     from estimator.profiles import lookup_profile
+    from estimator.specs import RunReport
 
     the_plan = load_plan(plan_path)
     machine = detect()
@@ -39,10 +49,22 @@ def run(plan_path: PlanArg, output: RunOutputOpt = None, force: ForceOpt = False
     out = output or Path("runs") / plan_path.stem
     from rich.console import Console
 
-    console = Console(stderr=json)
+    worker = in_worker()
+    console = Console(stderr=json or worker, quiet=worker and context_from_env().rank > 0)
     for line in [*notes, *(f"forced: {r}" for r in refuse if force)]:
         console.print(f"[yellow]note:[/] {line}")
-    report = _execute(the_plan, out, console)
+    s = the_plan.setup
+    if s.num_devices > 1 and not worker:
+        code = launch(sys.argv[1:], s.num_devices // s.num_nodes, s.num_nodes,
+                      node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        report_path = out / "run_report.json"
+        if code != 0 or not report_path.is_file():
+            raise typer.Exit(code or 1)
+        report = RunReport.model_validate_json(report_path.read_text())
+    else:
+        report = _execute(the_plan, out, console)
+        if worker:  # the launcher renders rank 0's report
+            raise typer.Exit(0)
     if json:
         typer.echo(report.model_dump_json(indent=2))
     else:
