@@ -154,3 +154,16 @@ def test_compare_inference_reports_both_rates(llama8b) -> None:
         assert o.tokens_per_second > o.decode_tokens_per_second > 0
         assert o.decode_bound == "bandwidth"
         assert o.total_seconds == pytest.approx(10**6 / o.decode_tokens_per_second)
+
+
+def test_multi_device_option_is_estimate_at_that_count(llama8b) -> None:
+    """Time and cost of an N-device option are `estimate` at that N and ZeRO stage."""
+    setup = TrainSetup(method="full", num_tokens=10**7)
+    option = compare(llama8b, setup, ["h100-sxm"], alternatives=False).options[0]
+    assert option.num_devices > 1 and option.multi_device_modelled
+    est = estimate(llama8b, setup.model_copy(update={
+        "num_devices": option.num_devices, "zero_stage": option.zero_stage,
+        "checkpointing": option.checkpointing}), "h100-sxm")
+    assert option.tokens_per_second == pytest.approx(est.throughput.tokens_per_second)
+    assert option.cost_usd == pytest.approx(est.throughput.cost_usd)
+    assert option.peak_memory_bytes == est.memory.total_bytes <= est.memory.capacity_bytes
