@@ -45,10 +45,11 @@ for job in jobs:
     out = Path(job["output"])
     if job["per_rank_output"]:
         out = out / f"rank{rank}"
-    report = train(spec, TrainSetup.model_validate(job["setup"]), max_steps=job["steps"],
-                   output_dir=out, data=Path(job["data"]), lr=job["lr"], predict=False)
-    assert report.world_size == 2 and len(report.peak_bytes_per_rank) == 2, report
-    assert torch.get_num_threads() >= 1
+    for steps in job["steps"]:  # several: stop, then --resume to the next target
+        report = train(spec, TrainSetup.model_validate(job["setup"]), max_steps=steps,
+                       output_dir=out, data=Path(job["data"]), predict=False,
+                       resume=steps != job["steps"][0], **job["options"])
+        assert report.world_size == 2 and len(report.peak_bytes_per_rank) == 2, report
 dist.destroy_process_group()
 """
 
@@ -84,7 +85,16 @@ def two_rank_runs(tmp_path_factory, text_file):
     script.write_text(WORKER)
     jobs = [{"output": str(root / case), "per_rank_output": case == "full",
              "setup": _setup(case, grad_accum=1, num_devices=2).model_dump(mode="json"),
-             "steps": STEPS, "data": str(text_file), "lr": 1e-2} for case in CASES]
+             "steps": [STEPS], "data": str(text_file), "options": {"lr": 1e-2}}
+            for case in CASES]
+    jobs.append({**jobs[0], "output": str(root / "resumed"), "per_rank_output": False,
+                 "steps": [1, STEPS]})
+    jobs.append({"output": str(root / "nan"), "per_rank_output": False, "steps": [30],
+                 "setup": _setup("full", optimizer="sgd", compute_dtype="fp16",
+                                 mixed_precision=False, num_devices=2).model_dump(mode="json"),
+                 "data": str(text_file),
+                 "options": {"lr": 1e3, "max_grad_norm": 0.0, "warmup_steps": 1,
+                             "checkpoint_every": 1}})
     done = _torchrun([str(script), TINY.model_dump_json(), json.dumps(jobs)])
     assert done.returncode == 0, done.stderr[-3000:]
     return {"full": root / "full" / "rank0", "lora": root / "lora"}, root
@@ -116,6 +126,24 @@ def test_only_rank_zero_writes(two_rank_runs):
     _, root = two_rank_runs
     assert (root / "full" / "rank0" / "run_report.json").is_file()
     assert not (root / "full" / "rank1").exists()  # rank 1 got its own --output: untouched
+
+
+def test_two_ranks_resume_exactly(two_rank_runs):
+    _, root = two_rank_runs
+    straight = json.loads((root / "full" / "rank0" / "run_report.json").read_text())
+    resumed = json.loads((root / "resumed" / "run_report.json").read_text())
+    assert resumed["start_step"] == 1 and resumed["losses"] == straight["losses"]
+    ours = load_file(Path(resumed["checkpoint_dir"]) / "model.safetensors")
+    theirs = load_file(Path(straight["checkpoint_dir"]) / "model.safetensors")
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_a_nonfinite_step_stops_every_rank_without_saving_it(two_rank_runs):
+    _, root = two_rank_runs  # the torchrun returned 0: no rank hung or crashed
+    report = json.loads((root / "nan" / "run_report.json").read_text())
+    assert report["stop_reason"] == "nonfinite_loss" and report["num_steps"] < 30
+    assert "last good checkpoint" in report["message"]
+    assert all(torch.isfinite(torch.tensor(report["losses"])))
 
 
 def test_ranks_read_disjoint_slices_that_tile_one_process():
