@@ -76,7 +76,8 @@ def default_seconds(device: Device, dtype: str, op_class: str, flops: float,
     return DEFAULT_OVERHEAD_SECONDS[device.kind] + max(compute, memory)
 
 
-FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory"}
+FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory", "matmul_cold": "matmul",
+                  "dispatch.autograd": "dispatch"}
 """A class a profile may lack (older profiles, quick runs) and the class measured instead."""
 
 
@@ -100,3 +101,22 @@ def call_seconds(device: Device, profile: CalibrationProfile | None, dtype: str,
         return default_seconds(device, dtype, op_class, flops, num_bytes), False
     work = flops if curve.unit == "flops" else num_bytes
     return curve_seconds(curve, work), True
+
+
+def cold_gemms(profile: CalibrationProfile | None, dtype: str, weight_set_bytes: float) -> bool:
+    """Whether the step's GEMMs that read stored weights or saved activations use the
+    `matmul_cold.<dtype>` curve: the profile has that curve and the step's matmul weight set
+    exceeds the cache private to the training cores (profile.private_cache_bytes; None →
+    False, the hot curve).
+
+    Rule from measurement (docs/calibration.md §4–5): every weight is read once per pass, so
+    between two reads of the same weight the whole weight set streams through the caches. A
+    rotating operand pool of 16 MiB (4× this machine's 2 × 2 MiB L2, far below the 480 MiB L3
+    the VM reports) already cuts bf16 rates at T = 256 by 10–30 %; the hot curve is measured
+    with operands that stay in L1/L2. The shared L3 is left out: it is shared with other
+    tenants and processes and its reported size is the host's."""
+    if profile is None or profile.private_cache_bytes is None:
+        return False
+    if f"matmul_cold.{dtype}" not in profile.curves:
+        return False
+    return weight_set_bytes > profile.private_cache_bytes

@@ -5,7 +5,7 @@ after another (eager execution on one device; no compute/communication overlap t
 from dataclasses import replace
 
 from estimator.analytic import flops as F
-from estimator.analytic.efficiency import call_seconds
+from estimator.analytic.efficiency import call_seconds, cold_gemms
 from estimator.analytic.memory import (
     autocasting,
     block_linear_params,
@@ -24,7 +24,7 @@ from estimator.specs import (
 )
 
 SECONDS_PER_HOUR = 3600
-DTYPED_CLASSES = ("matmul", "attention", "lora")
+DTYPED_CLASSES = ("matmul", "matmul_cold", "attention", "lora")
 """Op classes whose calibrated curve depends on the compute dtype."""
 TRAINABLE_TENSORS_PER_LINEAR_LORA = 2
 DECODE_BANDWIDTH_FRACTION = 0.7
@@ -43,7 +43,11 @@ def num_trainable_tensors(model: ModelSpec, setup: TrainSetup) -> int:
                 per_layer += lin.count * num_layers * (2 if lin.bias else 1)
             elif lin.name in setup.lora_targets:
                 per_layer += lin.count * num_layers * TRAINABLE_TENSORS_PER_LINEAR_LORA
-    extra = 2 * model.num_layers + 3 if setup.method == "full" else 0
+    extra = 0
+    if setup.method == "full":  # norms, embedding, final norm, lm_head, MoE routers
+        router = 2 if model.moe is not None and model.moe.expert_bias else 1
+        extra = (2 * model.num_layers + (2 if model.tied_embeddings else 3)
+                 + model.num_moe_layers * router)
     return max(1, round(per_layer + extra))
 
 
@@ -70,6 +74,23 @@ def autocast_copy_params_per_pass(model: ModelSpec, setup: TrainSetup,
     if not (autocasting(setup) and fp32_weights):
         return 0
     return block_linear_params(model, params) + model.vocab_size * model.hidden_size
+
+
+def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: Device,
+              profile: CalibrationProfile | None) -> list[F.Op]:
+    """step_ops with the calibration's choices: GEMMs that read cold operands on the
+    `matmul_cold` curve when the weight set exceeds the private cache (efficiency.cold_gemms),
+    and, on a CPU, the framework's per-op dispatch/autograd cost (flops.dispatch_ops). On an
+    accelerator the host-side dispatch overlaps the asynchronous kernels and is left out."""
+    ops = step_ops(model, setup, params)
+    if cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup)):
+        ops = [replace(op, op_class="matmul_cold")
+               if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op
+               for op in ops]
+    if device.kind == "cpu":
+        timed = sum(op.num_calls for op in ops)
+        ops += F.dispatch_ops(model, setup, num_trainable_tensors(model, setup), timed)
+    return ops
 
 
 def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | None,
@@ -105,7 +126,7 @@ def throughput(model: ModelSpec, setup: TrainSetup, device: Device, params: Para
                kv_bytes: int) -> Throughput:
     """Step time and rates for the setup on the device."""
     dtype = setup.compute_dtype
-    ops = step_ops(model, setup, params)
+    ops = timed_ops(model, setup, params, device, profile)
     times, calibrated = ops_seconds(ops, device, profile, dtype)
     step_seconds = sum(t.seconds for t in times)
     tokens = setup.tokens_per_step

@@ -273,3 +273,182 @@ def dispatch_case() -> Case:
         return lambda: a + b
 
     return Case("dispatch", "add 8 elements", 1.0, build, tiny=True)
+
+
+# ----------------------------------------------------------------------------- cold GEMMs
+
+FALLBACK_POOL_BYTES = 256 * 2**20
+"""Operand pool when the last-level cache size is unknown (bytes)."""
+MAX_POOL_BYTES = 1024 * 2**20
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache (bytes): Linux /sys (index*/size of cpu0, largest
+    level), else py-cpuinfo's l3/l2 cache size; None when neither says."""
+    from pathlib import Path
+
+    best = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * unit
+        except (OSError, ValueError):
+            continue
+        best = max(best or 0, size)
+    if best:
+        return best
+    try:
+        import cpuinfo
+
+        info = cpuinfo.get_cpu_info()
+        size = info.get("l3_cache_size") or info.get("l2_cache_size")
+        return int(size) if size else None
+    except Exception:  # py-cpuinfo raises assorted errors on exotic platforms
+        return None
+
+
+def private_cache_bytes(num_cores: int) -> int | None:
+    """Per-core cache (the largest level not shared with other cores: L2 here) × cores."""
+    from pathlib import Path
+
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            shared = (index / "shared_cpu_list").read_text().strip()
+            text = (index / "size").read_text().strip().upper()
+            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            if shared in ("0", "0-0"):
+                sizes.append(int(text.rstrip("KMG")) * unit)
+        except (OSError, ValueError):
+            continue
+    return max(sizes) * num_cores if sizes else None
+
+
+def cold_pool_bytes() -> int:
+    """Operand pool of the cold GEMMs: the next power of two ≥ the last-level cache, at least
+    256 MiB (fallback when unknown), at most 1 GiB."""
+    llc = last_level_cache_bytes() or FALLBACK_POOL_BYTES
+    size = FALLBACK_POOL_BYTES
+    while size < llc and size < MAX_POOL_BYTES:
+        size *= 2
+    return size
+
+
+_POOLS: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
+
+
+def operand_pool(device: str, dtype: torch.dtype, num_bytes: int) -> torch.Tensor:
+    """One shared buffer per (device, dtype, size), allocated and written once per process
+    (uniform values; a cold GEMM case carves its operands from it, so it costs no extra
+    allocation time)."""
+    key = (device, dtype, num_bytes)
+    if key not in _POOLS:
+        _POOLS.clear()  # keep at most one pool alive
+        _POOLS[key] = torch.empty(num_bytes // dtype.itemsize, dtype=dtype,
+                                  device=device).uniform_(-1, 1)
+    return _POOLS[key]
+
+
+def release_pools() -> None:
+    """Free the cold-GEMM operand pool."""
+    _POOLS.clear()
+
+
+def _rotating(pool: torch.Tensor, shapes: tuple[tuple[int, int], ...],
+              op: Callable[..., object]) -> Callable[[], object]:
+    """A callable that runs `op` on the next slot's operands each call: slots of the given
+    shapes laid back to back through the pool, so consecutive calls never reuse an operand
+    until the whole pool has been read."""
+    per_slot = sum(r * c for r, c in shapes)
+    num_slots = max(1, pool.numel() // per_slot)
+    slots = []
+    for i in range(num_slots):
+        offset, operands = i * per_slot, []
+        for r, c in shapes:
+            operands.append(pool[offset:offset + r * c].view(r, c))
+            offset += r * c
+        slots.append(operands)
+    state = {"i": 0}
+
+    def call() -> object:
+        i = state["i"]
+        state["i"] = (i + 1) % num_slots
+        return op(*slots[i])
+
+    return call
+
+
+def cold_gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str,
+                    pool_bytes: int) -> list[Case]:
+    """gemm_cases with cold operands: every call reads operands (x and W, dy and W, dy and x)
+    that were last touched pool_bytes ago, as every weight is in one pass of a model whose
+    weights exceed the cache (in-model GEMMs ran 1.4–2.3× slower than the hot curve,
+    docs/calibration.md §4)."""
+    dt = DTYPES[dtype]
+    cases = []
+    for tokens, hidden, out in shapes:
+        work = 2.0 * tokens * hidden * out
+        dims = f"{tokens}x{hidden}->{out}"
+
+        def fwd(device: str, t=tokens, h=hidden, o=out) -> Callable[[], object]:
+            return _rotating(operand_pool(device, dt, pool_bytes), ((t, h), (o, h)), F.linear)
+
+        def dgrad(device: str, t=tokens, h=hidden, o=out) -> Callable[[], object]:
+            return _rotating(operand_pool(device, dt, pool_bytes), ((t, o), (o, h)),
+                             torch.matmul)
+
+        def wgrad(device: str, t=tokens, h=hidden, o=out) -> Callable[[], object]:
+            return _rotating(operand_pool(device, dt, pool_bytes), ((t, o), (t, h)),
+                             lambda dy, x: dy.t() @ x)
+
+        cases += [
+            Case(op_class, f"{op_class} fwd {dims}", work, fwd),
+            Case(op_class, f"{op_class} dgrad {dims}", work, dgrad),
+            Case(op_class, f"{op_class} wgrad {dims}", work, wgrad),
+        ]
+    return cases
+
+
+# ----------------------------------------------------------------------------- autograd ops
+
+AUTOGRAD_CHAIN = 32
+"""Ops in the dispatch.autograd chain."""
+
+
+def count_aten_calls(fn: Callable[[], object]) -> int:
+    """aten calls one run of `fn` dispatches (TorchDispatchMode; backward included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        num_calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.num_calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.num_calls
+
+
+def autograd_dispatch_case() -> Case:
+    """Forward + backward of a chain of AUTOGRAD_CHAIN tiny (8-element) autograd-tracked
+    multiplies: wall time per aten call (the case's work is the number of aten calls one run
+    dispatches, counted once with a TorchDispatchMode, so the fitted overhead is per aten call
+    — the unit flops.dispatch_op_count counts)."""
+    def chain(x: torch.Tensor) -> None:
+        y = x
+        for _ in range(AUTOGRAD_CHAIN):
+            y = y * 1.0001
+        y.backward(torch.ones_like(y))
+        x.grad = None
+
+    def build(device: str) -> Callable[[], object]:
+        x = torch.randn(8, device=device, requires_grad=True)
+        return lambda: chain(x)
+
+    x0 = torch.randn(8, requires_grad=True)
+    calls = count_aten_calls(lambda: chain(x0))
+    return Case("dispatch.autograd", f"autograd chain of {AUTOGRAD_CHAIN} ({calls} aten calls)",
+                float(calls), build, tiny=True)

@@ -80,6 +80,13 @@ GEMM_SHAPES = {  # (tokens, hidden, out): 2·T·h·o from ~1e6 to ~7e10 FLOPs on
     "quick": [(64, 256, 256), (256, 512, 1024), (512, 1024, 2816), (512, 2048, 2048)],
     "tiny": [(16, 32, 32), (32, 64, 64)],
 }
+COLD_GEMM_SHAPES = {  # the hot shapes up to ~1e10 FLOPs: above that GEMMs are compute-bound
+    "full": GEMM_SHAPES["full"][:8],
+    "quick": [(256, 512, 1024), (512, 1024, 2816)],
+    "tiny": [(16, 32, 32)],
+}
+COLD_POOL_TINY_BYTES = 4 * 2**20
+"""Operand pool of the tiny (test) mode: no cold guarantee, just the code path (bytes)."""
 GPU_EXTRA_GEMM_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (8192, 8192, 28672)]
 LORA_SHAPES = {  # (tokens, hidden, rank)
     "full": [(512, 1024, 8), (512, 1024, 64), (2048, 4096, 8), (2048, 4096, 16),
@@ -183,7 +190,8 @@ def plan(mode: Mode, device: str) -> list[Case]:
     # fp16 on a CPU is not a training dtype (CPU autocast uses bf16) and torch promotes its
     # GEMMs to fp32: skipped by --quick there, and measured at the quick sizes by a full run.
     dtypes = ["fp32", "bf16"] if device == "cpu" and mode == "quick" else ["fp32", "bf16", "fp16"]
-    cases: list[Case] = [benches.dispatch_case()]
+    cases: list[Case] = [benches.dispatch_case(), benches.autograd_dispatch_case()]
+    pool = COLD_POOL_TINY_BYTES if mode == "tiny" else benches.cold_pool_bytes()
     for dtype in dtypes:
         sizes: Mode = "quick" if device == "cpu" and dtype == "fp16" else mode
         gemm = list(GEMM_SHAPES[sizes])
@@ -191,6 +199,10 @@ def plan(mode: Mode, device: str) -> list[Case]:
             gemm += GPU_EXTRA_GEMM_SHAPES
         cases.append(benches.gemm_overhead_case(dtype, f"matmul.{dtype}"))
         cases += benches.gemm_cases(dtype, gemm, f"matmul.{dtype}")
+        if dtype != "fp16":  # fp16 is not a CPU training dtype; on GPUs rare next to bf16
+            cases.append(benches.gemm_overhead_case(dtype, f"matmul_cold.{dtype}"))
+            cases += benches.cold_gemm_cases(dtype, COLD_GEMM_SHAPES[mode],
+                                             f"matmul_cold.{dtype}", pool)
         cases.append(benches.gemm_overhead_case(dtype, f"lora.{dtype}"))
         cases += benches.lora_cases(dtype, LORA_SHAPES[sizes])
         cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])
@@ -283,6 +295,10 @@ def fit_all(measured: list[Measurement]) -> dict[str, object]:
                   if m.op_class == op_class and not m.tiny]
         if op_class == "dispatch":
             curves[op_class] = overhead_curve(op_class, min(tiny))
+        elif op_class == "dispatch.autograd":  # the probe's work = aten calls per run
+            per_call = min(m.timing.p20_seconds / m.work for m in measured
+                           if m.op_class == op_class)
+            curves[op_class] = overhead_curve(op_class, per_call)
         elif points:
             unit = "bytes" if op_class in BYTES_CLASSES else "flops"
             curves[op_class] = fit_curve(op_class, unit, points, min(tiny) if tiny else 0.0)
@@ -359,6 +375,7 @@ def calibrate(
             measured, skipped = run_cases(plan(mode, tdev), tdev, settings, progress)
     finally:
         torch.set_num_threads(old_threads)
+        benches.release_pools()
     profile = CalibrationProfile(
         fingerprint=fingerprint(machine, backend),
         torch_version=machine.torch_version or torch.__version__,
@@ -369,6 +386,7 @@ def calibrate(
         quick=mode != "full",
         curves=fit_all(measured),  # type: ignore[arg-type]
         preferred_dtype=preferred_dtype(measured),  # type: ignore[arg-type]
+        private_cache_bytes=benches.private_cache_bytes(threads) if tdev == "cpu" else None,
     )
     path = save_profile(profile) if save else None
     return CalibrationResult(profile, path, measured, skipped, time.perf_counter() - start, busy)

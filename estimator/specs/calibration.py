@@ -65,6 +65,13 @@ class CalibrationProfile(Spec):
     """Fitted curve per op class."""
     preferred_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """The 16/32-bit compute dtype that measured fastest for large GEMMs here."""
+    private_cache_bytes: int | None = Field(default=None, ge=0)
+    """Cache private to the training cores (largest per-core level × cores; bytes): matmul
+    weight sets larger than this read cold operands (`matmul_cold` curves). None: unknown
+    (older profiles, accelerators)."""
+    corrections: dict[str, float] = Field(default_factory=dict)
+    """Per-op-class time multipliers fitted by `nvfree validate --update-profile` from whole
+    training runs (empty = none); each is applied to that class's predicted seconds."""
 
     @property
     def profile_id(self) -> str:

@@ -1,0 +1,100 @@
+"""Cold vs hot GEMM curve choice and the dispatch term, on synthetic profiles (no torch)."""
+
+import pytest
+
+from estimator.analytic import flops as F
+from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
+from estimator.analytic.params import count_params
+from estimator.analytic.throughput import step_ops, timed_ops
+from estimator.catalog import load_device, load_model
+from estimator.specs import CalibrationProfile, EfficiencyCurve, TrainSetup
+
+MIB = 2**20
+
+
+def curve(op_class: str, rate: float, unit: str = "flops",
+          overhead: float = 1e-6) -> EfficiencyCurve:
+    return EfficiencyCurve(op_class=op_class, unit=unit, log10_work=(6.0, 10.0),
+                           rates=(rate / 2, rate), overhead_seconds=overhead)
+
+
+def profile(*, cold: bool = True, cache: int | None = 4 * MIB,
+            autograd: bool = True) -> CalibrationProfile:
+    curves = {"matmul.bf16": curve("matmul.bf16", 1e12), "memory": curve("memory", 2e10, "bytes"),
+              "dispatch": curve("dispatch", 1.0, overhead=2e-6)}
+    if cold:
+        curves["matmul_cold.bf16"] = curve("matmul_cold.bf16", 5e11)
+    if autograd:
+        curves["dispatch.autograd"] = curve("dispatch.autograd", 1.0, overhead=7e-6)
+    return CalibrationProfile(fingerprint="t", torch_version="x", num_threads=2, backend="cpu",
+                              device_name="t", created_at="2026-01-01T00:00:00Z",
+                              curves=curves, private_cache_bytes=cache)
+
+
+@pytest.mark.parametrize(("prof", "weights", "expected"), [
+    (profile(), 8 * MIB, True),                    # weight set > private cache: cold
+    (profile(), 2 * MIB, False),                   # fits: hot
+    (profile(cold=False), 8 * MIB, False),         # old profile without the cold curve
+    (profile(cache=None), 8 * MIB, False),         # cache unknown: hot
+    (None, 8 * MIB, False),                        # uncalibrated
+])
+def test_cold_curve_is_chosen_only_when_measured_and_the_weights_exceed_the_cache(
+        prof, weights, expected):
+    assert cold_gemms(prof, "bf16", weights) is expected
+
+
+def test_cold_class_falls_back_to_hot_then_to_the_roofline_default():
+    device = load_device("xeon-platinum-8480plus")
+    work = 2e8
+    cold, hot = profile(), profile(cold=False)
+    assert profile_curve(cold, "matmul_cold", "bf16").op_class == "matmul_cold.bf16"
+    assert profile_curve(hot, "matmul_cold", "bf16").op_class == "matmul.bf16"
+    t_cold, measured_cold = call_seconds(device, cold, "bf16", "matmul_cold", work, 0)
+    t_hot, measured_hot = call_seconds(device, hot, "bf16", "matmul_cold", work, 0)
+    t_default, measured = call_seconds(device, None, "bf16", "matmul_cold", work, 0)
+    assert measured_cold and measured_hot and not measured
+    assert t_cold > t_hot
+    assert t_default == call_seconds(device, None, "bf16", "matmul", work, 0)[0]
+
+
+def _classes(method: str, **kw) -> dict[str, str]:
+    model = load_model("smollm2-135m")
+    setup = TrainSetup(method=method, compute_dtype="bf16", seq_len=256, batch_size=2, **kw)
+    ops = timed_ops(model, setup, count_params(model, setup), load_device("xeon-platinum-8480plus"),
+                    profile())
+    return {op.name: op.op_class for op in ops}
+
+
+def test_which_gemms_read_cold_operands():
+    lora = _classes("lora")  # bf16 base weights read from storage: all cold; adapters hot
+    assert lora["linear.forward"] == lora["linear.backward_input"] == "matmul_cold"
+    assert lora["lora.forward"] == "lora"
+    full = _classes("full")  # autocast casts the fp32 weight right before the forward GEMM
+    assert full["linear.forward"] == "matmul"
+    assert full["linear.backward_input"] == full["linear.backward_weight"] == "matmul_cold"
+    qlora = _classes("qlora", weight_bits=4)  # NF4 dequantised fresh in forward and backward
+    assert qlora["linear.forward"] == qlora["linear.backward_input"] == "matmul"
+
+
+def test_dispatch_term_on_cpu_only_and_net_of_timed_ops():
+    model = load_model("smollm2-135m")
+    setup = TrainSetup(method="lora", compute_dtype="bf16", seq_len=256, batch_size=2)
+    params = count_params(model, setup)
+    cpu_ops = timed_ops(model, setup, params, load_device("xeon-platinum-8480plus"), profile())
+    gpu_ops = timed_ops(model, setup, params, load_device("h100-sxm"), profile())
+    dispatch = [op for op in cpu_ops if op.op_class == "dispatch.autograd"]
+    assert len(dispatch) == 1 and not any(op.op_class == "dispatch.autograd" for op in gpu_ops)
+    timed = sum(op.num_calls for op in step_ops(model, setup, params))
+    tensors = 30 * 7 * 2
+    assert dispatch[0].num_calls == pytest.approx(
+        F.dispatch_op_count(model, setup, tensors) - timed)
+    assert 14_000 < F.dispatch_op_count(model, setup, tensors) < 18_000  # ~16 k (calibration.md)
+
+
+def test_dispatch_count_grows_with_recompute_and_accumulation():
+    model = load_model("smollm2-135m")
+    base = TrainSetup(method="lora", compute_dtype="bf16", seq_len=256)
+    count = F.dispatch_op_count(model, base, 420)
+    assert F.dispatch_op_count(model, base.model_copy(update={"checkpointing": True}), 420) > count
+    twice = F.dispatch_op_count(model, base.model_copy(update={"grad_accum": 2}), 420)
+    assert twice == pytest.approx(2 * count - 9 * 420 - F.DISPATCH.optimizer_fixed)
