@@ -85,6 +85,12 @@ def test_tiny_calibration_run_stores_a_usable_profile(tmp_path, monkeypatch):
     for curve in profile.curves.values():
         assert list(curve.rates) == sorted(curve.rates) and curve.overhead_seconds >= 0
     assert profile.curves["dispatch"].overhead_seconds > 0
+    assert profile.curves["dispatch.autograd"].overhead_seconds > 0
+    assert {"matmul_cold.fp32", "matmul_cold.bf16"} <= set(profile.curves)
+    assert profile.private_cache_bytes is None or profile.private_cache_bytes > 0
+    from estimator.calibrate import benches
+
+    assert not benches._POOLS  # the cold-operand pool is freed after the run
     assert result.path is not None and result.path.parent.parent == tmp_path
     assert find_profile(detect()) == profile
 
@@ -145,3 +151,35 @@ def test_others_busy_fraction_is_a_share():
     start = cpu_snapshot()
     sum(range(100_000))
     assert 0.0 <= others_busy_fraction(start, cpu_snapshot()) <= 1.0
+
+
+@pytest.mark.torch
+def test_cold_gemm_case_rotates_through_the_pool():
+    """Consecutive calls read different operands; the result equals a plain linear."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from estimator.calibrate import benches
+
+    case = benches.cold_gemm_cases("fp32", [(4, 8, 16)], "matmul_cold.fp32", 4096 * 4)[0]
+    fn = case.build("cpu")
+    first, second = fn(), fn()
+    assert first.shape == (4, 16) and not torch.equal(first, second)
+    pool = benches.operand_pool("cpu", torch.float32, 4096 * 4)
+    x, w = pool[:32].view(4, 8), pool[32:160].view(16, 8)
+    num_slots = 4096 // 160
+    for _ in range(num_slots - 2):
+        fn()
+    assert torch.equal(fn(), F.linear(x, w))  # wrapped around to slot 0
+    benches.release_pools()
+
+
+@pytest.mark.torch
+def test_autograd_dispatch_case_counts_its_aten_calls():
+    pytest.importorskip("torch")
+    from estimator.calibrate import benches
+
+    case = benches.autograd_dispatch_case()
+    assert case.op_class == "dispatch.autograd" and case.tiny
+    assert case.work >= 2 * benches.AUTOGRAD_CHAIN  # a forward and a backward call per op
+    case.build("cpu")()
