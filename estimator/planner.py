@@ -1,15 +1,15 @@
 """Choose the training plan that fits and finishes soonest (or cheapest).
 
-Pure (no torch). The search space is method × precision × optimizer × checkpointing ×
-micro-batch (with the accumulation that keeps the global batch) for the setup's devices. For each
-structural choice (everything but the micro-batch) the analytic model is evaluated at micro-batch
-1 and 2: every memory term and every op's per-call work is affine in the micro-batch at a fixed
-sequence length (activations, logits and GEMM rows scale with b·s; weights, states, casts and the
-optimizer step do not), so all micro-batches are then scored at once with numpy, through the
-same efficiency curves as `estimate()` (efficiency.profile_curve / call_seconds). Affinity is
-checked at the largest micro-batch; a structure that breaks it is scored exactly per batch. The
+Pure (no torch). The search space is method × precision × optimizer × checkpointing (× ZeRO
+stage) × micro-batch, with the accumulation that keeps the global batch. For each structural
+choice (everything but the micro-batch) the op list of the analytic model is built at
+(micro-batch, accumulation) = (1, 1), (2, 1) and (1, 2): per-call work is affine in the
+micro-batch at a fixed sequence length (GEMM rows and elementwise work scale with b·s; weight
+casts and the optimizer step do not) and call counts are affine in the accumulation, so every
+micro-batch is timed at once with numpy through the same efficiency curves as `estimate()`.
+Peak memory is memory_breakdown itself per micro-batch (a max of two phases, not affine). The
 best candidates are re-scored with `estimator.api.estimate` and those exact numbers are what the
-plan records.
+plan records; if they differ from the vectorised scores, the whole space is scored exactly.
 """
 
 import math
@@ -23,7 +23,7 @@ from estimator.analytic.efficiency import default_seconds, profile_curve
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
 from estimator.analytic.params import count_params
-from estimator.analytic.throughput import step_ops, throughput
+from estimator.analytic.throughput import throughput, timed_ops
 from estimator.errors import SetupError
 from estimator.specs import CalibrationProfile, Device, ModelSpec, Throughput, TrainSetup
 from estimator.specs.plan import Candidate, Objective
@@ -121,21 +121,14 @@ def _at(setup: TrainSetup, batch: int, accum: int = 1) -> TrainSetup:
 
 
 def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
-                  batches: np.ndarray) -> np.ndarray:
-    """Peak bytes per device at each micro-batch: affine from b = 1, 2, checked at the
-    largest b."""
+                  batches: np.ndarray, accums: np.ndarray) -> np.ndarray:
+    """Peak bytes per device at each micro-batch, by memory_breakdown itself: the peak is
+    the larger of two phases (forward/backward or optimizer step), so it is not affine in b,
+    and one breakdown costs ~0.1 ms."""
     params = count_params(model, setup)
     rank = rank_device(device, setup)
-
-    def total(b: int) -> int:
-        return memory_breakdown(model, _at(setup, b), rank, params).total_bytes
-
-    m1 = total(1)
-    slope = total(2) - m1 if batches[-1] > 1 else 0
-    affine = m1 + slope * (batches - 1)
-    if batches[-1] > 2 and abs(total(int(batches[-1])) - affine[-1]) > AFFINE_TOLERANCE * m1:
-        return np.array([total(int(b)) for b in batches], dtype=float)
-    return affine.astype(float)
+    return np.array([memory_breakdown(model, _at(setup, b, a), rank, params).total_bytes
+                     for b, a in zip(batches, accums, strict=True)], dtype=float)
 
 
 def seconds_per_call(device: Device, profile: CalibrationProfile | None, dtype: str,
@@ -154,29 +147,29 @@ def seconds_per_call(device: Device, profile: CalibrationProfile | None, dtype: 
 
 def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
                  profile: CalibrationProfile | None, batches: np.ndarray,
-                 accums: np.ndarray) -> np.ndarray:
-    """Step time at each (micro-batch, accumulation). One device: per-op work is affine in b
-    from the op lists at (b, accumulation) = (1, 1) and (2, 2), and ops whose calls double
-    run once per micro-batch. Several devices (communication, sharded optimizer step): the
-    exact model per micro-batch."""
+                 accums: np.ndarray, *, exact: bool = False) -> np.ndarray:
+    """Step time at each (micro-batch b, accumulation a). One device: the op lists of
+    throughput.timed_ops at (b, a) = (1, 1), (2, 1) and (1, 2) give each op's per-call work,
+    affine in b, and its number of calls, affine in a (calls that repeat per micro-batch plus
+    per-step ones such as the optimizer); every (b, a) is then timed with numpy. Several
+    devices (communication, sharded optimizer step), or when `exact`: the exact model per
+    (b, a)."""
     params = count_params(model, setup)
-    one, two = step_ops(model, _at(setup, 1), params), step_ops(model, _at(setup, 2, 2), params)
-    if (setup.num_devices > 1 or setup.offload != "none"
-            or [o.name for o in one] != [o.name for o in two]):
+    lists = [timed_ops(model, _at(setup, b, a), params, device, profile)
+             for b, a in ((1, 1), (2, 1), (1, 2))]
+    names = [[o.name for o in ops] for ops in lists]
+    same_calls = all(o.num_calls == q.num_calls for o, q in zip(lists[0], lists[1], strict=False))
+    if (exact or setup.num_devices > 1 or setup.offload != "none" or not same_calls
+            or not names[0] == names[1] == names[2]):
         return np.array([_exact_seconds(model, setup, device, profile, b, a)
                          for b, a in zip(batches, accums, strict=True)])
     total = np.zeros(len(batches))
-    check = _exact_seconds(model, setup, device, profile, batches[-1], accums[-1])
-    for o1, o2 in zip(one, two, strict=True):
-        flops = o1.flops_per_call + (o2.flops_per_call - o1.flops_per_call) * (batches - 1)
-        nbytes = o1.bytes_per_call + (o2.bytes_per_call - o1.bytes_per_call) * (batches - 1)
-        per_call = seconds_per_call(device, profile, setup.compute_dtype, o1.op_class,
-                                    flops, nbytes)
-        repeats = accums if o2.num_calls == 2 * o1.num_calls else 1
-        total += per_call * o1.num_calls * repeats
-    if abs(total[-1] - check) > AFFINE_TOLERANCE * check:  # e.g. loss chunks grow with b
-        return np.array([_exact_seconds(model, setup, device, profile, b, a)
-                         for b, a in zip(batches, accums, strict=True)])
+    for o1, ob, oa in zip(*lists, strict=True):
+        flops = o1.flops_per_call + (ob.flops_per_call - o1.flops_per_call) * (batches - 1)
+        nbytes = o1.bytes_per_call + (ob.bytes_per_call - o1.bytes_per_call) * (batches - 1)
+        calls = o1.num_calls + (oa.num_calls - o1.num_calls) * (accums - 1)
+        total += calls * seconds_per_call(device, profile, setup.compute_dtype, o1.op_class,
+                                          flops, nbytes)
     return total
 
 
@@ -200,16 +193,18 @@ def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
 
 
 def score(model: ModelSpec, base: TrainSetup, device: Device,
-          profile: CalibrationProfile | None, c: Constraints) -> Scored:
-    """Memory and step time of every candidate, vectorised over the micro-batch."""
+          profile: CalibrationProfile | None, c: Constraints, *, exact: bool = False) -> Scored:
+    """Memory and step time of every candidate, vectorised over the micro-batch (or
+    evaluated one by one when `exact`)."""
     precisions = list(c.precisions) or device_precisions(device, profile)
     batches = micro_batches(c.global_batch, base.num_devices)
     accums = (c.global_batch // base.num_devices) // batches
     scored = Scored()
     for setup in structural_setups(base, precisions, c):
         scored.setups += [_at(setup, b, a) for b, a in zip(batches, accums, strict=True)]
-        scored.peak_bytes.append(memory_totals(model, setup, device, batches))
-        scored.step_seconds.append(step_seconds(model, setup, device, profile, batches, accums))
+        scored.peak_bytes.append(memory_totals(model, setup, device, batches, accums))
+        scored.step_seconds.append(step_seconds(model, setup, device, profile, batches, accums,
+                                                exact=exact))
     return scored
 
 
@@ -225,7 +220,20 @@ def search(model: ModelSpec, base: TrainSetup, device: Device,
     if base.num_tokens is None:
         raise SetupError("the planner needs a token budget (--tokens, or --data to count)")
     started = time.perf_counter()
-    scored = score(model, base, device, profile, c)
+    result = _search(model, base, device, profile, c, exact=False)
+    if not result[1]:  # the affine scores disagreed with estimate(): score exactly
+        result = _search(model, base, device, profile, c, exact=True)
+    candidates, _, num_candidates, num_fitting, limit, steps = result
+    return SearchResult(candidates=candidates, num_candidates=num_candidates,
+                        num_fitting=num_fitting, memory_limit_bytes=limit, max_steps=steps,
+                        search_seconds=time.perf_counter() - started)
+
+
+def _search(model: ModelSpec, base: TrainSetup, device: Device,
+            profile: CalibrationProfile | None, c: Constraints, *, exact: bool) -> tuple:
+    """(ranked exact candidates, whether the scores of the top ones equal estimate(),
+    number scored, number fitting, memory limit, steps)."""
+    scored = score(model, base, device, profile, c, exact=exact)
     peak = np.concatenate(scored.peak_bytes)
     step = np.concatenate(scored.step_seconds)
     steps = num_steps(base.num_tokens, c.global_batch, base.seq_len)
@@ -234,13 +242,13 @@ def search(model: ModelSpec, base: TrainSetup, device: Device,
     cost = _cost(total, device, base.num_devices)
     ok = (peak <= limit) & _within(total, c.max_seconds) & _within(cost, c.max_cost_usd)
     key = cost if c.objective == "cost" and device.price_per_hour_usd is not None else total
-    order = np.lexsort((peak, key, ~ok))
-    best = [scored.setups[i] for i in order[: c.top]]
-    exact = _exact(model, best, device, profile, steps, limit, c)
-    elapsed = time.perf_counter() - started
-    return SearchResult(candidates=exact, num_candidates=len(scored.setups),
-                        num_fitting=int((peak <= limit).sum()), memory_limit_bytes=limit,
-                        max_steps=steps, search_seconds=elapsed)
+    order = np.lexsort((peak, key, ~ok))[: c.top]
+    rows = _exact(model, [scored.setups[i] for i in order], device, profile, steps, limit)
+    agree = all(abs(r.step_seconds - step[i]) <= AFFINE_TOLERANCE * step[i]
+                and abs(r.peak_bytes - peak[i]) <= 1 for r, i in zip(rows, order, strict=True))
+    rows.sort(key=lambda r: (not _meets(r, c, limit), _key(r, c), r.peak_bytes))
+    ranked = [replace_verdict(r, rows[0], c, limit) for r in rows]
+    return ranked, agree, len(scored.setups), int((peak <= limit).sum()), limit, steps
 
 
 def _within(values: np.ndarray, limit: float | None) -> np.ndarray:
@@ -259,9 +267,8 @@ def _capacity(model: ModelSpec, base: TrainSetup, device: Device) -> int:
 
 
 def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
-           profile: CalibrationProfile | None, steps: int, limit: int,
-           c: Constraints) -> list[Candidate]:
-    """estimate() of the best setups, re-ranked on its numbers, each with its verdict."""
+           profile: CalibrationProfile | None, steps: int, limit: int) -> list[Candidate]:
+    """estimate() of the setups, in their order (verdicts are filled in by the caller)."""
     from estimator.api import estimate
 
     rows = []
@@ -273,8 +280,7 @@ def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
             setup=setup, peak_bytes=est.memory.total_bytes, step_seconds=seconds,
             total_seconds=seconds * steps, cost_usd=None if np.isnan(cost) else float(cost),
             fits=est.memory.total_bytes <= limit, verdict=""))
-    rows.sort(key=lambda r: (not _meets(r, c, limit), _key(r, c), r.peak_bytes))
-    return [replace_verdict(r, rows[0], c, limit) for r in rows]
+    return rows
 
 
 def _meets(r: Candidate, c: Constraints, limit: int) -> bool:

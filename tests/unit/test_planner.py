@@ -50,8 +50,9 @@ def test_vectorised_scores_equal_the_analytic_model(model_name: str, calibrated:
         exact = [_exact_seconds(model, setup, device, prof, b, a) for b, a in
                  zip(BATCHES, accums, strict=True)]
         np.testing.assert_allclose(seconds, exact, rtol=1e-9)
-        memory = memory_totals(model, setup, device, BATCHES)
-        at = [setup.model_copy(update={"batch_size": int(b)}) for b in BATCHES]
+        memory = memory_totals(model, setup, device, BATCHES, accums)
+        at = [setup.model_copy(update={"batch_size": int(b), "grad_accum": int(a)})
+              for b, a in zip(BATCHES, accums, strict=True)]
         exact_memory = [memory_breakdown(model, s, device, count_params(model, s)).total_bytes
                         for s in at]
         np.testing.assert_allclose(memory, exact_memory, rtol=1e-12)
