@@ -171,6 +171,24 @@ def fit_corrections(rows: list[CaseResult], *, min_cases: int = 4) -> dict[str, 
     return {c: float(v) for c, v in zip(np.array(classes)[free], k, strict=True)}
 
 
+def corrected_seconds(row: CaseResult, corrections: dict[str, float]) -> float:
+    """The row's predicted step time with each op class scaled by its correction."""
+    return sum(v * corrections.get(c, 1.0) for c, v in row.predicted_seconds_by_class.items())
+
+
+def leave_one_out_errors(rows: list[CaseResult]) -> list[float]:
+    """Out-of-sample check of the corrections: each run predicted with corrections fitted on
+    the other runs only; relative step-time errors (fraction)."""
+    runs = [r for r in rows if r.measured_step_seconds and r.predicted_seconds_by_class]
+    errors = []
+    for i, row in enumerate(runs):
+        k = fit_corrections(runs[:i] + runs[i + 1:])
+        if k:
+            m = row.measured_step_seconds or 0.0
+            errors.append((corrected_seconds(row, k) - m) / m)
+    return errors
+
+
 def _nnls(a: np.ndarray, b: np.ndarray, iterations: int = 2000) -> np.ndarray:
     """min ‖a·k − b‖², k ≥ 0, by projected coordinate descent (exact per coordinate)."""
     k = np.ones(a.shape[1])

@@ -46,7 +46,11 @@ def validate(suite: SuiteOpt = "quick", workdir: WorkdirOpt = None,
     report = V.summarize(rows, suite, profile.profile_id if profile else None)
     if update_profile:
         corrections = V.fit_corrections(rows)
-        report = report.model_copy(update={"corrections": corrections})
+        loo = [abs(e) for e in V.leave_one_out_errors(rows)]
+        report = report.model_copy(update={
+            "corrections": corrections,
+            "corrected_step_median_error": V.statistics.median(loo) if loo else None,
+            "corrected_step_max_error": max(loo) if loo else None})
         path = save_profile(profile.model_copy(update={"corrections": corrections}))
         console.print(f"stored {len(corrections)} corrections in {path}")
     if json:

@@ -46,6 +46,10 @@ def summary_lines(report: ValidationReport) -> list[str]:
     if report.corrections:
         factors = ", ".join(f"{k} ×{v:.2f}" for k, v in sorted(report.corrections.items()))
         out.append(f"fitted corrections per op class: {factors}")
+    if report.corrected_step_median_error is not None:
+        out.append(f"step time with corrections fitted on the other runs (leave one out): "
+                   f"median |error| {report.corrected_step_median_error:.1%}, max "
+                   f"{report.corrected_step_max_error or 0:.1%}")
     return out
 
 

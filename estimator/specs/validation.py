@@ -52,3 +52,8 @@ class ValidationReport(Spec):
     """The |error| bounds aimed at: memory_median, memory_max, step_median, step_max."""
     corrections: dict[str, float] = Field(default_factory=dict)
     """Per-op-class correction factors fitted from these runs (empty = not fitted)."""
+    corrected_step_median_error: float | None = None
+    """Median |step-time error| with corrections fitted on the other runs only (leave one
+    out, fraction); None when not fitted."""
+    corrected_step_max_error: float | None = None
+    """Max |step-time error| with leave-one-out corrections (fraction)."""

@@ -4,7 +4,7 @@ import pytest
 
 from estimator.errors import ConfigError
 from estimator.specs.validation import CaseResult
-from estimator.validate import fit_corrections, suite, summarize
+from estimator.validate import fit_corrections, leave_one_out_errors, suite, summarize
 
 
 def test_full_suite_covers_the_issue_matrix() -> None:
@@ -32,6 +32,7 @@ def test_corrections_recover_per_class_factors() -> None:
     for k, v in truth.items():
         assert fitted[k] == pytest.approx(v, rel=1e-3)
     assert fit_corrections(rows[:3]) == {}
+    assert all(abs(e) < 1e-3 for e in leave_one_out_errors(rows + rows[:2]))
 
 
 def test_summary_median_and_max() -> None:
