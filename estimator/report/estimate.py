@@ -17,6 +17,10 @@ def model_line(est: Estimate) -> str:
     """'llama-3.1-8b: 8.03B params (8.03B active), qlora r=16 …'."""
     p, s = est.params, est.setup
     active = f", {fmt_count(p.active_per_token)} active" if p.active_per_token != p.total else ""
+    if s.method == "inference":
+        return (f"{est.model.name}: {fmt_count(p.total)} params{active} · inference, "
+                f"{s.weight_bits}-bit weights, {s.compute_dtype}, batch {s.batch_size}×"
+                f"{s.seq_len} context{parallel_text(est)}")
     method = s.method + (f" r={s.lora_rank}" if s.trains_adapters else "")
     return (f"{est.model.name}: {fmt_count(p.total)} params{active}, {fmt_count(p.trainable)} "
             f"trainable · {method}, {s.weight_bits}-bit base, {s.compute_dtype}"
@@ -44,8 +48,8 @@ def memory_table(est: Estimate) -> Table:
     """Non-zero memory terms, total, capacity."""
     mem = est.memory
     per = " per device" if est.setup.num_devices > 1 else ""
-    table = Table(title=f"Peak memory{per} on {est.device.display_name} "
-                        f"({mem.notes.get('peak_phase')})",
+    phase = "" if est.setup.method == "inference" else f" ({mem.notes.get('peak_phase')})"
+    table = Table(title=f"Peak memory{per} on {est.device.display_name}{phase}",
                   title_justify="left", show_edge=False)
     table.add_column("term")
     table.add_column("bytes", justify="right")
@@ -73,12 +77,14 @@ def time_table(est: Estimate) -> Table:
                   title_justify="left", show_edge=False, show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("step", fmt_seconds(t.step_seconds))
+    table.add_row("prefill of the batch" if est.setup.method == "inference" else "step",
+                  fmt_seconds(t.step_seconds))
     if t.num_devices > 1 or t.communication_seconds:
         table.add_row("  of which communication", f"{fmt_seconds(t.communication_seconds)} "
                       f"({t.communication_seconds / t.step_seconds:.0%}, not overlapped)")
     devices = f" ({t.num_devices} devices)" if t.num_devices > 1 else ""
-    table.add_row(f"tokens/s{devices}", f"{t.tokens_per_second:,.1f}")
+    rate = "prefill tokens/s" if est.setup.method == "inference" else "tokens/s"
+    table.add_row(f"{rate}{devices}", f"{t.tokens_per_second:,.1f}")
     if t.decode_tokens_per_second is not None:
         table.add_row("decode tokens/s", f"{t.decode_tokens_per_second:,.1f}")
     achieved = t.model_flops_per_token * t.tokens_per_second / t.num_devices
