@@ -68,6 +68,25 @@ TorchDeviceOpt = Annotated[str, typer.Option(
     "--torch-device", help="torch device `nvfree run` trains on: cpu, cuda, mps, xpu.")]
 
 
+CalibrateOpt = Annotated[bool, typer.Option(
+    "--calibrate/--no-calibrate", rich_help_panel=PLAN_PANEL,
+    help="For --device local without a calibration profile: measure one first (`nvfree "
+         "calibrate --quick`, ~10 s) so the plan is ranked on this machine's rates.")]
+
+
+def quick_calibration(console) -> None:
+    """Run `nvfree calibrate --quick` on the CPU and store its profile (needs torch)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return
+    from estimator.calibrate.run import calibrate as run_calibration
+
+    console.print("no calibration profile for this machine: measuring one (calibrate --quick)")
+    result = run_calibration("cpu", "quick")
+    console.print(f"stored {result.path} ({result.wall_seconds:.0f} s)")
+
+
 def constraints_from(*, method, dtype, optimizer, checkpointing, global_batch, memory_limit,
                      max_hours, max_cost, objective, top, zero_stages):
     """planner.Constraints from the flags (a fixed flag narrows that dimension to one value)."""
@@ -100,7 +119,7 @@ def plan(
     max_hours: MaxHoursOpt = None, max_cost: MaxCostOpt = None,
     objective: ObjectiveOpt = "time", output: OutputOpt = Path("plan.json"), top: TopOpt = 5,
     torch_device: TorchDeviceOpt = "cpu", seed: int = typer.Option(0, "--seed"),
-    json: JsonOpt = False,
+    calibrate: CalibrateOpt = True, json: JsonOpt = False,
 ) -> None:
     """Choose the setup that fits and finishes soonest (or cheapest); write it as a plan file
     for `nvfree run`. With no arguments: the default model on the embedded corpus, here."""
@@ -111,8 +130,13 @@ def plan(
 
     if model is None and params is None:
         model = DEFAULT_MODEL
+    from rich.console import Console
+
     spec = resolve_model(model, params, active_params, active_ratio)
     dev, profile, note = resolve_device(device)
+    if calibrate and profile is None and device.strip().lower() == "local":
+        quick_calibration(Console(stderr=True))
+        dev, profile, note = resolve_device(device)
     num_tokens = _token_budget(tokens, data, text_field, count_data_tokens)
     targets = (LINEAR_TARGETS if lora_targets.strip() == "all-linear"
                else tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
@@ -147,8 +171,6 @@ def plan(
     if json:
         typer.echo(the_plan.model_dump_json(indent=2))
         return
-    from rich.console import Console
-
     from estimator.report.plan import render_plan
 
     render_plan(the_plan, Console(), path=str(output), calibration_note=note)

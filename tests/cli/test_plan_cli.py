@@ -17,7 +17,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 def test_default_plan_writes_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
-    code, out, _ = run(capsys, "plan", "--output", str(path))
+    code, out, _ = run(capsys, "plan", "--no-calibrate", "--output", str(path))
     assert code == 0 and path.exists()
     data = json.loads(path.read_text())
     assert data["model"]["name"] == "smollm2-135m"
@@ -26,7 +26,7 @@ def test_default_plan_writes_a_file(capsys: pytest.CaptureFixture[str], tmp_path
 
 
 def test_plan_json_and_fixed_choices(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, out, _ = run(capsys, "plan", "--method", "qlora", "--dtype", "bf16",
+    code, out, _ = run(capsys, "plan", "--no-calibrate", "--method", "qlora", "--dtype", "bf16",
                        "--no-checkpointing", "--tokens", "1e4", "--device", "mi300x",
                        "--objective", "cost", "-o", str(tmp_path / "p.json"), "--json")
     assert code == 0
@@ -43,7 +43,7 @@ def test_plan_json_and_fixed_choices(capsys: pytest.CaptureFixture[str], tmp_pat
 ])
 def test_plan_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                     args: tuple[str, ...], message: str) -> None:
-    code, _, err = run(capsys, "plan", "-o", str(tmp_path / "p.json"), *args)
+    code, _, err = run(capsys, "plan", "--no-calibrate", "-o", str(tmp_path / "p.json"), *args)
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
@@ -55,7 +55,7 @@ def test_run_refuses_bad_and_unfit_plans(capsys: pytest.CaptureFixture[str],
     code, _, err = run(capsys, "run", str(bad))
     assert code == 2 and "bad.json: field" in err
     path = tmp_path / "p.json"
-    assert run(capsys, "plan", "-o", str(path), "--tokens", "1000")[0] == 0
+    assert run(capsys, "plan", "--no-calibrate", "-o", str(path), "--tokens", "1000")[0] == 0
     data = json.loads(path.read_text())
     data["predicted_peak_bytes"] = data["memory_limit_bytes"] + 1
     path.write_text(json.dumps(data))

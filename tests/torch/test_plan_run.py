@@ -33,8 +33,10 @@ def test_plan_then_run_then_resume(capsys: pytest.CaptureFixture[str], tmp_path:
                        "--global-batch", "2", "--tokens", "256", "--method", "lora",
                        "-o", str(plan))
     assert code == 0, err
-    steps = json.loads(plan.read_text())["max_steps"]
-    assert steps == 4
+    assert "measuring one (calibrate --quick)" in err  # no profile yet: the plan calibrates
+    data = json.loads(plan.read_text())
+    steps = data["max_steps"]
+    assert steps == 4 and data["profile_id"] is not None
     out_dir = tmp_path / "run"
     code, out, err = cli(capsys, "run", str(plan), "-o", str(out_dir), "--json")
     assert code == 0, err
