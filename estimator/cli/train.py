@@ -167,7 +167,8 @@ def _launch_and_report(nproc: int, nnodes: int, node_rank: int | None,
     started = time.time()
     code = launch(sys.argv[1:], nproc, nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     path = output / "run_report.json"
-    if not path.is_file() or path.stat().st_mtime < started:
+    fresh = path.is_file() and path.stat().st_mtime >= started
+    if not fresh and not (code == 0 and path.is_file()):  # (a finished run resumed: its report)
         if code == 0:
             typer.echo(f"the run finished; its report is where rank 0 ran ({path})", err=True)
         raise typer.Exit(code)
