@@ -271,15 +271,51 @@ class MoE(nn.Module):
         order_M = expert_NA.flatten().argsort(stable=True)  # M = N·A (token, slot) pairs
         token_M = order_M // self.top_k
         counts = torch.bincount(expert_NA.flatten(), minlength=len(self.experts)).tolist()
+        cut = _reuses_shapes(x_ND) and not self._experts_adapted()
+        pieces = _expert_pieces(counts, whole_rows=ROW_GRANULE if cut else 0)
         xs_MD = x_ND.index_select(0, token_M)
-        outs = [
-            self.experts[e](chunk) for e, chunk in enumerate(xs_MD.split(counts)) if counts[e]
-        ]
+        outs = [self.experts[e](x_mD)
+                for e, x_mD in zip(pieces[0], xs_MD.split(pieces[1]), strict=True)]
         ys_MD = torch.cat(outs) * weight_NA.flatten()[order_M, None].to(x_ND.dtype)
         out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD)
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         return out_ND.view_as(x_BTD)
+
+    def _experts_adapted(self) -> bool:
+        """Whether LoRA wraps expert linears: each call of an adapted linear keeps its own
+        copy of the adapter weight for backward, so their rows stay whole (one call each)."""
+        return any(hasattr(m, "lora_A") for m in self.experts.modules())
+
+
+ROW_GRANULE = 32
+"""Expert row groups are cut into a multiple of this many rows plus a remainder (see
+_reuses_shapes)."""
+
+
+def _reuses_shapes(x: torch.Tensor) -> bool:
+    """True on CPU with 16-bit matmuls. oneDNN builds and caches one kernel ("primitive") per
+    matmul shape; per-expert token counts change every step, so each step would create hundreds
+    of new primitives (~0.5 MiB of heap each), the 1024-entry cache would keep ~0.7 GiB of them,
+    and the heap fragments (measured: docs/executor.md, MoE full bf16). Cutting each expert's rows
+    into 32·k + r rows leaves few distinct shapes. fp32 CPU matmuls (MKL/BLAS) and GPU kernels
+    keep nothing per shape, so they run each expert's rows whole (as do LoRA-adapted experts:
+    MoE._experts_adapted)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _expert_pieces(counts: list[int], whole_rows: int) -> tuple[list[int], list[int]]:
+    """(expert of each piece, rows of each piece) covering each expert's rows in order; with
+    ``whole_rows`` g > 0 a group of c rows is cut into g·⌊c/g⌋ rows and c mod g rows."""
+    experts, sizes = [], []
+    for e, count in enumerate(counts):
+        head = count - count % whole_rows if whole_rows else count
+        for size in (head, count - head):
+            if size:
+                experts.append(e)
+                sizes.append(size)
+    return experts, sizes
 
 
 class Block(nn.Module):
