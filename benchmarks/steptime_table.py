@@ -7,7 +7,13 @@ attention, memory-bound, dispatch). Uses the calibration profile of $NVFREE_CACH
 `nvfree calibrate` first; without one the prediction is uncalibrated).
 
     NVFREE_CACHE_DIR=/tmp/nvc python benchmarks/steptime_table.py [--reps 2] [--steps 12]
-        [--only lora-bf16,moe-lora-bf16]
+        [--only lora-bf16,moe-lora-bf16] [--cpu-clock]
+
+--cpu-clock: for a machine shared with other jobs. Each config runs in a subprocess with
+OMP_NUM_THREADS=1 that builds the run with the executor (prepare_run) and times every step with
+time.process_time (the CPU time the process itself got, immune to time-sharing); the
+prediction is the one `nvfree train` makes (executor.measure.predict), so it needs a
+one-thread profile: `OMP_NUM_THREADS=1` + `calibrate(..., cpu_clock=True)`.
 """
 
 from __future__ import annotations
@@ -61,9 +67,11 @@ def _train(args: list[str], steps: int) -> dict:
         return json.loads((Path(out) / "run_report.json").read_text())
 
 
-def _breakdown(args: list[str]) -> dict[str, float]:
+def _breakdown(args: list[str], one_thread: bool) -> dict[str, float]:
     cmd = [*_nvfree(), "estimate", *args, "--json"]
-    est = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {})}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    est = json.loads(out)
     groups: dict[str, float] = {}
     for op in est["throughput"]["ops"]:
         klass = op["op_class"].rsplit(".", 1)[0] if op["op_class"].endswith(
@@ -73,12 +81,56 @@ def _breakdown(args: list[str]) -> dict[str, float]:
     return groups
 
 
+def _child(args: list[str], steps: int) -> dict:
+    """Time `steps` optimizer steps with process CPU time (after 2 warm-up steps) in this
+    process, and predict the same config as `nvfree train` does."""
+    import time
+
+    import torch
+
+    from estimator.catalog import load_model
+    from estimator.executor.measure import predict
+    from estimator.executor.train import TrainConfig, prepare_run, train_step
+    from estimator.specs import TrainSetup
+
+    opts = dict(zip(args[::2], args[1::2], strict=False))
+    setup = TrainSetup(method=opts["--method"], compute_dtype=opts["--dtype"],
+                       weight_bits=int(opts.get("--bits", 16)), seq_len=int(opts["--seq-len"]),
+                       batch_size=int(opts["--batch-size"]),
+                       checkpointing="--checkpointing" in args)
+    spec = load_model(opts["--model"])
+    with tempfile.TemporaryDirectory() as out:
+        run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=steps + 2, output_dir=Path(out),
+                                                        predict=False))
+        seconds = []
+        for step in range(steps + 2):
+            start = time.process_time()
+            train_step(run, step, 1e-4)
+            seconds.append(time.process_time() - start)
+    estimate, _ = predict(spec, setup, torch.device("cpu"))
+    return {"step_seconds": statistics.median(seconds[2:]),
+            "predicted_step_seconds": estimate.throughput.step_seconds}
+
+
+def _child_run(args: list[str], steps: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--child", json.dumps(args), "--steps", str(steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2, help="runs per config")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--only", default="", help="comma-separated config names")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="one thread, process CPU time (shared machines)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.child:
+        print(json.dumps(_child(json.loads(opts.child), opts.steps)))
+        return
     names = [n for n in CONFIGS if not opts.only or n in opts.only.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         moe = Path(tmp) / "config.json"
@@ -92,13 +144,13 @@ def main() -> None:
             loads, measured, predicted = [], [], None
             for _ in range(opts.reps):
                 loads.append(_load())
-                report = _train(args, opts.steps)
+                report = (_child_run if opts.cpu_clock else _train)(args, opts.steps)
                 measured.append(report["step_seconds"])
                 predicted = report["predicted_step_seconds"]
             median = statistics.median(measured)
             error = (predicted - median) / median
             errors.append(abs(error))
-            parts = _breakdown(args)
+            parts = _breakdown(args, opts.cpu_clock)
             runs = "/".join(f"{m * 1e3:.0f}" for m in measured)
             detail = " ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(parts.items()))
             print(f"{name:16s} {max(loads):5.2f} {predicted * 1e3:12.0f} "
