@@ -119,6 +119,20 @@ def sharding_advice(setup: TrainSetup, memory_of, time_of, one_per_node: bool,
                    step_seconds=time_of(setup.model_copy(update=update)))]
 
 
+def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
+                    profile: CalibrationProfile | None,
+                    memory: MemoryBreakdown | None = None) -> Throughput:
+    """Step time and rates: the compute of one rank (parallel.rank_device / rank_profile)
+    composed with communication (parallel.compose_throughput)."""
+    rank, params = rank_device(device, setup), count_params(model, setup)
+    memory = memory or memory_breakdown(model, setup, rank, params)
+    perf = throughput(model, setup, rank, params, rank_profile(profile, device, setup),
+                      weight_storage_bytes=memory.components["weights"]
+                      + memory.components["quant_scales"],
+                      kv_bytes=memory.components["kv_cache"])
+    return compose_throughput(model, setup, rank, params, profile, perf)
+
+
 def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local",
              profile: CalibrationProfile | None = None) -> Estimate:
     """Predict parameters, peak memory, step time, cost and a verdict with advice."""
@@ -131,12 +145,7 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
         return memory_breakdown(model, s, rank_device(dev, s), count_params(model, s))
 
     def perf_of(s: TrainSetup, memory: MemoryBreakdown) -> Throughput:
-        rank, params = rank_device(dev, s), count_params(model, s)
-        perf = throughput(model, s, rank, params, rank_profile(profile, dev, s),
-                          weight_storage_bytes=memory.components["weights"]
-                          + memory.components["quant_scales"],
-                          kv_bytes=memory.components["kv_cache"])
-        return compose_throughput(model, s, rank, params, profile, perf)
+        return step_throughput(model, s, dev, profile, memory)
 
     params = count_params(model, setup)
     memory = memory_of(setup)

@@ -21,11 +21,11 @@ import numpy as np
 
 from estimator.analytic.efficiency import default_seconds, profile_curve
 from estimator.analytic.memory import memory_breakdown
-from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
+from estimator.analytic.parallel import rank_device
 from estimator.analytic.params import count_params
-from estimator.analytic.throughput import throughput, timed_ops
+from estimator.analytic.throughput import timed_ops
 from estimator.errors import SetupError
-from estimator.specs import CalibrationProfile, Device, ModelSpec, Throughput, TrainSetup
+from estimator.specs import CalibrationProfile, Device, ModelSpec, TrainSetup
 from estimator.specs.plan import Candidate, Objective
 
 Precision = tuple[str, bool]
@@ -175,21 +175,9 @@ def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
 
 def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
                    profile: CalibrationProfile | None, batch: int, accum: int) -> float:
-    s = _at(setup, batch, accum)
-    return step_throughput(model, s, device, profile).step_seconds
+    from estimator.api import step_throughput
 
-
-def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
-                    profile: CalibrationProfile | None) -> Throughput:
-    """The Throughput estimate() reports: compute on one rank (parallel.rank_device /
-    rank_profile) composed with communication (parallel.compose_throughput)."""
-    rank, params = rank_device(device, setup), count_params(model, setup)
-    memory = memory_breakdown(model, setup, rank, params)
-    perf = throughput(model, setup, rank, params, rank_profile(profile, device, setup),
-                      weight_storage_bytes=memory.components["weights"]
-                      + memory.components["quant_scales"],
-                      kv_bytes=memory.components["kv_cache"])
-    return compose_throughput(model, setup, rank, params, profile, perf)
+    return step_throughput(model, _at(setup, batch, accum), device, profile).step_seconds
 
 
 def score(model: ModelSpec, base: TrainSetup, device: Device,
