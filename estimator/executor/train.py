@@ -357,6 +357,8 @@ def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cpu":
+        measure.release_freed_memory()
     return total / setup.grad_accum, None
 
 
