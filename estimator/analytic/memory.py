@@ -40,6 +40,39 @@ after `import torch` + the executor's imports (measured: benchmarks/bench_runtim
 vram.asmirnov.xyz measures 300 MiB–2 GiB); not visible to torch's allocator counters. mps/xla/
 hpu/neuron: unknown, 0 (stated in the assumptions)."""
 
+TRAINING_DATA_BYTES = 4 * 1024**2 * 4
+"""The bundled trainer holds its whole tokenised corpus in host memory: the default corpus is
+4 MiB of source text (executor/data.py DEFAULT_CORPUS_MAX_BYTES), one id per byte with the
+byte-level tokenizer (fewer with a model's BPE tokenizer), stored as int32: 16 MiB."""
+
+MODEL_BUILD_RESIDUE_BYTES = 70 * 1024**2
+"""Host memory that building the model leaves resident beyond the model's tensors: the code
+pages of the kernels it ran, the OpenMP worker threads and their malloc arenas (≈ 24 MiB of
+live non-tensor allocations), the tokeniser's freed buffers. measured: benchmarks/
+memory_table.py, the `runtime` row (memory after the build − weights) is 334–336 MiB for five
+models from 58 to 275 MiB of weights, full/LoRA/QLoRA, fp32/bf16: 335 − 248 − 16 ≈ 70 MiB."""
+
+KERNEL_CACHE_BYTES = 40 * 1024**2
+"""Host memory the first training step leaves resident for good beyond the optimizer states:
+oneDNN's primitive cache (one JIT-compiled matmul kernel per shape × pass, up to 1024 kept) and
+the code pages of the backward and optimizer kernels. measured (VmRSS after the step with the
+heap trimmed, minus weights + optimizer states): 26 MiB (8-layer fp32 full fine-tune),
+49 MiB (smollm2-135m bf16 LoRA); benchmarks/memory_table.py."""
+
+ALLOCATOR_RETENTION_BYTES = 35 * 1024**2
+GRADIENT_RETENTION_FRACTION = 0.3
+"""glibc keeps what a step frees resident in its heap (every tensor under the dynamic mmap
+threshold, up to 32 MiB, is served from the heap), and tensors allocated after others were
+freed do not all fit into the holes: the resident peak of a step exceeds its live-tensor peak.
+Two parts: a constant for the forward's temporaries (35 MiB), and a share of the gradients
+allocated during backward that lands in fresh heap instead of the freed activations' memory
+(0.3 of the gradient bytes). The trainer trims the heap between steps (executor/measure.py
+release_freed_memory), which bounds this to one step. measured, not derived (a property of the
+allocator): peak − baseline − optimizer states − the predicted activations, logits and weight
+copies − KERNEL_CACHE_BYTES is 40–45 MiB (LoRA, 5–19 MiB of gradients), 66 MiB (fp32 full,
+106 MiB of gradients) and 187 MiB (bf16 full, 513 MiB of gradients); benchmarks/
+memory_table.py."""
+
 
 def quantized_linear_params(model: ModelSpec) -> tuple[int, int]:
     """(weights, output rows) of the block linears a 4/8-bit base quantises (attention,
@@ -265,9 +298,34 @@ def kv_cache_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     return tokens * per_token * c * model.num_layers * model.attentions_per_layer
 
 
-def runtime_overhead_bytes(device: Device) -> int:
-    """Framework/runtime memory for the device's backend (RUNTIME_OVERHEAD_BYTES)."""
-    return RUNTIME_OVERHEAD_BYTES[device.backend]
+def runtime_overhead_bytes(device: Device, setup: TrainSetup | None = None) -> int:
+    """Framework/runtime memory for the device's backend (RUNTIME_OVERHEAD_BYTES); on a CPU
+    the whole process baseline of the bundled trainer before its first step: imports +
+    tokenised corpus (training_data_bytes) + what building the model leaves beyond its tensors
+    (MODEL_BUILD_RESIDUE_BYTES) — what a run report's `runtime` row measures."""
+    if device.backend != "cpu":
+        return RUNTIME_OVERHEAD_BYTES[device.backend]
+    return (RUNTIME_OVERHEAD_BYTES["cpu"] + training_data_bytes(device, setup)
+            + MODEL_BUILD_RESIDUE_BYTES)
+
+
+def training_data_bytes(device: Device, setup: TrainSetup | None) -> int:
+    """The trainer's tokenised corpus, held in host memory (TRAINING_DATA_BYTES); 0 off the
+    CPU, where it is not in device memory, and for inference."""
+    if device.backend != "cpu" or setup is None or setup.method == "inference":
+        return 0
+    return TRAINING_DATA_BYTES
+
+
+def step_runtime_bytes(setup: TrainSetup, device: Device, gradient_bytes: int) -> dict[str, int]:
+    """Host memory of a training step that is no tensor of the model (CPU only; an
+    accelerator's allocator statistics do not see it): kernel caches the first step leaves
+    resident (KERNEL_CACHE_BYTES) and what the allocator keeps of freed tensors within a step
+    (ALLOCATOR_RETENTION_BYTES + GRADIENT_RETENTION_FRACTION × gradient_bytes)."""
+    if device.backend != "cpu" or setup.method == "inference":
+        return {"kernel_caches": 0, "allocator_retention": 0}
+    retained = ALLOCATOR_RETENTION_BYTES + round(GRADIENT_RETENTION_FRACTION * gradient_bytes)
+    return {"kernel_caches": KERNEL_CACHE_BYTES, "allocator_retention": retained}
 
 
 def os_reserve_bytes(device: Device) -> int:
@@ -465,7 +523,8 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
         "dequant_transient": 0 if peak_in_opt else dequant_transient_bytes(model, setup),
         "gathered_params": 0 if peak_in_opt else state["gathered_params"],
         "kv_cache": kv_cache_bytes(model, setup),
-        "runtime_overhead": runtime_overhead_bytes(device),
+        "runtime_overhead": runtime_overhead_bytes(device, setup),
+        **step_runtime_bytes(setup, device, grads),
     }
     notes = {"peak_phase": "optimizer step" if peak_in_opt else "start of backward"}
     notes.update(sharding_notes(setup))

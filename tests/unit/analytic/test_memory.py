@@ -123,3 +123,25 @@ def test_breakdown_sums_and_peak_phase(tiny_dense: ModelSpec) -> None:
     assert mem.total_bytes == sum(mem.components.values())
     assert mem.capacity_bytes == H100.memory_bytes
     assert mem.notes["peak_phase"] in ("start of backward", "optimizer step")
+
+
+def test_cpu_process_baseline_terms(tiny_dense: ModelSpec) -> None:
+    """CPU training: runtime = imports + tokenised corpus + model-build residue, plus the
+    step's kernel caches and allocator retention; none of them on an accelerator (its
+    allocator statistics do not see host memory) and no corpus for inference."""
+    cpu = load_device("xeon-platinum-8480plus")
+    s, p = terms(tiny_dense, seq_len=64)
+    mem = M.memory_breakdown(tiny_dense, s, cpu, p).components
+    assert M.TRAINING_DATA_BYTES == 4 * 2**20 * 4  # 4 MiB corpus, 1 int32 id per byte
+    assert mem["runtime_overhead"] == (M.RUNTIME_OVERHEAD_BYTES["cpu"] + M.TRAINING_DATA_BYTES
+                                       + M.MODEL_BUILD_RESIDUE_BYTES)
+    assert mem["kernel_caches"] == M.KERNEL_CACHE_BYTES
+    assert mem["allocator_retention"] == M.ALLOCATOR_RETENTION_BYTES + round(
+        M.GRADIENT_RETENTION_FRACTION * M.gradient_bytes(s, p))
+    gpu = M.memory_breakdown(tiny_dense, s, H100, p).components
+    assert gpu["runtime_overhead"] == M.RUNTIME_OVERHEAD_BYTES["cuda"]
+    assert gpu["kernel_caches"] == gpu["allocator_retention"] == 0
+    infer, p_infer = terms(tiny_dense, method="inference", seq_len=64)
+    mem_infer = M.memory_breakdown(tiny_dense, infer, cpu, p_infer).components
+    assert mem_infer["runtime_overhead"] == mem["runtime_overhead"] - M.TRAINING_DATA_BYTES
+    assert mem_infer["allocator_retention"] == 0
