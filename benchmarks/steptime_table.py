@@ -136,7 +136,7 @@ def main() -> None:
         moe = Path(tmp) / "config.json"
         moe.write_text(json.dumps(TINY_MOE_CONFIG))
         header = (f"{'config':16s} {'load':>5s} {'predicted ms':>12s} {'measured ms (runs)':>26s}"
-                  f" {'error':>7s}  predicted breakdown (ms)")
+                  f" {'error':>7s} {'vs fastest':>10s}  predicted breakdown (ms)")
         print(header)
         errors = []
         for name in names:
@@ -153,8 +153,10 @@ def main() -> None:
             parts = _breakdown(args, opts.cpu_clock)
             runs = "/".join(f"{m * 1e3:.0f}" for m in measured)
             detail = " ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(parts.items()))
+            fastest = (predicted - min(measured)) / min(measured)  # load only ever slows a run
             print(f"{name:16s} {max(loads):5.2f} {predicted * 1e3:12.0f} "
-                  f"{median * 1e3:9.0f} ({runs:>14s}) {error:+7.1%}  {detail}", flush=True)
+                  f"{median * 1e3:9.0f} ({runs:>14s}) {error:+7.1%} {fastest:+10.1%}  {detail}",
+                  flush=True)
         print(f"median |error| {statistics.median(errors):.1%}, max {max(errors):.1%} "
               f"over {len(errors)} configs")
 

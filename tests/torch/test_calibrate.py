@@ -183,3 +183,15 @@ def test_autograd_dispatch_case_counts_its_aten_calls():
     assert case.op_class == "dispatch.autograd" and case.tiny
     assert case.work >= 2 * benches.AUTOGRAD_CHAIN  # a forward and a backward call per op
     case.build("cpu")()
+
+
+@pytest.mark.torch
+def test_executor_dispatch_case_counts_the_aten_calls_of_its_step():
+    pytest.importorskip("torch")
+    from estimator.calibrate import benches
+
+    case = benches.executor_dispatch_case()
+    step = case.build("cpu")
+    step()
+    assert case.op_class == "dispatch.autograd" and case.tiny
+    assert benches.count_aten_calls(step) == pytest.approx(case.work, rel=0.01)
