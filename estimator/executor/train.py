@@ -387,6 +387,8 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     data_source = describe_source(config.data)
     runtime_bytes = memory_probe()
     spec, model = build_training_model(model_spec, setup, config, device)
+    if device.type == "cpu":  # tokenising and quantising leave freed buffers resident
+        measure.release_freed_memory()
     check_vocab(dataset.tokens, spec.vocab_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     lr = config.lr if config.lr is not None else DEFAULT_LR[setup.method]
