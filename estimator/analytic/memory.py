@@ -69,9 +69,10 @@ allocated during backward that lands in fresh heap instead of the freed activati
 (0.3 of the gradient bytes). The trainer trims the heap between steps (executor/measure.py
 release_freed_memory), which bounds this to one step. measured, not derived (a property of the
 allocator): peak − baseline − optimizer states − the predicted activations, logits and weight
-copies − KERNEL_CACHE_BYTES is 40–45 MiB (LoRA, 5–19 MiB of gradients), 66 MiB (fp32 full,
+copies − KERNEL_CACHE_BYTES is 28–42 MiB (LoRA, 5–19 MiB of gradients), 66 MiB (fp32 full,
 106 MiB of gradients) and 187 MiB (bf16 full, 513 MiB of gradients); benchmarks/
-memory_table.py."""
+memory_table.py. The share is fitted on two full fine-tunes on one machine: for multi-GiB
+gradients it is an extrapolation (tensors over glibc's 32 MiB mmap ceiling bypass the heap)."""
 
 
 def quantized_linear_params(model: ModelSpec) -> tuple[int, int]:
