@@ -190,7 +190,12 @@ def plan(mode: Mode, device: str) -> list[Case]:
     # fp16 on a CPU is not a training dtype (CPU autocast uses bf16) and torch promotes its
     # GEMMs to fp32: skipped by --quick there, and measured at the quick sizes by a full run.
     dtypes = ["fp32", "bf16"] if device == "cpu" and mode == "quick" else ["fp32", "bf16", "fp16"]
-    cases: list[Case] = [benches.dispatch_case(), benches.executor_dispatch_case()]
+    # per-op framework cost: a tiny executor training step (full); the cheaper multiply chain
+    # (quick/tiny: ~3× lower, docs/calibration.md §5) where the step's start-up (2–7 s) would
+    # break the time budget
+    probe = benches.executor_dispatch_case() if mode == "full" else (
+        benches.autograd_dispatch_case())
+    cases: list[Case] = [benches.dispatch_case(), probe]
     pool = COLD_POOL_TINY_BYTES if mode == "tiny" else benches.cold_pool_bytes()
     for dtype in dtypes:
         sizes: Mode = "quick" if device == "cpu" and dtype == "fp16" else mode
