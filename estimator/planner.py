@@ -23,7 +23,7 @@ from estimator.analytic.efficiency import default_seconds, profile_curve
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.parallel import rank_device
 from estimator.analytic.params import count_params
-from estimator.analytic.throughput import timed_ops
+from estimator.analytic.throughput import correction, op_class_key, timed_ops
 from estimator.errors import SetupError
 from estimator.specs import CalibrationProfile, Device, ModelSpec, TrainSetup
 from estimator.specs.plan import Candidate, Objective
@@ -168,8 +168,9 @@ def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
         flops = o1.flops_per_call + (ob.flops_per_call - o1.flops_per_call) * (batches - 1)
         nbytes = o1.bytes_per_call + (ob.bytes_per_call - o1.bytes_per_call) * (batches - 1)
         calls = o1.num_calls + (oa.num_calls - o1.num_calls) * (accums - 1)
-        total += calls * seconds_per_call(device, profile, setup.compute_dtype, o1.op_class,
-                                          flops, nbytes)
+        fix = correction(profile, op_class_key(o1.op_class, setup.compute_dtype))
+        total += calls * fix * seconds_per_call(device, profile, setup.compute_dtype,
+                                                o1.op_class, flops, nbytes)
     return total
 
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from estimator.analytic import flops as F
 from estimator.analytic.efficiency import call_seconds, cold_gemms
+from estimator.analytic.inference import decode_tokens_per_second
 from estimator.analytic.memory import (
     autocasting,
     block_linear_params,
@@ -27,9 +28,6 @@ SECONDS_PER_HOUR = 3600
 DTYPED_CLASSES = ("matmul", "matmul_cold", "attention", "lora")
 """Op classes whose calibrated curve depends on the compute dtype."""
 TRAINABLE_TENSORS_PER_LINEAR_LORA = 2
-DECODE_BANDWIDTH_FRACTION = 0.7
-"""Decode reads every weight once per generated token: tokens/s ≈ (0.6–0.8 × peak DRAM
-bandwidth) / bytes read per token (hardware.md §1c caveat 3)."""
 
 
 def num_trainable_tensors(model: ModelSpec, setup: TrainSetup) -> int:
@@ -93,6 +91,17 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     return ops
 
 
+def op_class_key(op_class: str, dtype: str) -> str:
+    """The class an op's time is reported (and corrected) under: 'matmul.bf16', 'memory' …"""
+    return f"{op_class}.{dtype}" if op_class in DTYPED_CLASSES else op_class
+
+
+def correction(profile: CalibrationProfile | None, key: str) -> float:
+    """The per-op-class time multiplier `nvfree validate --update-profile` fitted from whole
+    runs (1 when none was fitted)."""
+    return profile.corrections.get(key, 1.0) if profile is not None else 1.0
+
+
 def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | None,
                 dtype: str) -> tuple[list[OpTime], bool]:
     """Time every op; returns the per-op times (merged by name) and whether all came from
@@ -103,7 +112,8 @@ def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | N
         one, measured = call_seconds(device, profile, dtype, op.op_class,
                                      op.flops_per_call, op.bytes_per_call)
         all_measured &= measured
-        klass = f"{op.op_class}.{dtype}" if op.op_class in DTYPED_CLASSES else op.op_class
+        klass = op_class_key(op.op_class, dtype)
+        one *= correction(profile, klass)
         prev = merged.get(op.name)
         merged[op.name] = OpTime(
             name=op.name, op_class=klass,
@@ -111,14 +121,6 @@ def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | N
             bytes_moved=round(op.bytes_moved) + (prev.bytes_moved if prev else 0),
             seconds=one * op.num_calls + (prev.seconds if prev else 0.0))
     return list(merged.values()), all_measured
-
-
-def decode_tokens_per_second(weight_storage_bytes: int, kv_bytes: int, device: Device,
-                             setup: TrainSetup) -> float:
-    """Bandwidth-bound decode: each step reads all weights and the KV cache once and emits
-    batch tokens."""
-    bandwidth = device.memory_bandwidth_bytes_per_second * DECODE_BANDWIDTH_FRACTION
-    return setup.batch_size * bandwidth / (weight_storage_bytes + kv_bytes)
 
 
 def throughput(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
@@ -138,7 +140,8 @@ def throughput(model: ModelSpec, setup: TrainSetup, device: Device, params: Para
             cost = total_seconds / SECONDS_PER_HOUR * device.price_per_hour_usd
     decode = None
     if setup.method == "inference":
-        decode = decode_tokens_per_second(weight_storage_bytes, kv_bytes, device, setup)
+        decode = decode_tokens_per_second(model, setup, device, params, weight_storage_bytes,
+                                          kv_bytes)
     return Throughput(
         step_flops=round(sum(op.flops for op in ops)),
         model_flops_per_token=F.model_flops_per_token(

@@ -32,7 +32,8 @@ def profile() -> CalibrationProfile:
     return CalibrationProfile(
         fingerprint="test", torch_version="x", num_threads=2, backend="cpu", device_name="t",
         created_at="2026-01-01T00:00:00Z", preferred_dtype="bf16",
-        curves={**flops, "memory": curve("memory", "bytes", (1e9, 8e9, 1e10))})
+        curves={**flops, "memory": curve("memory", "bytes", (1e9, 8e9, 1e10))},
+        corrections={"matmul.bf16": 1.3, "memory": 0.9})
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
@@ -108,3 +109,16 @@ def test_budget_and_divisibility_errors(tiny_dense: ModelSpec) -> None:
     with pytest.raises(SetupError, match="not divisible"):
         micro_batches(6, 4)
     assert list(micro_batches(12, 2)) == [1, 2, 3, 6]
+
+
+def test_corrections_scale_only_their_class(tiny_dense: ModelSpec) -> None:
+    from estimator.api import estimate
+
+    device = load_device("xeon-platinum-8480plus")
+    setup = TrainSetup(seq_len=64, compute_dtype="bf16")
+    corrected = estimate(tiny_dense, setup, device, profile()).throughput.ops
+    plain = estimate(tiny_dense, setup, device, profile().model_copy(
+        update={"corrections": {}})).throughput.ops
+    factor = {"matmul.bf16": 1.3, "memory": 0.9}
+    for c, p in zip(corrected, plain, strict=True):
+        assert c.seconds == pytest.approx(p.seconds * factor.get(p.op_class, 1.0))
