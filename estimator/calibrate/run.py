@@ -381,6 +381,11 @@ def calibrate(
     finally:
         torch.set_num_threads(old_threads)
         benches.release_pools()
+    curves = fit_all(measured)
+    if mode == "full" and tdev == "cpu":  # gloo all-reduce between 2 local processes
+        from estimator.calibrate.collectives import collective_curves
+
+        curves.update(collective_curves(quick=False))
     profile = CalibrationProfile(
         fingerprint=fingerprint(machine, backend),
         torch_version=machine.torch_version or torch.__version__,
@@ -389,7 +394,7 @@ def calibrate(
         device_name=_device_name(machine, backend),
         created_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         quick=mode != "full",
-        curves=fit_all(measured),  # type: ignore[arg-type]
+        curves=curves,  # type: ignore[arg-type]
         preferred_dtype=preferred_dtype(measured),  # type: ignore[arg-type]
         private_cache_bytes=benches.private_cache_bytes(threads) if tdev == "cpu" else None,
     )
