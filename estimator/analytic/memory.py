@@ -48,9 +48,10 @@ byte-level tokenizer (fewer with a model's BPE tokenizer), stored as int32: 16 M
 MODEL_BUILD_RESIDUE_BYTES = 70 * 1024**2
 """Host memory that building the model leaves resident beyond the model's tensors: the code
 pages of the kernels it ran, the OpenMP worker threads and their malloc arenas (≈ 24 MiB of
-live non-tensor allocations), the tokeniser's freed buffers. measured: benchmarks/
-memory_table.py, the `runtime` row (memory after the build − weights) is 334–336 MiB for five
-models from 58 to 275 MiB of weights, full/LoRA/QLoRA, fp32/bf16: 335 − 248 − 16 ≈ 70 MiB."""
+live non-tensor allocations; the trainer trims the freed heap after the build). measured:
+benchmarks/memory_table.py, the `runtime` row (memory after the build − weights) is
+333–340 MiB in ten runs of three models (45 to 513 MiB of weights; full/LoRA/QLoRA;
+fp32/bf16): 334 − 248 − 16 = 70 MiB."""
 
 KERNEL_CACHE_BYTES = 40 * 1024**2
 """Host memory the first training step leaves resident for good beyond the optimizer states:
