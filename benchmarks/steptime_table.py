@@ -7,13 +7,17 @@ attention, memory-bound, dispatch). Uses the calibration profile of $NVFREE_CACH
 `nvfree calibrate` first; without one the prediction is uncalibrated).
 
     NVFREE_CACHE_DIR=/tmp/nvc python benchmarks/steptime_table.py [--reps 2] [--steps 12]
-        [--only lora-bf16,moe-lora-bf16] [--cpu-clock]
+        [--only lora-bf16,moe-lora-bf16] [--cpu-clock] [--predict-only]
 
 --cpu-clock: for a machine shared with other jobs. Each config runs in a subprocess with
 OMP_NUM_THREADS=1 that builds the run with the executor (prepare_run) and times every step with
 time.process_time (the CPU time the process itself got, immune to time-sharing); the
 prediction is the one `nvfree train` makes (executor.measure.predict), so it needs a
 one-thread profile: `OMP_NUM_THREADS=1` + `calibrate(..., cpu_clock=True)`.
+
+--predict-only: print the (one-thread, with --cpu-clock) prediction and its breakdown without
+training (seconds per config), e.g. to compare two versions of the model against step times
+measured earlier.
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ def _child(args: list[str], steps: int) -> dict:
                        batch_size=int(opts["--batch-size"]),
                        checkpointing="--checkpointing" in args)
     spec = load_model(opts["--model"])
+    if steps == 0:  # --predict-only
+        estimate, _ = predict(spec, setup, torch.device("cpu"))
+        return {"step_seconds": None, "predicted_step_seconds": estimate.throughput.step_seconds}
     with tempfile.TemporaryDirectory() as out:
         run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=steps + 2, output_dir=Path(out),
                                                         predict=False))
@@ -126,6 +133,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated config names")
     parser.add_argument("--cpu-clock", action="store_true",
                         help="one thread, process CPU time (shared machines)")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="print predictions and breakdowns, train nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
@@ -141,6 +150,12 @@ def main() -> None:
         errors = []
         for name in names:
             args = [a.replace("{moe}", str(moe)) for a in CONFIGS[name]]
+            if opts.predict_only:
+                predicted = _child_run(args, 0)["predicted_step_seconds"]
+                parts = _breakdown(args, True)
+                detail = " ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(parts.items()))
+                print(f"{name:16s} {'':5s} {predicted * 1e3:12.0f}  {detail}", flush=True)
+                continue
             loads, measured, predicted = [], [], None
             for _ in range(opts.reps):
                 loads.append(_load())
@@ -157,8 +172,9 @@ def main() -> None:
             print(f"{name:16s} {max(loads):5.2f} {predicted * 1e3:12.0f} "
                   f"{median * 1e3:9.0f} ({runs:>14s}) {error:+7.1%} {fastest:+10.1%}  {detail}",
                   flush=True)
-        print(f"median |error| {statistics.median(errors):.1%}, max {max(errors):.1%} "
-              f"over {len(errors)} configs")
+        if errors:
+            print(f"median |error| {statistics.median(errors):.1%}, max {max(errors):.1%} "
+                  f"over {len(errors)} configs")
 
 
 if __name__ == "__main__":

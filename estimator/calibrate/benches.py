@@ -496,3 +496,87 @@ def executor_dispatch_case() -> Case:
     calls = dispatch_op_count(spec, setup, num_trainable_tensors(spec, setup))
     return Case("dispatch.autograd", f"tiny executor LoRA step ({calls:.0f} aten calls)",
                 float(calls), build, tiny=True)
+
+
+# ----------------------------------------------------------------------------- op bytes
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "dot")
+"""aten ops the matmul/lora curves time (excluded from the memory-bound record)."""
+ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_flash_attention_for_cpu_backward",
+                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_flash_attention_forward", "_flash_attention_backward",
+                 "_scaled_dot_product_flash_attention_backward",
+                 "_scaled_dot_product_efficient_attention_backward")
+"""Fused attention kernels (timed by the attention curve; excluded)."""
+
+
+def _tensor_bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def aten_call_bytes(func, args: tuple, kwargs: dict, out: object) -> int:
+    """Bytes one aten call reads + writes: every tensor argument read once, every tensor it
+    returns written once; an argument the schema marks as written (in-place `copy_`, `out=`) is
+    counted as written only, and a returned alias of an input is not counted again. View ops
+    move nothing (0)."""
+    if func.is_view:
+        return 0
+    schema = func._schema
+    total = 0
+    written_ids: set[int] = set()
+    for i, arg in enumerate(schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if value is None:
+            continue
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            total += _tensor_bytes(value)  # written
+            if isinstance(value, torch.Tensor):
+                written_ids.add(id(value))
+            continue
+        total += _tensor_bytes(value)
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    for value in outs:
+        if isinstance(value, torch.Tensor) and id(value) not in written_ids:
+            total += _tensor_bytes(value)
+    return total
+
+
+def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
+    """Run `fn` under a TorchDispatchMode and sum, per phase, the bytes read + written and the
+    number of aten calls that no GEMM or attention curve times (views excluded).
+
+    Phases: 'forward' until the autograd engine runs its first node, 'backward' while it runs
+    nodes (a checkpointed block's recompute included), 'after' from then on (clipping,
+    optimizer, zero_grad). Returns {phase: {"bytes": …, "calls": …, "gemm_calls": …}}."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    phases = {p: {"bytes": 0.0, "calls": 0.0, "gemm_calls": 0.0}
+              for p in ("forward", "backward", "after")}
+    state = {"phase": "forward"}
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            in_backward = torch._C._current_autograd_node() is not None
+            if in_backward:
+                state["phase"] = "backward"
+            elif state["phase"] == "backward":
+                state["phase"] = "after"
+            rec = phases[state["phase"]]
+            name = func.overloadpacket.__name__
+            if name in GEMM_OPS or name in ATTENTION_OPS:
+                rec["gemm_calls"] += 1
+            elif not func.is_view:
+                rec["bytes"] += aten_call_bytes(func, args, kwargs, out)
+                rec["calls"] += 1
+            return out
+
+    with _Record():
+        fn()
+    return phases

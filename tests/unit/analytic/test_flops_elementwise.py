@@ -1,0 +1,60 @@
+"""The memory-bound block term (flops.elementwise_ops) built from the measured bytes table."""
+
+import itertools
+
+import pytest
+
+from estimator.analytic import flops as F
+from estimator.specs import ModelSpec, MoESpec, TrainSetup
+
+SPEC = ModelSpec(name="t", num_layers=4, hidden_size=576, intermediate_size=1536, num_heads=9,
+                 num_kv_heads=3, head_dim=64, vocab_size=49152, max_seq_len=2048)
+
+
+def _bytes(ops: list[F.Op], prefix: str = "elementwise") -> float:
+    return sum(op.bytes_moved for op in ops if op.name == prefix)
+
+
+def test_bytes_are_the_table_times_tokens_and_layers():
+    setup = TrainSetup(method="lora", compute_dtype="bf16", batch_size=2, seq_len=256)
+    table = F.MEMORY_BOUND_BYTES["lora", "mixed"]
+    rank_sum = setup.lora_rank * 7
+    per_token = sum(table[p].per_token(SPEC, SPEC.intermediate_size, rank_sum)
+                    for p in ("forward", "backward"))
+    ops = F.elementwise_ops(SPEC, setup)
+    assert _bytes(ops) == pytest.approx(per_token * 512 * SPEC.num_layers)
+    assert sum(op.num_calls for op in ops) == (table["forward"].calls
+                                               + table["backward"].calls) * SPEC.num_layers
+
+
+def test_checkpointing_adds_the_recompute_pass():
+    setup = TrainSetup(method="full", compute_dtype="bf16")
+    plain = _bytes(F.elementwise_ops(SPEC, setup))
+    ckpt = _bytes(F.elementwise_ops(SPEC, setup.model_copy(update={"checkpointing": True})))
+    recompute = F.block_token_bytes(setup)["recompute"].per_token(SPEC, 1536, 0)
+    assert ckpt - plain == pytest.approx(recompute * setup.batch_size * setup.seq_len * 4)
+    assert recompute >= F.block_token_bytes(setup)["forward"].per_token(SPEC, 1536, 0) * 0.5
+
+
+@pytest.mark.parametrize(("method", "dtype", "mixed", "ckpt"), itertools.product(
+    ("full", "lora", "qlora", "inference"), ("fp32", "bf16", "fp16"), (True, False),
+    (True, False)))
+def test_every_regime_has_positive_bytes(method, dtype, mixed, ckpt):
+    bits = {"qlora": 4, "inference": 16}.get(method, 32 if dtype == "fp32" else 16)
+    setup = TrainSetup(method=method, compute_dtype=dtype, mixed_precision=mixed,
+                       weight_bits=bits, checkpointing=ckpt)
+    ops = F.elementwise_ops(SPEC, setup)
+    assert ops and all(op.bytes_per_call > 0 and op.num_calls > 0 for op in ops)
+
+
+def test_moe_layers_add_routing_bytes():
+    moe = SPEC.model_copy(update={"moe": MoESpec(num_experts=8, num_experts_per_token=2,
+                                                 expert_intermediate_size=768)})
+    setup = TrainSetup(method="lora", compute_dtype="bf16")
+    ops = F.elementwise_ops(moe, setup)
+    routing = _bytes(ops, "moe.routing")
+    per_hk, per_h, _ = F.MOE_ROUTING_BYTES["forward"]
+    per_hk_b, per_h_b, _ = F.MOE_ROUTING_BYTES["backward"]
+    tokens = setup.batch_size * setup.seq_len
+    expected = ((per_hk + per_hk_b) * 576 * 2 + (per_h + per_h_b) * 576) * 4 * tokens
+    assert routing == pytest.approx(expected)
