@@ -447,9 +447,12 @@ class DispatchCounts:
     """Rest of the backward per micro-batch for full / LoRA / QLoRA: negative for a frozen base,
     whose first block computes no input gradient (fewer ops than the per-layer count)."""
     optimizer_per_tensor: int = 9
-    """Per-tensor (for-loop) AdamW: ops per trainable tensor."""
+    """Per-tensor (for-loop) optimizers (8-bit AdamW …): ops per trainable tensor."""
     optimizer_fixed: int = 13
     """Step-count bookkeeping (4) + foreach gradient-norm clipping (9)."""
+    fused_adamw: int = 9
+    """AdamW as torch's fused kernel (the executor's on CPU): all its ops, clipping included,
+    independent of the number of tensors."""
 
 
 DISPATCH = DispatchCounts()
@@ -467,8 +470,9 @@ def dispatch_op_count(model: ModelSpec, setup: TrainSetup, num_trainable_tensors
     """Framework ops (aten calls: forward, backward, optimizer) of one optimizer step.
 
     per micro-batch = Σ_layers (forward · (1 + ckpt) + backward + ckpt bookkeeping) + rest;
-    per step = grad_accum · micro-batch + 9 · trainable tensors + 13. Source: measured
-    (DispatchCounts). Assumes the executor's eager path: per-tensor AdamW, fused loss in one
+    per step = grad_accum · micro-batch + 9 (fused AdamW), or + 9 · trainable tensors + 13
+    (per-tensor optimizers). Source: measured (DispatchCounts). Assumes the executor's eager
+    path: fused AdamW, fused loss in one
     chunk, uniform MoE routing; 8-bit AdamW, Lion, compiled blocks are not measured."""
     d = DISPATCH
     half = setup.compute_dtype != "fp32"
@@ -504,6 +508,8 @@ def dispatch_op_count(model: ModelSpec, setup: TrainSetup, num_trainable_tensors
             recompute = f + (d.recompute_frozen[0] + d.recompute_frozen[1] * adapted if frozen
                              else d.recompute_trained)
         micro += num * (f + b + recompute)
+    if setup.optimizer == "adamw":
+        return setup.grad_accum * micro + d.fused_adamw
     return (setup.grad_accum * micro + d.optimizer_per_tensor * num_trainable_tensors
             + d.optimizer_fixed)
 

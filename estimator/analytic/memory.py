@@ -219,16 +219,20 @@ def adafactor_state_params(model: ModelSpec, setup: TrainSetup, params: ParamCou
 
 def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Device,
                               params: ParamCounts) -> int:
-    """Temporaries of the optimizer step: torch's foreach AdamW (default on accelerators)
-    allocates a full-size sqrt(v) list; the per-tensor CPU path computes
-    (v.sqrt() / bias_correction).add_(eps) for one tensor at a time: two temporaries of the
-    largest tensor (measured: VmHWM of the optimizer step, 135M full fine-tune: +216 MiB for a
-    113 MiB embedding). 8-bit AdamW dequantises one tensor at a time (same bound)."""
+    """Temporaries of the optimizer step. On a CPU the bundled trainer runs torch's fused
+    AdamW (one kernel per tensor, no temporaries: measured VmHWM +0 MiB over a 108 MiB tensor,
+    against +216 MiB for the default per-tensor loop's two temporaries). On accelerators torch's
+    default foreach AdamW (HF Trainer) allocates a full-size sqrt(v) list. 8-bit AdamW
+    dequantises one tensor at a time: two temporaries of the largest tensor (measured: +216 MiB
+    for a 113 MiB embedding)."""
     if params.trainable == 0 or setup.optimizer in ("sgd", "sgd_momentum", "adafactor"):
         return 0
     state = trainable_bytes_per_param(setup)
-    if device.backend != "cpu" and setup.optimizer in ("adamw", "lion"):
-        return params.trainable * state
+    if setup.optimizer in ("adamw", "lion"):
+        if device.backend == "cpu" and setup.optimizer == "adamw":
+            return 0
+        if device.backend != "cpu":
+            return params.trainable * state
     return 2 * largest_trainable_tensor(model, setup, params) * FP32_BYTES
 
 

@@ -231,14 +231,17 @@ ADAMW_BYTES_PER_PARAM = 28
 
 
 def optimizer_cases(sizes: list[int]) -> list[Case]:
-    """One torch.optim.AdamW step over a single fp32 parameter tensor of n elements."""
+    """One AdamW step (executor.optim.adamw: torch's, fused where available) over a single fp32
+    parameter tensor of n elements."""
     cases = []
     for n in sizes:
 
         def build(device: str, n=n) -> Callable[[], object]:
             param = torch.nn.Parameter(torch.randn(n, device=device))
             param.grad = torch.randn(n, device=device)
-            opt = torch.optim.AdamW([param], lr=1e-4)
+            from estimator.executor.optim import adamw  # the executor's AdamW (fused)
+
+            opt = adamw([param], lr=1e-4)
             return opt.step
 
         tiny = n <= 64

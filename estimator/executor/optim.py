@@ -123,8 +123,7 @@ def build_optimizer(params: list[torch.nn.Parameter], setup: TrainSetup, *, lr: 
         raise SetupError("the setup leaves no trainable parameters")
     name = setup.optimizer
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
-                                 eps=adam_eps(params[0].dtype))
+        return adamw(params, lr=lr, weight_decay=weight_decay, eps=adam_eps(params[0].dtype))
     if name == "adamw8bit":
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -137,6 +136,20 @@ def build_optimizer(params: list[torch.nn.Parameter], setup: TrainSetup, *, lr: 
         f"the executor has no {name} optimizer; use --optimizer adamw, adamw8bit, sgd "
         "or sgd_momentum"
     )
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
+"""Device types with torch's fused AdamW kernel (CPU since torch 2.4)."""
+
+
+def adamw(params: list[torch.nn.Parameter], **kwargs: float) -> torch.optim.AdamW:
+    """torch's AdamW, fused into one kernel per tensor where the device has one: on this CPU
+    2–5× faster than the default per-tensor loop and no temporaries (the loop allocates two
+    tensors the size of the largest parameter; measured: 0 vs 216 MiB over a 108 MiB tensor,
+    benchmarks in docs/executor.md). Same update to 1e-8 (tests/torch/test_optim.py)."""
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.dtype.is_floating_point
+                for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def adam_eps(dtype: torch.dtype) -> float:
