@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from estimator.calibrate.run import CalibrationResult
     from estimator.profiles import ProfileLookup
 
-FLOPS_CLASSES = ("matmul", "lora", "attention")
+FLOPS_CLASSES = ("matmul", "matmul_cold", "lora", "attention")
 
 
 def _isa_line(isa: tuple[str, ...]) -> str:
@@ -87,9 +87,9 @@ def calibration_progress(console: Console) -> Iterator[Callable[[int, int, str],
         yield update
 
 
-def _rate(op_class: str, rate: float) -> str:
-    """GFLOP/s for compute classes, GB/s for memory-bound ones (3 significant digits)."""
-    unit = "GF/s" if op_class.split(".")[0] in FLOPS_CLASSES else "GB/s"
+def _rate(unit_of_work: str, rate: float) -> str:
+    """GFLOP/s for curves over FLOPs, GB/s for curves over bytes (3 significant digits)."""
+    unit = "GF/s" if unit_of_work == "flops" else "GB/s"
     value = rate / 1e9
     return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
 
@@ -109,7 +109,7 @@ def render_profile(profile: CalibrationProfile, console: Console,
     for col in ("op class", "overhead", "rate small", "rate large", "of peak", "n"):
         table.add_column(col, justify="left" if col == "op class" else "right", no_wrap=True)
     for name, curve in sorted(profile.curves.items()):
-        if name == "dispatch":
+        if name in ("dispatch", "dispatch.autograd"):  # a per-call cost, no rate
             table.add_row(name, _micro(curve.overhead_seconds), "–", "–", "–", "1")
             continue
         share = "–"
@@ -120,8 +120,8 @@ def render_profile(profile: CalibrationProfile, console: Console,
                 peak *= min(1.0, profile.num_threads / device.num_cores)  # peak of the threads
             if peak:
                 share = f"{curve.rates[-1] / peak:.0%}"
-        table.add_row(name, _micro(curve.overhead_seconds), _rate(name, curve.rates[0]),
-                      _rate(name, curve.rates[-1]), share, str(curve.num_samples))
+        table.add_row(name, _micro(curve.overhead_seconds), _rate(curve.unit, curve.rates[0]),
+                      _rate(curve.unit, curve.rates[-1]), share, str(curve.num_samples))
     console.print(table)
     console.print(f"preferred compute dtype (fastest large GEMMs here): "
                   f"[bold]{profile.preferred_dtype}[/]")
