@@ -27,12 +27,14 @@ def test_corrections_recover_per_class_factors() -> None:
         measured = sum(truth.get(k, 1.0) * v for k, v in pred.items())
         rows.append(CaseResult(case_id=str(i), measured_step_seconds=measured,
                                predicted_seconds_by_class=pred))
-    fitted = fit_corrections(rows)
+    fitted = fit_corrections(rows, ridge=0.0)
     assert set(fitted) == set(truth)  # 'tiny' is under 2 % everywhere: not fitted
     for k, v in truth.items():
         assert fitted[k] == pytest.approx(v, rel=1e-3)
     assert fit_corrections(rows[:3]) == {}
-    assert all(abs(e) < 1e-3 for e in leave_one_out_errors(rows + rows[:2]))
+    shrunk = fit_corrections(rows)  # the ridge prior pulls every factor towards 1
+    assert sum((shrunk[k] - 1) ** 2 for k in truth) < sum((v - 1) ** 2 for v in truth.values())
+    assert all(abs(e) < 1e-3 for e in leave_one_out_errors(rows + rows[:2], ridge=0.0))
 
 
 def test_summary_median_and_max() -> None:
