@@ -27,9 +27,9 @@ from estimator.errors import SetupError
 PLAN_PANEL = "Plan"
 DEFAULT_MODEL = "smollm2-135m"
 """The model `nvfree plan` plans when none is named."""
-DEFAULT_TOKENS = 65_536
-"""Token budget when neither --tokens nor --data is given: 32 steps of 8 × 256 tokens, about
-two minutes of LoRA/full training of the default model on a 2-core CPU."""
+DEFAULT_TOKENS = 32_768
+"""Token budget when neither --tokens nor --data is given: 16 steps of 8 × 256 tokens, about
+two minutes of training the default model on a 2-core CPU (measured: docs/planning.md)."""
 
 FixedMethodOpt = Annotated[Literal["full", "lora", "qlora"] | None, typer.Option(
     "--method", rich_help_panel=PLAN_PANEL, help="Fix the method  [default: search all]")]

@@ -21,7 +21,7 @@ def test_default_plan_writes_a_file(capsys: pytest.CaptureFixture[str], tmp_path
     assert code == 0 and path.exists()
     data = json.loads(path.read_text())
     assert data["model"]["name"] == "smollm2-135m"
-    assert data["setup"]["num_tokens"] == 65_536 and data["max_steps"] == 32
+    assert data["setup"]["num_tokens"] == 32_768 and data["max_steps"] == 16
     assert "chosen" in out and f"nvfree run {path}" in out.replace("\n", "")
 
 
