@@ -77,7 +77,7 @@ def default_seconds(device: Device, dtype: str, op_class: str, flops: float,
 
 
 FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory", "matmul_cold": "matmul",
-                  "dispatch.autograd": "dispatch"}
+                  "dispatch.autograd": "dispatch", "optimizer.adamw8bit": "optimizer"}
 """A class a profile may lack (older profiles, quick runs) and the class measured instead."""
 
 

@@ -361,7 +361,14 @@ def optimizer_ops(setup: TrainSetup, trainable: int, num_tensors: int) -> list[O
     if trainable == 0:
         return []
     total = trainable * optimizer_bytes_per_param(setup)
-    return [Op("optimizer.step", "optimizer", 0, total / num_tensors, num_tensors)]
+    return [Op("optimizer.step", optimizer_class(setup), 0, total / num_tensors, num_tensors)]
+
+
+def optimizer_class(setup: TrainSetup) -> str:
+    """Curve of the optimizer step: 'optimizer' (torch's fused AdamW and the other torch
+    optimizers), 'optimizer.adamw8bit' for our 8-bit AdamW, a per-tensor PyTorch loop measured
+    3× slower per step than fused AdamW (benchmarks/planner_choice.py, docs/planning.md)."""
+    return "optimizer.adamw8bit" if setup.optimizer == "adamw8bit" else "optimizer"
 
 
 def model_flops_per_token(model: ModelSpec, setup: TrainSetup, active_params: int,

@@ -125,7 +125,7 @@ def device_compute_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts,
     share = optimizer_share(model, setup, params)
     out = []
     for op in ops:
-        if op.op_class == "optimizer":
+        if op.op_class.startswith("optimizer"):
             if setup.offload != "none":
                 continue
             op = op.model_copy(update={"bytes_moved": round(op.bytes_moved * share),

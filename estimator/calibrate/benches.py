@@ -230,23 +230,31 @@ ADAMW_BYTES_PER_PARAM = 28
 """AdamW fp32 traffic per parameter: read p, g, m, v (16 B) + write p, m, v (12 B)."""
 
 
-def optimizer_cases(sizes: list[int]) -> list[Case]:
-    """One AdamW step (executor.optim.adamw: torch's, fused where available) over a single fp32
-    parameter tensor of n elements."""
+ADAMW8BIT_BYTES_PER_PARAM = 16
+"""8-bit AdamW traffic per fp32 parameter: p, g read and p written (12 B) + m, v read and
+written at 1 B each (4 B); flops.optimizer_bytes_per_param."""
+
+
+def optimizer_cases(sizes: list[int], optimizer: str = "adamw") -> list[Case]:
+    """One optimizer step of the executor's own optimizer over a single fp32 parameter tensor
+    of n elements: AdamW (executor.optim.adamw: torch's, fused where available; class
+    'optimizer') or our 8-bit AdamW (a per-tensor PyTorch loop; class 'optimizer.adamw8bit')."""
     cases = []
+    per_param = ADAMW_BYTES_PER_PARAM if optimizer == "adamw" else ADAMW8BIT_BYTES_PER_PARAM
+    op_class = "optimizer" if optimizer == "adamw" else f"optimizer.{optimizer}"
     for n in sizes:
 
         def build(device: str, n=n) -> Callable[[], object]:
+            from estimator.executor.optim import AdamW8bit, adamw
+
             param = torch.nn.Parameter(torch.randn(n, device=device))
             param.grad = torch.randn(n, device=device)
-            from estimator.executor.optim import adamw  # the executor's AdamW (fused)
-
-            opt = adamw([param], lr=1e-4)
+            opt = adamw([param], lr=1e-4) if optimizer == "adamw" else AdamW8bit([param], lr=1e-4)
             return opt.step
 
         tiny = n <= 64
-        cases.append(Case("optimizer", f"adamw {n} params", float(ADAMW_BYTES_PER_PARAM * n),
-                          build, tiny))
+        cases.append(Case(op_class, f"{optimizer} {n} params", float(per_param * n), build,
+                          tiny))
     return cases
 
 

@@ -37,7 +37,8 @@ from estimator.specs.machine import MachineInfo
 Mode = Literal["full", "quick", "tiny"]
 Progress = Callable[[int, int, str], None]
 
-BYTES_CLASSES = ("memory", "alloc", "elementwise", "norm", "optimizer", "dequant.nf4")
+BYTES_CLASSES = ("memory", "alloc", "elementwise", "norm", "optimizer", "optimizer.adamw8bit",
+                 "dequant.nf4")
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def plan(mode: Mode, device: str) -> list[Case]:
     cases += benches.alloc_cases(ALLOC_SIZES[mode])
     cases += benches.elementwise_cases(ELEMENTWISE_SHAPES[mode], ["fp32", "bf16"])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode])
+    cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode], "adamw8bit")
     cases += benches.dequant_cases(DEQUANT_SIZES[mode])
     return cases
 
