@@ -36,9 +36,9 @@ def test_checkpointing_adds_the_recompute_pass():
     assert recompute >= F.block_token_bytes(setup)["forward"].per_token(SPEC, 1536, 0) * 0.5
 
 
-@pytest.mark.parametrize(("method", "dtype", "mixed", "ckpt"), itertools.product(
+@pytest.mark.parametrize(("method", "dtype", "mixed", "ckpt"), list(itertools.product(
     ("full", "lora", "qlora", "inference"), ("fp32", "bf16", "fp16"), (True, False),
-    (True, False)))
+    (True, False))))
 def test_every_regime_has_positive_bytes(method, dtype, mixed, ckpt):
     bits = {"qlora": 4, "inference": 16}.get(method, 32 if dtype == "fp32" else 16)
     setup = TrainSetup(method=method, compute_dtype=dtype, mixed_precision=mixed,
