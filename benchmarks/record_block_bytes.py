@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from estimator.calibrate.benches import record_op_bytes
-from estimator.executor.train import TrainConfig, prepare_run, train_step
+from estimator.calibrate.benches import record_train_step_bytes
 from estimator.specs import ModelSpec, MoESpec, TrainSetup
 
 REGIMES = {
@@ -48,20 +44,10 @@ MOE_SHAPES = [(64, 32, 4, 2), (96, 32, 4, 2), (64, 48, 4, 2), (64, 32, 8, 2), (6
 SEQ = 32
 
 
-def record_step(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float]]:
-    """record_op_bytes of the second train_step of a fresh executor run."""
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as out:
-        run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=2, output_dir=Path(out),
-                                                        predict=False))
-        train_step(run, 0, 1e-3)
-        return record_op_bytes(lambda: train_step(run, 1, 1e-3))
-
-
 def block_bytes(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float]]:
     """Per phase: bytes per token of one block ('per_token'), the weight-sized rest
     ('fixed', bytes per block) and the non-GEMM aten calls of one block ('calls')."""
-    res = {(n, b): record_step(spec.model_copy(update={"num_layers": n}),
+    res = {(n, b): record_train_step_bytes(spec.model_copy(update={"num_layers": n}),
                                setup.model_copy(update={"batch_size": b, "seq_len": SEQ}))
            for n in (1, 2) for b in (1, 2)}
     out = {}

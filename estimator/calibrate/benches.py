@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from estimator.specs import ModelSpec, TrainSetup
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 NF4_BLOCK = 64
@@ -478,8 +480,6 @@ def executor_dispatch_case() -> Case:
     from estimator.executor.data import PackedDataset
     from estimator.executor.optim import build_optimizer
     from estimator.executor.train import Run, TrainConfig, build_training_model, train_step
-    from estimator.specs import ModelSpec, TrainSetup
-
     spec = ModelSpec(name="dispatch-probe", num_layers=4, hidden_size=16, intermediate_size=32,
                      num_heads=2, num_kv_heads=1, head_dim=8, vocab_size=258, max_seq_len=64)
     setup = TrainSetup(method="lora", compute_dtype="bf16", batch_size=1, seq_len=8,
@@ -591,3 +591,19 @@ def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
     with _Record():
         fn()
     return phases
+
+
+def record_train_step_bytes(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float]]:
+    """record_op_bytes of the second train_step of a fresh executor run of spec/setup (the
+    first step builds states and caches; seed 0)."""
+    import tempfile
+    from pathlib import Path
+
+    from estimator.executor.train import TrainConfig, prepare_run, train_step
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=2, output_dir=Path(out),
+                                                        predict=False))
+        train_step(run, 0, 1e-3)
+        return record_op_bytes(lambda: train_step(run, 1, 1e-3))

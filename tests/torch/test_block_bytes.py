@@ -2,33 +2,21 @@
 TorchDispatchMode recording of executor training steps on shapes the fit did not use, and the
 byte accounting of one aten call (calibrate.benches.aten_call_bytes)."""
 
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
 from estimator.analytic.flops import MOE_ROUTING_BYTES, block_token_bytes, mlp_width
-from estimator.calibrate.benches import record_op_bytes
-from estimator.executor.train import TrainConfig, prepare_run, train_step
+from estimator.calibrate.benches import record_train_step_bytes
 from estimator.specs import ModelSpec, MoESpec, TrainSetup
 
 pytestmark = pytest.mark.torch
 SEQ = 16
 
 
-def _record(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float]]:
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as out:
-        run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=2, output_dir=Path(out),
-                                                        predict=False))
-        train_step(run, 0, 1e-3)
-        return record_op_bytes(lambda: train_step(run, 1, 1e-3))
-
-
 def _per_token_per_block(spec: ModelSpec, setup: TrainSetup) -> dict[str, float]:
     """Double difference: 2 − 1 blocks, 2 − 1 sequences of SEQ tokens."""
-    rec = {(n, b): _record(spec.model_copy(update={"num_layers": n}),
+    rec = {(n, b): record_train_step_bytes(spec.model_copy(update={"num_layers": n}),
                            setup.model_copy(update={"batch_size": b, "seq_len": SEQ}))
            for n in (1, 2) for b in (1, 2)}
     return {phase: ((rec[2, 2][phase]["bytes"] - rec[1, 2][phase]["bytes"])

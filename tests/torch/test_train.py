@@ -24,17 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 TINY = ModelSpec(name="tiny", num_layers=2, hidden_size=64, intermediate_size=176, num_heads=4,
                  num_kv_heads=2, head_dim=16, vocab_size=258, max_seq_len=256)
-WORDS = ("alpha", "beta", "gamma", "delta", "train", "model", "token", "memory", "device")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (12,), generator=gen))
-             for _ in range(300)]
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    path.write_text("\n".join(lines))
-    return path
 
 
 def _setup(**kwargs) -> TrainSetup:
