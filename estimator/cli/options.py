@@ -116,7 +116,7 @@ def resolve_setup(*, method: str | None, bits: str | None, dtype: str, device, p
                   lora_targets: str, tokens: float | None, mixed_precision: bool, **rest):
     """A TrainSetup from the flags, filling the defaults the help text states."""
     from estimator.api import auto_dtype
-    from estimator.specs import LINEAR_TARGETS, TrainSetup
+    from estimator.specs import TrainSetup
 
     num_bits = int(bits) if bits else None
     if method is None:
@@ -124,8 +124,7 @@ def resolve_setup(*, method: str | None, bits: str | None, dtype: str, device, p
     if num_bits is None:
         num_bits = 4 if method == "qlora" else 16
     compute = auto_dtype(device, profile) if dtype == "auto" else dtype
-    targets = (LINEAR_TARGETS if lora_targets.strip() == "all-linear"
-               else tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
+    targets = parse_targets(lora_targets)
     if tokens is not None and tokens <= 0:
         raise SetupError(f"--tokens must be positive, got {tokens:g}")
     try:
@@ -133,10 +132,24 @@ def resolve_setup(*, method: str | None, bits: str | None, dtype: str, device, p
                           mixed_precision=mixed_precision and compute != "fp32",
                           lora_targets=targets, num_tokens=round(tokens) if tokens else None,
                           **rest)
-    except ValueError as exc:  # pydantic ValidationError: keep its first message
-        errors = getattr(exc, "errors", None)
-        message = errors()[0]["msg"] if errors else str(exc)
-        raise SetupError(message.removeprefix("Value error, ")) from None
+    except ValueError as exc:
+        raise setup_error(exc) from None
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """--lora-targets: comma-separated PEFT module names, or all-linear."""
+    from estimator.specs import LINEAR_TARGETS
+
+    if text.strip() == "all-linear":
+        return LINEAR_TARGETS
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def setup_error(exc: ValueError) -> SetupError:
+    """A TrainSetup validation error as one line (pydantic's first message)."""
+    errors = getattr(exc, "errors", None)
+    message = errors()[0]["msg"] if errors else str(exc)
+    return SetupError(message.removeprefix("Value error, "))
 
 
 def with_memory(device, memory_gib: float | None):

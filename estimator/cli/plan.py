@@ -123,10 +123,10 @@ def plan(
 ) -> None:
     """Choose the setup that fits and finishes soonest (or cheapest); write it as a plan file
     for `nvfree run`. With no arguments: the default model on the embedded corpus, here."""
-    from estimator.cli.options import resolve_device, resolve_model
+    from estimator.cli.options import parse_targets, resolve_device, resolve_model, setup_error
     from estimator.planfile import count_data_tokens, make_plan, save_plan
     from estimator.planner import search
-    from estimator.specs import LINEAR_TARGETS, TrainSetup
+    from estimator.specs import TrainSetup
 
     if model is None and params is None:
         model = DEFAULT_MODEL
@@ -138,16 +138,12 @@ def plan(
         quick_calibration(Console(stderr=True))
         dev, profile, note = resolve_device(device)
     num_tokens = _token_budget(tokens, data, text_field, count_data_tokens)
-    targets = (LINEAR_TARGETS if lora_targets.strip() == "all-linear"
-               else tuple(t.strip() for t in lora_targets.split(",") if t.strip()))
     try:
         base = TrainSetup(seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                          lora_targets=targets, num_tokens=num_tokens,
+                          lora_targets=parse_targets(lora_targets), num_tokens=num_tokens,
                           num_devices=num_devices, num_nodes=nodes, offload=offload)
     except ValueError as exc:
-        errors = getattr(exc, "errors", None)
-        raise SetupError(errors()[0]["msg"].removeprefix("Value error, ") if errors
-                         else str(exc)) from None
+        raise setup_error(exc) from None
     local = device.strip().lower() == "local"
     if local and zero not in (None, "0"):
         raise SetupError("the bundled trainer runs data parallel without sharding (--zero 0, "

@@ -80,6 +80,7 @@ def run(plan_path: PlanArg, output: RunOutputOpt = None, force: ForceOpt = False
 
 def _execute(the_plan, out: Path, console):
     """Train the plan's setup for its steps in `out`, resuming a checkpoint found there."""
+    from estimator.cli.train import _model_dir
     from estimator.executor import checkpoint as ckpt
     from estimator.executor.train import TrainConfig, train_with_config
     from estimator.report.train import TrainProgress
@@ -87,11 +88,10 @@ def _execute(the_plan, out: Path, console):
     resume = bool(ckpt.list_checkpoints(out / ckpt.CHECKPOINTS_DIR))
     if resume:
         console.print(f"resuming the interrupted run in {out}")
-    source = Path(the_plan.model_source)
-    model_path = source if source.is_dir() and any(source.glob("*.safetensors")) else None
     config = TrainConfig(max_steps=the_plan.max_steps, output_dir=out,
                          data=None if the_plan.data is None else Path(the_plan.data),
-                         text_field=the_plan.text_field, model_path=model_path, resume=resume,
+                         text_field=the_plan.text_field,
+                         model_path=_model_dir(the_plan.model_source), resume=resume,
                          device=the_plan.torch_device, seed=the_plan.seed)
     with TrainProgress(console, max_steps=the_plan.max_steps) as bar:
         return train_with_config(the_plan.model, the_plan.setup, config, on_progress=bar.update)

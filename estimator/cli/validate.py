@@ -30,11 +30,12 @@ def validate(suite: SuiteOpt = "quick", workdir: WorkdirOpt = None,
     from estimator.profiles import lookup_profile, save_profile
 
     console = Console(stderr=True)
-    found = lookup_profile(detect())
+    machine = detect()
+    found = lookup_profile(machine)
     profile = found.profile if found else None
     if update_profile and profile is None:
         raise ProfileError("--update-profile needs a calibration profile: run `nvfree calibrate`")
-    device = local_device(detect(), profile)
+    device = local_device(machine, profile)
     cases = V.suite(suite)
     with tempfile.TemporaryDirectory(prefix="nvfree-validate-") as tmp:
         root = workdir or Path(tmp)
