@@ -1,39 +1,74 @@
 """Choose the training plan that fits and finishes soonest (or cheapest).
 
-Pure (no torch). The search space is method × precision × optimizer × checkpointing (× ZeRO
-stage) × micro-batch, with the accumulation that keeps the global batch. For each structural
-choice (everything but the micro-batch) the op list of the analytic model is built at
-(micro-batch, accumulation) = (1, 1), (2, 1) and (1, 2): per-call work is affine in the
-micro-batch at a fixed sequence length (GEMM rows and elementwise work scale with b·s; weight
-casts and the optimizer step do not) and call counts are affine in the accumulation, so every
-micro-batch is timed at once with numpy through the same efficiency curves as `estimate()`.
-Peak memory is memory_breakdown itself per micro-batch (a max of two phases, not affine). The
-best candidates are re-scored with `estimator.api.estimate` and those exact numbers are what the
-plan records; if they differ from the vectorised scores, the whole space is scored exactly.
+Pure (no torch). The search space is method × precision × optimizer × checkpointing × number
+of devices × ZeRO stage × micro-batch, with the accumulation that keeps the global batch. The
+space is scored in arrays, every term taken from the analytic model of `estimate()`:
+
+- Compute time. For each structural choice (method, precision, optimizer, checkpointing) the
+  op list of throughput.timed_ops is built at (micro-batch, accumulation) = (1, 1), (2, 1) and
+  (1, 2): per-call work is affine in the micro-batch b at a fixed sequence length (GEMM rows and
+  elementwise work scale with b·s; weight casts and the optimizer step do not) and call counts
+  are affine in the accumulation a. The three lists do not depend on the number of devices or
+  the ZeRO stage (one rank computes as one device; only a CPU split between ranks changes the
+  rates), so they serve every (N, stage, b, a), and each op class is timed with one numpy call
+  through the same efficiency curves. A structure whose probes disagree (op names, or call
+  counts that change with b: MoE dispatch on a CPU) is scored exactly.
+- Several devices: parallel.compose_throughput's terms per (N, stage): the optimizer step
+  scaled to this rank's shard (parallel.optimizer_share), the host optimizer step of offload,
+  and the collectives of parallel.step_collectives at the same probes (payload affine in b,
+  calls affine in a), each timed by comms.collective_seconds.
+- Peak memory: memory_breakdown's two phases, static + max(forward/backward, optimizer step),
+  from memory.py's own terms (memory_phases): only the forward/backward terms depend on b, and
+  they are evaluated per b, not extrapolated (chunked logits are not affine in b).
+
+The best candidates are re-scored with `estimator.api.estimate` and those exact numbers are what
+the plan records; if they differ from the array scores, the whole space is scored exactly.
 """
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from itertools import product
 
 import numpy as np
 
-from estimator.analytic.efficiency import default_seconds, profile_curve
-from estimator.analytic.memory import memory_breakdown
-from estimator.analytic.parallel import rank_device
+from estimator.analytic import comms as C
+from estimator.analytic.activations import activation_bytes
+from estimator.analytic.efficiency import default_seconds_array, profile_curve
+from estimator.analytic.memory import (
+    HOST_TERMS,
+    check_offload,
+    dequant_transient_bytes,
+    kv_cache_bytes,
+    logits_bytes,
+    memory_breakdown,
+    model_state_terms,
+    runtime_overhead_bytes,
+    step_runtime_bytes,
+)
+from estimator.analytic.parallel import (
+    host_optimizer_op,
+    optimizer_share,
+    rank_device,
+    rank_profile,
+    ranks_per_node,
+    step_collectives,
+)
 from estimator.analytic.params import count_params
 from estimator.analytic.throughput import correction, op_class_key, timed_ops
 from estimator.errors import SetupError
-from estimator.specs import CalibrationProfile, Device, ModelSpec, TrainSetup
+from estimator.specs import CalibrationProfile, Device, ModelSpec, ParamCounts, TrainSetup
 from estimator.specs.plan import Candidate, Objective
 
 Precision = tuple[str, bool]
 """(compute dtype, mixed precision)."""
 
 AFFINE_TOLERANCE = 1e-6
-"""Relative mismatch above which a structure is scored exactly per micro-batch."""
+"""Relative mismatch between an array score and estimate() above which the space is scored
+exactly."""
 SECONDS_PER_HOUR = 3600
+PROBES = ((1, 1), (2, 1), (1, 2))
+"""(micro-batch, accumulation) at which the analytic model is evaluated per structure."""
 
 
 @dataclass(frozen=True)
@@ -54,18 +89,51 @@ class Constraints:
     checkpointing: tuple[bool, ...] = (False, True)
     zero_stages: tuple[int, ...] = (0,)
     """ZeRO stages searched when the setup has several devices (the executor runs 0, DDP)."""
+    device_counts: tuple[int, ...] = ()
+    """Device counts searched (devices_up_to); empty = the setup's num_devices. Counts the
+    global batch or the expert-parallel degree does not divide are skipped."""
     objective: Objective = "time"
     top: int = 5
     """Candidates re-scored exactly and kept in the plan."""
 
 
+@dataclass(frozen=True)
+class Group:
+    """One structural choice at one device count and ZeRO stage, over its micro-batches."""
+
+    setup: TrainSetup
+    """The setup at micro-batch 1 and accumulation 1."""
+    batches: np.ndarray
+    """Micro-batches (sequences)."""
+    accums: np.ndarray
+    """Accumulation of each micro-batch (count)."""
+
+    structure: tuple = ()
+    """What the compute op lists depend on besides (b, a) and the rank device: (method,
+    compute dtype, mixed precision, optimizer, checkpointing)."""
+
+    def __post_init__(self) -> None:
+        s = self.setup
+        object.__setattr__(self, "structure", (s.method, s.compute_dtype, s.mixed_precision,
+                                               s.optimizer, s.checkpointing))
+
+
 @dataclass
 class Scored:
-    """All candidates as parallel arrays (one row per candidate)."""
+    """All candidates as parallel arrays (one row per candidate), by group."""
 
-    setups: list[TrainSetup] = field(default_factory=list)
-    peak_bytes: list[np.ndarray] = field(default_factory=list)
-    step_seconds: list[np.ndarray] = field(default_factory=list)
+    groups: list[Group]
+    group: np.ndarray
+    """Index into `groups` of each candidate."""
+    batch: np.ndarray
+    accum: np.ndarray
+    num_devices: np.ndarray
+    peak_bytes: np.ndarray
+    step_seconds: np.ndarray
+
+    def setup(self, i: int) -> TrainSetup:
+        """The setup of candidate i."""
+        return _at(self.groups[self.group[i]].setup, self.batch[i], self.accum[i])
 
 
 @dataclass(frozen=True)
@@ -78,6 +146,9 @@ class SearchResult:
     memory_limit_bytes: int
     max_steps: int
     search_seconds: float
+
+
+# ------------------------------------------------------------------ the space
 
 
 def device_precisions(device: Device, profile: CalibrationProfile | None) -> list[Precision]:
@@ -94,16 +165,18 @@ def device_precisions(device: Device, profile: CalibrationProfile | None) -> lis
 def structural_setups(base: TrainSetup, precisions: list[Precision],
                       c: Constraints) -> list[TrainSetup]:
     """Every method × precision × optimizer × checkpointing (× ZeRO stage on several
-    devices), at micro-batch 1 (validated)."""
+    devices), at micro-batch 1 (validated once per choice; the stage is a plain copy)."""
     out = []
     stages = c.zero_stages if base.num_devices > 1 else (base.zero_stage,)
-    for method, (dtype, mixed), optim, ckpt, stage in product(
-            c.methods, precisions, c.optimizers, c.checkpointing, stages):
+    for method, (dtype, mixed), optim, ckpt in product(
+            c.methods, precisions, c.optimizers, c.checkpointing):
         bits = 4 if method == "qlora" else (32 if dtype == "fp32" else 16)
         update = {"method": method, "weight_bits": bits, "compute_dtype": dtype,
                   "mixed_precision": mixed, "optimizer": optim, "checkpointing": ckpt,
-                  "zero_stage": stage, "batch_size": 1, "grad_accum": 1}
-        out.append(TrainSetup.model_validate({**base.model_dump(), **update}))
+                  "zero_stage": stages[0], "batch_size": 1, "grad_accum": 1}
+        setup = TrainSetup.model_validate({**base.model_dump(), **update})
+        out += [setup if s == stages[0] else setup.model_copy(update={"zero_stage": s})
+                for s in stages]
     return out
 
 
@@ -116,62 +189,202 @@ def micro_batches(global_batch: int, num_devices: int) -> np.ndarray:
     return np.array([b for b in range(1, per_device + 1) if per_device % b == 0])
 
 
+def devices_up_to(max_devices: int) -> tuple[int, ...]:
+    """The device counts a search up to N tries: 1, 2, 4, … below N, and N."""
+    counts = [2**k for k in range(max_devices.bit_length()) if 2**k < max_devices]
+    return (*counts, max_devices)
+
+
+def nodes_for(base: TrainSetup, num_devices: int) -> int | None:
+    """Nodes for num_devices with the setup's devices per node (fewer devices: one node);
+    None when they do not fill whole nodes."""
+    per_node = base.num_devices // base.num_nodes
+    if num_devices <= per_node:
+        return 1
+    return num_devices // per_node if num_devices % per_node == 0 else None
+
+
+def setups_at_device_counts(base: TrainSetup, c: Constraints) -> list[TrainSetup]:
+    """The base setup at every searched device count that divides the global batch, holds
+    whole expert-parallel groups and fills whole nodes."""
+    if not c.device_counts:
+        micro_batches(c.global_batch, base.num_devices)  # the divisibility error
+        return [base]
+    out = [base.model_copy(update={"num_devices": n, "num_nodes": nodes_for(base, n)})
+           for n in c.device_counts
+           if c.global_batch % n == 0 and n % base.expert_parallel == 0
+           and nodes_for(base, n) is not None]
+    if not out:
+        raise SetupError(f"global batch {c.global_batch} is not divisible by any of "
+                         f"{', '.join(map(str, c.device_counts))} devices")
+    return out
+
+
+def search_space(base: TrainSetup, precisions: list[Precision], c: Constraints) -> list[Group]:
+    """Every structural choice at every device count and ZeRO stage, with its micro-batches."""
+    groups = []
+    for at_n in setups_at_device_counts(base, c):
+        batches = micro_batches(c.global_batch, at_n.num_devices)
+        accums = (c.global_batch // at_n.num_devices) // batches
+        groups += [Group(s, batches, accums) for s in structural_setups(at_n, precisions, c)]
+    return groups
+
+
 def _at(setup: TrainSetup, batch: int, accum: int = 1) -> TrainSetup:
     return setup.model_copy(update={"batch_size": int(batch), "grad_accum": int(accum)})
 
 
+# ------------------------------------------------------------------ peak memory
+
+
+def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
+                  params: ParamCounts) -> tuple[int, int, int, int]:
+    """memory_breakdown's parts that do not depend on the micro-batch, from its own terms:
+    (bytes held all step: weights, states, runtime; forward/backward bytes besides the
+    micro-batch's (ZeRO-3's gathered block); gradient bytes, held through forward/backward
+    when accumulating; the optimizer-step phase: gradients + optimizer transients).
+    Peak = held + batch_bytes.kv + max(batch_bytes.fwd_bwd + gathered + accumulating ·
+    gradients, optimizer phase), exactly memory_breakdown's sum of components."""
+    check_offload(setup, device)
+    state = model_state_terms(model, setup, device, params)
+    for name in HOST_TERMS.get(setup.offload, ()):
+        state.pop(name)
+    grads = state["gradients"]
+    held = (state.get("weights", 0) + state.get("quant_scales", 0)
+            + state.get("master_weights", 0) + state["adapter_weights"]
+            + state.get("optimizer_states", 0) + runtime_overhead_bytes(device, setup)
+            + sum(step_runtime_bytes(setup, device, grads).values()))
+    return held, state["gathered_params"], grads, grads + state.get("optimizer_transient", 0)
+
+
+def batch_bytes(model: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(forward/backward bytes of one micro-batch: activations, logits and loss buffers, the
+    dequantised weight; KV cache) — the memory terms that depend on the micro-batch."""
+    fwd_bwd = (sum(activation_bytes(model, setup).values()) + logits_bytes(model, setup)
+               + dequant_transient_bytes(model, setup))
+    return fwd_bwd, kv_cache_bytes(model, setup)
+
+
 def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
                   batches: np.ndarray, accums: np.ndarray) -> np.ndarray:
-    """Peak bytes per device at each micro-batch, by memory_breakdown itself: the peak is
-    the larger of two phases (forward/backward or optimizer step), so it is not affine in b,
-    and one breakdown costs ~0.1 ms."""
-    params = count_params(model, setup)
-    rank = rank_device(device, setup)
-    return np.array([memory_breakdown(model, _at(setup, b, a), rank, params).total_bytes
-                     for b, a in zip(batches, accums, strict=True)], dtype=float)
+    """Peak bytes per device of one structure at each (b, a): score_groups on one group."""
+    return score_groups(model, [Group(setup, batches, accums)], device, None)[0]
+
+
+# ------------------------------------------------------------------ step time
 
 
 def seconds_per_call(device: Device, profile: CalibrationProfile | None, dtype: str,
                      op_class: str, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     """efficiency.call_seconds over arrays of per-call work: a measured curve interpolated in
     log10(work) (np.interp clamps at the end knots exactly as curve_rate does), else the
-    roofline default call by call."""
+    roofline default (efficiency.default_seconds_array)."""
     curve = profile_curve(profile, op_class, dtype)
     if curve is None:
-        return np.array([default_seconds(device, dtype, op_class, f, b)
-                         for f, b in zip(flops, nbytes, strict=True)])
+        return default_seconds_array(device, dtype, op_class, flops, nbytes)
     work = flops if curve.unit == "flops" else nbytes
     rate = np.interp(np.log10(np.maximum(work, 1.0)), curve.log10_work, curve.rates)
     return curve.overhead_seconds + np.where(work > 0, work / rate, 0.0)
 
 
-def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
-                 profile: CalibrationProfile | None, batches: np.ndarray,
-                 accums: np.ndarray, *, exact: bool = False) -> np.ndarray:
-    """Step time at each (micro-batch b, accumulation a). One device: the op lists of
-    throughput.timed_ops at (b, a) = (1, 1), (2, 1) and (1, 2) give each op's per-call work,
-    affine in b, and its number of calls, affine in a (calls that repeat per micro-batch plus
-    per-step ones such as the optimizer); every (b, a) is then timed with numpy. Several
-    devices (communication, sharded optimizer step), or when `exact`: the exact model per
-    (b, a)."""
-    params = count_params(model, setup)
-    lists = [timed_ops(model, _at(setup, b, a), params, device, profile)
-             for b, a in ((1, 1), (2, 1), (1, 2))]
-    names = [[o.name for o in ops] for ops in lists]
-    same_calls = all(o.num_calls == q.num_calls for o, q in zip(lists[0], lists[1], strict=False))
-    if (exact or setup.num_devices > 1 or setup.offload != "none" or not same_calls
-            or not names[0] == names[1] == names[2]):
-        return np.array([_exact_seconds(model, setup, device, profile, b, a)
-                         for b, a in zip(batches, accums, strict=True)])
-    total = np.zeros(len(batches))
-    for o1, ob, oa in zip(*lists, strict=True):
-        flops = o1.flops_per_call + (ob.flops_per_call - o1.flops_per_call) * (batches - 1)
-        nbytes = o1.bytes_per_call + (ob.bytes_per_call - o1.bytes_per_call) * (batches - 1)
-        calls = o1.num_calls + (oa.num_calls - o1.num_calls) * (accums - 1)
-        fix = correction(profile, op_class_key(o1.op_class, setup.compute_dtype))
-        total += calls * fix * seconds_per_call(device, profile, setup.compute_dtype,
-                                                o1.op_class, flops, nbytes)
-    return total
+@dataclass(frozen=True)
+class OpTable:
+    """throughput.timed_ops at the PROBES as arrays, one row per op: per-call FLOPs and bytes
+    at b = 1 and their increase per sequence of micro-batch; calls at a = 1 and their increase
+    per accumulated micro-batch; correction; whether parallel.device_compute_ops scales the op
+    to the rank's optimizer shard (class 'optimizer…')."""
+
+    rows: dict[str, np.ndarray]
+    """Row indices of each op class."""
+    flops: np.ndarray
+    nbytes: np.ndarray
+    calls: np.ndarray
+    fix: np.ndarray
+    optimizer: np.ndarray
+
+
+def op_table(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: Device,
+             profile: CalibrationProfile | None) -> OpTable | None:
+    """The structure's op lists as an OpTable; None when the probes disagree with the affine
+    form (other op names, calls that change with b, per-call work that changes with a)."""
+    lists = [timed_ops(model, _at(setup, b, a), params, device, profile) for b, a in PROBES]
+    if not [o.name for o in lists[0]] == [o.name for o in lists[1]] == [o.name for o in lists[2]]:
+        return None
+    one, at_b, at_a = (np.array([(o.flops_per_call, o.bytes_per_call, o.num_calls) for o in ops],
+                                dtype=float).reshape(-1, 3) for ops in lists)
+    if (at_b[:, 2] != one[:, 2]).any() or (at_a[:, :2] != one[:, :2]).any():
+        return None
+    classes = [o.op_class for o in lists[0]]
+    rows = {k: np.flatnonzero([c == k for c in classes]) for k in dict.fromkeys(classes)}
+    return OpTable(
+        rows=rows, flops=np.stack([one[:, 0], at_b[:, 0] - one[:, 0]]),
+        nbytes=np.stack([one[:, 1], at_b[:, 1] - one[:, 1]]),
+        calls=np.stack([one[:, 2], at_a[:, 2] - one[:, 2]]),
+        fix=np.array([correction(profile, op_class_key(k, setup.compute_dtype))
+                      for k in classes]),
+        optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
+
+
+def compute_seconds(table: OpTable, device: Device, profile: CalibrationProfile | None,
+                    dtype: str, batches: np.ndarray, accums: np.ndarray,
+                    optimizer_scale: np.ndarray) -> np.ndarray:
+    """Σ_ops calls(a) · correction · seconds_per_call(work(b)) at each candidate, with the
+    optimizer ops × optimizer_scale (the rank's share; 0 when offloaded to the host)."""
+    flops = table.flops[0][:, None] + table.flops[1][:, None] * (batches - 1.0)
+    nbytes = table.nbytes[0][:, None] + table.nbytes[1][:, None] * (batches - 1.0)
+    calls = table.calls[0][:, None] + table.calls[1][:, None] * (accums - 1.0)
+    per_call = np.empty(flops.shape)
+    for op_class, rows in table.rows.items():
+        per_call[rows] = seconds_per_call(device, profile, dtype, op_class, flops[rows],
+                                          nbytes[rows])
+    seconds = calls * table.fix[:, None] * per_call
+    opt = table.optimizer
+    return seconds[~opt].sum(axis=0) + seconds[opt].sum(axis=0) * optimizer_scale
+
+
+@dataclass(frozen=True)
+class CommTerms:
+    """A group's communication (and offloaded host optimizer step) in affine form:
+    seconds = fixed + per_micro_batch · (a − 1) (+ grows, per candidate, for payloads that
+    grow with b: MoE all-to-all)."""
+
+    fixed: float
+    per_micro_batch: float
+    grows: np.ndarray | None = None
+
+
+def comm_terms(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
+               profile: CalibrationProfile | None, batches: np.ndarray,
+               accums: np.ndarray) -> CommTerms | None:
+    """parallel.communication_ops's collectives and host_optimizer_op over (b, a):
+    parallel.step_collectives at the PROBES gives each collective's payload (affine in b: MoE
+    all-to-all) and calls (affine in a: per-micro-batch ZeRO-2/3 collectives); one call of each
+    distinct payload is timed by comms.collective_seconds. None when the probes disagree with
+    that form."""
+    lists = [step_collectives(model, _at(setup, b, a), params) for b, a in PROBES]
+    fixed = sum(op.seconds for op in host_optimizer_op(model, setup, params))
+    if not any(lists):
+        return CommTerms(fixed, 0.0)
+    if not [c.name for c in lists[0]] == [c.name for c in lists[1]] == [c.name for c in lists[2]]:
+        return None
+    links, curve = C.links_for(device, setup), C.all_reduce_curve(device, profile)
+    per_micro_batch, grows = 0.0, None
+    for one, at_b, at_a in zip(*lists, strict=True):
+        if at_b.num_calls != one.num_calls or at_a.num_bytes != one.num_bytes:
+            return None
+        extra_calls = at_a.num_calls - one.num_calls
+        if at_b.num_bytes == one.num_bytes:  # the payload does not grow with b
+            each = C.collective_seconds(replace(one, num_calls=1), links, curve)
+            fixed += one.num_calls * each
+            per_micro_batch += extra_calls * each
+            continue
+        payload = one.num_bytes + (at_b.num_bytes - one.num_bytes) * (batches - 1.0)
+        values, inverse = np.unique(payload, return_inverse=True)
+        each = np.array([C.collective_seconds(replace(one, num_bytes=float(v), num_calls=1),
+                                              links, curve) for v in values])[inverse]
+        grows = (0.0 if grows is None else grows) + (
+            one.num_calls + extra_calls * (accums - 1.0)) * each
+    return CommTerms(fixed, per_micro_batch, grows)
 
 
 def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
@@ -181,20 +394,115 @@ def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
     return step_throughput(model, _at(setup, batch, accum), device, profile).step_seconds
 
 
+def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
+                 profile: CalibrationProfile | None, batches: np.ndarray,
+                 accums: np.ndarray, *, exact: bool = False) -> np.ndarray:
+    """Step time of one structure at each (micro-batch b, accumulation a): score_groups on
+    one group."""
+    return score_groups(model, [Group(setup, batches, accums)], device, profile,
+                        exact=exact)[1]
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def score_groups(model: ModelSpec, groups: list[Group], device: Device,
+                 profile: CalibrationProfile | None, *,
+                 exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(peak bytes, step seconds) of every candidate of the groups, in order. Per structure
+    and rank device one OpTable, timed for all its groups' candidates at once; per structure
+    and micro-batch batch_bytes; per group memory_phases, comm_terms and the rank's optimizer
+    share, combined over all candidates in arrays. A group whose probes disagree with the
+    affine forms (or every group, with `exact`) is scored by the analytic model per
+    candidate."""
+    sizes = np.array([len(g.batches) for g in groups], dtype=int)
+    gi = np.repeat(np.arange(len(groups)), sizes)
+    batches = np.concatenate([g.batches for g in groups])
+    accums = np.concatenate([g.accums for g in groups]).astype(float)
+    if exact:
+        return _exact_scores(model, groups, device, profile)
+    params: dict[str, ParamCounts] = {}
+    per_batch: dict[tuple, tuple[int, int]] = {}
+    tables: dict[tuple, tuple] = {}
+    phases, comm, members, fallback = [], [], {}, {}
+    for i, g in enumerate(groups):
+        s = g.setup
+        if s.method not in params:
+            params[s.method] = count_params(model, s)
+        p, rank = params[s.method], rank_device(device, s)
+        for b in g.batches.tolist():
+            if (g.structure, b) not in per_batch:
+                per_batch[g.structure, b] = batch_bytes(model, _at(s, b))
+        phases.append(memory_phases(model, s, rank, p))
+        key = (g.structure, None if rank is device else ranks_per_node(s))
+        if key not in tables:
+            rprofile = rank_profile(profile, device, s)
+            tables[key] = (op_table(model, s, p, rank, rprofile), rank, rprofile)
+        terms = comm_terms(model, s, rank, p, profile, g.batches, g.accums)
+        if tables[key][0] is None or terms is None:
+            fallback[i] = _exact_steps(model, g, device, profile)
+            terms = CommTerms(0.0, 0.0)
+        else:
+            scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p)
+            members.setdefault(key, []).append((i, scale))
+        comm.append(terms)
+    rows = np.array([per_batch[g.structure, b] for g in groups for b in g.batches.tolist()],
+                    dtype=float).reshape(-1, 2)
+    held, gathered, grads, optimizer_phase = np.array(phases, dtype=float).T
+    forward = rows[:, 0] + gathered[gi] + np.where(accums > 1, grads[gi], 0.0)
+    peak = held[gi] + rows[:, 1] + np.maximum(forward, optimizer_phase[gi])
+    fixed, per_micro = np.array([(t.fixed, t.per_micro_batch) for t in comm], dtype=float).T
+    step = fixed[gi] + per_micro[gi] * (accums - 1.0)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    for i, t in enumerate(comm):
+        if t.grows is not None:
+            step[starts[i]:starts[i + 1]] += t.grows
+    for key, group_scales in members.items():
+        table, rank, rprofile = tables[key]
+        at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, _ in group_scales])
+        scale = np.repeat([sc for _, sc in group_scales], [sizes[i] for i, _ in group_scales])
+        step[at] += compute_seconds(table, rank, rprofile, groups[group_scales[0][0]].setup
+                                    .compute_dtype, batches[at], accums[at], scale)
+    for i, seconds in fallback.items():
+        step[starts[i]:starts[i + 1]] = seconds
+    return peak, step
+
+
+def _exact_scores(model: ModelSpec, groups: list[Group], device: Device,
+                  profile: CalibrationProfile | None) -> tuple[np.ndarray, np.ndarray]:
+    """(peak bytes, step seconds) by memory_breakdown and step_throughput per candidate."""
+    peak, step = [], []
+    for g in groups:
+        s = g.setup
+        rank, p = rank_device(device, s), count_params(model, s)
+        peak += [memory_breakdown(model, _at(s, b, a), rank, p).total_bytes
+                 for b, a in zip(g.batches, g.accums, strict=True)]
+        step.append(_exact_steps(model, g, device, profile))
+    return np.array(peak, dtype=float), np.concatenate(step)
+
+
+def _exact_steps(model: ModelSpec, g: Group, device: Device,
+                 profile: CalibrationProfile | None) -> np.ndarray:
+    return np.array([_exact_seconds(model, g.setup, device, profile, b, a)
+                     for b, a in zip(g.batches, g.accums, strict=True)])
+
+
 def score(model: ModelSpec, base: TrainSetup, device: Device,
           profile: CalibrationProfile | None, c: Constraints, *, exact: bool = False) -> Scored:
-    """Memory and step time of every candidate, vectorised over the micro-batch (or
-    evaluated one by one when `exact`)."""
+    """Memory and step time of every candidate of the space, in arrays (or evaluated one by
+    one when `exact`)."""
     precisions = list(c.precisions) or device_precisions(device, profile)
-    batches = micro_batches(c.global_batch, base.num_devices)
-    accums = (c.global_batch // base.num_devices) // batches
-    scored = Scored()
-    for setup in structural_setups(base, precisions, c):
-        scored.setups += [_at(setup, b, a) for b, a in zip(batches, accums, strict=True)]
-        scored.peak_bytes.append(memory_totals(model, setup, device, batches, accums))
-        scored.step_seconds.append(step_seconds(model, setup, device, profile, batches, accums,
-                                                exact=exact))
-    return scored
+    groups = search_space(base, precisions, c)
+    peak, step = score_groups(model, groups, device, profile, exact=exact)
+    sizes = [len(g.batches) for g in groups]
+    return Scored(groups=groups, group=np.repeat(np.arange(len(groups)), sizes),
+                  batch=np.concatenate([g.batches for g in groups]),
+                  accum=np.concatenate([g.accums for g in groups]),
+                  num_devices=np.repeat([g.setup.num_devices for g in groups], sizes),
+                  peak_bytes=peak, step_seconds=step)
+
+
+# ------------------------------------------------------------------ ranking
 
 
 def num_steps(num_tokens: int, global_batch: int, seq_len: int) -> int:
@@ -210,7 +518,7 @@ def search(model: ModelSpec, base: TrainSetup, device: Device,
         raise SetupError("the planner needs a token budget (--tokens, or --data to count)")
     started = time.perf_counter()
     result = _search(model, base, device, profile, c, exact=False)
-    if not result[1]:  # the affine scores disagreed with estimate(): score exactly
+    if not result[1]:  # the array scores disagreed with estimate(): score exactly
         result = _search(model, base, device, profile, c, exact=True)
     candidates, _, num_candidates, num_fitting, limit, steps = result
     return SearchResult(candidates=candidates, num_candidates=num_candidates,
@@ -223,28 +531,28 @@ def _search(model: ModelSpec, base: TrainSetup, device: Device,
     """(ranked exact candidates, whether the scores of the top ones equal estimate(),
     number scored, number fitting, memory limit, steps)."""
     scored = score(model, base, device, profile, c, exact=exact)
-    peak = np.concatenate(scored.peak_bytes)
-    step = np.concatenate(scored.step_seconds)
+    peak, step = scored.peak_bytes, scored.step_seconds
     steps = num_steps(base.num_tokens, c.global_batch, base.seq_len)
     limit = c.memory_limit_bytes or _capacity(model, base, device)
     total = step * steps
-    cost = _cost(total, device, base.num_devices)
+    cost = _cost(total, device, scored.num_devices)
     ok = (peak <= limit) & _within(total, c.max_seconds) & _within(cost, c.max_cost_usd)
     key = cost if c.objective == "cost" and device.price_per_hour_usd is not None else total
     order = np.lexsort((peak, key, ~ok))[: c.top]
-    rows = _exact(model, [scored.setups[i] for i in order], device, profile, steps, limit)
+    rows = _exact(model, [scored.setup(i) for i in order], device, profile, steps, limit)
     agree = all(abs(r.step_seconds - step[i]) <= AFFINE_TOLERANCE * step[i]
                 and abs(r.peak_bytes - peak[i]) <= 1 for r, i in zip(rows, order, strict=True))
     rows.sort(key=lambda r: (not _meets(r, c, limit), _key(r, c), r.peak_bytes))
     ranked = [replace_verdict(r, rows[0], c, limit) for r in rows]
-    return ranked, agree, len(scored.setups), int((peak <= limit).sum()), limit, steps
+    return ranked, agree, len(peak), int((peak <= limit).sum()), limit, steps
 
 
 def _within(values: np.ndarray, limit: float | None) -> np.ndarray:
     return np.ones(len(values), bool) if limit is None else values <= limit
 
 
-def _cost(total_seconds: np.ndarray, device: Device, num_devices: int) -> np.ndarray:
+def _cost(total_seconds: np.ndarray, device: Device, num_devices) -> np.ndarray:
+    """USD of each candidate: hours × price × devices (NaN without a price)."""
     price = device.price_per_hour_usd
     if price is None:
         return np.full(len(total_seconds), np.nan)
@@ -304,4 +612,4 @@ def plan_setup(candidate: Candidate, num_tokens: int) -> TrainSetup:
     return candidate.setup.model_copy(update={"num_tokens": num_tokens})
 
 
-__all__ = ["Constraints", "SearchResult", "plan_setup", "search"]
+__all__ = ["Constraints", "SearchResult", "devices_up_to", "plan_setup", "search"]

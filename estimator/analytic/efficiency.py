@@ -76,6 +76,22 @@ def default_seconds(device: Device, dtype: str, op_class: str, flops: float,
     return DEFAULT_OVERHEAD_SECONDS[device.kind] + max(compute, memory)
 
 
+def default_seconds_array(device: Device, dtype: str, op_class: str, flops, num_bytes):
+    """default_seconds elementwise over numpy arrays of per-call FLOPs and bytes (the planner
+    times thousands of calls at once): the same rates (default_flops_rate, default_bytes_rate,
+    which take arrays as they are) and the same roofline, overhead + max(compute, memory),
+    zero work taking no time. numpy is imported here, not with the module: `nvfree estimate`
+    never needs it."""
+    import numpy as np
+
+    flops, num_bytes = np.asarray(flops, dtype=float), np.asarray(num_bytes, dtype=float)
+    compute, memory = np.zeros(flops.shape), np.zeros(num_bytes.shape)
+    busy, moved = flops > 0, num_bytes > 0
+    compute[busy] = flops[busy] / default_flops_rate(device, dtype, op_class, flops[busy])
+    memory[moved] = num_bytes[moved] / default_bytes_rate(device, num_bytes[moved])
+    return DEFAULT_OVERHEAD_SECONDS[device.kind] + np.maximum(compute, memory)
+
+
 FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory", "matmul_cold": "matmul",
                   "dispatch.autograd": "dispatch", "optimizer.adamw8bit": "optimizer"}
 """A class a profile may lack (older profiles, quick runs) and the class measured instead."""

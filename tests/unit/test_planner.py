@@ -1,5 +1,8 @@
-"""The planner: the vectorised scoring equals the analytic model exactly; ranking, limits and
-verdicts."""
+"""The planner: the array scoring equals the analytic model exactly (one device, several
+devices and nodes, ZeRO stages, offload, expert parallelism, a CPU split between ranks,
+calibrated or not); the device-count axis; ranking, limits and verdicts."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,10 +13,17 @@ from estimator.catalog import load_device
 from estimator.errors import SetupError
 from estimator.planner import (
     Constraints,
+    _exact_scores,
     _exact_seconds,
+    _search,
+    devices_up_to,
     memory_totals,
     micro_batches,
+    nodes_for,
+    score_groups,
     search,
+    search_space,
+    setups_at_device_counts,
     step_seconds,
     structural_setups,
 )
@@ -122,3 +132,92 @@ def test_corrections_scale_only_their_class(tiny_dense: ModelSpec) -> None:
     factor = {"matmul.bf16": 1.3, "memory": 0.9}
     for c, p in zip(corrected, plain, strict=True):
         assert c.seconds == pytest.approx(p.seconds * factor.get(p.op_class, 1.0))
+
+
+SMALL = Constraints(global_batch=8, precisions=(("fp32", False), ("bf16", True)),
+                    zero_stages=(0, 1, 2, 3))
+
+
+def assert_scores_exact(model: ModelSpec, base: TrainSetup, device_name: str,
+                        prof: CalibrationProfile | None, c: Constraints) -> int:
+    """score_groups over the whole space equals memory_breakdown and step_throughput per
+    candidate; returns the number of candidates compared."""
+    device = load_device(device_name)
+    groups = search_space(base, list(c.precisions), c)
+    peak, seconds = score_groups(model, groups, device, prof)
+    exact_peak, exact_seconds = _exact_scores(model, groups, device, prof)
+    np.testing.assert_allclose(seconds, exact_seconds, rtol=1e-9)
+    np.testing.assert_allclose(peak, exact_peak, rtol=1e-12)
+    return len(peak)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_scores_equal_the_analytic_model_over_devices_and_zero_stages(
+        tiny_dense: ModelSpec, calibrated: bool) -> None:
+    base = TrainSetup(seq_len=64, num_devices=16, num_nodes=2)  # 8 per node: 16 spans nodes
+    c = replace(SMALL, device_counts=(1, 2, 8, 16))
+    count = assert_scores_exact(tiny_dense, base, "mi300x", profile() if calibrated else None, c)
+    # structures × (N = 1: 4 micro-batches + 4 stages × (N = 2: 3 + N = 8: 1)); 16 ∤ 8: skipped
+    assert count == 3 * 2 * 2 * 2 * (4 + 4 * (3 + 1))
+
+
+@pytest.mark.parametrize("offload,stage", [("optimizer", 1), ("optimizer_and_params", 3)])
+def test_scores_equal_the_analytic_model_with_offload(tiny_dense: ModelSpec, offload: str,
+                                                      stage: int) -> None:
+    base = TrainSetup(seq_len=64, num_devices=4, offload=offload)
+    assert_scores_exact(tiny_dense, base, "h100-sxm", None,
+                        replace(SMALL, zero_stages=(stage,), device_counts=(2, 4)))
+
+
+def test_scores_equal_the_analytic_model_moe_expert_parallel(tiny_moe: ModelSpec) -> None:
+    base = TrainSetup(seq_len=64, num_devices=4, expert_parallel=2)
+    assert_scores_exact(tiny_moe, base, "mi300x", profile(),
+                        replace(SMALL, methods=("full", "lora"), device_counts=(1, 2, 4)))
+
+
+def test_scores_equal_the_analytic_model_cpu_ranks_sharing_a_machine(
+        tiny_dense: ModelSpec) -> None:
+    base = TrainSetup(seq_len=64, num_devices=2)  # two processes split one CPU machine
+    assert_scores_exact(tiny_dense, base, "xeon-platinum-8480plus", profile(),
+                        replace(SMALL, methods=("lora",), zero_stages=(0,)))
+
+
+def test_device_count_axis() -> None:
+    assert devices_up_to(1) == (1,)
+    assert devices_up_to(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert devices_up_to(6) == (1, 2, 4, 6)
+    base = TrainSetup(num_devices=64, num_nodes=8)
+    assert [nodes_for(base, n) for n in (1, 8, 16, 12)] == [1, 1, 2, None]
+    at = setups_at_device_counts(base, Constraints(global_batch=48,
+                                                   device_counts=(1, 2, 12, 16, 64)))
+    assert [(s.num_devices, s.num_nodes) for s in at] == [(1, 1), (2, 1), (16, 2)]
+    with pytest.raises(SetupError, match="not divisible by any"):
+        setups_at_device_counts(base, Constraints(global_batch=3, device_counts=(2, 4)))
+
+
+def test_search_over_device_counts_agrees_with_estimate(tiny_dense: ModelSpec) -> None:
+    device = load_device("mi300x")
+    base = TrainSetup(seq_len=64, num_tokens=10**6, num_devices=8)
+    c = Constraints(global_batch=16, zero_stages=(0, 3), device_counts=devices_up_to(8),
+                    objective="cost", top=8)
+    ranked, agree, num_candidates, *_ = _search(tiny_dense, base, device, None, c, exact=False)
+    assert agree  # the array scores of the best 8 equal estimate()
+    assert num_candidates == 36 * (5 + 2 * (4 + 3 + 2))  # N = 1 | 2, 4, 8 × stages 0, 3
+    assert ranked[0].verdict == "chosen: cheapest that fits"
+    assert all(ranked[0].cost_usd <= r.cost_usd for r in ranked[1:] if r.fits)
+    assert ranked[0].setup.num_devices == 1  # cost: one device idles least
+    fastest = search(tiny_dense, base, device, None, replace(c, objective="time"))
+    assert fastest.candidates[0].setup.num_devices > 1  # time: several devices, sooner
+    assert fastest.candidates[0].total_seconds <= min(r.total_seconds for r in ranked)
+
+
+def test_default_seconds_array_equals_the_scalar_roofline() -> None:
+    from estimator.analytic.efficiency import default_seconds, default_seconds_array
+
+    device = load_device("xeon-platinum-8480plus")
+    flops = np.array([0.0, 1.0, 3e5, 2e7, 4e12, 0.0])
+    nbytes = np.array([0.0, 7e3, 0.0, 2e5, 1e9, 5e10])
+    for op_class in ("matmul", "attention", "elementwise"):
+        scalar = [default_seconds(device, "bf16", op_class, f, b)
+                  for f, b in zip(flops, nbytes, strict=True)]
+        assert list(default_seconds_array(device, "bf16", op_class, flops, nbytes)) == scalar
