@@ -60,6 +60,23 @@ the code pages of the backward and optimizer kernels. measured (VmRSS after the 
 heap trimmed, minus weights + optimizer states): 26 MiB (8-layer fp32 full fine-tune),
 49 MiB (smollm2-135m bf16 LoRA); benchmarks/memory_table.py."""
 
+EXPERT_ROW_GRANULE = 32
+"""Row multiple of the executor's expert GEMMs on CPU with 16-bit matmuls (executor/model.py
+MoE): oneDNN compiles and caches one kernel ("primitive") per GEMM shape, and the tokens an
+expert receives change every step, so plain experts' rows are cut into 32·k + r rows and
+LoRA-adapted experts' rows are padded up to a multiple of 32 (one call per expert: an adapted
+linear casts or dequantises its weights on every call)."""
+EXPERT_PRIMITIVE_BYTES = 384 * 1024
+PRIMITIVES_PER_ADAPTED_SHAPE = 8
+PRIMITIVE_CACHE_CAPACITY = 1024
+"""Primitives of adapted experts' GEMMs: per padded row count and distinct (in, out) expert
+linear shape, 8 GEMMs (base forward and input gradient, LoRA A and B forward, their input
+gradients and weight gradients), each a cached oneDNN primitive of ~0.37 MiB; oneDNN keeps at
+most 1024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY's default). measured: validate's tiny-moe LoRA bf16
+(b·s = 512, granule 32) created 270 primitives in 6 steps (ONEDNN_VERBOSE=all, create:cache_miss
+lines), 16 per row count for every one of the 16 row counts 32…512; its peak was 779 MiB with
+the default cache and 679 MiB with ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 (100 MiB / 270)."""
+
 ALLOCATOR_RETENTION_BYTES = 35 * 1024**2
 GRADIENT_RETENTION_FRACTION = 0.3
 """glibc keeps what a step frees resident in its heap (every tensor under the dynamic mmap
@@ -323,6 +340,33 @@ def training_data_bytes(device: Device, setup: TrainSetup | None) -> int:
     return TRAINING_DATA_BYTES
 
 
+def pads_expert_rows(model: ModelSpec, setup: TrainSetup, backend: str) -> bool:
+    """Whether the executor pads expert token groups to EXPERT_ROW_GRANULE rows: CPU, 16-bit
+    matmuls, LoRA on at least one routed expert linear."""
+    if backend != "cpu" or model.moe is None or setup.compute_dtype not in ("bf16", "fp16"):
+        return False
+    return setup.trains_adapters and any(
+        lin.routed and lin.name in setup.lora_targets
+        for linears, _ in layer_groups(model, routed_all=False) for lin in linears)
+
+
+def expert_kernel_cache_bytes(model: ModelSpec, setup: TrainSetup, backend: str) -> int:
+    """oneDNN primitives of padded adapted-expert GEMMs (CPU): an expert can receive 1 … b·s
+    tokens, so up to ⌈b·s / 32⌉ padded row counts × distinct adapted expert shapes × 8 GEMMs,
+    at most the cache's 1024 entries, × 0.37 MiB (EXPERT_PRIMITIVE_BYTES). The upper bound is
+    the prediction: with a skewed router every row count appeared within 6 steps (measured);
+    a balanced router visits fewer."""
+    if not pads_expert_rows(model, setup, backend):
+        return 0
+    shapes = {(lin.in_features, lin.out_features)
+              for linears, _ in layer_groups(model, routed_all=False) for lin in linears
+              if lin.routed and lin.name in setup.lora_targets}
+    row_counts = math.ceil(setup.batch_size * setup.seq_len / EXPERT_ROW_GRANULE)
+    primitives = min(row_counts * len(shapes) * PRIMITIVES_PER_ADAPTED_SHAPE,
+                     PRIMITIVE_CACHE_CAPACITY)
+    return primitives * EXPERT_PRIMITIVE_BYTES
+
+
 def step_runtime_bytes(setup: TrainSetup, device: Device, gradient_bytes: int) -> dict[str, int]:
     """Host memory of a training step that is no tensor of the model (CPU only; an
     accelerator's allocator statistics do not see it): kernel caches the first step leaves
@@ -531,6 +575,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
         "kv_cache": kv_cache_bytes(model, setup),
         "runtime_overhead": runtime_overhead_bytes(device, setup),
         **step_runtime_bytes(setup, device, grads),
+        "expert_kernel_caches": expert_kernel_cache_bytes(model, setup, device.backend),
     }
     notes = {"peak_phase": "optimizer step" if peak_in_opt else "start of backward"}
     notes.update(sharding_notes(setup))

@@ -11,6 +11,7 @@ from estimator.analytic.memory import (
     autocasting,
     block_linear_params,
     gradient_bytes,
+    pads_expert_rows,
     quantized_linear_params,
 )
 from estimator.analytic.params import layer_groups
@@ -49,10 +50,13 @@ def num_trainable_tensors(model: ModelSpec, setup: TrainSetup) -> int:
     return max(1, round(per_layer + extra))
 
 
-def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> list[F.Op]:
-    """All ops of one optimizer step (grad_accum micro-batches + one optimizer step)."""
-    micro = [*F.block_linear_ops(model, setup), *F.attention_core_ops(model, setup),
-             *F.elementwise_ops(model, setup), *F.head_ops(model, setup)]
+def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
+             pad_experts: bool = False) -> list[F.Op]:
+    """All ops of one optimizer step (grad_accum micro-batches + one optimizer step);
+    `pad_experts` as in flops.block_linear_ops."""
+    micro = [*F.block_linear_ops(model, setup, pad_experts=pad_experts),
+             *F.attention_core_ops(model, setup), *F.elementwise_ops(model, setup),
+             *F.head_ops(model, setup)]
     if setup.weight_bits <= 8:
         micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)
@@ -80,7 +84,8 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     `matmul_cold` curve when the weight set exceeds the private cache (efficiency.cold_gemms),
     and, on a CPU, the framework's per-op dispatch/autograd cost (flops.dispatch_ops). On an
     accelerator the host-side dispatch overlaps the asynchronous kernels and is left out."""
-    ops = step_ops(model, setup, params)
+    ops = step_ops(model, setup, params,
+                   pad_experts=pads_expert_rows(model, setup, device.backend))
     if cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup)):
         ops = [replace(op, op_class="matmul_cold")
                if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from estimator.analytic.memory import EXPERT_ROW_GRANULE
 from estimator.errors import SetupError
 from estimator.specs.model import ModelSpec
 
@@ -264,33 +265,34 @@ class MoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        N = x_ND.shape[0]
         probs_NE = F.softmax(self.gate(x_ND), dim=-1, dtype=torch.float32)
         weight_NA, expert_NA = probs_NE.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weight_NA = weight_NA / weight_NA.sum(dim=-1, keepdim=True)
         order_M = expert_NA.flatten().argsort(stable=True)  # M = N·A (token, slot) pairs
-        token_M = order_M // self.top_k
+        token_M, weight_M = order_M // self.top_k, weight_NA.flatten()[order_M]
         counts = torch.bincount(expert_NA.flatten(), minlength=len(self.experts)).tolist()
-        cut = _reuses_shapes(x_ND) and not self._experts_adapted()
-        pieces = _expert_pieces(counts, whole_rows=ROW_GRANULE if cut else 0)
+        granule = EXPERT_ROW_GRANULE if _reuses_shapes(x_ND) else 0
+        if granule and self._experts_adapted():  # one call per expert, rows padded
+            token_M, weight_M, counts = _pad_groups(token_M, weight_M, counts, granule, N)
+            x_ND = torch.cat([x_ND, x_ND.new_zeros(1, x_ND.shape[1])])
+            granule = 0
+        pieces = _expert_pieces(counts, whole_rows=granule)
         xs_MD = x_ND.index_select(0, token_M)
         outs = [self.experts[e](x_mD)
                 for e, x_mD in zip(pieces[0], xs_MD.split(pieces[1]), strict=True)]
-        ys_MD = torch.cat(outs) * weight_NA.flatten()[order_M, None].to(x_ND.dtype)
-        out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD)
+        ys_MD = torch.cat(outs) * weight_M[:, None].to(x_ND.dtype)
+        out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD)[:N]
         if self.shared_experts is not None:
-            out_ND = out_ND + self.shared_experts(x_ND)
+            out_ND = out_ND + self.shared_experts(x_ND[:N])
         return out_ND.view_as(x_BTD)
 
     def _experts_adapted(self) -> bool:
-        """Whether LoRA wraps expert linears: each call of an adapted linear keeps its own
-        copy of the adapter weight for backward, so their rows stay whole (one call each)."""
+        """Whether LoRA wraps expert linears: an adapted linear casts (LoRA) or dequantises
+        (QLoRA) its weights on every call, so its rows are padded into one call per expert
+        (_pad_groups) instead of being cut into two."""
         return any(hasattr(m, "lora_A") for m in self.experts.modules())
-
-
-ROW_GRANULE = 32
-"""Expert row groups are cut into a multiple of this many rows plus a remainder (see
-_reuses_shapes)."""
 
 
 def _reuses_shapes(x: torch.Tensor) -> bool:
@@ -298,11 +300,28 @@ def _reuses_shapes(x: torch.Tensor) -> bool:
     matmul shape; per-expert token counts change every step, so each step would create hundreds
     of new primitives (~0.5 MiB of heap each), the 1024-entry cache would keep ~0.7 GiB of them,
     and the heap fragments (measured: docs/executor.md, MoE full bf16). Cutting each expert's rows
-    into 32·k + r rows leaves few distinct shapes. fp32 CPU matmuls (MKL/BLAS) and GPU kernels
-    keep nothing per shape, so they run each expert's rows whole (as do LoRA-adapted experts:
-    MoE._experts_adapted)."""
+    into 32·k + r rows (or padding them to 32·k rows for LoRA-adapted experts:
+    MoE._experts_adapted) leaves few distinct shapes. fp32 CPU matmuls (MKL/BLAS) and GPU
+    kernels keep nothing per shape, so they run each expert's rows whole."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     return x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _pad_groups(token_M: torch.Tensor, weight_M: torch.Tensor, counts: list[int],
+                granule: int, pad_token: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Pad each expert's group of rows (sorted by expert) up to a multiple of ``granule``: pad
+    rows read token ``pad_token`` (a zero row appended to the input) with weight 0, so they
+    add nothing to the output or to any gradient. Returns the padded (token, weight, counts)."""
+    padded = [-(-c // granule) * granule for c in counts]
+    count_E = torch.tensor(counts, device=token_M.device)
+    padded_E = torch.tensor(padded, device=token_M.device)
+    shift_E = (padded_E.cumsum(0) - padded_E) - (count_E.cumsum(0) - count_E)  # group starts
+    expert_M = torch.repeat_interleave(torch.arange(len(counts), device=token_M.device), count_E)
+    dest_M = torch.arange(len(token_M), device=token_M.device) + shift_E[expert_M]
+    total = sum(padded)
+    token_P = token_M.new_full((total,), pad_token).scatter(0, dest_M, token_M)
+    weight_P = weight_M.new_zeros(total).scatter(0, dest_M, weight_M)
+    return token_P, weight_P, padded
 
 
 def _expert_pieces(counts: list[int], whole_rows: int) -> tuple[list[int], list[int]]:

@@ -249,3 +249,43 @@ def test_bf16_moe_cut_expert_groups_match_whole_groups(monkeypatch):
     torch.testing.assert_close(cut_loss, loss, atol=1e-2, rtol=1e-2)
     for a, b in zip(cut_grads, grads, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()) + 1e-6, rtol=0)
+
+
+def test_pad_groups_places_each_expert_group_at_a_multiple_of_the_granule():
+    from estimator.executor.model import _pad_groups
+
+    counts = [5, 0, 3]
+    token_M = torch.tensor([7, 1, 2, 3, 4, 0, 5, 6])
+    weight_M = torch.arange(1.0, 9.0)
+    token_P, weight_P, padded = _pad_groups(token_M, weight_M, counts, granule=4, pad_token=99)
+    assert padded == [8, 0, 4]
+    assert token_P.tolist() == [7, 1, 2, 3, 4, 99, 99, 99, 0, 5, 6, 99]
+    assert weight_P.tolist() == [1, 2, 3, 4, 5, 0, 0, 0, 6, 7, 8, 0]
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_padded_adapted_experts_match_whole_groups(monkeypatch, shared: int):
+    """Padding LoRA-adapted experts' rows to multiples of 32 (CPU, 16-bit: one kernel per
+    shape) computes the same function: pad rows read a zero row with weight 0. Forced on in
+    fp32, loss and every LoRA gradient equal the unpadded run's to fp32 rounding."""
+    import estimator.executor.model as model_module
+
+    torch.manual_seed(0)
+    moe = MOE.model_copy(update={"num_shared_experts": shared})
+    model = build_model(spec(moe=moe), dtype=torch.float32)
+    apply_lora(model, rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj", "q_proj"))
+    for name, p in model.named_parameters():  # B = 0 at init: give the adapters weight
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    tokens = torch.randint(0, BASE["vocab_size"], (3, 50))
+    results = []
+    for pad in (True, False):
+        monkeypatch.setattr(model_module, "_reuses_shapes", lambda x, pad=pad: pad)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(tokens, tokens)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (pad_loss, pad_grads), (loss, grads) = results
+    torch.testing.assert_close(pad_loss, loss)
+    for a, b in zip(pad_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -58,3 +58,17 @@ def test_moe_layers_add_routing_bytes():
     tokens = setup.batch_size * setup.seq_len
     expected = ((per_hk + per_hk_b) * 576 * 2 + (per_h + per_h_b) * 576) * 4 * tokens
     assert routing == pytest.approx(expected)
+
+
+def test_padded_expert_rows(tiny_moe: ModelSpec) -> None:
+    """With pad_experts every routed GEMM covers b·s·k/E + (32 − 1)/2 rows per expert call
+    (memory.pads_expert_rows); dense and attention GEMMs are unchanged."""
+    from estimator.analytic.flops import block_linear_ops
+
+    setup = TrainSetup(method="lora", weight_bits=16, compute_dtype="bf16", batch_size=2,
+                       seq_len=64)
+    plain = block_linear_ops(tiny_moe, setup)
+    padded = block_linear_ops(tiny_moe, setup, pad_experts=True)
+    rows = 2 * 64 * 2 / 4
+    ratios = {round(b.flops / a.flops, 6) for a, b in zip(plain, padded, strict=True)}
+    assert ratios == {1.0, round((rows + 15.5) / rows, 6)}

@@ -145,3 +145,26 @@ def test_cpu_process_baseline_terms(tiny_dense: ModelSpec) -> None:
     mem_infer = M.memory_breakdown(tiny_dense, infer, cpu, p_infer).components
     assert mem_infer["runtime_overhead"] == mem["runtime_overhead"] - M.TRAINING_DATA_BYTES
     assert mem_infer["allocator_retention"] == 0
+
+
+def test_adapted_expert_kernel_cache(tiny_moe: ModelSpec, tiny_dense: ModelSpec) -> None:
+    """CPU, 16-bit, LoRA on experts: ⌈b·s / 32⌉ padded row counts × distinct expert linear
+    shapes (gate/up: D→I, down: I→D) × 8 GEMMs, at most 1024 primitives; nothing for fp32,
+    full fine-tunes, attention-only LoRA, dense models or accelerators."""
+    cpu = load_device("xeon-platinum-8480plus")
+    lora = {"method": "lora", "weight_bits": 16, "compute_dtype": "bf16", "batch_size": 2,
+            "seq_len": 100}
+    s, _ = terms(tiny_moe, **lora)
+    assert M.expert_kernel_cache_bytes(tiny_moe, s, "cpu") == 7 * 2 * 8 * M.EXPERT_PRIMITIVE_BYTES
+    big, _ = terms(tiny_moe, **{**lora, "seq_len": 4096})
+    assert M.expert_kernel_cache_bytes(tiny_moe, big, "cpu") == 1024 * M.EXPERT_PRIMITIVE_BYTES
+    for other in ({"compute_dtype": "fp32", "weight_bits": 32}, {"method": "full"},
+                  {"lora_targets": ("q_proj", "v_proj")}):
+        s_other, _ = terms(tiny_moe, **{**lora, **other})
+        assert M.expert_kernel_cache_bytes(tiny_moe, s_other, "cpu") == 0
+    assert M.expert_kernel_cache_bytes(tiny_moe, s, "cuda") == 0
+    s_dense, _ = terms(tiny_dense, **lora)
+    assert M.expert_kernel_cache_bytes(tiny_dense, s_dense, "cpu") == 0
+    p = count_params(tiny_moe, s)
+    assert M.memory_breakdown(tiny_moe, s, cpu, p).components["expert_kernel_caches"] == (
+        M.expert_kernel_cache_bytes(tiny_moe, s, "cpu"))
