@@ -17,9 +17,11 @@ space is scored in arrays, every term taken from the analytic model of `estimate
   scaled to this rank's shard (parallel.optimizer_share), the host optimizer step of offload,
   and the collectives of parallel.step_collectives at the same probes (payload affine in b,
   calls affine in a), each timed by comms.collective_seconds.
-- Peak memory: memory_breakdown's two phases, static + max(forward/backward, optimizer step),
-  from memory.py's own terms (memory_phases): only the forward/backward terms depend on b, and
-  they are evaluated per b, not extrapolated (chunked logits are not affine in b).
+- Peak memory: memory_breakdown's two phases, held + max(forward/backward, optimizer step),
+  from memory.py's own terms: memory_phases per (N, stage), batch_bytes per micro-batch
+  (evaluated per b, not extrapolated: chunked logits are not affine in b), and, per structure
+  and micro-batch, memory_breakdown itself for what the phases leave out (KV cache, expert
+  kernel caches, any term added there later).
 
 The best candidates are re-scored with `estimator.api.estimate` and those exact numbers are what
 the plan records; if they differ from the array scores, the whole space is scored exactly.
@@ -39,7 +41,6 @@ from estimator.analytic.memory import (
     HOST_TERMS,
     check_offload,
     dequant_transient_bytes,
-    kv_cache_bytes,
     logits_bytes,
     memory_breakdown,
     model_state_terms,
@@ -239,12 +240,11 @@ def _at(setup: TrainSetup, batch: int, accum: int = 1) -> TrainSetup:
 
 def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
                   params: ParamCounts) -> tuple[int, int, int, int]:
-    """memory_breakdown's parts that do not depend on the micro-batch, from its own terms:
-    (bytes held all step: weights, states, runtime; forward/backward bytes besides the
-    micro-batch's (ZeRO-3's gathered block); gradient bytes, held through forward/backward
-    when accumulating; the optimizer-step phase: gradients + optimizer transients).
-    Peak = held + batch_bytes.kv + max(batch_bytes.fwd_bwd + gathered + accumulating ·
-    gradients, optimizer phase), exactly memory_breakdown's sum of components."""
+    """The memory_breakdown terms that do not depend on the micro-batch, from memory.py's own
+    term functions: (bytes held all step: weights, states, runtime; forward/backward bytes
+    besides the micro-batch's (ZeRO-3's gathered block); gradient bytes, held through
+    forward/backward when accumulating; the optimizer-step phase: gradients + optimizer
+    transients)."""
     check_offload(setup, device)
     state = model_state_terms(model, setup, device, params)
     for name in HOST_TERMS.get(setup.offload, ()):
@@ -257,12 +257,19 @@ def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
     return held, state["gathered_params"], grads, grads + state.get("optimizer_transient", 0)
 
 
-def batch_bytes(model: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
-    """(forward/backward bytes of one micro-batch: activations, logits and loss buffers, the
-    dequantised weight; KV cache) — the memory terms that depend on the micro-batch."""
-    fwd_bwd = (sum(activation_bytes(model, setup).values()) + logits_bytes(model, setup)
-               + dequant_transient_bytes(model, setup))
-    return fwd_bwd, kv_cache_bytes(model, setup)
+def batch_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """Forward/backward bytes of one micro-batch: activations, logits and loss buffers, the
+    dequantised weight (the phase terms that depend on the micro-batch)."""
+    return (sum(activation_bytes(model, setup).values()) + logits_bytes(model, setup)
+            + dequant_transient_bytes(model, setup))
+
+
+def phase_peak(phases: tuple, fwd_bwd, accums):
+    """memory_breakdown's peak from its phases: held + max(forward/backward + gathered block
+    (+ gradients when accumulating), optimizer step); scalars or arrays."""
+    held, gathered, grads, optimizer_phase = phases
+    forward = fwd_bwd + gathered + np.where(np.asarray(accums) > 1, grads, 0)
+    return held + np.maximum(forward, optimizer_phase)
 
 
 def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
@@ -294,6 +301,7 @@ class OpTable:
     per accumulated micro-batch; correction; whether parallel.device_compute_ops scales the op
     to the rank's optimizer shard (class 'optimizer…')."""
 
+    names: tuple[str, ...]
     rows: dict[str, np.ndarray]
     """Row indices of each op class."""
     flops: np.ndarray
@@ -304,9 +312,24 @@ class OpTable:
 
 
 def op_table(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: Device,
-             profile: CalibrationProfile | None) -> OpTable | None:
+             profile: CalibrationProfile | None, sibling: OpTable | None = None
+             ) -> OpTable | None:
     """The structure's op lists as an OpTable; None when the probes disagree with the affine
-    form (other op names, calls that change with b, per-call work that changes with a)."""
+    form (other op names, calls that change with b, per-call work that changes with a).
+
+    `sibling`: the table of the same structure with another optimizer. An optimizer adds or
+    changes only per-step ops (its step, gradient allocation, its share of framework dispatch),
+    which do not scale with b or a differently, so the list at (1, 1) with the sibling's slopes
+    is the table, when the op names agree (tests/unit/test_planner.py checks every structure
+    against the analytic model)."""
+    if sibling is not None:
+        ops = timed_ops(model, setup, params, device, profile)
+        if tuple(o.name for o in ops) != sibling.names:
+            return op_table(model, setup, params, device, profile)
+        one = np.array([(o.flops_per_call, o.bytes_per_call, o.num_calls) for o in ops],
+                       dtype=float).reshape(-1, 3)
+        slopes = sibling.flops[1], sibling.nbytes[1], sibling.calls[1]
+        return _table(ops, one, slopes, profile, setup.compute_dtype)
     lists = [timed_ops(model, _at(setup, b, a), params, device, profile) for b, a in PROBES]
     if not [o.name for o in lists[0]] == [o.name for o in lists[1]] == [o.name for o in lists[2]]:
         return None
@@ -314,14 +337,19 @@ def op_table(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: D
                                 dtype=float).reshape(-1, 3) for ops in lists)
     if (at_b[:, 2] != one[:, 2]).any() or (at_a[:, :2] != one[:, :2]).any():
         return None
-    classes = [o.op_class for o in lists[0]]
-    rows = {k: np.flatnonzero([c == k for c in classes]) for k in dict.fromkeys(classes)}
+    slopes = at_b[:, 0] - one[:, 0], at_b[:, 1] - one[:, 1], at_a[:, 2] - one[:, 2]
+    return _table(lists[0], one, slopes, profile, setup.compute_dtype)
+
+
+def _table(ops: list, one: np.ndarray, slopes: tuple, profile: CalibrationProfile | None,
+           dtype: str) -> OpTable:
+    classes = [o.op_class for o in ops]
     return OpTable(
-        rows=rows, flops=np.stack([one[:, 0], at_b[:, 0] - one[:, 0]]),
-        nbytes=np.stack([one[:, 1], at_b[:, 1] - one[:, 1]]),
-        calls=np.stack([one[:, 2], at_a[:, 2] - one[:, 2]]),
-        fix=np.array([correction(profile, op_class_key(k, setup.compute_dtype))
-                      for k in classes]),
+        names=tuple(o.name for o in ops),
+        rows={k: np.flatnonzero([c == k for c in classes]) for k in dict.fromkeys(classes)},
+        flops=np.stack([one[:, 0], slopes[0]]), nbytes=np.stack([one[:, 1], slopes[1]]),
+        calls=np.stack([one[:, 2], slopes[2]]),
+        fix=np.array([correction(profile, op_class_key(k, dtype)) for k in classes]),
         optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
 
 
@@ -424,20 +452,28 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
     params: dict[str, ParamCounts] = {}
     per_batch: dict[tuple, tuple[int, int]] = {}
     tables: dict[tuple, tuple] = {}
-    phases, comm, members, fallback = [], [], {}, {}
+    siblings: dict[tuple, OpTable] = {}  # the first table of a structure but its optimizer
+    phases, splits, comm, members, fallback = [], [], [], {}, {}
     for i, g in enumerate(groups):
         s = g.setup
         if s.method not in params:
             params[s.method] = count_params(model, s)
         p, rank = params[s.method], rank_device(device, s)
-        for b in g.batches.tolist():
-            if (g.structure, b) not in per_batch:
-                per_batch[g.structure, b] = batch_bytes(model, _at(s, b))
+        split = None if rank is device else ranks_per_node(s)  # a CPU shared by ranks
         phases.append(memory_phases(model, s, rank, p))
-        key = (g.structure, None if rank is device else ranks_per_node(s))
+        for b, a in zip(g.batches.tolist(), g.accums.tolist(), strict=True):
+            if (g.structure, split, b) not in per_batch:
+                per_batch[g.structure, split, b] = _batch_row(model, _at(s, b, a), rank, p,
+                                                              phases[-1])
+        splits.append(split)
+        key = (g.structure, split)
         if key not in tables:
             rprofile = rank_profile(profile, device, s)
-            tables[key] = (op_table(model, s, p, rank, rprofile), rank, rprofile)
+            sibling = siblings.get((g.structure[:3] + g.structure[4:], key[1]))
+            table = op_table(model, s, p, rank, rprofile, sibling)
+            tables[key] = (table, rank, rprofile)
+            if table is not None and sibling is None:
+                siblings[g.structure[:3] + g.structure[4:], key[1]] = table
         terms = comm_terms(model, s, rank, p, profile, g.batches, g.accums)
         if tables[key][0] is None or terms is None:
             fallback[i] = _exact_steps(model, g, device, profile)
@@ -446,11 +482,10 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
             scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p)
             members.setdefault(key, []).append((i, scale))
         comm.append(terms)
-    rows = np.array([per_batch[g.structure, b] for g in groups for b in g.batches.tolist()],
-                    dtype=float).reshape(-1, 2)
-    held, gathered, grads, optimizer_phase = np.array(phases, dtype=float).T
-    forward = rows[:, 0] + gathered[gi] + np.where(accums > 1, grads[gi], 0.0)
-    peak = held[gi] + rows[:, 1] + np.maximum(forward, optimizer_phase[gi])
+    rows = np.array([per_batch[g.structure, split, b] for g, split in zip(groups, splits,
+                                                                           strict=True)
+                     for b in g.batches.tolist()], dtype=float).reshape(-1, 2)
+    peak = rows[:, 1] + phase_peak(np.array(phases, dtype=float).T[:, gi], rows[:, 0], accums)
     fixed, per_micro = np.array([(t.fixed, t.per_micro_batch) for t in comm], dtype=float).T
     step = fixed[gi] + per_micro[gi] * (accums - 1.0)
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -466,6 +501,17 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
     for i, seconds in fallback.items():
         step[starts[i]:starts[i + 1]] = seconds
     return peak, step
+
+
+def _batch_row(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
+               phases: tuple) -> tuple[int, int]:
+    """(batch_bytes, the bytes memory_breakdown counts beyond phase_peak) at the setup's
+    micro-batch: memory_breakdown itself minus the phase composition, i.e. the terms held in
+    both phases that grow with the micro-batch (KV cache, expert kernel caches…), so the
+    composition stays equal to memory_breakdown when a term is added there."""
+    fwd_bwd = batch_bytes(model, setup)
+    exact = memory_breakdown(model, setup, device, params).total_bytes
+    return fwd_bwd, exact - int(phase_peak(phases, fwd_bwd, setup.grad_accum))
 
 
 def _exact_scores(model: ModelSpec, groups: list[Group], device: Device,

@@ -175,11 +175,13 @@ def test_scores_equal_the_analytic_model_moe_expert_parallel(tiny_moe: ModelSpec
                         replace(SMALL, methods=("full", "lora"), device_counts=(1, 2, 4)))
 
 
+@pytest.mark.parametrize("model_name", ["tiny_dense", "tiny_moe"])
 def test_scores_equal_the_analytic_model_cpu_ranks_sharing_a_machine(
-        tiny_dense: ModelSpec) -> None:
+        model_name: str, request: pytest.FixtureRequest) -> None:
     base = TrainSetup(seq_len=64, num_devices=2)  # two processes split one CPU machine
-    assert_scores_exact(tiny_dense, base, "xeon-platinum-8480plus", profile(),
-                        replace(SMALL, methods=("lora",), zero_stages=(0,)))
+    assert_scores_exact(request.getfixturevalue(model_name), base, "xeon-platinum-8480plus",
+                        profile(), replace(SMALL, methods=("lora",), zero_stages=(0, 1, 3),
+                                           device_counts=(1, 2)))
 
 
 def test_device_count_axis() -> None:
