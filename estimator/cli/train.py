@@ -81,6 +81,11 @@ NodeRankOpt = Annotated[int | None, typer.Option(
 RdzvOpt = Annotated[str | None, typer.Option(
     "--rdzv-endpoint", rich_help_panel=DIST_PANEL,
     help="HOST:PORT of the c10d rendezvous every machine reaches (needed with --nnodes > 1).")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile/--no-compile", rich_help_panel=RUN_PANEL,
+    help="torch.compile each decoder block (fuses the elementwise work; the first step "
+         "compiles, about a minute; needs a C++ compiler on the CPU). The prediction stays "
+         "the eager one.")]
 CkptEveryOpt = Annotated[int | None, typer.Option(
     "--checkpoint-every", min=1, rich_help_panel=RUN_PANEL,
     help="Save every N steps  [default: at the end, and when interrupted]")]
@@ -108,6 +113,7 @@ def train(
     device: TorchDeviceOpt = "cpu", seed: SeedOpt = 0, lr: LrOpt = None,
     warmup_steps: WarmupOpt = None, max_grad_norm: ClipOpt = 1.0,
     lora_dropout: DropoutOpt = 0.0, checkpoint_every: CkptEveryOpt = None,
+    compiled: CompileOpt = False,
     nproc: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = None,
     rdzv_endpoint: RdzvOpt = None, json: JsonOpt = False,
 ) -> None:
@@ -140,7 +146,7 @@ def train(
                          text_field=text_field, model_path=_model_dir(model), resume=resume,
                          device=device, seed=seed, lr=lr, warmup_steps=warmup_steps,
                          max_grad_norm=max_grad_norm, lora_dropout=lora_dropout,
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, compile=compiled)
     worker = in_worker()
     console = Console(stderr=json or worker, quiet=worker and context_from_env().rank > 0)
     with TrainProgress(console, max_steps=max_steps) as bar:

@@ -16,6 +16,13 @@ of a step is the mean cross-entropy over its micro-batches (nats/token), compute
 Stops: max_steps reached; SIGINT/SIGTERM (the current step finishes, a checkpoint is saved);
 a non-finite loss or gradient norm (nothing is saved, the last good checkpoint stays).
 
+Compilation (config.compile, `nvfree train --compile`): each decoder block runs under
+torch.compile; the first optimizer step compiles (forward, then backward) and is one of the
+warm-up steps that the step-time median leaves out (measure.median_step_seconds). The analytic
+prediction models eager execution: a compiled run's report says so (RunReport.compiled and its
+prediction_note). Compiled blocks keep their parameter names, so checkpoints and --resume are
+the same with or without it.
+
 Data parallel (estimator/executor/distributed.py): under torchrun every rank builds the same
 model, trains on its own slice of each step's sequences (data.stream_position) and DDP averages
 the gradients, so N ranks × accumulation a train exactly as one rank × accumulation N·a. The
@@ -109,6 +116,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     predict: bool = True
+    compile: bool = False
+    """torch.compile each decoder block (checkpointing.compile_blocks) after LoRA, NF4 and
+    checkpointing; the first steps compile (the step-time median skips them)."""
 
 
 @dataclass
@@ -174,9 +184,10 @@ def _load_tokenizer(model_path: Path | None) -> Tokenizer:
 
 def build_training_model(spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
                          device: torch.device) -> tuple[ModelSpec, torch.nn.Module]:
-    """Build (or load) the model and apply LoRA, NF4 and checkpointing per the setup.
+    """Build (or load) the model and apply LoRA, NF4, checkpointing per the setup and, with
+    config.compile, torch.compile per block (last, so it traces the transformed blocks).
     Seeds torch's RNG with config.seed first, so the random initialisation is reproducible."""
-    from estimator.executor.checkpointing import apply_checkpointing
+    from estimator.executor.checkpointing import apply_checkpointing, compile_blocks
     from estimator.executor.lora import apply_lora
     from estimator.executor.model import build_model
 
@@ -201,6 +212,8 @@ def build_training_model(spec: ModelSpec, setup: TrainSetup, config: TrainConfig
                   compute_dtype=TORCH_DTYPES[setup.compute_dtype])
     if setup.checkpointing:
         apply_checkpointing(model)
+    if config.compile:
+        compile_blocks(model)
     return spec, model
 
 
@@ -382,6 +395,10 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         raise SetupError(f"--seq-len {setup.seq_len} exceeds the {model_spec.max_seq_len} "
                          "learned positions of the model")
     device = resolve_device(config.device)
+    if config.compile:
+        from estimator.executor.checkpointing import check_compile_support
+
+        check_compile_support(device)
     tokenizer = _load_tokenizer(config.model_path)
     dataset = load_dataset(config.data, tokenizer, setup.seq_len, text_field=config.text_field)
     data_source = describe_source(config.data)
@@ -474,7 +491,12 @@ def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.Pe
     base_lr = config.lr if config.lr is not None else DEFAULT_LR[run.setup.method]
     warmup = config.warmup_steps if config.warmup_steps is not None else \
         default_warmup_steps(config.max_steps)
-    with _signals_stop() as received:
+    compiling = contextlib.nullcontext()
+    if config.compile:
+        from estimator.executor.checkpointing import compile_errors
+
+        compiling = compile_errors()
+    with _signals_stop() as received, compiling:
         for step in range(run.start_step, config.max_steps):
             lr = lr_at(step, base_lr=base_lr, warmup_steps=warmup, total_steps=config.max_steps)
             timer.start()
@@ -557,11 +579,22 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         world_size=ctx.world_size, peak_bytes_per_rank=peaks if ctx.is_distributed else [],
         allreduce_step_seconds=run.allreduce.step_seconds if run.allreduce else None,
     )
+    if config.compile:
+        report = _label_compiled(report)
     if ctx.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         _write_report(report, config.output_dir / REPORT_FILE)
     distributed.barrier(ctx)
     return report
+
+
+def _label_compiled(report: RunReport) -> RunReport:
+    """Mark a compiled run's report: the prediction beside it models eager execution."""
+    note = ("step time predicted for eager execution; this run was compiled (torch.compile "
+            "per block), which the analytic model does not model")
+    if report.prediction_note:
+        note = f"{note}; {report.prediction_note}"
+    return report.model_copy(update={"compiled": True, "prediction_note": note})
 
 
 def _report_progress(on_progress: Callable[[StepProgress], None] | None, run: Run, done: int,

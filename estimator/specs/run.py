@@ -97,3 +97,6 @@ class RunReport(Spec):
     predicted_allreduce_seconds: float | None = None
     """Analytic all-reduce time per optimizer step for the same config (seconds); None without
     a multi-device prediction."""
+    compiled: bool = False
+    """True when the decoder blocks ran under torch.compile (`nvfree train --compile`); the
+    predicted step time models eager execution, so it is not like for like with the measured."""
