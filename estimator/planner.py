@@ -381,22 +381,21 @@ class CommTerms:
     grows: np.ndarray | None = None
 
 
-def comm_terms(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
-               profile: CalibrationProfile | None, batches: np.ndarray,
-               accums: np.ndarray) -> CommTerms | None:
-    """parallel.communication_ops's collectives and host_optimizer_op over (b, a):
-    parallel.step_collectives at the PROBES gives each collective's payload (affine in b: MoE
-    all-to-all) and calls (affine in a: per-micro-batch ZeRO-2/3 collectives); one call of each
-    distinct payload is timed by comms.collective_seconds. None when the probes disagree with
-    that form."""
-    lists = [step_collectives(model, _at(setup, b, a), params) for b, a in PROBES]
-    fixed = sum(op.seconds for op in host_optimizer_op(model, setup, params))
-    if not any(lists):
-        return CommTerms(fixed, 0.0)
+def collective_terms(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
+                     profile: CalibrationProfile | None, batches: np.ndarray,
+                     accums: np.ndarray, first: list[C.Collective]) -> CommTerms | None:
+    """parallel.communication_ops's collectives over (b, a): parallel.step_collectives at the
+    PROBES (`first`: at (1, 1)) gives each collective's payload (affine in b: MoE all-to-all)
+    and calls (affine in a: per-micro-batch ZeRO-2/3 collectives); one call of each distinct
+    payload is timed by comms.collective_seconds. No collective at (1, 1) (one device, no
+    offload): none at all. None when the probes disagree with the affine form."""
+    if not first:
+        return CommTerms(0.0, 0.0)
+    lists = [first] + [step_collectives(model, _at(setup, b, a), params) for b, a in PROBES[1:]]
     if not [c.name for c in lists[0]] == [c.name for c in lists[1]] == [c.name for c in lists[2]]:
         return None
     links, curve = C.links_for(device, setup), C.all_reduce_curve(device, profile)
-    per_micro_batch, grows = 0.0, None
+    fixed, per_micro_batch, grows = 0.0, 0.0, None
     for one, at_b, at_a in zip(*lists, strict=True):
         if at_b.num_calls != one.num_calls or at_a.num_bytes != one.num_bytes:
             return None
@@ -439,7 +438,7 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
                  exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(peak bytes, step seconds) of every candidate of the groups, in order. Per structure
     and rank device one OpTable, timed for all its groups' candidates at once; per structure
-    and micro-batch batch_bytes; per group memory_phases, comm_terms and the rank's optimizer
+    and micro-batch batch_bytes; per group memory_phases, collective_terms and the rank's optimizer
     share, combined over all candidates in arrays. A group whose probes disagree with the
     affine forms (or every group, with `exact`) is scored by the analytic model per
     candidate."""
@@ -453,6 +452,9 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
     per_batch: dict[tuple, tuple[int, int]] = {}
     tables: dict[tuple, tuple] = {}
     siblings: dict[tuple, OpTable] = {}  # the first table of a structure but its optimizer
+    collectives: dict[tuple, tuple] = {}  # per method, precision and device layout: the
+    # collectives move gradients and parameters, which neither the optimizer nor checkpointing
+    # changes; reused only when the lists at (1, 1) agree
     phases, splits, comm, members, fallback = [], [], [], {}, {}
     for i, g in enumerate(groups):
         s = g.setup
@@ -474,7 +476,16 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
             tables[key] = (table, rank, rprofile)
             if table is not None and sibling is None:
                 siblings[g.structure[:3] + g.structure[4:], key[1]] = table
-        terms = comm_terms(model, s, rank, p, profile, g.batches, g.accums)
+        first = step_collectives(model, s, p)
+        layout = (*g.structure[:3], s.num_devices, s.num_nodes, s.zero_stage, split)
+        if layout in collectives and collectives[layout][0] == first:
+            terms = collectives[layout][1]  # the same collectives, another optimizer or ckpt
+        else:
+            terms = collective_terms(model, s, rank, p, profile, g.batches, g.accums, first)
+            collectives[layout] = (first, terms)
+        if terms is not None and s.offload != "none":
+            host = sum(op.seconds for op in host_optimizer_op(model, s, p))
+            terms = replace(terms, fixed=terms.fixed + host)
         if tables[key][0] is None or terms is None:
             fallback[i] = _exact_steps(model, g, device, profile)
             terms = CommTerms(0.0, 0.0)
