@@ -436,93 +436,130 @@ def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
 def score_groups(model: ModelSpec, groups: list[Group], device: Device,
                  profile: CalibrationProfile | None, *,
                  exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(peak bytes, step seconds) of every candidate of the groups, in order. Per structure
-    and rank device one OpTable, timed for all its groups' candidates at once; per structure
-    and micro-batch batch_bytes; per group memory_phases, collective_terms and the rank's optimizer
-    share, combined over all candidates in arrays. A group whose probes disagree with the
-    affine forms (or every group, with `exact`) is scored by the analytic model per
-    candidate."""
-    sizes = np.array([len(g.batches) for g in groups], dtype=int)
-    gi = np.repeat(np.arange(len(groups)), sizes)
-    batches = np.concatenate([g.batches for g in groups])
-    accums = np.concatenate([g.accums for g in groups]).astype(float)
+    """(peak bytes, step seconds) of every candidate of the groups, in order (group_peaks,
+    group_seconds); with `exact`, memory_breakdown and step_throughput per candidate."""
     if exact:
         return _exact_scores(model, groups, device, profile)
     params: dict[str, ParamCounts] = {}
-    per_batch: dict[tuple, tuple[int, int]] = {}
-    tables: dict[tuple, tuple] = {}
-    siblings: dict[tuple, OpTable] = {}  # the first table of a structure but its optimizer
-    collectives: dict[tuple, tuple] = {}  # per method, precision and device layout: the
-    # collectives move gradients and parameters, which neither the optimizer nor checkpointing
-    # changes; reused only when the lists at (1, 1) agree
-    phases, splits, comm, members, fallback = [], [], [], {}, {}
-    for i, g in enumerate(groups):
+    for g in groups:
+        if g.setup.method not in params:
+            params[g.setup.method] = count_params(model, g.setup)
+    return (group_peaks(model, groups, device, params),
+            group_seconds(model, groups, device, profile, params))
+
+
+def _split(device: Device, rank: Device, setup: TrainSetup) -> int | None:
+    """Ranks sharing a CPU machine (rank_device split it), else None."""
+    return None if rank is device else ranks_per_node(setup)
+
+
+def group_peaks(model: ModelSpec, groups: list[Group], device: Device,
+                params: dict[str, ParamCounts]) -> np.ndarray:
+    """Peak bytes per device of every candidate: memory_phases per group, batch rows per
+    structure and micro-batch (_batch_rows), phase_peak over all candidates at once."""
+    phases, rows = [], {}
+    for g in groups:
         s = g.setup
-        if s.method not in params:
-            params[s.method] = count_params(model, s)
-        p, rank = params[s.method], rank_device(device, s)
-        split = None if rank is device else ranks_per_node(s)  # a CPU shared by ranks
+        rank, p = rank_device(device, s), params[s.method]
         phases.append(memory_phases(model, s, rank, p))
-        for b, a in zip(g.batches.tolist(), g.accums.tolist(), strict=True):
-            if (g.structure, split, b) not in per_batch:
-                per_batch[g.structure, split, b] = _batch_row(model, _at(s, b, a), rank, p,
-                                                              phases[-1])
-        splits.append(split)
-        key = (g.structure, split)
+        _batch_rows(model, g, rank, p, phases[-1], rows, _split(device, rank, s))
+    by_candidate = np.array([rows[g.structure, _split(device, rank_device(device, g.setup),
+                                                      g.setup), b]
+                             for g in groups for b in g.batches.tolist()], dtype=float)
+    gi = np.repeat(np.arange(len(groups)), [len(g.batches) for g in groups])
+    accums = np.concatenate([g.accums for g in groups])
+    return by_candidate[:, 1] + phase_peak(np.array(phases, dtype=float).T[:, gi],
+                                           by_candidate[:, 0], accums)
+
+
+def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
+                  profile: CalibrationProfile | None,
+                  params: dict[str, ParamCounts]) -> np.ndarray:
+    """Step seconds of every candidate: one OpTable per structure and rank device, timed for
+    the candidates of all its groups at once (compute_seconds, the optimizer ops scaled to each
+    group's shard); collectives and the host optimizer step per group (_group_comm). A group
+    whose probes disagree with the affine forms is scored by step_throughput per candidate."""
+    sizes = [len(g.batches) for g in groups]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    step = np.zeros(starts[-1])
+    tables: dict[tuple, tuple] = {}
+    siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
+    collectives: dict[tuple, tuple] = {}
+    members: dict[tuple, list] = {}
+    for i, g in enumerate(groups):
+        s, p = g.setup, params[g.setup.method]
+        rank = rank_device(device, s)
+        key = (g.structure, _split(device, rank, s))
         if key not in tables:
             rprofile = rank_profile(profile, device, s)
-            sibling = siblings.get((g.structure[:3] + g.structure[4:], key[1]))
-            table = op_table(model, s, p, rank, rprofile, sibling)
-            tables[key] = (table, rank, rprofile)
-            if table is not None and sibling is None:
-                siblings[g.structure[:3] + g.structure[4:], key[1]] = table
-        first = step_collectives(model, s, p)
-        layout = (*g.structure[:3], s.num_devices, s.num_nodes, s.zero_stage, split)
-        if layout in collectives and collectives[layout][0] == first:
-            terms = collectives[layout][1]  # the same collectives, another optimizer or ckpt
-        else:
-            terms = collective_terms(model, s, rank, p, profile, g.batches, g.accums, first)
-            collectives[layout] = (first, terms)
-        if terms is not None and s.offload != "none":
-            host = sum(op.seconds for op in host_optimizer_op(model, s, p))
-            terms = replace(terms, fixed=terms.fixed + host)
+            mate = (*g.structure[:3], *g.structure[4:], key[1])
+            tables[key] = (op_table(model, s, p, rank, rprofile, siblings.get(mate)),
+                           rank, rprofile)
+            if tables[key][0] is not None:
+                siblings.setdefault(mate, tables[key][0])
+        terms = _group_comm(model, g, rank, p, profile, collectives, key[1])
         if tables[key][0] is None or terms is None:
-            fallback[i] = _exact_steps(model, g, device, profile)
-            terms = CommTerms(0.0, 0.0)
-        else:
-            scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p)
-            members.setdefault(key, []).append((i, scale))
-        comm.append(terms)
-    rows = np.array([per_batch[g.structure, split, b] for g, split in zip(groups, splits,
-                                                                           strict=True)
-                     for b in g.batches.tolist()], dtype=float).reshape(-1, 2)
-    peak = rows[:, 1] + phase_peak(np.array(phases, dtype=float).T[:, gi], rows[:, 0], accums)
-    fixed, per_micro = np.array([(t.fixed, t.per_micro_batch) for t in comm], dtype=float).T
-    step = fixed[gi] + per_micro[gi] * (accums - 1.0)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    for i, t in enumerate(comm):
-        if t.grows is not None:
-            step[starts[i]:starts[i + 1]] += t.grows
+            step[starts[i]:starts[i + 1]] = _exact_steps(model, g, device, profile)
+            continue
+        step[starts[i]:starts[i + 1]] = terms.fixed + terms.per_micro_batch * (g.accums - 1.0)
+        if terms.grows is not None:
+            step[starts[i]:starts[i + 1]] += terms.grows
+        scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p)
+        members.setdefault(key, []).append((i, scale))
     for key, group_scales in members.items():
         table, rank, rprofile = tables[key]
         at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, _ in group_scales])
         scale = np.repeat([sc for _, sc in group_scales], [sizes[i] for i, _ in group_scales])
-        step[at] += compute_seconds(table, rank, rprofile, groups[group_scales[0][0]].setup
-                                    .compute_dtype, batches[at], accums[at], scale)
-    for i, seconds in fallback.items():
-        step[starts[i]:starts[i + 1]] = seconds
-    return peak, step
+        batches = np.concatenate([groups[i].batches for i, _ in group_scales])
+        accums = np.concatenate([groups[i].accums for i, _ in group_scales])
+        step[at] += compute_seconds(table, rank, rprofile, key[0][1], batches, accums, scale)
+    return step
 
 
-def _batch_row(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
-               phases: tuple) -> tuple[int, int]:
-    """(batch_bytes, the bytes memory_breakdown counts beyond phase_peak) at the setup's
-    micro-batch: memory_breakdown itself minus the phase composition, i.e. the terms held in
-    both phases that grow with the micro-batch (KV cache, expert kernel caches…), so the
-    composition stays equal to memory_breakdown when a term is added there."""
-    fwd_bwd = batch_bytes(model, setup)
-    exact = memory_breakdown(model, setup, device, params).total_bytes
-    return fwd_bwd, exact - int(phase_peak(phases, fwd_bwd, setup.grad_accum))
+def _group_comm(model: ModelSpec, g: Group, rank: Device, params: ParamCounts,
+                profile: CalibrationProfile | None, known: dict,
+                split: int | None) -> CommTerms | None:
+    """collective_terms of the group plus its host optimizer step (offload). The collectives
+    move gradients and parameters, which neither the optimizer nor checkpointing changes: a
+    group reuses `known` terms of the same method, precision and device layout when its
+    collectives at (1, 1) are the same."""
+    s = g.setup
+    first = step_collectives(model, s, params)
+    layout = (*g.structure[:3], s.num_devices, s.num_nodes, s.zero_stage, split)
+    if layout in known and known[layout][0] == first:
+        terms = known[layout][1]
+    else:
+        terms = collective_terms(model, s, rank, params, profile, g.batches, g.accums, first)
+        known[layout] = (first, terms)
+    if terms is None or s.offload == "none":
+        return terms
+    return replace(terms, fixed=terms.fixed + sum(
+        op.seconds for op in host_optimizer_op(model, s, params)))
+
+
+def _batch_rows(model: ModelSpec, g: Group, device: Device, params: ParamCounts,
+                phases: tuple, rows: dict, split: int | None) -> None:
+    """Fill rows[(structure, split, b)] for the group's micro-batches not yet there with
+    (batch_bytes, the bytes memory_breakdown counts beyond phase_peak): the terms held in both
+    phases that grow with the micro-batch (KV cache, expert kernel caches, any term added to
+    memory_breakdown later), so the composition stays equal to memory_breakdown. They are
+    non-negative and grow with b: when memory_breakdown adds nothing at the largest new b, it
+    adds nothing at the smaller ones either (one memory_breakdown per structure, usually)."""
+    new = [(b, a) for b, a in zip(g.batches.tolist(), g.accums.tolist(), strict=True)
+           if (g.structure, split, b) not in rows]
+    if not new:
+        return
+    fwd_bwd = {b: batch_bytes(model, _at(g.setup, b)) for b, _ in new}
+
+    def beyond(b: int, a: int) -> int:
+        exact = memory_breakdown(model, _at(g.setup, b, a), device, params).total_bytes
+        return exact - int(phase_peak(phases, fwd_bwd[b], a))
+
+    largest = max(new)
+    extra = {largest[0]: beyond(*largest)}
+    for b, a in new:
+        rows[g.structure, split, b] = (fwd_bwd[b], extra[b] if b in extra else (
+            0 if extra[largest[0]] == 0 else beyond(b, a)))
 
 
 def _exact_scores(model: ModelSpec, groups: list[Group], device: Device,
