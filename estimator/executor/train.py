@@ -590,8 +590,8 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
 
 def _label_compiled(report: RunReport) -> RunReport:
     """Mark a compiled run's report: the prediction beside it models eager execution."""
-    note = ("step time predicted for eager execution; this run was compiled (torch.compile "
-            "per block), which the analytic model does not model")
+    note = ("predicted for eager execution; this run was compiled (torch.compile per block): "
+            "the estimate models neither the compiled speed nor the compiler's memory")
     if report.prediction_note:
         note = f"{note}; {report.prediction_note}"
     return report.model_copy(update={"compiled": True, "prediction_note": note})
