@@ -20,6 +20,7 @@ from estimator.planner import (
     memory_totals,
     micro_batches,
     nodes_for,
+    score,
     score_groups,
     search,
     search_space,
@@ -223,3 +224,14 @@ def test_default_seconds_array_equals_the_scalar_roofline() -> None:
         scalar = [default_seconds(device, "bf16", op_class, f, b)
                   for f, b in zip(flops, nbytes, strict=True)]
         assert list(default_seconds_array(device, "bf16", op_class, flops, nbytes)) == scalar
+
+
+def test_exact_scoring_path_equals_the_array_path(tiny_dense: ModelSpec) -> None:
+    """The fallback `search` takes when a re-scored candidate disagrees with its array score."""
+    device = load_device("mi300x")
+    base = TrainSetup(seq_len=64, num_tokens=10**5, num_devices=4)
+    c = replace(SMALL, methods=("qlora",), zero_stages=(0, 2), device_counts=(1, 4))
+    fast, exact = (score(tiny_dense, base, device, None, c, exact=e) for e in (False, True))
+    np.testing.assert_allclose(fast.step_seconds, exact.step_seconds, rtol=1e-9)
+    np.testing.assert_array_equal(fast.peak_bytes, exact.peak_bytes)
+    assert [fast.setup(i) for i in (0, 7)] == [exact.setup(i) for i in (0, 7)]
