@@ -1,27 +1,29 @@
 """Choose the training plan that fits and finishes soonest (or cheapest).
 
 Pure (no torch). The search space is method × precision × optimizer × checkpointing × number
-of devices × ZeRO stage × micro-batch, with the accumulation that keeps the global batch. The
-space is scored in arrays, every term taken from the analytic model of `estimate()`:
+of devices × ZeRO stage × micro-batch, with the accumulation that keeps the global batch. A
+*structure* is one method × precision × optimizer × checkpointing; a *group* is a structure at
+one device count and stage, over its micro-batches. The space is scored in arrays, every term
+taken from the analytic model of `estimate()`:
 
-- Compute time. For each structural choice (method, precision, optimizer, checkpointing) the
-  op list of throughput.timed_ops is built at (micro-batch, accumulation) = (1, 1), (2, 1) and
-  (1, 2): per-call work is affine in the micro-batch b at a fixed sequence length (GEMM rows and
-  elementwise work scale with b·s; weight casts and the optimizer step do not) and call counts
-  are affine in the accumulation a. The three lists do not depend on the number of devices or
-  the ZeRO stage (one rank computes as one device; only a CPU split between ranks changes the
-  rates), so they serve every (N, stage, b, a), and each op class is timed with one numpy call
-  through the same efficiency curves. A structure whose probes disagree (op names, or call
-  counts that change with b: MoE dispatch on a CPU) is scored exactly.
-- Several devices: parallel.compose_throughput's terms per (N, stage): the optimizer step
-  scaled to this rank's shard (parallel.optimizer_share), the host optimizer step of offload,
-  and the collectives of parallel.step_collectives at the same probes (payload affine in b,
-  calls affine in a), each timed by comms.collective_seconds.
-- Peak memory: memory_breakdown's two phases, held + max(forward/backward, optimizer step),
-  from memory.py's own terms: memory_phases per (N, stage), batch_bytes per micro-batch
-  (evaluated per b, not extrapolated: chunked logits are not affine in b), and, per structure
-  and micro-batch, memory_breakdown itself for what the phases leave out (KV cache, expert
-  kernel caches, any term added there later).
+- Compute time: per structure, throughput.timed_ops at (micro-batch, accumulation) = (1, 1),
+  (2, 1) and (1, 2) (OpTable): per-call work is affine in the micro-batch b at a fixed sequence
+  length (GEMM rows and elementwise work scale with b·s; weight casts and the optimizer step do
+  not), call counts are affine in the accumulation a. The lists do not depend on the device
+  count or stage (a rank computes as one device; only a CPU split between ranks changes the
+  rates), so one table serves every group of the structure, and each op class is timed with
+  one numpy call through the same efficiency curves. The second optimizer of a structure needs
+  only the list at (1, 1). A structure whose probes disagree with the affine form (other op
+  names; calls that change with b: MoE dispatch on a CPU) is scored exactly.
+- Several devices (parallel.compose_throughput's terms), per group: the optimizer ops scaled
+  to this rank's shard (parallel.optimizer_share), the host optimizer step of offload, and the
+  collectives of parallel.step_collectives at the same probes (payload affine in b, calls
+  affine in a), one call of each timed by comms.collective_seconds.
+- Peak memory: memory_breakdown's two phases, held + max(forward/backward, optimizer step)
+  (phase_peak), from memory.py's own terms: memory_phases per group, batch_bytes per structure
+  and micro-batch (evaluated per b, not extrapolated: chunked logits are not affine in b), and
+  memory_breakdown itself at the largest micro-batch of each structure for any term the phases
+  leave out (KV cache, expert kernel caches, a term added later), per b where there is one.
 
 The best candidates are re-scored with `estimator.api.estimate` and those exact numbers are what
 the plan records; if they differ from the array scores, the whole space is scored exactly.
