@@ -228,11 +228,13 @@ def mlp_width(model: ModelSpec) -> float:
                                   or moe.expert_intermediate_size))
 
 
-def elementwise_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
+                    ) -> list[Op]:
     """Memory-bound kernels of the blocks (norms, rope, SwiGLU, residuals, autocast casts of
     activations, LoRA scaling, their gradients): bytes per token per block and pass from
     MEMORY_BOUND_BYTES (measured on the executor), over `calls` kernels per block and pass;
-    checkpointing adds the measured recompute pass."""
+    checkpointing adds the measured recompute pass; MoE routing and padded expert rows in
+    moe_routing_ops."""
     tokens = setup.batch_size * setup.seq_len
     table = block_token_bytes(setup)
     rank_sum = 0.0
@@ -256,7 +258,7 @@ def elementwise_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
             total = tokens * coef.per_token(model, width, rank_sum) * num_layers
             calls = max(1, coef.calls) * num_layers
             ops.append(Op("elementwise", "elementwise", 0, total / calls, calls))
-    return ops + moe_routing_ops(model, setup)
+    return ops + moe_routing_ops(model, setup, pad_experts=pad_experts)
 
 
 MOE_ROUTING_BYTES: dict[str, tuple[float, float, int]] = {
@@ -274,9 +276,13 @@ random router hits changes with the batch. The full fine-tune's recording (6.1·
 forward, 62·h·k − 22·h backward) is within that spread, so one set serves all methods."""
 
 
-def moe_routing_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+def moe_routing_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
+                    ) -> list[Op]:
     """MoE routing/gather/scatter bytes per MoE layer and pass (MOE_ROUTING_BYTES); the
-    recompute of a checkpointed block repeats the forward's."""
+    recompute of a checkpointed block repeats the forward's. `pad_experts`
+    (memory.pads_expert_rows): each expert's group gains (granule − 1) / 2 rows on average,
+    each costing what a routed row costs: its share of the expert MLP's memory-bound bytes
+    (the block table's ffn coefficient × the expert width) and of the routing (per h·k)."""
     if model.moe is None or not model.num_moe_layers:
         return []
     k = model.moe.routed_experts_per_token
@@ -284,13 +290,20 @@ def moe_routing_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     phases = ["forward"] if setup.method == "inference" else ["forward", "backward"]
     if setup.checkpointing and setup.method != "inference":
         phases.append("recompute")
+    pad_rows = model.moe.num_experts * (EXPERT_ROW_GRANULE - 1) / 2 if pad_experts else 0.0
+    table = block_token_bytes(setup) if pad_experts else {}
     ops = []
     for phase in phases:
         per_hk, per_h, calls = MOE_ROUTING_BYTES["forward" if phase == "recompute" else phase]
         per_token = per_hk * model.hidden_size * k + per_h * model.hidden_size
+        per_layer = per_token * tokens
+        if pad_rows:
+            per_row = (per_hk * model.hidden_size
+                       + table[phase].ffn * model.moe.expert_intermediate_size)
+            per_layer += pad_rows * per_row
         num_calls = calls * model.num_moe_layers
         ops.append(Op("moe.routing", "elementwise", 0,
-                      per_token * tokens * model.num_moe_layers / num_calls, num_calls))
+                      per_layer * model.num_moe_layers / num_calls, num_calls))
     return ops
 
 

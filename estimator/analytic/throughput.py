@@ -26,8 +26,10 @@ from estimator.specs import (
 )
 
 SECONDS_PER_HOUR = 3600
-DTYPED_CLASSES = ("matmul", "matmul_cold", "attention", "lora")
-"""Op classes whose calibrated curve depends on the compute dtype."""
+DTYPED_CLASSES = ("matmul", "matmul_cold", "attention", "lora", "elementwise")
+"""Op classes whose calibrated curve depends on the compute dtype (memory-bound work in the
+compute dtype's kernels for 'elementwise'; a profile without 'elementwise.<dtype>' falls back
+to its 'elementwise' curve)."""
 TRAINABLE_TENSORS_PER_LINEAR_LORA = 2
 
 
@@ -55,8 +57,8 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
     """All ops of one optimizer step (grad_accum micro-batches + one optimizer step);
     `pad_experts` as in flops.block_linear_ops."""
     micro = [*F.block_linear_ops(model, setup, pad_experts=pad_experts),
-             *F.attention_core_ops(model, setup), *F.elementwise_ops(model, setup),
-             *F.head_ops(model, setup)]
+             *F.attention_core_ops(model, setup),
+             *F.elementwise_ops(model, setup, pad_experts=pad_experts), *F.head_ops(model, setup)]
     if setup.weight_bits <= 8:
         micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)

@@ -8,8 +8,10 @@ Work accounting (what each op class's `work` counts — the throughput model mus
 - attention.<dtype>: causal SDPA forward + backward together, 6·b·h·s²·d FLOPs (forward
   4·b·h·s²·d halved by causality, backward twice the forward).
 - memory: bytes read + written by copy (2 × 4 B per element) and triad a = b + s·c (3 × 4 B).
-- elementwise: nominal bytes in + out of SiLU·mul (read 2, write 1 — two kernels) and the
-  residual add (read 2, write 1), in fp32 and bf16.
+- elementwise.<dtype>: bytes every aten kernel reads + writes, as flops.MEMORY_BOUND_BYTES
+  counts a block's memory-bound work: SiLU·mul is two kernels (silu: read 1, write 1; mul:
+  read 2, write 1 = 5 tensors), the residual add one (read 2, write 1); fp32 and bf16 apart
+  (a bf16 kernel converts every element to fp32 and back, so its bytes/s differ).
 - norm: nominal bytes of RMSNorm forward (read x, write y, in x's dtype) — the executor's
   composition in fp32 (7 small kernels), hence its own class with its own overhead.
 - alloc: bytes of a freshly allocated tensor written once (allocation + first-touch faults).
@@ -197,8 +199,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 
 def elementwise_cases(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[Case]:
-    """SiLU·mul (read 2, write 1) and residual add (read 2, write 1) over tokens×hidden
-    activations; RMSNorm, a 7-kernel composition, is its own class 'norm' (read x, write y)."""
+    """'elementwise.<dtype>': SiLU·mul (5 tensors of aten traffic) and residual add (3) over
+    tokens×hidden activations; RMSNorm, a 7-kernel composition, is its own class 'norm' (read
+    x, write y)."""
     cases = []
     for dtype in dtypes:
         dt, esize = DTYPES[dtype], DTYPES[dtype].itemsize
@@ -221,10 +224,11 @@ def elementwise_cases(shapes: list[tuple[int, int]], dtypes: list[str]) -> list[
             dims = f"{dtype} {tokens}x{hidden}"
             cases += [
                 Case("norm", f"rmsnorm {dims}", 2.0 * n * esize, norm, tiny),
-                Case("elementwise", f"add {dims}", 3.0 * n * esize, residual, tiny),
+                Case(f"elementwise.{dtype}", f"add {dims}", 3.0 * n * esize, residual, tiny),
             ]
             if not tiny:
-                cases.append(Case("elementwise", f"silu*mul {dims}", 3.0 * n * esize, swiglu))
+                cases.append(Case(f"elementwise.{dtype}", f"silu*mul {dims}", 5.0 * n * esize,
+                                  swiglu))
     return cases
 
 

@@ -39,6 +39,8 @@ Progress = Callable[[int, int, str], None]
 
 BYTES_CLASSES = ("memory", "alloc", "elementwise", "norm", "optimizer", "optimizer.adamw8bit",
                  "dequant.nf4")
+"""Memory-bound op classes (work in bytes; per-dtype variants such as 'elementwise.bf16'
+included): their curves keep the measured rates (fit.fit_curve monotone=False)."""
 
 
 @dataclass(frozen=True)
@@ -307,8 +309,9 @@ def fit_all(measured: list[Measurement]) -> dict[str, object]:
                            if m.op_class == op_class)
             curves[op_class] = overhead_curve(op_class, per_call)
         elif points:
-            unit = "bytes" if op_class in BYTES_CLASSES else "flops"
-            curves[op_class] = fit_curve(op_class, unit, points, min(tiny) if tiny else 0.0)
+            memory_bound = op_class in BYTES_CLASSES or op_class.split(".")[0] in BYTES_CLASSES
+            curves[op_class] = fit_curve(op_class, "bytes" if memory_bound else "flops", points,
+                                         min(tiny) if tiny else 0.0, monotone=not memory_bound)
     return curves
 
 

@@ -23,7 +23,9 @@ class EfficiencyCurve(Spec):
     log10_work: tuple[float, ...] = Field(min_length=1)
     """Knots: log10 of the work of the measured ops, strictly increasing."""
     rates: tuple[float, ...] = Field(min_length=1)
-    """Achieved rate at each knot (FLOP/s or bytes/s), non-decreasing."""
+    """Achieved rate at each knot (FLOP/s or bytes/s); non-decreasing for FLOP curves (GEMM
+    efficiency grows with size), as measured for byte curves (a memory-bound rate falls once
+    the operands leave the caches)."""
     overhead_seconds: float = Field(default=0.0, ge=0)
     """Fixed cost per op call (seconds): dispatch, launch, thread wake-up."""
     num_samples: int = Field(default=0, ge=0)
@@ -35,8 +37,9 @@ class EfficiencyCurve(Spec):
             raise ValueError("log10_work and rates must have the same length")
         if any(b <= a for a, b in zip(self.log10_work, self.log10_work[1:], strict=False)):
             raise ValueError("log10_work must be strictly increasing")
-        if any(b < a for a, b in zip(self.rates, self.rates[1:], strict=False)):
-            raise ValueError("rates must be non-decreasing in work")
+        if self.unit == "flops" and any(b < a for a, b in zip(self.rates, self.rates[1:],
+                                                               strict=False)):
+            raise ValueError("rates of a FLOP curve must be non-decreasing in work")
         if any(r <= 0 for r in self.rates):
             raise ValueError("rates must be positive")
         return self

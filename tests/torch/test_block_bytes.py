@@ -46,7 +46,13 @@ def test_block_bytes_match_the_recording(spec, overrides):
     assert backward == pytest.approx(measured["backward"], rel=0.02)
 
 
-def test_moe_routing_bytes_match_the_recording():
+def test_moe_routing_bytes_match_the_recording(monkeypatch):
+    """Per-token routing bytes, recorded with whole expert groups: the padding of adapted
+    experts on CPU bf16 adds a per-layer constant (moe_routing_ops(pad_experts=True)) that the
+    double difference over batch sizes cancels only in expectation."""
+    import estimator.executor.model as model_module
+
+    monkeypatch.setattr(model_module, "_reuses_shapes", lambda x: False)
     spec = SPEC.model_copy(update={"moe": MoESpec(num_experts=6, num_experts_per_token=2,
                                                   expert_intermediate_size=40)})
     setup = TrainSetup(method="lora", compute_dtype="bf16", lora_rank=4)

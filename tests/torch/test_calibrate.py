@@ -11,7 +11,8 @@ from estimator.profiles import find_profile
 
 REQUIRED_CLASSES = {
     "matmul.fp32", "matmul.bf16", "matmul.fp16", "attention.fp32", "attention.bf16",
-    "attention.fp16", "memory", "elementwise", "optimizer", "dequant.nf4", "dispatch",
+    "attention.fp16", "memory", "elementwise.fp32", "elementwise.bf16", "optimizer",
+    "dequant.nf4", "dispatch",
 }
 
 
@@ -63,6 +64,17 @@ def test_fit_is_always_monotone_and_valid(points):
     assert predicted == pytest.approx(sum(t for _, t in points), rel=1e-6)
 
 
+def test_memory_bound_fit_keeps_the_measured_rates():
+    """monotone=False: a rate that falls once operands leave the caches stays as measured,
+    each knot reproduces its own point."""
+    points = [(1e4, 1e-6 + 1e4 / 5e9), (1e6, 1e-6 + 1e6 / 40e9), (1e8, 1e-6 + 1e8 / 8e9)]
+    curve = fit_curve("elementwise.bf16", "bytes", points, overhead_seconds=1e-6,
+                      monotone=False)
+    assert [round(r / 1e9, 6) for r in curve.rates] == [5.0, 40.0, 8.0]
+    for w, t in points:
+        assert curve_seconds(curve, w) == pytest.approx(t)
+
+
 def test_isotonic_rates_identity_on_sorted_input():
     assert isotonic_rates([1, 2, 3], [1, 1, 1]) == [1, 2, 3]
 
@@ -82,8 +94,10 @@ def test_tiny_calibration_run_stores_a_usable_profile(tmp_path, monkeypatch):
     assert profile.backend == "cpu" and profile.quick and profile.preferred_dtype in (
         "fp32", "bf16", "fp16")
     assert steps[-1][0] == steps[-1][1]  # progress reached the end
-    for curve in profile.curves.values():
-        assert list(curve.rates) == sorted(curve.rates) and curve.overhead_seconds >= 0
+    for curve in profile.curves.values():  # FLOP curves monotone, byte curves as measured
+        assert curve.unit == "bytes" or list(curve.rates) == sorted(curve.rates)
+        assert curve.overhead_seconds >= 0
+    assert {"elementwise.fp32", "elementwise.bf16"} <= set(profile.curves)
     assert profile.curves["dispatch"].overhead_seconds > 0
     assert profile.curves["dispatch.autograd"].overhead_seconds > 0
     assert {"matmul_cold.fp32", "matmul_cold.bf16"} <= set(profile.curves)

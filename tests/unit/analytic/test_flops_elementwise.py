@@ -72,3 +72,19 @@ def test_padded_expert_rows(tiny_moe: ModelSpec) -> None:
     rows = 2 * 64 * 2 / 4
     ratios = {round(b.flops / a.flops, 6) for a, b in zip(plain, padded, strict=True)}
     assert ratios == {1.0, round((rows + 15.5) / rows, 6)}
+
+
+def test_padded_expert_rows_add_their_memory_bound_bytes(tiny_moe: ModelSpec) -> None:
+    """Each padded row costs a routed row's routing bytes and expert-MLP elementwise bytes."""
+    setup = TrainSetup(method="lora", weight_bits=16, compute_dtype="bf16", batch_size=2,
+                       seq_len=64)
+    plain = F.moe_routing_ops(tiny_moe, setup)
+    padded = F.moe_routing_ops(tiny_moe, setup, pad_experts=True)
+    table = F.block_token_bytes(setup)
+    pad_rows = tiny_moe.moe.num_experts * 15.5
+    for phase, a, b in zip(("forward", "backward"), plain, padded, strict=True):
+        per_hk = F.MOE_ROUTING_BYTES[phase][0]
+        per_row = (per_hk * tiny_moe.hidden_size
+                   + table[phase].ffn * tiny_moe.moe.expert_intermediate_size)
+        assert b.bytes_moved - a.bytes_moved == pytest.approx(
+            pad_rows * per_row * tiny_moe.num_moe_layers)
