@@ -31,7 +31,7 @@ the plan records; if they differ from the array scores, the whole space is score
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 import numpy as np
@@ -111,7 +111,7 @@ class Group:
     accums: np.ndarray
     """Accumulation of each micro-batch (count)."""
 
-    structure: tuple = ()
+    structure: tuple = field(init=False)
     """What the compute op lists depend on besides (b, a) and the rank device: (method,
     compute dtype, mixed precision, optimizer, checkpointing)."""
 
