@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
+from estimator.analytic.memory import ADAMW8BIT_CHUNK_ELEMENTS
 from estimator.errors import SetupError
 from estimator.specs.setup import TrainSetup
 
@@ -63,56 +64,84 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
     return values.view(-1)[: like.numel()].view(like.shape)
 
 
+CHUNK_ELEMENTS = ADAMW8BIT_CHUNK_ELEMENTS
+"""Elements updated at a time by AdamW8bit (a multiple of BLOCK_SIZE): the step's fp32
+moments, update and quantisation temporaries exist for one chunk only, not for a whole
+tensor (memory.ADAMW8BIT_TEMP_BYTES per element)."""
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with blockwise 8-bit m and v (decoupled weight decay, bias correction as torch's
-    AdamW). Tensors under MIN_8BIT_NUMEL elements keep fp32 states."""
+    AdamW). Tensors under MIN_8BIT_NUMEL elements keep fp32 states. Large tensors are updated
+    in chunks of `chunk_elements` (whole quantisation blocks, so the result does not depend on
+    the chunk size)."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01) -> None:
+                 weight_decay: float = 0.01, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        if chunk_elements % BLOCK_SIZE:
+            raise ValueError(f"chunk_elements must be a multiple of {BLOCK_SIZE}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay})
+        self.chunk_elements = chunk_elements
 
-    def _moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.state[p]
-        if "m_codes" in state:
-            m = dequantize_blockwise(state["m_codes"], state["m_absmax"], SIGNED_CODE, p)
-            v = dequantize_blockwise(state["v_codes"], state["v_absmax"], UNSIGNED_CODE, p)
-            return m, v
-        if "m" in state:
-            return state["m"], state["v"]
-        zeros = torch.zeros_like(p, dtype=torch.float32)
-        return zeros, zeros.clone()
+    @staticmethod
+    def _adamw(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+               group: dict, step: int) -> None:
+        """In-place AdamW update of p (any dtype, computed in fp32) and fp32 m, v."""
+        beta1, beta2 = group["betas"]
+        grad = grad.float()
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        update = (m / (1 - beta1**step)).div_(denom)
+        p_fp32 = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+        p.copy_(p_fp32.add_(update, alpha=-group["lr"]))
 
-    def _store(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-        state = self.state[p]
-        if p.numel() < MIN_8BIT_NUMEL:
-            state["m"], state["v"] = m, v
-            return
-        state["m_codes"], state["m_absmax"] = quantize_blockwise(m, SIGNED_CODE)
-        state["v_codes"], state["v_absmax"] = quantize_blockwise(v, UNSIGNED_CODE)
+    def _step_8bit(self, p: torch.Tensor, state: dict, group: dict, step: int) -> None:
+        """Dequantise, update and requantise one chunk of whole blocks at a time."""
+        numel = p.numel()
+        if "m_codes" not in state:
+            blocks = -(-numel // BLOCK_SIZE)
+            zero = torch.zeros(1, device=p.device)
+            for name, code in (("m", SIGNED_CODE), ("v", UNSIGNED_CODE)):
+                codes, absmax = quantize_blockwise(zero, code)
+                state[f"{name}_codes"] = codes[:1].expand(blocks * BLOCK_SIZE).clone()
+                state[f"{name}_absmax"] = absmax[:1].expand(blocks).clone()
+        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+        for lo in range(0, numel, self.chunk_elements):
+            hi = min(lo + self.chunk_elements, numel)
+            blocks = slice(lo // BLOCK_SIZE, -(-hi // BLOCK_SIZE))
+            codes = slice(blocks.start * BLOCK_SIZE, blocks.stop * BLOCK_SIZE)
+            like = flat_p[lo:hi]
+            m = dequantize_blockwise(state["m_codes"][codes], state["m_absmax"][blocks],
+                                     SIGNED_CODE, like)
+            v = dequantize_blockwise(state["v_codes"][codes], state["v_absmax"][blocks],
+                                     UNSIGNED_CODE, like)
+            self._adamw(like, flat_g[lo:hi], m, v, group, step)
+            state["m_codes"][codes], state["m_absmax"][blocks] = quantize_blockwise(
+                m, SIGNED_CODE)
+            state["v_codes"][codes], state["v_absmax"][blocks] = quantize_blockwise(
+                v, UNSIGNED_CODE)
 
     @torch.no_grad()
     def step(self, closure=None):  # torch.optim signature
         """One AdamW update of every parameter with a gradient."""
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 step = int(state.get("step", torch.tensor(0.0))) + 1
                 state["step"] = torch.tensor(float(step))
-                m, v = self._moments(p)
-                grad = p.grad.float()
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
-                update = (m / (1 - beta1**step)).div_(denom)
-                p_fp32 = p.float().mul_(1 - group["lr"] * group["weight_decay"])
-                p.copy_(p_fp32.add_(update, alpha=-group["lr"]))
-                self._store(p, m, v)
+                if p.numel() >= MIN_8BIT_NUMEL and p.is_contiguous():
+                    self._step_8bit(p, state, group, step)
+                    continue
+                if "m" not in state:
+                    state["m"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["v"] = torch.zeros_like(p, dtype=torch.float32)
+                self._adamw(p, p.grad, state["m"], state["v"], group, step)
         return loss
 
 
