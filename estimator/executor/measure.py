@@ -18,7 +18,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -230,20 +230,34 @@ def synchronize(device: torch.device) -> None:
         _accelerator_memory("synchronize", device.type)(device)
 
 
-def median_step_seconds(step_seconds: list[float], *, num_warmup: int = 2) -> float | None:
-    """Median step time after dropping the first num_warmup steps (seconds); with too few
-    steps, the median of those there are; None with none."""
-    steady = step_seconds[num_warmup:] or step_seconds[-1:]
+def median_step_seconds(step_seconds: list[float], *, num_warmup: int = 2,
+                        skip: Collection[int] = ()) -> float | None:
+    """Median step time after dropping the first num_warmup steps and the steps whose index is
+    in `skip` (e.g. those that ran torch.compile) (seconds); with too few steps, the last one;
+    None with none."""
+    steady = [s for i, s in enumerate(step_seconds) if i >= num_warmup and i not in skip]
+    steady = steady or step_seconds[-1:]
     return statistics.median(steady) if steady else None
 
 
 class StepTimer:
-    """Wall time per step; synchronises the device before each reading."""
+    """Wall time per step; synchronises the device before each reading. Steps marked as
+    compiling (mark_compiled) are left out of the median like the warm-up steps."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.step_seconds: list[float] = []
+        self.compiled_steps: set[int] = set()
+        """Indices into step_seconds of steps that ran a torch.compile (count from 0)."""
         self._start = 0.0
+
+    def mark_compiled(self) -> None:
+        """The last recorded step compiled: leave it out of the median."""
+        self.compiled_steps.add(len(self.step_seconds) - 1)
+
+    def median_seconds(self) -> float | None:
+        """Median step time past the warm-up and compiling steps (seconds); None with none."""
+        return median_step_seconds(self.step_seconds, skip=self.compiled_steps)
 
     def start(self) -> None:
         synchronize(self.device)
@@ -370,11 +384,13 @@ def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigL
                      peak_bytes: int, weights_bytes: int, gradient_bytes: int | None,
                      optimizer_bytes: int | None, world_size: int = 1,
                      peak_bytes_per_rank: Iterable[int] = (),
-                     allreduce_step_seconds: list[float] | None = None) -> RunReport:
+                     allreduce_step_seconds: list[float] | None = None,
+                     compiled_steps: Collection[int] = ()) -> RunReport:
     """Assemble the RunReport: measurement, and the prediction for the same config beside it.
-    Data parallel: peak_bytes is the largest rank's; tokens count all ranks."""
+    Data parallel: peak_bytes is the largest rank's; tokens count all ranks. The step time is
+    the median past the warm-up steps and the `compiled_steps` (indices into step_seconds)."""
     estimate, note = predict(spec, setup, device) if config.predict else (None, "not requested")
-    median = median_step_seconds(step_seconds)
+    median = median_step_seconds(step_seconds, skip=compiled_steps)
     predicted_seconds = estimate.throughput.step_seconds if estimate is not None else None
     allreduce = median_step_seconds(allreduce_step_seconds or [])
     return RunReport(

@@ -17,11 +17,12 @@ Stops: max_steps reached; SIGINT/SIGTERM (the current step finishes, a checkpoin
 a non-finite loss or gradient norm (nothing is saved, the last good checkpoint stays).
 
 Compilation (config.compile, `nvfree train --compile`): each decoder block runs under
-torch.compile; the first optimizer step compiles (forward, then backward) and is one of the
-warm-up steps that the step-time median leaves out (measure.median_step_seconds). The analytic
-prediction models eager execution: a compiled run's report says so (RunReport.compiled and its
-prediction_note). Compiled blocks keep their parameter names, so checkpoints and --resume are
-the same with or without it.
+torch.compile; the first optimizer step compiles (forward, then backward; QLoRA recompiles in
+the second). Every step during which dynamo compiled a frame is marked on the StepTimer and
+left out of the step-time median, like the two warm-up steps (measure.median_step_seconds).
+The analytic prediction models eager execution: a compiled run's report says so
+(RunReport.compiled and its prediction_note). Compiled blocks keep their parameter names, so
+checkpoints and --resume are the same with or without it.
 
 Data parallel (estimator/executor/distributed.py): under torchrun every rank builds the same
 model, trains on its own slice of each step's sequences (data.stream_position) and DDP averages
@@ -499,9 +500,12 @@ def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.Pe
     with _signals_stop() as received, compiling:
         for step in range(run.start_step, config.max_steps):
             lr = lr_at(step, base_lr=base_lr, warmup_steps=warmup, total_steps=config.max_steps)
+            frames = _compiled_frames() if config.compile else 0
             timer.start()
             loss, bad = train_step(run, step, lr)
             seconds = timer.stop()
+            if config.compile and _compiled_frames() != frames:
+                timer.mark_compiled()
             if run.allreduce is not None:
                 run.allreduce.end_step()
             loss, bad, signum = _agree(run, loss, bad, received, step)
@@ -529,6 +533,14 @@ def _loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure.Pe
                                f"{done}; checkpoint {out.checkpoint_dir}; continue with --resume")
                 return out
     return out
+
+
+def _compiled_frames() -> int:
+    """Frames torch dynamo has compiled in this process so far (count); a change across a
+    step means the step compiled (or recompiled) a block."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
 
 
 def _final_message(out: _Outcome, run: Run, latest: Path | None, resume_note: str | None) -> str:
@@ -578,9 +590,10 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         gradient_bytes=run.grads_bytes, optimizer_bytes=out.optimizer_bytes,
         world_size=ctx.world_size, peak_bytes_per_rank=peaks if ctx.is_distributed else [],
         allreduce_step_seconds=run.allreduce.step_seconds if run.allreduce else None,
+        compiled_steps=timer.compiled_steps,
     )
     if config.compile:
-        report = _label_compiled(report)
+        report = _label_compiled(report, timer)
     if ctx.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         _write_report(report, config.output_dir / REPORT_FILE)
@@ -588,10 +601,18 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     return report
 
 
-def _label_compiled(report: RunReport) -> RunReport:
-    """Mark a compiled run's report: the prediction beside it models eager execution."""
+def _label_compiled(report: RunReport, timer: measure.StepTimer) -> RunReport:
+    """Mark a compiled run's report: the prediction beside it models eager execution; say
+    which steps compiled (left out of the step time)."""
     note = ("predicted for eager execution; this run was compiled (torch.compile per block): "
             "the estimate models neither the compiled speed nor the compiler's memory")
+    compiling = sorted(report.start_step + i + 1 for i in timer.compiled_steps)
+    if compiling:
+        steps = f"step{'s' if len(compiling) > 1 else ''} {', '.join(map(str, compiling))}"
+        if len(compiling) < len(timer.step_seconds):
+            note += f"; {steps} compiled (left out of the step time)"
+        else:
+            note += f"; every step compiled ({steps}): the step time includes the compile"
     if report.prediction_note:
         note = f"{note}; {report.prediction_note}"
     return report.model_copy(update={"compiled": True, "prediction_note": note})
@@ -603,7 +624,7 @@ def _report_progress(on_progress: Callable[[StepProgress], None] | None, run: Ru
     if on_progress is None or not run.dist.is_main or (
             done % run.config.log_every and done != run.config.max_steps):
         return
-    median = measure.median_step_seconds(timer.step_seconds) or seconds
+    median = timer.median_seconds() or seconds
     tokens = run.setup.global_tokens_per_step
     on_progress(StepProgress(
         step=done, max_steps=run.config.max_steps, loss=loss, lr=lr, step_seconds=seconds,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from estimator.executor import measure
 from estimator.executor.train import train
 from estimator.specs import ModelSpec, TrainSetup
 
@@ -40,8 +41,15 @@ def test_compiled_lora_trains_like_eager_and_the_report_says_compiled(text_file,
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     assert compiled.compiled and not eager.compiled
     assert "predicted for eager execution" in compiled.prediction_note
+    assert "step 1 compiled (left out of the step time)" in compiled.prediction_note
     saved = json.loads((tmp_path / "compiled" / "run_report.json").read_text())
     assert saved["compiled"] is True
+
+
+def test_step_time_median_leaves_out_compiling_steps():
+    seconds = [60.0, 30.0, 1.0, 20.0, 2.0, 3.0]  # steps 1–2 warm up, step 4 recompiled
+    assert measure.median_step_seconds(seconds, skip={3}) == 2.0
+    assert measure.median_step_seconds([60.0], skip={0}) == 60.0  # nothing else to time
 
 
 def _interrupt_at(step_to_stop: int):
