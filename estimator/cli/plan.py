@@ -64,6 +64,9 @@ FixedZeroOpt = Annotated[Literal["0", "1", "2", "3"] | None, typer.Option(
     "--zero", rich_help_panel=PLAN_PANEL,
     help="Fix the ZeRO stage  [default: search 0–3 on catalogue devices; 0 (DDP, what the "
          "bundled trainer runs) for local]")]
+MaxDevicesOpt = Annotated[int | None, typer.Option(
+    "--max-devices", min=1, rich_help_panel=PLAN_PANEL,
+    help="Search 1, 2, 4, … up to N devices (--nodes spreads N)  [default: --num-devices]")]
 TorchDeviceOpt = Annotated[str, typer.Option(
     "--torch-device", help="torch device `nvfree run` trains on: cpu, cuda, mps, xpu.")]
 
@@ -88,9 +91,9 @@ def quick_calibration(console) -> None:
 
 
 def constraints_from(*, method, dtype, optimizer, checkpointing, global_batch, memory_limit,
-                     max_hours, max_cost, objective, top, zero_stages):
+                     max_hours, max_cost, objective, top, zero_stages, max_devices=None):
     """planner.Constraints from the flags (a fixed flag narrows that dimension to one value)."""
-    from estimator.planner import Constraints
+    from estimator.planner import Constraints, devices_up_to
 
     precisions = () if dtype is None else (
         ((dtype, False),) if dtype == "fp32" else ((dtype, True), (dtype, False)))
@@ -102,7 +105,8 @@ def constraints_from(*, method, dtype, optimizer, checkpointing, global_batch, m
         methods=(method,) if method else ("full", "lora", "qlora"), precisions=precisions,
         optimizers=(optimizer,) if optimizer else ("adamw", "adamw8bit"),
         checkpointing=(checkpointing,) if checkpointing is not None else (False, True),
-        zero_stages=zero_stages)
+        zero_stages=zero_stages,
+        device_counts=devices_up_to(max_devices) if max_devices else ())
 
 
 def plan(
@@ -115,6 +119,7 @@ def plan(
     text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
     tokens: TokensOpt = None, device: DeviceOpt = "local", num_devices: NumDevicesOpt = 1,
     nodes: NodesOpt = 1, zero: FixedZeroOpt = None, offload: OffloadOpt = "none",
+    max_devices: MaxDevicesOpt = None,
     memory_limit: MemoryLimitOpt = None,
     max_hours: MaxHoursOpt = None, max_cost: MaxCostOpt = None,
     objective: ObjectiveOpt = "time", output: OutputOpt = Path("plan.json"), top: TopOpt = 5,
@@ -138,6 +143,7 @@ def plan(
         quick_calibration(Console(stderr=True))
         dev, profile, note = resolve_device(device)
     num_tokens = _token_budget(tokens, data, text_field, count_data_tokens)
+    num_devices = max_devices or num_devices
     try:
         base = TrainSetup(seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
                           lora_targets=parse_targets(lora_targets), num_tokens=num_tokens,
@@ -152,7 +158,8 @@ def plan(
     c = constraints_from(method=method, dtype=dtype, optimizer=optimizer,
                          checkpointing=checkpointing, global_batch=global_batch,
                          memory_limit=memory_limit, max_hours=max_hours, max_cost=max_cost,
-                         objective=objective, top=top, zero_stages=stages)
+                         objective=objective, top=top, zero_stages=stages,
+                         max_devices=max_devices)
     result = search(spec, base, dev, profile, c)
     if not result.candidates[0].verdict.startswith("chosen"):
         raise SetupError(f"no candidate meets the constraints; the closest: "

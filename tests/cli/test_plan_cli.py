@@ -36,6 +36,22 @@ def test_plan_json_and_fixed_choices(capsys: pytest.CaptureFixture[str], tmp_pat
     assert not any(c["setup"]["checkpointing"] for c in data["candidates"])
 
 
+def test_plan_searches_device_counts(capsys: pytest.CaptureFixture[str],
+                                     tmp_path: Path) -> None:
+    """--max-devices 16 on an 8-GPU node type: 1, 2, 4, 8, 16 devices are searched; a model
+    that needs several devices gets a plan for several."""
+    code, out, _ = run(capsys, "plan", "--model", "llama-3.1-8b", "--device", "mi300x",
+                       "--method", "full", "--max-devices", "16", "--nodes", "2",
+                       "--global-batch", "64", "--seq-len", "4096", "--tokens", "1e7",
+                       "--memory-limit", "100", "--top", "8", "-o", str(tmp_path / "p.json"),
+                       "--json")
+    assert code == 0
+    data = json.loads(out)
+    counts = {c["setup"]["num_devices"] for c in data["candidates"]}
+    assert counts <= {1, 2, 4, 8, 16} and min(counts) > 1
+    assert data["setup"]["num_devices"] in counts
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--memory-limit", "0.01"), "no candidate meets the constraints"),
     (("--global-batch", "3", "--tokens", "0"), "--tokens must be positive"),
