@@ -30,7 +30,8 @@ MethodOpt = Annotated[Literal["full", "lora", "qlora", "inference"] | None, type
     help="full | lora | qlora | inference  [default: qlora for --bits 4, lora for 8, else full]")]
 BitsOpt = Annotated[Literal["4", "8", "16", "32"] | None, typer.Option(
     "--bits", rich_help_panel=SETUP_PANEL,
-    help="Storage bits of the base weights: 4 (NF4), 8, 16, 32  [default: 4 for qlora, else 16]")]
+    help="Storage bits of the base weights: 4 (NF4), 8, 16, 32  [default: 4 for qlora, 32 for "
+         "--dtype fp32, else 16]")]
 DtypeOpt = Annotated[Literal["auto", "fp32", "bf16", "fp16"], typer.Option(
     "--dtype", rich_help_panel=SETUP_PANEL,
     help="Compute dtype; auto = bf16 where the device has a bf16 rate (or measured faster).")]
@@ -121,9 +122,9 @@ def resolve_setup(*, method: str | None, bits: str | None, dtype: str, device, p
     num_bits = int(bits) if bits else None
     if method is None:
         method = {4: "qlora", 8: "lora"}.get(num_bits or 16, "full")
-    if num_bits is None:
-        num_bits = 4 if method == "qlora" else 16
     compute = auto_dtype(device, profile) if dtype == "auto" else dtype
+    if num_bits is None:  # fp32 compute stores fp32 weights (as the executor builds them)
+        num_bits = 4 if method == "qlora" else (32 if compute == "fp32" else 16)
     targets = parse_targets(lora_targets)
     if tokens is not None and tokens <= 0:
         raise SetupError(f"--tokens must be positive, got {tokens:g}")
