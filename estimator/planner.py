@@ -241,22 +241,31 @@ def _at(setup: TrainSetup, batch: int, accum: int = 1) -> TrainSetup:
 
 
 def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
-                  params: ParamCounts) -> tuple[int, int, int, int]:
+                  params: ParamCounts, num_devices=None) -> tuple[int, int, int, int]:
     """The memory_breakdown terms that do not depend on the micro-batch, from memory.py's own
     term functions: (bytes held all step: weights, states, runtime; forward/backward bytes
     besides the micro-batch's (ZeRO-3's gathered block); gradient bytes, held through
     forward/backward when accumulating; the optimizer-step phase: gradients + optimizer
-    transients)."""
+    transients). `num_devices`: an array of device counts on the same side of 1 as the
+    setup's (model_state_terms), each term then an array."""
     check_offload(setup, device)
-    state = model_state_terms(model, setup, device, params)
+    state = model_state_terms(model, setup, device, params, num_devices=num_devices)
     for name in HOST_TERMS.get(setup.offload, ()):
         state.pop(name)
     grads = state["gradients"]
     held = (state.get("weights", 0) + state.get("quant_scales", 0)
             + state.get("master_weights", 0) + state["adapter_weights"]
             + state.get("optimizer_states", 0) + runtime_overhead_bytes(device, setup)
-            + sum(step_runtime_bytes(setup, device, grads).values()))
+            + _step_runtime(setup, device, grads))
     return held, state["gathered_params"], grads, grads + state.get("optimizer_transient", 0)
+
+
+def _step_runtime(setup: TrainSetup, device: Device, grads) -> int:
+    """memory.step_runtime_bytes summed, per element of an array of gradient bytes."""
+    if np.ndim(grads) == 0:
+        return sum(step_runtime_bytes(setup, device, grads).values())
+    return np.array([sum(step_runtime_bytes(setup, device, g).values())
+                     for g in grads.tolist()])
 
 
 def batch_bytes(model: ModelSpec, setup: TrainSetup) -> int:
@@ -374,43 +383,55 @@ def compute_seconds(table: OpTable, device: Device, profile: CalibrationProfile 
 
 @dataclass(frozen=True)
 class CommTerms:
-    """A group's communication (and offloaded host optimizer step) in affine form:
-    seconds = fixed + per_micro_batch · (a − 1) (+ grows, per candidate, for payloads that
-    grow with b: MoE all-to-all)."""
+    """The communication (and offloaded host optimizer step) of groups that differ only in
+    their device count, in affine form: seconds = fixed + per_micro_batch · (a − 1), one entry
+    per group (+ grows, per candidate, for payloads that grow with b: MoE all-to-all)."""
 
-    fixed: float
-    per_micro_batch: float
+    fixed: np.ndarray
+    per_micro_batch: np.ndarray
     grows: np.ndarray | None = None
 
 
-def collective_terms(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
-                     profile: CalibrationProfile | None, batches: np.ndarray,
-                     accums: np.ndarray, first: list[C.Collective]) -> CommTerms | None:
-    """parallel.communication_ops's collectives over (b, a): parallel.step_collectives at the
-    PROBES (`first`: at (1, 1)) gives each collective's payload (affine in b: MoE all-to-all)
-    and calls (affine in a: per-micro-batch ZeRO-2/3 collectives); one call of each distinct
-    payload is timed by comms.collective_seconds. No collective at (1, 1) (one device, no
-    offload): none at all. None when the probes disagree with the affine form."""
+def collective_terms(model: ModelSpec, groups: list[Group], device: Device,
+                     params: ParamCounts, profile: CalibrationProfile | None,
+                     first: list[C.Collective]) -> CommTerms | None:
+    """parallel.communication_ops's collectives over the groups' device counts and (b, a):
+    parallel.step_collectives at the PROBES over the array of device counts (`first`: at
+    (1, 1)) gives each collective's payload (affine in b: MoE all-to-all) and calls (affine in
+    a: per-micro-batch ZeRO-2/3 collectives); one call of each is timed by
+    comms.collective_seconds over the array of node layouts. No collective at (1, 1) (one
+    device, no offload): none at all. None when the probes disagree with the affine form."""
+    counts = np.array([g.setup.num_devices for g in groups])
     if not first:
-        return CommTerms(0.0, 0.0)
-    lists = [first] + [step_collectives(model, _at(setup, b, a), params) for b, a in PROBES[1:]]
+        return CommTerms(np.zeros(len(groups)), np.zeros(len(groups)))
+    setup = groups[0].setup
+    lists = [first] + [step_collectives(model, _at(setup, b, a), params, num_devices=counts)
+                       for b, a in PROBES[1:]]
     if not [c.name for c in lists[0]] == [c.name for c in lists[1]] == [c.name for c in lists[2]]:
         return None
-    links, curve = C.links_for(device, setup), C.all_reduce_curve(device, profile)
-    fixed, per_micro_batch, grows = 0.0, 0.0, None
+    nodes = np.array([g.setup.num_nodes for g in groups])
+    links = replace(C.links_for(device, setup), devices_per_node=counts // nodes,
+                    num_nodes=nodes)
+    curve = C.all_reduce_curve(device, profile)
+    gi = np.repeat(np.arange(len(groups)), [len(g.batches) for g in groups])
+    batches = np.concatenate([g.batches for g in groups])
+    accums = np.concatenate([g.accums for g in groups])
+    fixed, per_micro_batch, grows = np.zeros(len(groups)), np.zeros(len(groups)), None
     for one, at_b, at_a in zip(*lists, strict=True):
-        if at_b.num_calls != one.num_calls or at_a.num_bytes != one.num_bytes:
+        if at_b.num_calls != one.num_calls or np.any(at_a.num_bytes != one.num_bytes):
             return None
         extra_calls = at_a.num_calls - one.num_calls
-        if at_b.num_bytes == one.num_bytes:  # the payload does not grow with b
+        if np.all(at_b.num_bytes == one.num_bytes):  # the payload does not grow with b
             each = C.collective_seconds(replace(one, num_calls=1), links, curve)
-            fixed += one.num_calls * each
-            per_micro_batch += extra_calls * each
+            fixed = fixed + one.num_calls * each
+            per_micro_batch = per_micro_batch + extra_calls * each
             continue
-        payload = one.num_bytes + (at_b.num_bytes - one.num_bytes) * (batches - 1.0)
-        values, inverse = np.unique(payload, return_inverse=True)
-        each = np.array([C.collective_seconds(replace(one, num_bytes=float(v), num_calls=1),
-                                              links, curve) for v in values])[inverse]
+        slope = np.broadcast_to(at_b.num_bytes - one.num_bytes, counts.shape)[gi]
+        payload = np.broadcast_to(one.num_bytes, counts.shape)[gi] + slope * (batches - 1.0)
+        each = C.collective_seconds(
+            replace(one, num_bytes=payload, num_calls=1),
+            replace(links, devices_per_node=links.devices_per_node[gi], num_nodes=nodes[gi]),
+            curve)
         grows = (0.0 if grows is None else grows) + (
             one.num_calls + extra_calls * (accums - 1.0)) * each
     return CommTerms(fixed, per_micro_batch, grows)
@@ -446,97 +467,141 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
     for g in groups:
         if g.setup.method not in params:
             params[g.setup.method] = count_params(model, g.setup)
-    return (group_peaks(model, groups, device, params),
-            group_seconds(model, groups, device, profile, params))
+    layout = device_layouts(groups, device)
+    return (group_peaks(model, groups, device, params, layout),
+            group_seconds(model, groups, device, profile, params, layout))
 
 
-def _split(device: Device, rank: Device, setup: TrainSetup) -> int | None:
-    """Ranks sharing a CPU machine (rank_device split it), else None."""
-    return None if rank is device else ranks_per_node(setup)
+@dataclass(frozen=True)
+class Layouts:
+    """Each group's rank device and CPU split, and the groups that differ only in their
+    device count: same structure, split, ZeRO stage and side of one device (the branches of
+    the analytic model read these; the device count enters its formulas as an array)."""
+
+    ranks: list[Device]
+    splits: list[int | None]
+    """Ranks sharing a CPU machine (rank_device split it), else None, per group."""
+    classes: dict[tuple, list[int]]
+    """Indices of the groups of each class."""
+
+
+def device_layouts(groups: list[Group], device: Device) -> Layouts:
+    """Layouts of the groups (rank_device once per number of ranks per node)."""
+    ranks, splits, classes, by_split = [], [], {}, {}
+    for i, g in enumerate(groups):
+        s = g.setup
+        per_node = ranks_per_node(s)
+        if per_node not in by_split:
+            rank = rank_device(device, s)
+            by_split[per_node] = rank, (None if rank is device else per_node)
+        rank, split = by_split[per_node]
+        ranks.append(rank)
+        splits.append(split)
+        classes.setdefault((g.structure, split, s.zero_stage, s.num_devices > 1), []).append(i)
+    return Layouts(ranks, splits, classes)
 
 
 def group_peaks(model: ModelSpec, groups: list[Group], device: Device,
-                params: dict[str, ParamCounts]) -> np.ndarray:
-    """Peak bytes per device of every candidate: memory_phases per group, batch rows per
-    structure and micro-batch (_batch_rows), phase_peak over all candidates at once."""
-    phases, rows = [], {}
-    for g in groups:
-        s = g.setup
-        rank, p = rank_device(device, s), params[s.method]
-        phases.append(memory_phases(model, s, rank, p))
-        _batch_rows(model, g, rank, p, phases[-1], rows, _split(device, rank, s))
-    by_candidate = np.array([rows[g.structure, _split(device, rank_device(device, g.setup),
-                                                      g.setup), b]
-                             for g in groups for b in g.batches.tolist()], dtype=float)
+                params: dict[str, ParamCounts], layout: Layouts) -> np.ndarray:
+    """Peak bytes per device of every candidate: memory_phases per class of groups (over the
+    array of their device counts), batch rows per structure and micro-batch (_batch_rows),
+    phase_peak over all candidates at once."""
+    phases = np.empty((len(groups), 4))
+    for members in layout.classes.values():
+        s = groups[members[0]].setup
+        counts = np.array([groups[i].setup.num_devices for i in members])
+        terms = memory_phases(model, s, layout.ranks[members[0]], params[s.method], counts)
+        phases[members] = np.column_stack(np.broadcast_arrays(*terms, counts))[:, :4]
+    rows: dict = {}
+    for i, g in enumerate(groups):
+        _batch_rows(model, g, layout.ranks[i], params[g.setup.method], tuple(phases[i]), rows,
+                    layout.splits[i])
+    by_candidate = np.array([rows[g.structure, layout.splits[i], b]
+                             for i, g in enumerate(groups) for b in g.batches.tolist()],
+                            dtype=float)
     gi = np.repeat(np.arange(len(groups)), [len(g.batches) for g in groups])
     accums = np.concatenate([g.accums for g in groups])
-    return by_candidate[:, 1] + phase_peak(np.array(phases, dtype=float).T[:, gi],
-                                           by_candidate[:, 0], accums)
+    return by_candidate[:, 1] + phase_peak(phases.T[:, gi], by_candidate[:, 0], accums)
 
 
 def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
-                  profile: CalibrationProfile | None,
-                  params: dict[str, ParamCounts]) -> np.ndarray:
+                  profile: CalibrationProfile | None, params: dict[str, ParamCounts],
+                  layout: Layouts) -> np.ndarray:
     """Step seconds of every candidate: one OpTable per structure and rank device, timed for
     the candidates of all its groups at once (compute_seconds, the optimizer ops scaled to each
-    group's shard); collectives and the host optimizer step per group (_group_comm). A group
-    whose probes disagree with the affine forms is scored by step_throughput per candidate."""
-    sizes = [len(g.batches) for g in groups]
+    group's shard); collectives and the host optimizer step per class of groups over their
+    device counts (_class_comm). A class whose probes disagree with the affine forms is scored
+    by step_throughput per candidate."""
+    sizes = np.array([len(g.batches) for g in groups])
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     step = np.zeros(starts[-1])
     tables: dict[tuple, tuple] = {}
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
     collectives: dict[tuple, tuple] = {}
     members: dict[tuple, list] = {}
-    for i, g in enumerate(groups):
-        s, p = g.setup, params[g.setup.method]
-        rank = rank_device(device, s)
-        key = (g.structure, _split(device, rank, s))
+    for (structure, split, *_), idx in layout.classes.items():
+        s, p, rank = groups[idx[0]].setup, params[groups[idx[0]].setup.method], layout.ranks[idx[0]]
+        key = (structure, split)
         if key not in tables:
             rprofile = rank_profile(profile, device, s)
-            mate = (*g.structure[:3], *g.structure[4:], key[1])
+            mate = (*structure[:3], *structure[4:], split)
             tables[key] = (op_table(model, s, p, rank, rprofile, siblings.get(mate)),
                            rank, rprofile)
             if tables[key][0] is not None:
                 siblings.setdefault(mate, tables[key][0])
-        terms = _group_comm(model, g, rank, p, profile, collectives, key[1])
+        class_groups = [groups[i] for i in idx]
+        terms = _class_comm(model, class_groups, rank, p, profile, collectives, split)
         if tables[key][0] is None or terms is None:
-            step[starts[i]:starts[i + 1]] = _exact_steps(model, g, device, profile)
+            for i, g in zip(idx, class_groups, strict=True):
+                step[starts[i]:starts[i + 1]] = _exact_steps(model, g, device, profile)
             continue
-        step[starts[i]:starts[i + 1]] = terms.fixed + terms.per_micro_batch * (g.accums - 1.0)
+        at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
+        gi = np.repeat(np.arange(len(idx)), sizes[idx])
+        batches = np.concatenate([g.batches for g in class_groups])
+        accums = np.concatenate([g.accums for g in class_groups])
+        step[at] = terms.fixed[gi] + terms.per_micro_batch[gi] * (accums - 1.0)
         if terms.grows is not None:
-            step[starts[i]:starts[i + 1]] += terms.grows
-        scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p)
-        members.setdefault(key, []).append((i, scale))
-    for key, group_scales in members.items():
+            step[at] += terms.grows
+        counts = np.array([g.setup.num_devices for g in class_groups])
+        scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p, num_devices=counts)
+        members.setdefault(key, []).append(
+            (at, np.broadcast_to(scale, counts.shape)[gi], batches, accums))
+    for key, parts in members.items():
         table, rank, rprofile = tables[key]
-        at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, _ in group_scales])
-        scale = np.repeat([sc for _, sc in group_scales], [sizes[i] for i, _ in group_scales])
-        batches = np.concatenate([groups[i].batches for i, _ in group_scales])
-        accums = np.concatenate([groups[i].accums for i, _ in group_scales])
+        at, scale, batches, accums = (np.concatenate(x) for x in zip(*parts, strict=True))
         step[at] += compute_seconds(table, rank, rprofile, key[0][1], batches, accums, scale)
     return step
 
 
-def _group_comm(model: ModelSpec, g: Group, rank: Device, params: ParamCounts,
+def _class_comm(model: ModelSpec, groups: list[Group], rank: Device, params: ParamCounts,
                 profile: CalibrationProfile | None, known: dict,
                 split: int | None) -> CommTerms | None:
-    """collective_terms of the group plus its host optimizer step (offload). The collectives
-    move gradients and parameters, which neither the optimizer nor checkpointing changes: a
-    group reuses `known` terms of the same method, precision and device layout when its
-    collectives at (1, 1) are the same."""
-    s = g.setup
-    first = step_collectives(model, s, params)
-    layout = (*g.structure[:3], s.num_devices, s.num_nodes, s.zero_stage, split)
-    if layout in known and known[layout][0] == first:
+    """collective_terms of a class of groups plus their host optimizer step (offload). The
+    collectives move gradients and parameters, which neither the optimizer nor checkpointing
+    changes: a class reuses `known` terms of the same method, precision and device layouts
+    when its collectives at (1, 1) are the same."""
+    s = groups[0].setup
+    counts = np.array([g.setup.num_devices for g in groups])
+    first = step_collectives(model, s, params, num_devices=counts)
+    layout = (*groups[0].structure[:3], s.zero_stage, split,
+              tuple(counts.tolist()), tuple(g.setup.num_nodes for g in groups))
+    if layout in known and _same_collectives(known[layout][0], first):
         terms = known[layout][1]
     else:
-        terms = collective_terms(model, s, rank, params, profile, g.batches, g.accums, first)
+        terms = collective_terms(model, groups, rank, params, profile, first)
         known[layout] = (first, terms)
     if terms is None or s.offload == "none":
         return terms
-    return replace(terms, fixed=terms.fixed + sum(
-        op.seconds for op in host_optimizer_op(model, s, params)))
+    host = np.array([sum(op.seconds for op in host_optimizer_op(model, g.setup, params))
+                     for g in groups])
+    return replace(terms, fixed=terms.fixed + host)
+
+
+def _same_collectives(a: list[C.Collective], b: list[C.Collective]) -> bool:
+    """The same collectives (payloads compared as arrays)."""
+    return len(a) == len(b) and all(
+        (x.name, x.kind, x.num_calls, x.num_ranks) == (y.name, y.kind, y.num_calls, y.num_ranks)
+        and np.array_equal(x.num_bytes, y.num_bytes) for x, y in zip(a, b, strict=True))
 
 
 def _batch_rows(model: ModelSpec, g: Group, device: Device, params: ParamCounts,

@@ -8,9 +8,14 @@ all-reduce 2(n−1)/n · B, all-gather and reduce-scatter (n−1)/n · B). Over 
 collective is hierarchical (NCCL's tree/ring over nodes): the intra-node part runs at the device
 interconnect, the inter-node part at the per-device network bandwidth. Bandwidths are per
 direction; a measured `collective.all_reduce` curve replaces the model for local runs.
+
+Rank counts, node layouts and payloads may be numpy arrays (the planner's device-count axis):
+the same formulas elementwise; with scalars the results are the scalar ones, bit for bit.
 """
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from estimator.analytic.efficiency import curve_seconds
 from estimator.analytic.precision import dtype_bytes
@@ -40,7 +45,8 @@ times), gloo over TCP ~50 µs (stated defaults)."""
 @dataclass(frozen=True)
 class Links:
     """The bandwidths (bytes/s, per direction, already × efficiency) and latencies (s) one
-    device's collectives run over, and how the devices are spread over nodes."""
+    device's collectives run over, and how the devices are spread over nodes
+    (devices_per_node and num_nodes may be arrays of layouts)."""
 
     intra_bytes_per_second: float
     inter_bytes_per_second: float
@@ -68,25 +74,41 @@ def links_for(device: Device, setup: TrainSetup) -> Links:
 # ------------------------------------------------------------------ flat ring collectives
 
 
+def _moves_nothing(num_bytes, num_ranks) -> bool:
+    """One rank or an empty buffer, for scalars (arrays are masked by _where_moved)."""
+    return np.ndim(num_bytes) == 0 and np.ndim(num_ranks) == 0 and (
+        num_ranks <= 1 or num_bytes <= 0)
+
+
+def _where_moved(seconds, num_bytes, num_ranks):
+    """Scalars pass through (_moves_nothing returned 0 before); arrays get 0 where one rank
+    or an empty buffer moves nothing."""
+    if np.ndim(seconds) == 0:
+        return seconds
+    return np.where((np.asarray(num_ranks) > 1) & (np.asarray(num_bytes) > 0), seconds, 0.0)
+
+
 def ring_all_reduce_seconds(num_bytes: float, num_ranks: int, bytes_per_second: float,
                             latency_seconds: float = 0.0) -> float:
     """Ring all-reduce of a B-byte buffer over n ranks:
     2(n−1)·α + 2(n−1)/n · B / β (reduce-scatter then all-gather; Patarasuk & Yuan 2009; NCCL-
     tests PERFORMANCE.md: busbw = algbw · 2(n−1)/n). 0 for one rank."""
-    if num_ranks <= 1 or num_bytes <= 0:
+    if _moves_nothing(num_bytes, num_ranks):
         return 0.0
     n = num_ranks
-    return 2 * (n - 1) * latency_seconds + 2 * (n - 1) / n * num_bytes / bytes_per_second
+    return _where_moved(2 * (n - 1) * latency_seconds
+                        + 2 * (n - 1) / n * num_bytes / bytes_per_second, num_bytes, n)
 
 
 def ring_all_gather_seconds(num_bytes: float, num_ranks: int, bytes_per_second: float,
                             latency_seconds: float = 0.0) -> float:
     """Ring all-gather producing a B-byte buffer (each rank holds B/n):
     (n−1)·α + (n−1)/n · B / β (NCCL-tests PERFORMANCE.md: busbw = algbw · (n−1)/n)."""
-    if num_ranks <= 1 or num_bytes <= 0:
+    if _moves_nothing(num_bytes, num_ranks):
         return 0.0
     n = num_ranks
-    return (n - 1) * latency_seconds + (n - 1) / n * num_bytes / bytes_per_second
+    return _where_moved((n - 1) * latency_seconds + (n - 1) / n * num_bytes / bytes_per_second,
+                        num_bytes, n)
 
 
 def ring_reduce_scatter_seconds(num_bytes: float, num_ranks: int, bytes_per_second: float,
@@ -138,22 +160,32 @@ def expert_all_to_all_seconds(num_bytes: float, num_ranks: int, links: Links) ->
     """All-to-all over an expert-parallel group of n ranks laid out node by node: the share
     (g−1)/n goes over the interconnect, (n−g)/n over the network (both paths counted one after
     the other: no overlap assumed)."""
-    if num_ranks <= 1 or num_bytes <= 0:
+    if _moves_nothing(num_bytes, num_ranks):
         return 0.0
-    g = min(links.devices_per_node, num_ranks)
+    scalar = np.ndim(links.devices_per_node) == 0 and np.ndim(num_ranks) == 0
+    g = min(links.devices_per_node, num_ranks) if scalar else np.minimum(
+        links.devices_per_node, num_ranks)
     intra = all_to_all_seconds(num_bytes * g / num_ranks, g, links.intra_bytes_per_second,
                                links.intra_latency_seconds)
     remote = num_bytes * (num_ranks - g) / num_ranks
-    inter = (remote / links.inter_bytes_per_second
-             + (num_ranks - g) // g * links.inter_latency_seconds) if remote else 0.0
-    return intra + inter
+    if np.ndim(remote) == 0:
+        inter = (remote / links.inter_bytes_per_second
+                 + (num_ranks - g) // g * links.inter_latency_seconds) if remote else 0.0
+    else:
+        inter = np.where(remote != 0, remote / links.inter_bytes_per_second
+                         + (num_ranks - g) // g * links.inter_latency_seconds, 0.0)
+    return _where_moved(intra + inter, num_bytes, num_ranks)
 
 
 def measured_seconds(curve: EfficiencyCurve, num_bytes: float, share: float) -> float:
     """A collective timed from a measured all-reduce curve (payload bytes per rank): an
     all-reduce is a reduce-scatter plus an all-gather, so those take `share` = ½ of the
     measured all-reduce time of the same buffer (the curve's overhead counted once). The curve
-    was measured at the benchmark's world size; other sizes are assumed to behave alike."""
+    was measured at the benchmark's world size; other sizes are assumed to behave alike.
+    An array of payloads: each timed so."""
+    if np.ndim(num_bytes):
+        return np.array([measured_seconds(curve, float(b), share)
+                         for b in np.ravel(num_bytes)]).reshape(np.shape(num_bytes))
     if num_bytes <= 0:
         return 0.0
     return curve.overhead_seconds + share * (curve_seconds(curve, num_bytes)
@@ -171,6 +203,7 @@ class Collective:
     kind: str
     """all_reduce, all_gather, reduce_scatter, all_to_all or host_transfer."""
     num_bytes: float
+    """Payload per call (bytes); an array over device counts where the caller passed one."""
     num_calls: int
     num_ranks: int = 0
     """Group size for all_to_all (count); 0 = all devices."""

@@ -10,7 +10,10 @@ appear during backward while activations are freed, so they overlap little with 
 peak (the first term to check against a measurement when the two disagree).
 """
 
+import functools
 import math
+
+import numpy as np
 
 from estimator.analytic.activations import activation_bytes
 from estimator.analytic.params import layer_groups, lora_params
@@ -425,8 +428,10 @@ stage 1 partitions the optimizer states, which include the fp32 master copy; 2 t
 3 the parameters)."""
 
 
+@functools.lru_cache(maxsize=64)
 def routed_expert_params(model: ModelSpec) -> int:
-    """Weights of all routed experts (count): what expert parallelism splits."""
+    """Weights of all routed experts (count): what expert parallelism splits (cached per
+    model: the planner asks for every device count and stage)."""
     if model.moe is None:
         return 0
     total = 0.0
@@ -454,17 +459,26 @@ def routed_fractions(model: ModelSpec, setup: TrainSetup, params: ParamCounts
 
 
 def sharded_bytes(num_bytes: int, setup: TrainSetup, *, min_stage: int,
-                  routed_fraction: float = 0.0) -> int:
+                  routed_fraction: float = 0.0, num_devices=None) -> int:
     """Per-device bytes of a model-state term: routed-expert bytes split over the
     expert-parallel degree E (each device holds 1/E of the experts), then ZeRO-sharded over the
     N/E devices that replicate those experts; the rest ZeRO-sharded over all N devices from
-    `min_stage` on (zero_model_state_bytes)."""
-    n, ep = setup.num_devices, setup.expert_parallel
+    `min_stage` on (zero_model_state_bytes).
+
+    `num_devices`: N to use instead of setup.num_devices, an int or an array of counts (the
+    planner's device-count axis; then the result is an array of whole bytes as floats)."""
+    n = setup.num_devices if num_devices is None else num_devices
+    ep = setup.expert_parallel
     shard = setup.zero_stage >= min_stage
     routed = num_bytes * routed_fraction
     dense = (num_bytes - routed) / (n if shard else 1)
     experts = routed / ep / ((n // ep) if shard else 1)
-    return math.ceil(dense + experts)
+    return ceil_bytes(dense + experts)
+
+
+def ceil_bytes(num_bytes):
+    """math.ceil of a scalar (an int); of an array, np.ceil elementwise (the same values)."""
+    return math.ceil(num_bytes) if np.ndim(num_bytes) == 0 else np.ceil(num_bytes)
 
 
 def gathered_params_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts,
@@ -521,9 +535,13 @@ def device_gradient_bytes(setup: TrainSetup, params: ParamCounts) -> int:
 
 
 def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
-                      params: ParamCounts) -> dict[str, int]:
+                      params: ParamCounts, *, num_devices=None) -> dict[str, int]:
     """Weights, master weights, adapters, gradients, optimizer states and transients of one
-    device before the peak-phase choice: sharded per ZeRO stage and expert parallelism."""
+    device before the peak-phase choice: sharded per ZeRO stage and expert parallelism.
+
+    `num_devices`: an array of device counts to evaluate at instead of setup.num_devices (each
+    term then an array), all on the same side of 1 as setup.num_devices (which layout applies,
+    sixteen_bit_params and the gathered block, is read from the setup)."""
     weights = weight_bytes(model, setup, params)
     copies = autocast_copy_params(model, setup, params) * dtype_bytes(setup.compute_dtype)
     stored = weights["weights"] - copies
@@ -536,7 +554,8 @@ def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
     w_share, t_share = routed_fractions(model, setup, params)
 
     def shard(name: str, value: int, share: float) -> int:
-        return sharded_bytes(value, setup, min_stage=ZERO_MIN_STAGE[name], routed_fraction=share)
+        return sharded_bytes(value, setup, min_stage=ZERO_MIN_STAGE[name], routed_fraction=share,
+                             num_devices=num_devices)
 
     return {
         "weights": shard("weights", stored, w_share) + copies,

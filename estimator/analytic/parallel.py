@@ -71,9 +71,12 @@ def frozen_storage_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCount
     return weights["weights"] - copies + weights["quant_scales"]
 
 
-def step_collectives(model: ModelSpec, setup: TrainSetup,
-                     params: ParamCounts) -> list[C.Collective]:
-    """Every collective and host transfer of one optimizer step on one device."""
+def step_collectives(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
+                     num_devices=None) -> list[C.Collective]:
+    """Every collective and host transfer of one optimizer step on one device.
+
+    `num_devices`: an array of device counts to evaluate at instead of setup.num_devices, all
+    on the same side of 1 as it (the offloaded shards are then arrays)."""
     if setup.method == "inference":
         frozen = frozen_storage_bytes(model, setup, params)
         return (C.data_parallel_collectives(setup, 0, 0, frozen)
@@ -87,9 +90,9 @@ def step_collectives(model: ModelSpec, setup: TrainSetup,
                                       frozen_storage_bytes(model, setup, params))
     out += C.expert_parallel_collectives(model, setup)
     grad_shard = sharded_bytes(device_gradient_bytes(setup, params), setup, min_stage=1,
-                               routed_fraction=t_share)
+                               routed_fraction=t_share, num_devices=num_devices)
     param_shard = sharded_bytes(params.trainable * per_param, setup, min_stage=1,
-                                routed_fraction=t_share)
+                                routed_fraction=t_share, num_devices=num_devices)
     return out + C.offload_collectives(setup, grad_shard, param_shard)
 
 
@@ -108,14 +111,15 @@ def communication_ops(model: ModelSpec, setup: TrainSetup, device: Device,
     return rows
 
 
-def optimizer_share(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> float:
+def optimizer_share(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
+                    num_devices=None) -> float:
     """Fraction of the trainable parameters this device's optimizer steps (1/N from ZeRO-1 on,
-    routed experts 1/E)."""
+    routed experts 1/E); at an array of device counts `num_devices`, an array."""
     if params.trainable == 0:
         return 1.0
     _, t_share = routed_fractions(model, setup, params)
-    return sharded_bytes(params.trainable, setup, min_stage=1,
-                         routed_fraction=t_share) / params.trainable
+    return sharded_bytes(params.trainable, setup, min_stage=1, routed_fraction=t_share,
+                         num_devices=num_devices) / params.trainable
 
 
 def device_compute_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts,
