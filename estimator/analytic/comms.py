@@ -15,9 +15,8 @@ the same formulas elementwise; with scalars the results are the scalar ones, bit
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from estimator.analytic.efficiency import curve_seconds
+from estimator.analytic.memory import is_array
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import CalibrationProfile, Device, EfficiencyCurve, ModelSpec, TrainSetup
 
@@ -76,15 +75,17 @@ def links_for(device: Device, setup: TrainSetup) -> Links:
 
 def _moves_nothing(num_bytes, num_ranks) -> bool:
     """One rank or an empty buffer, for scalars (arrays are masked by _where_moved)."""
-    return np.ndim(num_bytes) == 0 and np.ndim(num_ranks) == 0 and (
+    return not is_array(num_bytes) and not is_array(num_ranks) and (
         num_ranks <= 1 or num_bytes <= 0)
 
 
 def _where_moved(seconds, num_bytes, num_ranks):
     """Scalars pass through (_moves_nothing returned 0 before); arrays get 0 where one rank
-    or an empty buffer moves nothing."""
-    if np.ndim(seconds) == 0:
+    or an empty buffer moves nothing (numpy imported only then)."""
+    if not is_array(seconds):
         return seconds
+    import numpy as np
+
     return np.where((np.asarray(num_ranks) > 1) & (np.asarray(num_bytes) > 0), seconds, 0.0)
 
 
@@ -162,19 +163,31 @@ def expert_all_to_all_seconds(num_bytes: float, num_ranks: int, links: Links) ->
     the other: no overlap assumed)."""
     if _moves_nothing(num_bytes, num_ranks):
         return 0.0
-    scalar = np.ndim(links.devices_per_node) == 0 and np.ndim(num_ranks) == 0
-    g = min(links.devices_per_node, num_ranks) if scalar else np.minimum(
-        links.devices_per_node, num_ranks)
+    g = _minimum(links.devices_per_node, num_ranks)
     intra = all_to_all_seconds(num_bytes * g / num_ranks, g, links.intra_bytes_per_second,
                                links.intra_latency_seconds)
     remote = num_bytes * (num_ranks - g) / num_ranks
-    if np.ndim(remote) == 0:
-        inter = (remote / links.inter_bytes_per_second
-                 + (num_ranks - g) // g * links.inter_latency_seconds) if remote else 0.0
-    else:
-        inter = np.where(remote != 0, remote / links.inter_bytes_per_second
-                         + (num_ranks - g) // g * links.inter_latency_seconds, 0.0)
+    inter = _unless_zero(remote, remote / links.inter_bytes_per_second
+                         + (num_ranks - g) // g * links.inter_latency_seconds)
     return _where_moved(intra + inter, num_bytes, num_ranks)
+
+
+def _minimum(a, b):
+    """min of scalars; np.minimum where either is an array."""
+    if not (is_array(a) or is_array(b)):
+        return min(a, b)
+    import numpy as np
+
+    return np.minimum(a, b)
+
+
+def _unless_zero(amount, seconds):
+    """`seconds`, or 0 where `amount` is 0 (elementwise for arrays)."""
+    if not (is_array(amount) or is_array(seconds)):
+        return seconds if amount else 0.0
+    import numpy as np
+
+    return np.where(amount != 0, seconds, 0.0)
 
 
 def measured_seconds(curve: EfficiencyCurve, num_bytes: float, share: float) -> float:
@@ -183,7 +196,9 @@ def measured_seconds(curve: EfficiencyCurve, num_bytes: float, share: float) -> 
     measured all-reduce time of the same buffer (the curve's overhead counted once). The curve
     was measured at the benchmark's world size; other sizes are assumed to behave alike.
     An array of payloads: each timed so."""
-    if np.ndim(num_bytes):
+    if is_array(num_bytes):
+        import numpy as np
+
         return np.array([measured_seconds(curve, float(b), share)
                          for b in np.ravel(num_bytes)]).reshape(np.shape(num_bytes))
     if num_bytes <= 0:

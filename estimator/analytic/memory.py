@@ -13,8 +13,6 @@ peak (the first term to check against a measurement when the two disagree).
 import functools
 import math
 
-import numpy as np
-
 from estimator.analytic.activations import activation_bytes
 from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
@@ -477,8 +475,18 @@ def sharded_bytes(num_bytes: int, setup: TrainSetup, *, min_stage: int,
 
 
 def ceil_bytes(num_bytes):
-    """math.ceil of a scalar (an int); of an array, np.ceil elementwise (the same values)."""
-    return math.ceil(num_bytes) if np.ndim(num_bytes) == 0 else np.ceil(num_bytes)
+    """math.ceil of a scalar (an int); of an array, np.ceil elementwise (the same values).
+    numpy is imported only when an array comes: `nvfree estimate` never needs it."""
+    if not is_array(num_bytes):
+        return math.ceil(num_bytes)
+    import numpy as np
+
+    return np.ceil(num_bytes)
+
+
+def is_array(value) -> bool:
+    """Whether `value` is a numpy array (numpy scalars, of shape (), count as scalars)."""
+    return bool(getattr(value, "shape", ()))
 
 
 def gathered_params_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts,
