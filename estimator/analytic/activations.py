@@ -19,6 +19,19 @@ from estimator.specs import ModelSpec, TrainSetup
 
 FP32_BYTES = 4
 
+EXPERT_ROW_GRANULE = 32
+"""Row multiple of the executor's expert GEMMs on CPU with 16-bit matmuls (executor/model.py
+MoE): oneDNN compiles and caches one kernel ("primitive") per GEMM shape, and the tokens an
+expert receives change every step, so plain experts' rows are cut into 32·k + r rows and
+LoRA-adapted experts' rows are padded up to a multiple of 32 (one call per expert: an adapted
+linear casts or dequantises its weights on every call)."""
+
+
+def padded_expert_rows(model: ModelSpec) -> float:
+    """Rows the padding adds to one MoE layer's expert groups, in expectation: (granule − 1)/2
+    per expert (a group's size is taken as uniform modulo the granule)."""
+    return model.moe.num_experts * (EXPERT_ROW_GRANULE - 1) / 2 if model.moe else 0.0
+
 
 def elem_bytes(setup: TrainSetup) -> tuple[int, int]:
     """(c, r): compute-dtype bytes and residual-stream bytes per element. The residual stream
@@ -98,15 +111,17 @@ def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, widt
     return total + lora_hidden_bytes(setup, [*first, "down_proj"], round(num_tokens))
 
 
-def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> float:
+def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int,
+                    pad_rows: float = 0.0) -> float:
     """One MoE FFN: router input (trainable router only) and fp32 softmax probabilities,
-    top-k weights; per routed token copy the gathered input, the expert FFN tensors and the
-    expert output kept for the routing-weight multiply; shared and side-by-side dense FFNs."""
+    top-k weights; per routed token copy (and per padding row, `pad_rows`) the gathered input,
+    the expert FFN tensors and the expert output kept for the routing-weight multiply; shared
+    and side-by-side dense FFNs."""
     moe = model.moe
     assert moe is not None
     c, _ = elem_bytes(setup)
     h = model.hidden_size
-    routed_tokens = num_tokens * moe.routed_experts_per_token
+    routed_tokens = num_tokens * moe.routed_experts_per_token + pad_rows
     width = moe.num_experts + moe.num_zero_experts
     total = float(num_tokens * width * FP32_BYTES + num_tokens * moe.num_experts_per_token * 4)
     if setup.method == "full":
@@ -120,13 +135,16 @@ def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> flo
     return total
 
 
-def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool) -> int:
-    """Everything one transformer block saves for backward (bytes)."""
+def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool,
+                      pad_experts: bool = False) -> int:
+    """Everything one transformer block saves for backward (bytes); `pad_experts`: expert
+    groups padded to EXPERT_ROW_GRANULE rows."""
     tokens = setup.batch_size * setup.seq_len
     total = model.attentions_per_layer * attention_saved_bytes(model, setup, tokens)
     total += norm_saved_bytes(model, setup, tokens)
     if moe_layer:
-        total += moe_saved_bytes(model, setup, tokens)
+        pad_rows = padded_expert_rows(model) if pad_experts else 0.0
+        total += moe_saved_bytes(model, setup, tokens, pad_rows)
     else:
         total += ffn_saved_bytes(model, setup, tokens, model.intermediate_size)
     return round(total)
@@ -148,8 +166,10 @@ def checkpointed_layer_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     return setup.batch_size * setup.seq_len * model.hidden_size * r
 
 
-def activation_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
-    """Peak saved activations of one micro-batch, by part (bytes).
+def activation_bytes(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
+                     ) -> dict[str, int]:
+    """Peak saved activations of one micro-batch, by part (bytes); `pad_experts` as
+    memory.pads_expert_rows.
 
     Without checkpointing every block's saved set is alive at the start of backward. With it,
     every block keeps its input and one block at a time recomputes its full set (Chen et al.
@@ -159,7 +179,8 @@ def activation_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
     num_moe = model.num_moe_layers
     num_dense = model.num_layers - num_moe
     dense = layer_saved_bytes(model, setup, moe_layer=False) if num_dense else 0
-    moe = layer_saved_bytes(model, setup, moe_layer=True) if num_moe else 0
+    moe = layer_saved_bytes(model, setup, moe_layer=True, pad_experts=pad_experts) \
+        if num_moe else 0
     head = head_saved_bytes(model, setup)
     if setup.trains_adapters and not setup.checkpointing:
         # frozen embeddings: the first norm's input needs no gradient, so nothing is saved

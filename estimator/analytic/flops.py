@@ -12,7 +12,8 @@ each block's forward twice. MoE: each token visits its routed experts only. Memo
 
 from dataclasses import dataclass
 
-from estimator.analytic.memory import EXPERT_ROW_GRANULE, autocasting
+from estimator.analytic.activations import padded_expert_rows
+from estimator.analytic.memory import autocasting
 from estimator.analytic.params import LinearShape, layer_groups
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
@@ -89,7 +90,7 @@ def block_linear_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
                 lin = LinearShape(lin.name, lin.in_features, lin.out_features,
                                   moe.num_experts, lin.bias, True)
                 rows = tokens * moe.routed_experts_per_token / moe.num_experts
-                rows += (EXPERT_ROW_GRANULE - 1) / 2 if pad_experts else 0
+                rows += padded_expert_rows(model) / moe.num_experts if pad_experts else 0
             ops += linear_ops(lin, num_layers, rows, setup,
                               trainable=setup.method == "full", phase_mult=mult)
             if setup.trains_adapters and lin.name in setup.lora_targets:
@@ -290,7 +291,7 @@ def moe_routing_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
     phases = ["forward"] if setup.method == "inference" else ["forward", "backward"]
     if setup.checkpointing and setup.method != "inference":
         phases.append("recompute")
-    pad_rows = model.moe.num_experts * (EXPERT_ROW_GRANULE - 1) / 2 if pad_experts else 0.0
+    pad_rows = padded_expert_rows(model) if pad_experts else 0.0
     table = block_token_bytes(setup) if pad_experts else {}
     ops = []
     for phase in phases:

@@ -13,7 +13,7 @@ peak (the first term to check against a measurement when the two disagree).
 import functools
 import math
 
-from estimator.analytic.activations import activation_bytes
+from estimator.analytic.activations import EXPERT_ROW_GRANULE, activation_bytes
 from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
 from estimator.errors import SetupError
@@ -61,12 +61,6 @@ the code pages of the backward and optimizer kernels. measured (VmRSS after the 
 heap trimmed, minus weights + optimizer states): 26 MiB (8-layer fp32 full fine-tune),
 49 MiB (smollm2-135m bf16 LoRA); benchmarks/memory_table.py."""
 
-EXPERT_ROW_GRANULE = 32
-"""Row multiple of the executor's expert GEMMs on CPU with 16-bit matmuls (executor/model.py
-MoE): oneDNN compiles and caches one kernel ("primitive") per GEMM shape, and the tokens an
-expert receives change every step, so plain experts' rows are cut into 32·k + r rows and
-LoRA-adapted experts' rows are padded up to a multiple of 32 (one call per expert: an adapted
-linear casts or dequantises its weights on every call)."""
 EXPERT_PRIMITIVE_BYTES = 384 * 1024
 PRIMITIVES_PER_ADAPTED_SHAPE = 8
 PRIMITIVE_CACHE_CAPACITY = 1024
@@ -298,9 +292,14 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     Full logits (`fused_loss=False`), at the start of backward: b·s·V·(c + 12) — the lm_head
     output (c), log_softmax's saved fp32 output (4), its incoming gradient (4) and the fp32
     gradient of the logits (4); fp32 compute has no separate upcast (16 B).
-    Fused chunked loss: one chunk's c-byte GEMM output, its fp32 softmax and the c-byte
-    gradient, C·V·(4 + 2c), plus what the forward keeps for backward: ∂L/∂h (b·s·h·c) and,
-    when lm_head trains, ∂L/∂W in fp32 (V·h·4) (Hsu et al. 2024, Liger-Kernel).
+    Fused chunked loss: one chunk's fp32 softmax computed in place of the logits, beside either
+    the c-byte GEMM output it was converted from or the c-byte gradient cast from it: C·V·(4 + c)
+    for 16-bit compute, C·V·4 in fp32 (no conversions; measured VmHWM over forward + backward at
+    V = 151,936, C = 220: 127.5 MiB fp32 = 1 buffer), plus what the forward keeps for backward:
+    ∂L/∂h (b·s·h·c) and, when lm_head trains, ∂L/∂W in fp32 (V·h·4) with, in 16-bit, each
+    chunk's c-byte product before it is added (V·h·c; fp32 accumulates in place) (Hsu et al.
+    2024, Liger-Kernel). measured at V = 151,936, h = 256, b·s = 512 (2 chunks): fp32 128.1
+    MiB frozen head / bf16 194.0 MiB (predicted 128.0 / 191.8).
     Inference keeps only the last position's fp32 logits: b·V·4."""
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
@@ -308,8 +307,10 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     tokens = setup.batch_size * setup.seq_len
     if not setup.fused_loss:
         return tokens * model.vocab_size * (c + 12)
-    chunk = fused_loss_chunk_rows(model, setup) * model.vocab_size * (FP32_BYTES + 2 * c)
-    grad_w = model.vocab_size * model.hidden_size * FP32_BYTES if setup.method == "full" else 0
+    converted = c if c < FP32_BYTES else 0
+    chunk = fused_loss_chunk_rows(model, setup) * model.vocab_size * (FP32_BYTES + converted)
+    grad_w = model.vocab_size * model.hidden_size * (FP32_BYTES + converted) \
+        if setup.method == "full" else 0
     return chunk + tokens * model.hidden_size * c + grad_w
 
 
@@ -591,7 +592,8 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     check_offload(setup, device)
     state = model_state_terms(model, setup, device, params)
     host = {k: state.pop(k) for k in HOST_TERMS.get(setup.offload, ())}
-    acts = activation_bytes(model, setup)
+    acts = activation_bytes(model, setup,
+                            pad_experts=pads_expert_rows(model, setup, device.backend))
     grads = state["gradients"]
     fwd_bwd = (sum(acts.values()) + logits_bytes(model, setup)
                + dequant_transient_bytes(model, setup) + state["gathered_params"])

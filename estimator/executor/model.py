@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from estimator.analytic.memory import EXPERT_ROW_GRANULE
+from estimator.analytic.activations import EXPERT_ROW_GRANULE
 from estimator.errors import SetupError
 from estimator.specs.model import ModelSpec
 
@@ -457,9 +457,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del p_CV, logits_CV
             if grad_h is not None:
                 grad_h[rows] = g_CV @ w
-            if ctx.needs_input_grad[1]:
-                gw_VD = g_CV.T @ h[rows]
-                grad_w = gw_VD.float() if grad_w is None else grad_w.add_(gw_VD)
+            if ctx.needs_input_grad[1]:  # fp32: accumulate in place, no [V, D] temporary
+                if grad_w is None:
+                    grad_w = (g_CV.T @ h[rows]).float()
+                elif g_CV.dtype == torch.float32:
+                    grad_w.addmm_(g_CV.T, h[rows])
+                else:
+                    grad_w.add_(g_CV.T @ h[rows])
+            del g_CV  # in fp32 it is the chunk's logits buffer: free it before the next GEMM
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_ND.dtype, w_VD.dtype)
         return loss / num_valid

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from estimator.analytic import memory as M
-from estimator.analytic.activations import activation_bytes
+from estimator.analytic.activations import activation_bytes, moe_saved_bytes
 from estimator.analytic.params import count_params
 from estimator.executor.model import _RMSNormFunction
 from estimator.executor.train import TrainConfig, autocast_context, build_training_model
@@ -69,14 +69,38 @@ CASES = [(spec, TrainSetup(method=method, weight_bits=4 if method == "qlora" els
 @pytest.mark.parametrize("spec,setup", CASES, ids=[
     f"{'moe' if s.moe else 'dense'}-{u.method}-{'mixed' if u.mixed_precision else 'pure'}"
     f"{'-ckpt' if u.checkpointing else ''}" for s, u in CASES])
-def test_saved_tensors_match_analytic(spec: ModelSpec, setup: TrainSetup, tmp_path) -> None:
+def test_saved_tensors_match_analytic(spec: ModelSpec, setup: TrainSetup, tmp_path,
+                                      monkeypatch) -> None:
+    """Whole expert groups (the model's rows exactly); where the executor pads adapted experts'
+    groups (CPU bf16), the padded run saves what the model counts per routed row for each
+    padding row it actually added (the analytic term uses the expected padding)."""
+    import estimator.executor.model as model_module
+
     torch.manual_seed(0)
     _, model = build_training_model(spec, setup, TrainConfig(max_steps=1, output_dir=tmp_path),
                                     torch.device("cpu"))
+    pads = M.pads_expert_rows(spec, setup, "cpu")
+    added: list[int] = []
+    if pads:
+        pad_groups = model_module._pad_groups
+
+        def recording(token_M, weight_M, counts, granule, pad_token):
+            out = pad_groups(token_M, weight_M, counts, granule, pad_token)
+            added.append(sum(out[2]) - sum(counts))
+            return out
+
+        monkeypatch.setattr(model_module, "_pad_groups", recording)
+        padded = saved_storage_bytes(model, setup, spec.vocab_size)
+        monkeypatch.setattr(model_module, "_reuses_shapes", lambda x: False)
     measured = saved_storage_bytes(model, setup, spec.vocab_size)
     predicted = analytic_saved_bytes(spec, setup)
     assert measured == pytest.approx(predicted, rel=0.03), (
         f"we see {measured:,} B saved, the analytic model expects {predicted:,}")
+    if pads and not setup.checkpointing:  # checkpointed blocks keep their input only
+        tokens = setup.batch_size * setup.seq_len
+        per_row = moe_saved_bytes(spec, setup, tokens, 1.0) - moe_saved_bytes(spec, setup, tokens)
+        assert len(added) == spec.num_moe_layers and sum(added) > 0
+        assert padded - measured == pytest.approx(per_row * sum(added), rel=0.05)
 
 
 def test_rmsnorm_function_gradcheck() -> None:
