@@ -169,17 +169,22 @@ def structural_setups(base: TrainSetup, precisions: list[Precision],
                       c: Constraints) -> list[TrainSetup]:
     """Every method × precision × optimizer × checkpointing (× ZeRO stage on several
     devices), at micro-batch 1 (validated once per choice; the stage is a plain copy)."""
-    out = []
     stages = c.zero_stages if base.num_devices > 1 else (base.zero_stage,)
+    return [setup if s == setup.zero_stage else setup.model_copy(update={"zero_stage": s})
+            for setup in _choices(base, precisions, c, stages[0]) for s in stages]
+
+
+def _choices(base: TrainSetup, precisions: list[Precision], c: Constraints,
+             zero_stage: int) -> list[TrainSetup]:
+    """Every method × precision × optimizer × checkpointing at micro-batch 1, validated."""
+    out = []
     for method, (dtype, mixed), optim, ckpt in product(
             c.methods, precisions, c.optimizers, c.checkpointing):
         bits = 4 if method == "qlora" else (32 if dtype == "fp32" else 16)
         update = {"method": method, "weight_bits": bits, "compute_dtype": dtype,
                   "mixed_precision": mixed, "optimizer": optim, "checkpointing": ckpt,
-                  "zero_stage": stages[0], "batch_size": 1, "grad_accum": 1}
-        setup = TrainSetup.model_validate({**base.model_dump(), **update})
-        out += [setup if s == stages[0] else setup.model_copy(update={"zero_stage": s})
-                for s in stages]
+                  "zero_stage": zero_stage, "batch_size": 1, "grad_accum": 1}
+        out.append(TrainSetup.model_validate({**base.model_dump(), **update}))
     return out
 
 
@@ -224,12 +229,18 @@ def setups_at_device_counts(base: TrainSetup, c: Constraints) -> list[TrainSetup
 
 
 def search_space(base: TrainSetup, precisions: list[Precision], c: Constraints) -> list[Group]:
-    """Every structural choice at every device count and ZeRO stage, with its micro-batches."""
-    groups = []
+    """Every structural choice at every device count and ZeRO stage, with its micro-batches
+    (structural_setups at each device count; each choice validated once, at the first count:
+    setups_at_device_counts keeps only counts the setup's checks accept)."""
+    groups, choices = [], None
     for at_n in setups_at_device_counts(base, c):
         batches = micro_batches(c.global_batch, at_n.num_devices)
         accums = (c.global_batch // at_n.num_devices) // batches
-        groups += [Group(s, batches, accums) for s in structural_setups(at_n, precisions, c)]
+        stages = c.zero_stages if at_n.num_devices > 1 else (at_n.zero_stage,)
+        choices = choices or _choices(at_n, precisions, c, stages[0])
+        layout = {"num_devices": at_n.num_devices, "num_nodes": at_n.num_nodes}
+        groups += [Group(setup.model_copy(update={**layout, "zero_stage": s}), batches, accums)
+                   for setup in choices for s in stages]
     return groups
 
 
@@ -368,17 +379,24 @@ def compute_seconds(table: OpTable, device: Device, profile: CalibrationProfile 
                     dtype: str, batches: np.ndarray, accums: np.ndarray,
                     optimizer_scale: np.ndarray) -> np.ndarray:
     """Σ_ops calls(a) · correction · seconds_per_call(work(b)) at each candidate, with the
-    optimizer ops × optimizer_scale (the rank's share; 0 when offloaded to the host)."""
-    flops = table.flops[0][:, None] + table.flops[1][:, None] * (batches - 1.0)
-    nbytes = table.nbytes[0][:, None] + table.nbytes[1][:, None] * (batches - 1.0)
-    calls = table.calls[0][:, None] + table.calls[1][:, None] * (accums - 1.0)
+    optimizer ops × optimizer_scale (the rank's share; 0 when offloaded to the host).
+
+    Per-call times depend on b only, so they are evaluated once per distinct micro-batch; calls
+    are affine in a, so the sum is S₀(b) + (a − 1)·S₁(b), Sₖ(b) = Σ_ops callsₖ · correction ·
+    seconds_per_call(b), for the optimizer ops and the others apart."""
+    distinct, at = np.unique(batches, return_inverse=True)
+    flops = table.flops[0][:, None] + table.flops[1][:, None] * (distinct - 1.0)
+    nbytes = table.nbytes[0][:, None] + table.nbytes[1][:, None] * (distinct - 1.0)
     per_call = np.empty(flops.shape)
     for op_class, rows in table.rows.items():
         per_call[rows] = seconds_per_call(device, profile, dtype, op_class, flops[rows],
                                           nbytes[rows])
-    seconds = calls * table.fix[:, None] * per_call
     opt = table.optimizer
-    return seconds[~opt].sum(axis=0) + seconds[opt].sum(axis=0) * optimizer_scale
+    weights = np.stack([table.calls[0] * ~opt, table.calls[1] * ~opt,
+                        table.calls[0] * opt, table.calls[1] * opt]) * table.fix
+    rest_one, rest_per_a, opt_one, opt_per_a = (weights @ per_call)[:, at]
+    extra = accums - 1.0
+    return rest_one + rest_per_a * extra + (opt_one + opt_per_a * extra) * optimizer_scale
 
 
 @dataclass(frozen=True)
@@ -392,31 +410,28 @@ class CommTerms:
     grows: np.ndarray | None = None
 
 
-def collective_terms(model: ModelSpec, groups: list[Group], device: Device,
-                     params: ParamCounts, profile: CalibrationProfile | None,
+def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
+                     profile: CalibrationProfile | None,
                      first: list[C.Collective]) -> CommTerms | None:
-    """parallel.communication_ops's collectives over the groups' device counts and (b, a):
+    """parallel.communication_ops's collectives over the sweep's device counts and (b, a):
     parallel.step_collectives at the PROBES over the array of device counts (`first`: at
     (1, 1)) gives each collective's payload (affine in b: MoE all-to-all) and calls (affine in
     a: per-micro-batch ZeRO-2/3 collectives); one call of each is timed by
     comms.collective_seconds over the array of node layouts. No collective at (1, 1) (one
     device, no offload): none at all. None when the probes disagree with the affine form."""
-    counts = np.array([g.setup.num_devices for g in groups])
+    counts, setup, gi = sw.counts, sw.setup, sw.group_of
     if not first:
-        return CommTerms(np.zeros(len(groups)), np.zeros(len(groups)))
-    setup = groups[0].setup
+        return CommTerms(np.zeros(len(counts)), np.zeros(len(counts)))
     lists = [first] + [step_collectives(model, _at(setup, b, a), params, num_devices=counts)
                        for b, a in PROBES[1:]]
     if not [c.name for c in lists[0]] == [c.name for c in lists[1]] == [c.name for c in lists[2]]:
         return None
-    nodes = np.array([g.setup.num_nodes for g in groups])
-    links = replace(C.links_for(device, setup), devices_per_node=counts // nodes,
+    nodes = np.array([g.setup.num_nodes for g in sw.groups])
+    links = replace(C.links_for(sw.rank, setup), devices_per_node=counts // nodes,
                     num_nodes=nodes)
-    curve = C.all_reduce_curve(device, profile)
-    gi = np.repeat(np.arange(len(groups)), [len(g.batches) for g in groups])
-    batches = np.concatenate([g.batches for g in groups])
-    accums = np.concatenate([g.accums for g in groups])
-    fixed, per_micro_batch, grows = np.zeros(len(groups)), np.zeros(len(groups)), None
+    curve = C.all_reduce_curve(sw.rank, profile)
+    batches, accums = sw.batches, sw.accums
+    fixed, per_micro_batch, grows = np.zeros(len(counts)), np.zeros(len(counts)), None
     for one, at_b, at_a in zip(*lists, strict=True):
         if at_b.num_calls != one.num_calls or np.any(at_a.num_bytes != one.num_bytes):
             return None
@@ -467,105 +482,127 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
     for g in groups:
         if g.setup.method not in params:
             params[g.setup.method] = count_params(model, g.setup)
-    layout = device_layouts(groups, device)
-    return (group_peaks(model, groups, device, params, layout),
-            group_seconds(model, groups, device, profile, params, layout))
+    swept = sweeps(groups, device)
+    return (group_peaks(model, groups, device, params, swept),
+            group_seconds(model, groups, device, profile, params, swept))
 
 
 @dataclass(frozen=True)
-class Layouts:
-    """Each group's rank device and CPU split, and the groups that differ only in their
-    device count: same structure, split, ZeRO stage and side of one device (the branches of
-    the analytic model read these; the device count enters its formulas as an array)."""
+class Sweep:
+    """Groups that differ only in their device count (same structure, rank device, ZeRO
+    stage and side of one device: the branches of the analytic model read these), scored
+    together with the device count as an array, and where their candidates are."""
 
-    ranks: list[Device]
-    splits: list[int | None]
-    """Ranks sharing a CPU machine (rank_device split it), else None, per group."""
-    classes: dict[tuple, list[int]]
-    """Indices of the groups of each class."""
+    groups: list[Group]
+    rank: Device
+    """The device one rank gets (parallel.rank_device)."""
+    split: int | None
+    """Ranks sharing a CPU machine (rank_device split it), else None."""
+    counts: np.ndarray
+    """Device count of each group."""
+    at: np.ndarray
+    """Index of each candidate of the groups in the score arrays."""
+    group_of: np.ndarray
+    """Index into `groups` of each candidate."""
+    batches: np.ndarray
+    accums: np.ndarray
+
+    @property
+    def setup(self) -> TrainSetup:
+        return self.groups[0].setup
+
+    @property
+    def structure(self) -> tuple:
+        return self.groups[0].structure
 
 
-def device_layouts(groups: list[Group], device: Device) -> Layouts:
-    """Layouts of the groups (rank_device once per number of ranks per node)."""
-    ranks, splits, classes, by_split = [], [], {}, {}
+def sweeps(groups: list[Group], device: Device) -> list[Sweep]:
+    """The groups as Sweeps, in order of first appearance (rank_device once per number of
+    ranks per node)."""
+    ranks, members, starts = {}, {}, np.cumsum([0] + [len(g.batches) for g in groups])
     for i, g in enumerate(groups):
         s = g.setup
         per_node = ranks_per_node(s)
-        if per_node not in by_split:
+        if per_node not in ranks:
             rank = rank_device(device, s)
-            by_split[per_node] = rank, (None if rank is device else per_node)
-        rank, split = by_split[per_node]
-        ranks.append(rank)
-        splits.append(split)
-        classes.setdefault((g.structure, split, s.zero_stage, s.num_devices > 1), []).append(i)
-    return Layouts(ranks, splits, classes)
+            ranks[per_node] = rank, (None if rank is device else per_node)
+        rank, split = ranks[per_node]
+        key = (g.structure, split, s.zero_stage, s.num_devices > 1)
+        members.setdefault(key, (rank, split, []))[2].append(i)
+    out = []
+    for rank, split, idx in members.values():
+        sizes = [len(groups[i].batches) for i in idx]
+        out.append(Sweep(
+            groups=[groups[i] for i in idx], rank=rank, split=split,
+            counts=np.array([groups[i].setup.num_devices for i in idx]),
+            at=np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx]),
+            group_of=np.repeat(np.arange(len(idx)), sizes),
+            batches=np.concatenate([groups[i].batches for i in idx]),
+            accums=np.concatenate([groups[i].accums for i in idx])))
+    return out
 
 
 def group_peaks(model: ModelSpec, groups: list[Group], device: Device,
-                params: dict[str, ParamCounts], layout: Layouts) -> np.ndarray:
-    """Peak bytes per device of every candidate: memory_phases per class of groups (over the
-    array of their device counts), batch rows per structure and micro-batch (_batch_rows),
-    phase_peak over all candidates at once."""
-    phases = np.empty((len(groups), 4))
-    for members in layout.classes.values():
-        s = groups[members[0]].setup
-        counts = np.array([groups[i].setup.num_devices for i in members])
-        terms = memory_phases(model, s, layout.ranks[members[0]], params[s.method], counts)
-        phases[members] = np.column_stack(np.broadcast_arrays(*terms, counts))[:, :4]
-    rows: dict = {}
-    for i, g in enumerate(groups):
-        _batch_rows(model, g, layout.ranks[i], params[g.setup.method], tuple(phases[i]), rows,
-                    layout.splits[i])
-    by_candidate = np.array([rows[g.structure, layout.splits[i], b]
-                             for i, g in enumerate(groups) for b in g.batches.tolist()],
-                            dtype=float)
-    gi = np.repeat(np.arange(len(groups)), [len(g.batches) for g in groups])
+                params: dict[str, ParamCounts], swept: list[Sweep]) -> np.ndarray:
+    """Peak bytes per device of every candidate: memory_phases per sweep (over the array of
+    its device counts), batch rows per structure and micro-batch (_batch_rows), phase_peak over
+    all candidates at once."""
+    total = sum(len(g.batches) for g in groups)
+    phases, batch = np.empty((4, total)), np.empty((2, total))
+    rows: dict[tuple, dict] = {}
+    fwd_bwd: dict[tuple, int] = {}
+    for sw in swept:
+        p = params[sw.setup.method]
+        terms = [np.broadcast_to(t, sw.counts.shape)
+                 for t in memory_phases(model, sw.setup, sw.rank, p, sw.counts)]
+        for k, term in enumerate(terms):
+            phases[k, sw.at] = term[sw.group_of]
+        table = rows.setdefault((sw.structure, sw.split), {})
+        _batch_rows(model, sw, p, terms, table, fwd_bwd)
+        known = np.array(sorted(table))
+        values = np.array([table[b] for b in known.tolist()], dtype=float)
+        batch[:, sw.at] = values[np.searchsorted(known, sw.batches)].T
     accums = np.concatenate([g.accums for g in groups])
-    return by_candidate[:, 1] + phase_peak(phases.T[:, gi], by_candidate[:, 0], accums)
+    return batch[1] + phase_peak(phases, batch[0], accums)
 
 
 def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
                   profile: CalibrationProfile | None, params: dict[str, ParamCounts],
-                  layout: Layouts) -> np.ndarray:
+                  swept: list[Sweep]) -> np.ndarray:
     """Step seconds of every candidate: one OpTable per structure and rank device, timed for
     the candidates of all its groups at once (compute_seconds, the optimizer ops scaled to each
-    group's shard); collectives and the host optimizer step per class of groups over their
-    device counts (_class_comm). A class whose probes disagree with the affine forms is scored
-    by step_throughput per candidate."""
-    sizes = np.array([len(g.batches) for g in groups])
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    step = np.zeros(starts[-1])
+    group's shard); collectives and the host optimizer step per sweep over its device counts
+    (_sweep_comm). A sweep whose probes disagree with the affine forms is scored by
+    step_throughput per candidate."""
+    step = np.zeros(sum(len(g.batches) for g in groups))
     tables: dict[tuple, tuple] = {}
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
     collectives: dict[tuple, tuple] = {}
     members: dict[tuple, list] = {}
-    for (structure, split, *_), idx in layout.classes.items():
-        s, p, rank = groups[idx[0]].setup, params[groups[idx[0]].setup.method], layout.ranks[idx[0]]
-        key = (structure, split)
+    for sw in swept:
+        s, p = sw.setup, params[sw.setup.method]
+        key = (sw.structure, sw.split)
         if key not in tables:
             rprofile = rank_profile(profile, device, s)
-            mate = (*structure[:3], *structure[4:], split)
-            tables[key] = (op_table(model, s, p, rank, rprofile, siblings.get(mate)),
-                           rank, rprofile)
+            mate = (*sw.structure[:3], *sw.structure[4:], sw.split)
+            tables[key] = (op_table(model, s, p, sw.rank, rprofile, siblings.get(mate)),
+                           sw.rank, rprofile)
             if tables[key][0] is not None:
                 siblings.setdefault(mate, tables[key][0])
-        class_groups = [groups[i] for i in idx]
-        terms = _class_comm(model, class_groups, rank, p, profile, collectives, split)
+        terms = _sweep_comm(model, sw, p, profile, collectives)
         if tables[key][0] is None or terms is None:
-            for i, g in zip(idx, class_groups, strict=True):
-                step[starts[i]:starts[i + 1]] = _exact_steps(model, g, device, profile)
+            for j, g in enumerate(sw.groups):
+                step[sw.at[sw.group_of == j]] = _exact_steps(model, g, device, profile)
             continue
-        at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
-        gi = np.repeat(np.arange(len(idx)), sizes[idx])
-        batches = np.concatenate([g.batches for g in class_groups])
-        accums = np.concatenate([g.accums for g in class_groups])
-        step[at] = terms.fixed[gi] + terms.per_micro_batch[gi] * (accums - 1.0)
+        step[sw.at] = (terms.fixed[sw.group_of]
+                       + terms.per_micro_batch[sw.group_of] * (sw.accums - 1.0))
         if terms.grows is not None:
-            step[at] += terms.grows
-        counts = np.array([g.setup.num_devices for g in class_groups])
-        scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p, num_devices=counts)
+            step[sw.at] += terms.grows
+        scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p,
+                                                                num_devices=sw.counts)
         members.setdefault(key, []).append(
-            (at, np.broadcast_to(scale, counts.shape)[gi], batches, accums))
+            (sw.at, np.broadcast_to(scale, sw.counts.shape)[sw.group_of], sw.batches,
+             sw.accums))
     for key, parts in members.items():
         table, rank, rprofile = tables[key]
         at, scale, batches, accums = (np.concatenate(x) for x in zip(*parts, strict=True))
@@ -573,27 +610,25 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
     return step
 
 
-def _class_comm(model: ModelSpec, groups: list[Group], rank: Device, params: ParamCounts,
-                profile: CalibrationProfile | None, known: dict,
-                split: int | None) -> CommTerms | None:
-    """collective_terms of a class of groups plus their host optimizer step (offload). The
+def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
+                profile: CalibrationProfile | None, known: dict) -> CommTerms | None:
+    """collective_terms of a sweep plus its groups' host optimizer step (offload). The
     collectives move gradients and parameters, which neither the optimizer nor checkpointing
-    changes: a class reuses `known` terms of the same method, precision and device layouts
+    changes: a sweep reuses `known` terms of the same method, precision and device layouts
     when its collectives at (1, 1) are the same."""
-    s = groups[0].setup
-    counts = np.array([g.setup.num_devices for g in groups])
-    first = step_collectives(model, s, params, num_devices=counts)
-    layout = (*groups[0].structure[:3], s.zero_stage, split,
-              tuple(counts.tolist()), tuple(g.setup.num_nodes for g in groups))
+    s = sw.setup
+    first = step_collectives(model, s, params, num_devices=sw.counts)
+    layout = (*sw.structure[:3], s.zero_stage, sw.split,
+              tuple(sw.counts.tolist()), tuple(g.setup.num_nodes for g in sw.groups))
     if layout in known and _same_collectives(known[layout][0], first):
         terms = known[layout][1]
     else:
-        terms = collective_terms(model, groups, rank, params, profile, first)
+        terms = collective_terms(model, sw, params, profile, first)
         known[layout] = (first, terms)
     if terms is None or s.offload == "none":
         return terms
     host = np.array([sum(op.seconds for op in host_optimizer_op(model, g.setup, params))
-                     for g in groups])
+                     for g in sw.groups])
     return replace(terms, fixed=terms.fixed + host)
 
 
@@ -604,29 +639,39 @@ def _same_collectives(a: list[C.Collective], b: list[C.Collective]) -> bool:
         and np.array_equal(x.num_bytes, y.num_bytes) for x, y in zip(a, b, strict=True))
 
 
-def _batch_rows(model: ModelSpec, g: Group, device: Device, params: ParamCounts,
-                phases: tuple, rows: dict, split: int | None) -> None:
-    """Fill rows[(structure, split, b)] for the group's micro-batches not yet there with
-    (batch_bytes, the bytes memory_breakdown counts beyond phase_peak): the terms held in both
-    phases that grow with the micro-batch (KV cache, expert kernel caches, any term added to
-    memory_breakdown later), so the composition stays equal to memory_breakdown. They are
-    non-negative and grow with b: when memory_breakdown adds nothing at the largest new b, it
-    adds nothing at the smaller ones either (one memory_breakdown per structure, usually)."""
-    new = [(b, a) for b, a in zip(g.batches.tolist(), g.accums.tolist(), strict=True)
-           if (g.structure, split, b) not in rows]
+def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: list[np.ndarray],
+                table: dict, fwd_bwd: dict) -> None:
+    """Fill table[b] for the sweep's micro-batches not yet there with (batch_bytes, the bytes
+    memory_breakdown counts beyond phase_peak): the terms held in both phases that grow with
+    the micro-batch (KV cache, expert kernel caches, any term added to memory_breakdown
+    later), so the composition stays equal to memory_breakdown. They are non-negative and grow
+    with b: when memory_breakdown adds nothing at the largest new b, it adds nothing at the
+    smaller ones either (one memory_breakdown per structure, usually). batch_bytes (the
+    micro-batch's activations, logits, dequantised weight) is shared by the structures that
+    differ only in the optimizer (`fwd_bwd`)."""
+    new: dict[int, tuple[int, int]] = {}  # b -> (a, index of the group that has it)
+    for j, g in enumerate(sw.groups):
+        for b, a in zip(g.batches.tolist(), g.accums.tolist(), strict=True):
+            if b not in table and b not in new:
+                new[b] = (a, j)
     if not new:
         return
-    fwd_bwd = {b: batch_bytes(model, _at(g.setup, b)) for b, _ in new}
+    mate = (*sw.structure[:3], *sw.structure[4:], sw.split)
+    for b in new:
+        if (mate, b) not in fwd_bwd:
+            fwd_bwd[mate, b] = batch_bytes(model, _at(sw.setup, b))
 
-    def beyond(b: int, a: int) -> int:
-        exact = memory_breakdown(model, _at(g.setup, b, a), device, params).total_bytes
-        return exact - int(phase_peak(phases, fwd_bwd[b], a))
+    def beyond(b: int) -> int:
+        a, j = new[b]
+        exact = memory_breakdown(model, _at(sw.groups[j].setup, b, a), sw.rank,
+                                 params).total_bytes
+        return exact - int(phase_peak(tuple(t[j] for t in phases), fwd_bwd[mate, b], a))
 
     largest = max(new)
-    extra = {largest[0]: beyond(*largest)}
-    for b, a in new:
-        rows[g.structure, split, b] = (fwd_bwd[b], extra[b] if b in extra else (
-            0 if extra[largest[0]] == 0 else beyond(b, a)))
+    top = beyond(largest)
+    for b in new:
+        table[b] = (fwd_bwd[mate, b],
+                    top if b == largest else (0 if top == 0 else beyond(b)))
 
 
 def _exact_scores(model: ModelSpec, groups: list[Group], device: Device,
@@ -726,18 +771,23 @@ def _capacity(model: ModelSpec, base: TrainSetup, device: Device) -> int:
 
 def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
            profile: CalibrationProfile | None, steps: int, limit: int) -> list[Candidate]:
-    """estimate() of the setups, in their order (verdicts are filled in by the caller)."""
-    from estimator.api import estimate
+    """The memory and step time estimate() reports for the setups, in their order, by the
+    functions it composes (check_setup, memory_breakdown on the rank device, step_throughput;
+    not its advice, which the plan does not use). Verdicts are filled in by the caller."""
+    from estimator.api import check_setup, step_throughput
 
     rows = []
     for setup in setups:
-        est = estimate(model, setup.model_copy(update={"num_tokens": None}), device, profile)
-        seconds = est.throughput.step_seconds
+        check_setup(model, setup)
+        peak = memory_breakdown(model, setup, rank_device(device, setup),
+                                count_params(model, setup))
+        seconds = step_throughput(model, setup.model_copy(update={"num_tokens": None}), device,
+                                  profile, peak).step_seconds
         cost = _cost(np.array([seconds * steps]), device, setup.num_devices)[0]
         rows.append(Candidate(
-            setup=setup, peak_bytes=est.memory.total_bytes, step_seconds=seconds,
+            setup=setup, peak_bytes=peak.total_bytes, step_seconds=seconds,
             total_seconds=seconds * steps, cost_usd=None if np.isnan(cost) else float(cost),
-            fits=est.memory.total_bytes <= limit, verdict=""))
+            fits=peak.total_bytes <= limit, verdict=""))
     return rows
 
 
