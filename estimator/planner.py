@@ -553,15 +553,18 @@ def group_peaks(model: ModelSpec, groups: list[Group], device: Device,
     fwd_bwd: dict[tuple, int] = {}
     for sw in swept:
         p = params[sw.setup.method]
-        terms = [np.broadcast_to(t, sw.counts.shape)
-                 for t in memory_phases(model, sw.setup, sw.rank, p, sw.counts)]
+        terms = memory_phases(model, sw.setup, sw.rank, p, sw.counts)
         for k, term in enumerate(terms):
-            phases[k, sw.at] = term[sw.group_of]
-        table = rows.setdefault((sw.structure, sw.split), {})
-        _batch_rows(model, sw, p, terms, table, fwd_bwd)
+            phases[k, sw.at] = term[sw.group_of] if np.ndim(term) else term
+        _batch_rows(model, sw, p, terms, rows.setdefault((sw.structure, sw.split), {}),
+                    fwd_bwd)
+    lookup = {}
+    for key, table in rows.items():
         known = np.array(sorted(table))
-        values = np.array([table[b] for b in known.tolist()], dtype=float)
-        batch[:, sw.at] = values[np.searchsorted(known, sw.batches)].T
+        lookup[key] = known, np.array([table[b] for b in known.tolist()], dtype=float).T
+    for sw in swept:
+        known, values = lookup[sw.structure, sw.split]
+        batch[:, sw.at] = values[:, np.searchsorted(known, sw.batches)]
     accums = np.concatenate([g.accums for g in groups])
     return batch[1] + phase_peak(phases, batch[0], accums)
 
@@ -639,7 +642,7 @@ def _same_collectives(a: list[C.Collective], b: list[C.Collective]) -> bool:
         and np.array_equal(x.num_bytes, y.num_bytes) for x, y in zip(a, b, strict=True))
 
 
-def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: list[np.ndarray],
+def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: tuple,
                 table: dict, fwd_bwd: dict) -> None:
     """Fill table[b] for the sweep's micro-batches not yet there with (batch_bytes, the bytes
     memory_breakdown counts beyond phase_peak): the terms held in both phases that grow with
@@ -665,7 +668,8 @@ def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: list[n
         a, j = new[b]
         exact = memory_breakdown(model, _at(sw.groups[j].setup, b, a), sw.rank,
                                  params).total_bytes
-        return exact - int(phase_peak(tuple(t[j] for t in phases), fwd_bwd[mate, b], a))
+        at_j = tuple(t[j] if np.ndim(t) else t for t in phases)
+        return exact - int(phase_peak(at_j, fwd_bwd[mate, b], a))
 
     largest = max(new)
     top = beyond(largest)

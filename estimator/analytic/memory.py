@@ -448,13 +448,22 @@ def routed_fractions(model: ModelSpec, setup: TrainSetup, params: ParamCounts
     weights = routed_expert_params(model) / params.total
     if not setup.trains_adapters:
         return weights, weights if setup.method == "full" else 0.0
+    routed = routed_adapter_params(model, setup.lora_rank, setup.lora_targets)
+    return weights, min(1.0, routed / max(params.trainable, 1))
+
+
+@functools.lru_cache(maxsize=64)
+def routed_adapter_params(model: ModelSpec, lora_rank: int, lora_targets: tuple[str, ...]
+                          ) -> float:
+    """LoRA A and B weights on the routed experts' targeted linears (count; cached per model
+    and adapter choice: the planner asks for every device count and stage)."""
     routed = 0.0
     for linears, num_layers in layer_groups(model, routed_all=True):
         for lin in linears:
-            if lin.routed and lin.name in setup.lora_targets:
-                routed += setup.lora_rank * (lin.in_features + lin.out_features) * lin.count * (
+            if lin.routed and lin.name in lora_targets:
+                routed += lora_rank * (lin.in_features + lin.out_features) * lin.count * (
                     num_layers)
-    return weights, min(1.0, routed / max(params.trainable, 1))
+    return routed
 
 
 def sharded_bytes(num_bytes: int, setup: TrainSetup, *, min_stage: int,
