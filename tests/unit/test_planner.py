@@ -235,3 +235,95 @@ def test_exact_scoring_path_equals_the_array_path(tiny_dense: ModelSpec) -> None
     np.testing.assert_allclose(fast.step_seconds, exact.step_seconds, rtol=1e-9)
     np.testing.assert_array_equal(fast.peak_bytes, exact.peak_bytes)
     assert [fast.setup(i) for i in (0, 7)] == [exact.setup(i) for i in (0, 7)]
+
+
+COUNTS = np.array([2, 4, 8, 16, 64])
+
+
+def at_count(setup: TrainSetup, n: int) -> TrainSetup:
+    return setup.model_copy(update={"num_devices": n, "num_nodes": max(1, n // 8)})
+
+
+@pytest.mark.parametrize("stage,offload,method", [(0, "none", "full"), (1, "none", "lora"),
+                                                  (2, "optimizer", "full"),
+                                                  (3, "optimizer_and_params", "qlora")])
+def test_sharding_terms_over_device_counts_equal_the_scalar_ones(
+        tiny_moe: ModelSpec, stage: int, offload: str, method: str) -> None:
+    """model_state_terms, step_collectives and optimizer_share at an array of device counts
+    equal the scalar calls at each count, bit for bit (the planner's sweeps rely on it)."""
+    from estimator.analytic.memory import model_state_terms
+    from estimator.analytic.parallel import optimizer_share, step_collectives
+
+    device = load_device("h100-sxm")
+    bits = 4 if method == "qlora" else 16
+    setup = TrainSetup(seq_len=64, num_devices=2, zero_stage=stage, offload=offload,
+                       method=method, weight_bits=bits, expert_parallel=2, grad_accum=2)
+    params = count_params(tiny_moe, setup)
+    arrays = model_state_terms(tiny_moe, setup, device, params, num_devices=COUNTS)
+    share = optimizer_share(tiny_moe, setup, params, num_devices=COUNTS)
+    collectives = step_collectives(tiny_moe, setup, params, num_devices=COUNTS)
+    for i, n in enumerate(COUNTS.tolist()):
+        at = at_count(setup, n)
+        scalar = model_state_terms(tiny_moe, at, device, params)
+        assert {k: np.broadcast_to(v, COUNTS.shape)[i] for k, v in arrays.items()} == scalar
+        assert np.broadcast_to(share, COUNTS.shape)[i] == optimizer_share(tiny_moe, at, params)
+        each = step_collectives(tiny_moe, at, params)
+        assert [(c.name, c.num_calls) for c in collectives] == [(c.name, c.num_calls)
+                                                                for c in each]
+        assert [np.broadcast_to(c.num_bytes, COUNTS.shape)[i] for c in collectives] == [
+            c.num_bytes for c in each]
+
+
+def test_collective_times_over_layouts_equal_the_scalar_ones() -> None:
+    """comms' ring, hierarchical and expert all-to-all times over arrays of node layouts and
+    payloads equal the scalar times elementwise, bit for bit, one rank and empty buffers
+    included."""
+    from estimator.analytic import comms as C
+
+    links = C.links_for(load_device("mi300x"), TrainSetup(num_devices=8))
+    per_node = np.array([1, 2, 8, 8, 8, 8])
+    nodes = np.array([1, 1, 1, 2, 4, 8])
+    payload = np.array([3e8, 0.0, 1e9, 7.5e6, 2e10, 1.0])
+    many = replace(links, devices_per_node=per_node, num_nodes=nodes)
+    one = [replace(links, devices_per_node=g, num_nodes=k)
+           for g, k in zip(per_node.tolist(), nodes.tolist(), strict=True)]
+    for kind, ranks in [("all_reduce", 0), ("all_gather", 0), ("reduce_scatter", 0),
+                        ("all_to_all", 16), ("host_transfer", 0)]:
+        c = C.Collective("x", kind, payload, 3, ranks)
+        scalar = [C.collective_seconds(replace(c, num_bytes=b), lk, None)
+                  for b, lk in zip(payload.tolist(), one, strict=True)]
+        assert C.collective_seconds(c, many, None).tolist() == scalar, kind
+    counts = per_node * nodes
+    assert C.ring_all_reduce_seconds(payload, counts, 1e10, 5e-6).tolist() == [
+        C.ring_all_reduce_seconds(b, n, 1e10, 5e-6)
+        for b, n in zip(payload.tolist(), counts.tolist(), strict=True)]
+
+
+def test_exact_rows_are_the_numbers_of_estimate(tiny_moe: ModelSpec) -> None:
+    """The re-score composes estimate()'s own memory and step time (without its advice)."""
+    from estimator.api import estimate
+    from estimator.planner import _exact
+
+    device = load_device("h100-sxm")
+    setups = [TrainSetup(seq_len=64, num_devices=4, zero_stage=3, expert_parallel=2,
+                         batch_size=2, grad_accum=2, method="lora"),
+              TrainSetup(seq_len=64, num_devices=2, offload="optimizer", zero_stage=1),
+              TrainSetup(seq_len=64, method="qlora", weight_bits=4, checkpointing=True)]
+    rows = _exact(tiny_moe, setups, device, None, 10, 2**40)
+    for row, setup in zip(rows, setups, strict=True):
+        est = estimate(tiny_moe, setup, device)
+        assert (row.peak_bytes, row.step_seconds) == (est.memory.total_bytes,
+                                                      est.throughput.step_seconds)
+
+
+def test_numpy_stays_out_of_the_estimate_path() -> None:
+    """memory.py and comms.py take arrays without importing numpy: `nvfree estimate` never
+    loads it (it adds ~0.1 s to every start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, estimator.api, estimator.analytic.comms, estimator.analytic.parallel;"
+            "print('numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
