@@ -652,6 +652,8 @@ def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: tuple,
     smaller ones either (one memory_breakdown per structure, usually). batch_bytes (the
     micro-batch's activations, logits, dequantised weight) is shared by the structures that
     differ only in the optimizer (`fwd_bwd`)."""
+    if table.keys() >= set(sw.batches.tolist()):
+        return
     new: dict[int, tuple[int, int]] = {}  # b -> (a, index of the group that has it)
     for j, g in enumerate(sw.groups):
         for b, a in zip(g.batches.tolist(), g.accums.tolist(), strict=True):

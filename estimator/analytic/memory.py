@@ -480,6 +480,8 @@ def sharded_bytes(num_bytes: int, setup: TrainSetup, *, min_stage: int,
     shard = setup.zero_stage >= min_stage
     routed = num_bytes * routed_fraction
     dense = (num_bytes - routed) / (n if shard else 1)
+    if not routed_fraction:  # no routed experts: dense + 0.0
+        return ceil_bytes(dense)
     experts = routed / ep / ((n // ep) if shard else 1)
     return ceil_bytes(dense + experts)
 
