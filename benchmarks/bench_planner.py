@@ -3,14 +3,17 @@
 Every candidate is scored with the same analytic model as `nvfree estimate` (tests/unit/
 test_planner.py checks equality): per structural choice (method × precision × optimizer ×
 checkpointing) the op lists are built three times and timed in arrays for every device count,
-ZeRO stage and micro-batch; memory and collectives are evaluated per (devices, stage). `search`
-is timed whole, with the exact estimate() re-score of the best `top`; `score` (the space
-without ranking and re-score) beside it shows the fixed cost. Best of --repeat runs.
+ZeRO stage and micro-batch; memory and collectives are evaluated per sweep (one structure and
+ZeRO stage over an array of device counts). `search` is timed whole, with the exact re-score
+of the best `top` (estimate()'s memory and step time); `score` (the space without ranking and
+re-score) beside it shows the fixed cost. Best of --repeat runs; the load average is printed
+because the timings are only comparable on a quiet machine.
 
-    python benchmarks/bench_planner.py [--repeat 3]
+    python benchmarks/bench_planner.py [--repeat 3] [--case 3]
 """
 
 import argparse
+import os
 import time
 from functools import partial
 
@@ -53,8 +56,12 @@ def best_of(repeat: int, fn) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--case", type=int, action="append",
+                        help="index into CASES (repeatable); default all")
     args = parser.parse_args()
-    for label, model_name, device_name, base, c in CASES:
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    for index in args.case or range(len(CASES)):
+        label, model_name, device_name, base, c = CASES[index]
         model, device = load_model(model_name), load_device(device_name)
         search(model, base, device, None, c)  # warm caches and imports
         seconds, result = best_of(args.repeat, partial(search, model, base, device, None, c))
@@ -62,8 +69,9 @@ def main() -> None:
         n = result.num_candidates
         print(f"{label}:\n  search {n:,} candidates in {seconds * 1e3:.0f} ms = "
               f"{n / seconds:,.0f} candidates/s; score alone {scoring * 1e3:.0f} ms = "
-              f"{n / scoring:,.0f}/s (ranking + estimate() of the best {c.top}: "
+              f"{n / scoring:,.0f}/s (ranking + exact re-score of the best {c.top}: "
               f"{(seconds - scoring) * 1e3:.0f} ms)")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
