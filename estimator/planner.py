@@ -375,18 +375,15 @@ def _table(ops: list, one: np.ndarray, slopes: tuple, profile: CalibrationProfil
         optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
 
 
-def compute_seconds(table: OpTable, device: Device, profile: CalibrationProfile | None,
-                    dtype: str, batches: np.ndarray, accums: np.ndarray,
-                    optimizer_scale: np.ndarray) -> np.ndarray:
-    """Σ_ops calls(a) · correction · seconds_per_call(work(b)) at each candidate, with the
-    optimizer ops × optimizer_scale (the rank's share; 0 when offloaded to the host).
-
-    Per-call times depend on b only, so they are evaluated once per distinct micro-batch; calls
-    are affine in a, so the sum is S₀(b) + (a − 1)·S₁(b), Sₖ(b) = Σ_ops callsₖ · correction ·
-    seconds_per_call(b), for the optimizer ops and the others apart."""
-    distinct, at = np.unique(batches, return_inverse=True)
-    flops = table.flops[0][:, None] + table.flops[1][:, None] * (distinct - 1.0)
-    nbytes = table.nbytes[0][:, None] + table.nbytes[1][:, None] * (distinct - 1.0)
+def compute_sums(table: OpTable, device: Device, profile: CalibrationProfile | None,
+                 dtype: str, batches: np.ndarray) -> np.ndarray:
+    """The compute time of a candidate is Σ_ops calls(a) · correction · seconds_per_call(work(b)):
+    per-call times depend on b only and calls are affine in a, so it is
+    R₀(b) + (a − 1)·R₁(b) + (O₀(b) + (a − 1)·O₁(b)) · the rank's optimizer share (0 when
+    offloaded to the host), with Xₖ(b) = Σ callsₖ · correction · seconds_per_call(b) over the
+    optimizer ops (O) and the rest (R). Returns (R₀, R₁, O₀, O₁) at each micro-batch (4 × b)."""
+    flops = table.flops[0][:, None] + table.flops[1][:, None] * (batches - 1.0)
+    nbytes = table.nbytes[0][:, None] + table.nbytes[1][:, None] * (batches - 1.0)
     per_call = np.empty(flops.shape)
     for op_class, rows in table.rows.items():
         per_call[rows] = seconds_per_call(device, profile, dtype, op_class, flops[rows],
@@ -394,9 +391,7 @@ def compute_seconds(table: OpTable, device: Device, profile: CalibrationProfile 
     opt = table.optimizer
     weights = np.stack([table.calls[0] * ~opt, table.calls[1] * ~opt,
                         table.calls[0] * opt, table.calls[1] * opt]) * table.fix
-    rest_one, rest_per_a, opt_one, opt_per_a = (weights @ per_call)[:, at]
-    extra = accums - 1.0
-    return rest_one + rest_per_a * extra + (opt_one + opt_per_a * extra) * optimizer_scale
+    return weights @ per_call
 
 
 @dataclass(frozen=True)
@@ -419,7 +414,7 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
     a: per-micro-batch ZeRO-2/3 collectives); one call of each is timed by
     comms.collective_seconds over the array of node layouts. No collective at (1, 1) (one
     device, no offload): none at all. None when the probes disagree with the affine form."""
-    counts, setup, gi = sw.counts, sw.setup, sw.group_of
+    counts, setup = sw.counts, sw.setup
     if not first:
         return CommTerms(np.zeros(len(counts)), np.zeros(len(counts)))
     lists = [first] + [step_collectives(model, _at(setup, b, a), params, num_devices=counts)
@@ -430,7 +425,9 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
     links = replace(C.links_for(sw.rank, setup), devices_per_node=counts // nodes,
                     num_nodes=nodes)
     curve = C.all_reduce_curve(sw.rank, profile)
-    batches, accums = sw.batches, sw.accums
+    gi = np.repeat(np.arange(len(sw.groups)), [len(g.batches) for g in sw.groups])
+    batches = np.concatenate([g.batches for g in sw.groups])
+    accums = np.concatenate([g.accums for g in sw.groups])
     fixed, per_micro_batch, grows = np.zeros(len(counts)), np.zeros(len(counts)), None
     for one, at_b, at_a in zip(*lists, strict=True):
         if at_b.num_calls != one.num_calls or np.any(at_a.num_bytes != one.num_bytes):
@@ -482,30 +479,26 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
     for g in groups:
         if g.setup.method not in params:
             params[g.setup.method] = count_params(model, g.setup)
-    swept = sweeps(groups, device)
-    return (group_peaks(model, groups, device, params, swept),
-            group_seconds(model, groups, device, profile, params, swept))
+    space = index_space(groups, device)
+    return (group_peaks(model, groups, device, params, space),
+            group_seconds(model, groups, device, profile, params, space))
 
 
 @dataclass(frozen=True)
 class Sweep:
     """Groups that differ only in their device count (same structure, rank device, ZeRO
     stage and side of one device: the branches of the analytic model read these), scored
-    together with the device count as an array, and where their candidates are."""
+    together with the device count as an array."""
 
     groups: list[Group]
+    members: np.ndarray
+    """Index of each group in the space's group list."""
     rank: Device
     """The device one rank gets (parallel.rank_device)."""
     split: int | None
     """Ranks sharing a CPU machine (rank_device split it), else None."""
     counts: np.ndarray
     """Device count of each group."""
-    at: np.ndarray
-    """Index of each candidate of the groups in the score arrays."""
-    group_of: np.ndarray
-    """Index into `groups` of each candidate."""
-    batches: np.ndarray
-    accums: np.ndarray
 
     @property
     def setup(self) -> TrainSetup:
@@ -516,10 +509,40 @@ class Sweep:
         return self.groups[0].structure
 
 
-def sweeps(groups: list[Group], device: Device) -> list[Sweep]:
-    """The groups as Sweeps, in order of first appearance (rank_device once per number of
-    ranks per node)."""
-    ranks, members, starts = {}, {}, np.cumsum([0] + [len(g.batches) for g in groups])
+@dataclass(frozen=True)
+class Space:
+    """Where the candidates of a list of groups are: per candidate its group and distinct
+    micro-batch, per group its structure-and-rank key, and the sweeps. Scores are
+    assembled from per-group terms (sweeps), per-key and micro-batch terms (op tables,
+    batch rows) and per-candidate accumulation in one gather."""
+
+    sweeps: list[Sweep]
+    starts: np.ndarray
+    """First candidate of each group, and the number of candidates at the end."""
+    group: np.ndarray
+    """Group of each candidate."""
+    accum: np.ndarray
+    """Accumulation of each candidate."""
+    batch_values: np.ndarray
+    """The distinct micro-batches of the space."""
+    batch_index: np.ndarray
+    """Index into batch_values of each candidate's micro-batch."""
+    keys: list[tuple]
+    """(structure, CPU split) of the op tables and batch rows."""
+    key: np.ndarray
+    """Index into keys of each group."""
+
+    def candidates(self, members: np.ndarray) -> np.ndarray:
+        """Indices of the candidates of the groups `members`, group by group."""
+        return np.concatenate([np.arange(self.starts[i], self.starts[i + 1])
+                               for i in members.tolist()])
+
+
+def index_space(groups: list[Group], device: Device) -> Space:
+    """The groups' sweeps and candidate indices (rank_device once per number of ranks per
+    node)."""
+    ranks, members, keys = {}, {}, {}
+    key = np.empty(len(groups), dtype=int)
     for i, g in enumerate(groups):
         s = g.setup
         per_node = ranks_per_node(s)
@@ -527,89 +550,84 @@ def sweeps(groups: list[Group], device: Device) -> list[Sweep]:
             rank = rank_device(device, s)
             ranks[per_node] = rank, (None if rank is device else per_node)
         rank, split = ranks[per_node]
-        key = (g.structure, split, s.zero_stage, s.num_devices > 1)
-        members.setdefault(key, (rank, split, []))[2].append(i)
-    out = []
-    for rank, split, idx in members.values():
-        sizes = [len(groups[i].batches) for i in idx]
-        out.append(Sweep(
-            groups=[groups[i] for i in idx], rank=rank, split=split,
-            counts=np.array([groups[i].setup.num_devices for i in idx]),
-            at=np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx]),
-            group_of=np.repeat(np.arange(len(idx)), sizes),
-            batches=np.concatenate([groups[i].batches for i in idx]),
-            accums=np.concatenate([groups[i].accums for i in idx])))
-    return out
+        key[i] = keys.setdefault((g.structure, split), len(keys))
+        members.setdefault((g.structure, split, s.zero_stage, s.num_devices > 1),
+                           (rank, split, []))[2].append(i)
+    sweeps = [Sweep(groups=[groups[i] for i in idx], members=np.array(idx), rank=rank,
+                    split=split, counts=np.array([groups[i].setup.num_devices for i in idx]))
+              for rank, split, idx in members.values()]
+    sizes = [len(g.batches) for g in groups]
+    values, index = np.unique(np.concatenate([g.batches for g in groups]), return_inverse=True)
+    return Space(sweeps=sweeps, starts=np.concatenate([[0], np.cumsum(sizes)]).astype(int),
+                 group=np.repeat(np.arange(len(groups)), sizes),
+                 accum=np.concatenate([g.accums for g in groups]), batch_values=values,
+                 batch_index=index, keys=list(keys), key=key)
 
 
 def group_peaks(model: ModelSpec, groups: list[Group], device: Device,
-                params: dict[str, ParamCounts], swept: list[Sweep]) -> np.ndarray:
+                params: dict[str, ParamCounts], space: Space) -> np.ndarray:
     """Peak bytes per device of every candidate: memory_phases per sweep (over the array of
     its device counts), batch rows per structure and micro-batch (_batch_rows), phase_peak over
     all candidates at once."""
-    total = sum(len(g.batches) for g in groups)
-    phases, batch = np.empty((4, total)), np.empty((2, total))
-    rows: dict[tuple, dict] = {}
+    phases = np.empty((4, len(groups)))
+    tables: list[dict] = [{} for _ in space.keys]
     fwd_bwd: dict[tuple, int] = {}
-    for sw in swept:
+    for sw in space.sweeps:
         p = params[sw.setup.method]
         terms = memory_phases(model, sw.setup, sw.rank, p, sw.counts)
         for k, term in enumerate(terms):
-            phases[k, sw.at] = term[sw.group_of] if np.ndim(term) else term
-        _batch_rows(model, sw, p, terms, rows.setdefault((sw.structure, sw.split), {}),
-                    fwd_bwd)
-    lookup = {}
-    for key, table in rows.items():
-        known = np.array(sorted(table))
-        lookup[key] = known, np.array([table[b] for b in known.tolist()], dtype=float).T
-    for sw in swept:
-        known, values = lookup[sw.structure, sw.split]
-        batch[:, sw.at] = values[:, np.searchsorted(known, sw.batches)]
-    accums = np.concatenate([g.accums for g in groups])
-    return batch[1] + phase_peak(phases, batch[0], accums)
+            phases[k, sw.members] = term
+        _batch_rows(model, sw, p, terms, tables[space.key[sw.members[0]]], fwd_bwd)
+    rows = np.zeros((2, len(space.keys), len(space.batch_values)))
+    for k, table in enumerate(tables):
+        at = np.searchsorted(space.batch_values, list(table))
+        rows[:, k, at] = np.array(list(table.values()), dtype=float).T
+    g, key, b = space.group, space.key[space.group], space.batch_index
+    return rows[1, key, b] + phase_peak(phases[:, g], rows[0, key, b], space.accum)
 
 
 def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
                   profile: CalibrationProfile | None, params: dict[str, ParamCounts],
-                  swept: list[Sweep]) -> np.ndarray:
-    """Step seconds of every candidate: one OpTable per structure and rank device, timed for
-    the candidates of all its groups at once (compute_seconds, the optimizer ops scaled to each
+                  space: Space) -> np.ndarray:
+    """Step seconds of every candidate: one OpTable per structure and rank device, its
+    compute time per distinct micro-batch (compute_sums; the optimizer ops scaled to each
     group's shard); collectives and the host optimizer step per sweep over its device counts
     (_sweep_comm). A sweep whose probes disagree with the affine forms is scored by
     step_throughput per candidate."""
-    step = np.zeros(sum(len(g.batches) for g in groups))
-    tables: dict[tuple, tuple] = {}
+    fixed, per_micro_batch, scale = (np.zeros(len(groups)) for _ in range(3))
+    grows = np.zeros(space.starts[-1])
+    sums = np.zeros((4, len(space.keys), len(space.batch_values)))
+    tables: dict[int, OpTable | None] = {}
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
     collectives: dict[tuple, tuple] = {}
-    members: dict[tuple, list] = {}
-    for sw in swept:
+    exact: list[int] = []
+    for sw in space.sweeps:
         s, p = sw.setup, params[sw.setup.method]
-        key = (sw.structure, sw.split)
+        key = space.key[sw.members[0]]
         if key not in tables:
             rprofile = rank_profile(profile, device, s)
             mate = (*sw.structure[:3], *sw.structure[4:], sw.split)
-            tables[key] = (op_table(model, s, p, sw.rank, rprofile, siblings.get(mate)),
-                           sw.rank, rprofile)
-            if tables[key][0] is not None:
-                siblings.setdefault(mate, tables[key][0])
+            tables[key] = op_table(model, s, p, sw.rank, rprofile, siblings.get(mate))
+            if tables[key] is not None:
+                siblings.setdefault(mate, tables[key])
+                sums[:, key] = compute_sums(tables[key], sw.rank, rprofile, s.compute_dtype,
+                                            space.batch_values)
         terms = _sweep_comm(model, sw, p, profile, collectives)
-        if tables[key][0] is None or terms is None:
-            for j, g in enumerate(sw.groups):
-                step[sw.at[sw.group_of == j]] = _exact_steps(model, g, device, profile)
+        if tables[key] is None or terms is None:
+            exact += sw.members.tolist()
             continue
-        step[sw.at] = (terms.fixed[sw.group_of]
-                       + terms.per_micro_batch[sw.group_of] * (sw.accums - 1.0))
+        fixed[sw.members] = terms.fixed
+        per_micro_batch[sw.members] = terms.per_micro_batch
         if terms.grows is not None:
-            step[sw.at] += terms.grows
-        scale = 0.0 if s.offload != "none" else optimizer_share(model, s, p,
-                                                                num_devices=sw.counts)
-        members.setdefault(key, []).append(
-            (sw.at, np.broadcast_to(scale, sw.counts.shape)[sw.group_of], sw.batches,
-             sw.accums))
-    for key, parts in members.items():
-        table, rank, rprofile = tables[key]
-        at, scale, batches, accums = (np.concatenate(x) for x in zip(*parts, strict=True))
-        step[at] += compute_seconds(table, rank, rprofile, key[0][1], batches, accums, scale)
+            grows[space.candidates(sw.members)] = terms.grows
+        scale[sw.members] = 0.0 if s.offload != "none" else optimizer_share(
+            model, s, p, num_devices=sw.counts)
+    g, key, b, extra = space.group, space.key[space.group], space.batch_index, space.accum - 1.0
+    step = (fixed[g] + per_micro_batch[g] * extra + grows + sums[0, key, b]
+            + sums[1, key, b] * extra + (sums[2, key, b] + sums[3, key, b] * extra) * scale[g])
+    for i in exact:
+        step[space.starts[i]:space.starts[i + 1]] = _exact_steps(model, groups[i], device,
+                                                                 profile)
     return step
 
 
@@ -652,7 +670,7 @@ def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: tuple,
     smaller ones either (one memory_breakdown per structure, usually). batch_bytes (the
     micro-batch's activations, logits, dequantised weight) is shared by the structures that
     differ only in the optimizer (`fwd_bwd`)."""
-    if table.keys() >= set(sw.batches.tolist()):
+    if table.keys() >= {b for g in sw.groups for b in g.batches.tolist()}:
         return
     new: dict[int, tuple[int, int]] = {}  # b -> (a, index of the group that has it)
     for j, g in enumerate(sw.groups):
