@@ -375,23 +375,36 @@ def _table(ops: list, one: np.ndarray, slopes: tuple, profile: CalibrationProfil
         optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
 
 
-def compute_sums(table: OpTable, device: Device, profile: CalibrationProfile | None,
-                 dtype: str, batches: np.ndarray) -> np.ndarray:
+def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProfile | None,
+                 dtype: str, batches: np.ndarray) -> list[np.ndarray]:
     """The compute time of a candidate is Σ_ops calls(a) · correction · seconds_per_call(work(b)):
     per-call times depend on b only and calls are affine in a, so it is
     R₀(b) + (a − 1)·R₁(b) + (O₀(b) + (a − 1)·O₁(b)) · the rank's optimizer share (0 when
     offloaded to the host), with Xₖ(b) = Σ callsₖ · correction · seconds_per_call(b) over the
-    optimizer ops (O) and the rest (R). Returns (R₀, R₁, O₀, O₁) at each micro-batch (4 × b)."""
-    flops = table.flops[0][:, None] + table.flops[1][:, None] * (batches - 1.0)
-    nbytes = table.nbytes[0][:, None] + table.nbytes[1][:, None] * (batches - 1.0)
+    optimizer ops (O) and the rest (R). Returns (R₀, R₁, O₀, O₁) at each micro-batch (4 × b)
+    per table; the tables (on one device, profile and dtype) are timed together, one
+    seconds_per_call per op class."""
+    ends = np.cumsum([len(t.names) for t in tables])
+    flops = np.concatenate([t.flops[0][:, None] + t.flops[1][:, None] * (batches - 1.0)
+                            for t in tables])
+    nbytes = np.concatenate([t.nbytes[0][:, None] + t.nbytes[1][:, None] * (batches - 1.0)
+                             for t in tables])
+    by_class: dict[str, list[np.ndarray]] = {}
+    for t, end in zip(tables, ends, strict=True):
+        for op_class, rows in t.rows.items():
+            by_class.setdefault(op_class, []).append(rows + (end - len(t.names)))
     per_call = np.empty(flops.shape)
-    for op_class, rows in table.rows.items():
+    for op_class, parts in by_class.items():
+        rows = np.concatenate(parts)
         per_call[rows] = seconds_per_call(device, profile, dtype, op_class, flops[rows],
                                           nbytes[rows])
-    opt = table.optimizer
-    weights = np.stack([table.calls[0] * ~opt, table.calls[1] * ~opt,
-                        table.calls[0] * opt, table.calls[1] * opt]) * table.fix
-    return weights @ per_call
+    out = []
+    for t, end in zip(tables, ends, strict=True):
+        opt = t.optimizer
+        weights = np.stack([t.calls[0] * ~opt, t.calls[1] * ~opt,
+                            t.calls[0] * opt, t.calls[1] * opt]) * t.fix
+        out.append(weights @ per_call[end - len(t.names):end])
+    return out
 
 
 @dataclass(frozen=True)
@@ -599,6 +612,7 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
     sums = np.zeros((4, len(space.keys), len(space.batch_values)))
     tables: dict[int, OpTable | None] = {}
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
+    timing: dict[tuple, tuple] = {}  # (rank, profile, dtype) -> (the rank etc., keys)
     collectives: dict[tuple, tuple] = {}
     exact: list[int] = []
     for sw in space.sweeps:
@@ -610,8 +624,8 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
             tables[key] = op_table(model, s, p, sw.rank, rprofile, siblings.get(mate))
             if tables[key] is not None:
                 siblings.setdefault(mate, tables[key])
-                sums[:, key] = compute_sums(tables[key], sw.rank, rprofile, s.compute_dtype,
-                                            space.batch_values)
+                timing.setdefault((id(sw.rank), id(rprofile), s.compute_dtype),
+                                  (sw.rank, rprofile, s.compute_dtype, []))[3].append(key)
         terms = _sweep_comm(model, sw, p, profile, collectives)
         if tables[key] is None or terms is None:
             exact += sw.members.tolist()
@@ -622,6 +636,11 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
             grows[space.candidates(sw.members)] = terms.grows
         scale[sw.members] = 0.0 if s.offload != "none" else optimizer_share(
             model, s, p, num_devices=sw.counts)
+    for rank, rprofile, dtype, keys in timing.values():
+        found = compute_sums([tables[k] for k in keys], rank, rprofile, dtype,
+                             space.batch_values)
+        for k, values in zip(keys, found, strict=True):
+            sums[:, k] = values
     g, key, b, extra = space.group, space.key[space.group], space.batch_index, space.accum - 1.0
     step = (fixed[g] + per_micro_batch[g] * extra + grows + sums[0, key, b]
             + sums[1, key, b] * extra + (sums[2, key, b] + sums[3, key, b] * extra) * scale[g])
