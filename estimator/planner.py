@@ -365,14 +365,16 @@ def op_table(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: D
 
 def _table(ops: list, one: np.ndarray, slopes: tuple, profile: CalibrationProfile | None,
            dtype: str) -> OpTable:
-    classes = [o.op_class for o in ops]
+    classes = np.array([o.op_class for o in ops])
+    distinct = dict.fromkeys(classes.tolist())
+    fixes = {k: correction(profile, op_class_key(k, dtype)) for k in distinct}
     return OpTable(
         names=tuple(o.name for o in ops),
-        rows={k: np.flatnonzero([c == k for c in classes]) for k in dict.fromkeys(classes)},
+        rows={k: np.flatnonzero(classes == k) for k in distinct},
         flops=np.stack([one[:, 0], slopes[0]]), nbytes=np.stack([one[:, 1], slopes[1]]),
         calls=np.stack([one[:, 2], slopes[2]]),
-        fix=np.array([correction(profile, op_class_key(k, dtype)) for k in classes]),
-        optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
+        fix=np.array([fixes[k] for k in classes.tolist()]),
+        optimizer=np.char.startswith(classes, "optimizer"))
 
 
 def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProfile | None,
