@@ -302,7 +302,10 @@ def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
             ) -> tuple[Estimate | None, str | None]:
     """The analytic estimate for the run's config on this machine (with its calibration
     profile when one exists), or (None, why not), plus a note on what was used. Advisory: any
-    failure is recorded, never raised after a finished run."""
+    failure is recorded, never raised after a finished run. A data-parallel rank on a CPU
+    shares the machine with the other local ranks: the profile looked up is the whole
+    machine's (this rank's threads × local ranks), which the estimate splits per rank
+    (parallel.rank_profile), as `nvfree plan` does."""
     try:
         from estimator.api import estimate
         from estimator.hardware import cpu_device, detect, local_device
@@ -312,7 +315,10 @@ def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
     try:
         machine = detect(probe_torch=device.type != "cpu")
         dev = cpu_device(machine) if device.type == "cpu" else local_device(machine)
-        found = lookup_profile(machine, dev.backend, num_threads=torch.get_num_threads())
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            threads *= max(1, setup.num_devices // setup.num_nodes)
+        found = lookup_profile(machine, dev.backend, num_threads=threads)
         if found.profile is not None:
             dev = cpu_device(machine, found.profile) if device.type == "cpu" else dev
         return estimate(spec, setup, dev, found.profile), found.reason

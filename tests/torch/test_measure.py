@@ -83,3 +83,28 @@ def test_terms_compare_prediction_and_measurement():
     assert rows["total_peak"].predicted_bytes is None and rows["total_peak"].relative_error is None
     assert measure.relative_error(110, 100) == pytest.approx(0.1)
     assert measure.relative_error(1, 0) is None
+
+
+def test_a_data_parallel_cpu_rank_is_predicted_from_the_machine_profile(tiny_dense):
+    """Two local ranks with 1 thread each: the rank's prediction uses the machine's 2-thread
+    profile, split per rank by the estimate (parallel.rank_profile), not the catalogue."""
+    from estimator.calibrate.fit import fit_curve
+    from estimator.hardware import detect, fingerprint
+    from estimator.profiles import save_profile
+    from estimator.specs import CalibrationProfile, TrainSetup
+
+    machine = detect()
+    curve = fit_curve("matmul.fp32", "flops", [(1e6, 1e-3), (1e9, 0.1)])
+    save_profile(CalibrationProfile(
+        fingerprint=fingerprint(machine, "cpu"), torch_version=torch.__version__,
+        num_threads=2, backend="cpu", device_name="cpu", created_at="2026-01-01T00:00:00Z",
+        preferred_dtype="fp32", curves={"matmul.fp32": curve}))
+    setup = TrainSetup(method="full", weight_bits=32, compute_dtype="fp32",
+                       mixed_precision=False, seq_len=16, num_devices=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        estimate, note = measure.predict(tiny_dense, setup, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert estimate is not None and note.startswith("calibrated"), note
