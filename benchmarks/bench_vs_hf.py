@@ -12,6 +12,12 @@ at the training shapes, and the first-step loss of each (equal weights ⇒ equal
     PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --threads 1 --rounds 2   # shared box
     PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --compile --warmup 2 --only ...
 
+--compile adds a third side, ours with compile_blocks (what `nvfree train --compile` runs), in the
+same alternating rounds: each config then prints the eager row, the compiled row (both against
+the same HF runs) and compiled / eager. The compile runs in the untimed warm-up steps; the peak
+RSS covers it (inductor's memory included), "steady MiB" is the peak of the timed steps alone
+(VmHWM reset after the warm-up, so it still counts what the compiler left resident).
+
 Needs transformers and peft; QLoRA on the HF side needs bitsandbytes ≥ 0.48 (CPU backend).
 Model FLOPs per token (PaLM appendix B convention, no recompute counted):
     full: 6·N_matmul + 12·L·H·C·T        LoRA/QLoRA: 4·N_matmul + 6·N_lora + 12·L·H·C·T
@@ -77,6 +83,7 @@ def spec_for(arch: str):
 
 
 def build_ours(ckpt: Path, arch: str, method: str, precision: str, compile_: bool = False):
+    """The executor's model as `nvfree train` builds it (LoRA, NF4, then compile_blocks)."""
     import torch
 
     from estimator.executor.hf import load_hf_model
@@ -139,8 +146,9 @@ def worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     arch, method, precision = args.config.split("-")
     rss_start = vm_kib("VmRSS")
-    if args.impl == "ours":
-        model, loss_fn = build_ours(Path(args.ckpt), arch, method, precision, args.compile)
+    if args.impl in ("ours", "ours-compiled"):
+        model, loss_fn = build_ours(Path(args.ckpt), arch, method, precision,
+                                    args.impl == "ours-compiled")
     else:
         model, loss_fn = build_hf(Path(args.ckpt), arch, method, precision)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,7 +160,11 @@ def worker(args: argparse.Namespace) -> dict:
     rss_built = vm_kib("VmRSS")
     reset_peak()
     times, losses = [], []
-    for _ in range(args.warmup + args.steps):
+    warmup_peak_kib = 0
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:  # the timed steps' own peak from here (compile excluded)
+            warmup_peak_kib = vm_kib("VmHWM")
+            reset_peak()
         t0 = time.perf_counter()
         with autocast:
             loss = loss_fn(tokens)
@@ -166,7 +178,8 @@ def worker(args: argparse.Namespace) -> dict:
     return {"tokens_per_second": args.batch * args.seq / step_seconds,
             "step_seconds": step_seconds,
             "median_step_seconds": statistics.median(times[args.warmup:]),
-            "peak_kib": vm_kib("VmHWM"),
+            "peak_kib": max(warmup_peak_kib, vm_kib("VmHWM")),
+            "steady_peak_kib": vm_kib("VmHWM"),
             "built_kib": rss_built, "start_kib": rss_start, "first_loss": losses[0],
             "num_trainable": sum(p.numel() for p in params)}
 
@@ -239,7 +252,7 @@ def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dic
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--config", config,
            "--ckpt", str(ckpt), "--batch", str(args.batch), "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
+           "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
@@ -247,9 +260,12 @@ def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dic
 
 
 def best_of_rounds(config: str, ckpt: Path, args: argparse.Namespace) -> tuple:
-    """Alternate ours / HF for ``args.rounds`` rounds; keep each side's fastest run (its peak
-    memory is the lowest too), so a busy spell on a shared machine hits both sides alike."""
+    """Alternate ours (eager, and compiled with --compile) / HF for ``args.rounds`` rounds; keep
+    each side's fastest run and its lowest peak memory, so a busy spell on a shared machine
+    hits every side alike. Returns one result (or failure line) per side: ours, HF, compiled."""
     runs: dict[str, list] = {"ours": [], "hf": []}
+    if args.compile:
+        runs["ours-compiled"] = []
     for _ in range(args.rounds):
         for impl in runs:
             runs[impl].append(run_one(impl, config, ckpt, args))
@@ -258,7 +274,8 @@ def best_of_rounds(config: str, ckpt: Path, args: argparse.Namespace) -> tuple:
         ok = [r for r in results if not isinstance(r, str)]
         best.append(max(ok, key=lambda r: r["tokens_per_second"]) if ok else results[0])
         if ok:
-            best[-1]["peak_kib"] = min(r["peak_kib"] for r in ok)
+            for key in ("peak_kib", "steady_peak_kib"):
+                best[-1][key] = min(r[key] for r in ok)
     return tuple(best)
 
 
@@ -280,20 +297,24 @@ def main(args: argparse.Namespace) -> None:
                  for a in ARCHS for p in ("fp32", "bf16")}
         for (a, p), v in peaks.items():
             print(f"GEMM peak {a} {p}: {v / 1e9:.0f} GFLOP/s (best of the training shapes)")
-        header = (f"{'config':<20}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>7}"
+        header = (f"{'config':<29}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>7}"
                   f"{'ours MiB':>10}{'HF MiB':>9}{'mem':>6}{'ours %pk':>9}{'HF %pk':>8}"
-                  f"{'loss ours/HF':>16}{'pred MiB':>10}")
+                  f"{'loss ours/HF':>16}{'steady MiB':>11}{'pred MiB':>10}")
         print(header)
         results = []
         for config in configs:
             arch, method, precision = config.split("-")
-            ours, hf = best_of_rounds(config, ckpts[arch], args)
+            ours, hf, *compiled = best_of_rounds(config, ckpts[arch], args)
             predicted = predicted_peak_bytes(arch, method, precision, args)
-            row = format_row(config, ours, hf, peaks[(arch, precision)],
-                             model_flops_per_token(arch, method, args.seq))
-            print(row + (f"{predicted / 2**20:>10.0f}" if predicted else "         -"),
-                  flush=True)
+            flops = model_flops_per_token(arch, method, args.seq)
+            for name, mine in ((config, ours), *((f"{config} compiled", c) for c in compiled)):
+                row = format_row(name, mine, hf, peaks[(arch, precision)], flops)
+                print(row + (f"{predicted / 2**20:>10.0f}" if predicted else "         -"),
+                      flush=True)
+            if compiled:
+                print(compiled_vs_eager(compiled[0], ours), flush=True)
             results.append({"config": config, "ours": ours, "hf": hf,
+                            "ours_compiled": compiled[0] if compiled else None,
                             "predicted_peak_bytes": predicted})
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
@@ -301,14 +322,28 @@ def main(args: argparse.Namespace) -> None:
 
 def format_row(config: str, ours, hf, peak: float, flops_per_token: float) -> str:
     if isinstance(ours, str) or isinstance(hf, str):
-        return f"{config:<20} ours: {ours if isinstance(ours, str) else 'ok'} | HF: " \
+        return f"{config:<29} ours: {ours if isinstance(ours, str) else 'ok'} | HF: " \
                f"{hf if isinstance(hf, str) else 'ok'}"
     share = [r["tokens_per_second"] * flops_per_token / peak * 100 for r in (ours, hf)]
-    return (f"{config:<20}{ours['tokens_per_second']:>11.0f}{hf['tokens_per_second']:>10.0f}"
+    return (f"{config:<29}{ours['tokens_per_second']:>11.0f}{hf['tokens_per_second']:>10.0f}"
             f"{ours['tokens_per_second'] / hf['tokens_per_second']:>6.2f}×"
             f"{ours['peak_kib'] / 1024:>10.0f}{hf['peak_kib'] / 1024:>9.0f}"
             f"{ours['peak_kib'] / hf['peak_kib']:>5.2f}×{share[0]:>8.0f}%{share[1]:>7.0f}%"
-            f"{ours['first_loss']:>9.3f}/{hf['first_loss']:.3f}")
+            f"{ours['first_loss']:>9.3f}/{hf['first_loss']:.3f}"
+            f"{ours['steady_peak_kib'] / 1024:>11.0f}")
+
+
+def compiled_vs_eager(compiled, eager) -> str:
+    """One line: the compiled run's speed and memory relative to the eager one."""
+    if isinstance(compiled, str) or isinstance(eager, str):
+        return "  compiled / eager: -"
+    speed = compiled["tokens_per_second"] / eager["tokens_per_second"]
+    peak = compiled["peak_kib"] / eager["peak_kib"]
+    steady = compiled["steady_peak_kib"] / eager["steady_peak_kib"]
+    return (f"  compiled / eager: tokens/s {speed:.2f}×, median step "
+            f"{compiled['median_step_seconds']:.2f} / {eager['median_step_seconds']:.2f} s, "
+            f"peak {peak:.2f}×, steady peak {steady:.2f}×, first loss "
+            f"{compiled['first_loss']:.4f} / {eager['first_loss']:.4f}")
 
 
 if __name__ == "__main__":
@@ -322,9 +357,11 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side")
     parser.add_argument("--compile", action="store_true",
-                        help="ours with compile_blocks (use --warmup 2: the compile is untimed)")
+                        help="also ours with compile_blocks, side by side with eager ours and HF "
+                             "(use --warmup 2: the compile is untimed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=("ours", "ours-compiled", "hf"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     cli = parser.parse_args()
