@@ -216,7 +216,8 @@ def plan(mode: Mode, device: str) -> list[Case]:
         cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])
     cases += benches.memory_cases(MEMORY_SIZES[mode])
     cases += benches.alloc_cases(ALLOC_SIZES[mode])
-    cases += benches.elementwise_cases(ELEMENTWISE_SHAPES[mode], ["fp32", "bf16"])
+    if not (mode == "full" and device == "cpu"):  # else measured on the executor's step
+        cases += benches.elementwise_cases(ELEMENTWISE_SHAPES[mode], ["fp32", "bf16"])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode], "adamw8bit")
     cases += benches.dequant_cases(DEQUANT_SIZES[mode])
@@ -387,9 +388,15 @@ def calibrate(
         torch.set_num_threads(old_threads)
         benches.release_pools()
     curves = fit_all(measured)
-    if mode == "full" and tdev == "cpu":  # gloo all-reduce between 2 local processes
+    if mode == "full" and tdev == "cpu":
+        from estimator.calibrate.block_rates import elementwise_curves
         from estimator.calibrate.collectives import collective_curves
 
+        torch.set_num_threads(threads)
+        try:  # the executor's own memory-bound calls (block_rates); gloo all-reduce
+            curves.update(elementwise_curves())
+        finally:
+            torch.set_num_threads(old_threads)
         curves.update(collective_curves(quick=False))
     profile = CalibrationProfile(
         fingerprint=fingerprint(machine, backend),

@@ -1,0 +1,116 @@
+"""Memory-bound rates measured on the executor's own training step (full CPU calibration).
+
+The analytic model charges a block's memory-bound work as recorded bytes per token
+(`flops.MEMORY_BOUND_BYTES`, every non-GEMM, non-attention aten call of the executor) at the
+`elementwise.<dtype>` rate. A synthetic kernel (SiLU·mul + add) measures one kind of kernel; a
+step's mix is wider: dtype casts (`copy_`), the fp32 RMSNorm composition, RoPE, SiLU and their
+gradients, the loss. So the full calibration times those calls themselves: a TorchDispatchMode
+around one executor training step records, for every call no GEMM or attention curve times, its
+aten bytes (`benches.aten_call_bytes`, the unit of the recorded table) and its wall time
+(perf_counter around the kernel only: the Python/autograd cost per call is the
+`dispatch.autograd` class). Calls are pooled in bins of a quarter decade of bytes (ΣW / Σt per
+bin, so each bin's total time is reproduced) and fitted with the measured rates kept
+(fit.fit_curve monotone=False).
+
+Regimes: fp32 = a full fp32 fine-tune, bf16 = a LoRA step under bf16 autocast (the planner's
+usual choice), of a 2-block Llama at 256, 1024 and 4096 tokens per micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from estimator.calibrate.benches import ATTENTION_OPS, GEMM_OPS, aten_call_bytes
+from estimator.calibrate.fit import fit_curve
+from estimator.specs import EfficiencyCurve, ModelSpec, TrainSetup
+
+PROBE_MODEL = ModelSpec(name="elementwise-probe", num_layers=2, hidden_size=576,
+                        intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
+                        vocab_size=4096, max_seq_len=4096)
+"""smollm2-135m's block shapes, 2 blocks, a small vocabulary (the loss is not the point)."""
+REGIMES: dict[str, dict[str, object]] = {
+    "fp32": {"method": "full", "compute_dtype": "fp32", "weight_bits": 32,
+             "mixed_precision": False},
+    "bf16": {"method": "lora", "compute_dtype": "bf16", "weight_bits": 16,
+             "mixed_precision": True},
+}
+TOKENS = (256, 1024, 4096)
+"""Tokens per micro-batch (batch 1): activation tensors from 0.3 to 36 MiB."""
+BINS_PER_DECADE = 4
+
+
+def time_calls(fn: Callable[[], object]) -> list[tuple[float, float]]:
+    """(bytes, seconds) of every aten call of the forward and backward passes `fn` makes that
+    no GEMM or attention curve times (views excluded; after backward, clipping and the
+    optimizer step have their own terms), phases as in benches.record_op_bytes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    points: list[tuple[float, float]] = []
+    state = {"backward_seen": False}
+
+    class _Timed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            in_backward = torch._C._current_autograd_node() is not None
+            state["backward_seen"] |= in_backward
+            after = state["backward_seen"] and not in_backward
+            if after or func.is_view or name in GEMM_OPS or name in ATTENTION_OPS:
+                return func(*args, **kwargs)
+            start = time.perf_counter()
+            out = func(*args, **kwargs)
+            seconds = time.perf_counter() - start
+            points.append((float(aten_call_bytes(func, args, kwargs, out)), seconds))
+            return out
+
+    with _Timed():
+        fn()
+    return points
+
+
+def step_points(dtype: str, tokens: int, steps: int = 3) -> list[tuple[float, float]]:
+    """time_calls over `steps` executor training steps of PROBE_MODEL in the dtype's regime,
+    after one untimed step that builds the optimizer states and kernel caches. The steps make
+    the same calls in the same order, so each call keeps its fastest time over the steps: a
+    call that another process or a late OpenMP thread delayed does not set the rate."""
+    from estimator.executor.train import TrainConfig, prepare_run, train_step
+
+    setup = TrainSetup(batch_size=1, seq_len=tokens, **REGIMES[dtype])  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        run, *_ = prepare_run(PROBE_MODEL, setup, TrainConfig(
+            max_steps=steps + 1, output_dir=Path(out), predict=False))
+        train_step(run, 0, 1e-4)
+        runs = [time_calls(lambda step=step: train_step(run, step, 1e-4))
+                for step in range(1, steps + 1)]
+    if any(len(r) != len(runs[0]) for r in runs):
+        return [p for r in runs for p in r]
+    return [(calls[0][0], min(t for _, t in calls)) for calls in zip(*runs, strict=True)]
+
+
+def binned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Mean (bytes, seconds) per quarter decade of bytes (zero-byte calls dropped)."""
+    bins: dict[int, list[float]] = {}
+    for work, seconds in points:
+        if work > 0 and seconds > 0:
+            acc = bins.setdefault(math.floor(math.log10(work) * BINS_PER_DECADE), [0.0, 0.0, 0])
+            acc[0] += work
+            acc[1] += seconds
+            acc[2] += 1
+    return [(w / n, t / n) for _, (w, t, n) in sorted(bins.items())]
+
+
+def elementwise_curves() -> dict[str, EfficiencyCurve]:
+    """'elementwise.fp32' and 'elementwise.bf16' from the executor's own memory-bound calls."""
+    curves = {}
+    for dtype in REGIMES:
+        points = [p for tokens in TOKENS for p in step_points(dtype, tokens)]
+        curves[f"elementwise.{dtype}"] = fit_curve(f"elementwise.{dtype}", "bytes",
+                                                   binned(points), monotone=False)
+    return curves
