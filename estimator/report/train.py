@@ -84,7 +84,8 @@ def summary_table(report: RunReport) -> Table:
         ("data", f"{report.data_source} ({fmt_count(report.num_data_tokens)} tokens)"),
         ("steps", f"{report.start_step} → {report.num_steps} of {report.max_steps}"),
         ("loss", f"{first} → {last}"),
-        ("step time", f"{fmt_seconds(report.step_seconds)} measured, "
+        ("step time", f"{fmt_seconds(report.step_seconds)} measured"
+                      f"{' (compiled)' if report.compiled else ''}, "
                       f"{fmt_seconds(report.predicted_step_seconds)} predicted "
                       f"({_pct(report.step_seconds_relative_error)})"),
         ("tokens/s", fmt_count(report.tokens_per_second) if report.tokens_per_second else "–"),
