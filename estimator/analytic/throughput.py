@@ -5,7 +5,7 @@ after another (eager execution on one device; no compute/communication overlap t
 from dataclasses import replace
 
 from estimator.analytic import flops as F
-from estimator.analytic.efficiency import call_seconds, cold_gemms
+from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
 from estimator.analytic.inference import decode_tokens_per_second
 from estimator.analytic.memory import (
     autocasting,
@@ -93,9 +93,19 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
                if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op
                for op in ops]
     if device.kind == "cpu":
-        timed = sum(op.num_calls for op in ops)
+        timed = sum(op.num_calls for op in ops
+                    if carries_dispatch(profile, op.op_class, setup.compute_dtype))
         ops += F.dispatch_ops(model, setup, num_trainable_tensors(model, setup), timed)
     return ops
+
+
+def carries_dispatch(profile: CalibrationProfile | None, op_class: str, dtype: str) -> bool:
+    """Whether an op's curve includes the framework's per-call cost: a curve timed through
+    Python (the microbenchmarks, the defaults) does; a curve with no per-call overhead, timed
+    on the kernel alone (calibrate/block_rates.py: the executor's own memory-bound calls),
+    does not, so those calls stay in the dispatch.autograd count."""
+    curve = profile_curve(profile, op_class, dtype)
+    return curve is None or curve.overhead_seconds > 0
 
 
 def op_class_key(op_class: str, dtype: str) -> str:

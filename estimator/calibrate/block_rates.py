@@ -10,7 +10,8 @@ aten bytes (`benches.aten_call_bytes`, the unit of the recorded table) and its w
 (perf_counter around the kernel only: the Python/autograd cost per call is the
 `dispatch.autograd` class). Calls are pooled in bins of a quarter decade of bytes (ΣW / Σt per
 bin, so each bin's total time is reproduced) and fitted with the measured rates kept
-(fit.fit_curve monotone=False).
+(fit.fit_curve monotone=False). The times exclude the per-call Python/autograd cost, so the
+analytic model charges these calls' dispatch to `dispatch.autograd` (throughput.timed_ops).
 
 Regimes: fp32 = a full fp32 fine-tune, bf16 = a LoRA step under bf16 autocast (the planner's
 usual choice), of a 2-block Llama at 256, 1024 and 4096 tokens per micro-batch.
@@ -19,6 +20,7 @@ usual choice), of a 2-block Llama at 256, 1024 and 4096 tokens per micro-batch.
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -77,8 +79,9 @@ def time_calls(fn: Callable[[], object]) -> list[tuple[float, float]]:
 def step_points(dtype: str, tokens: int, steps: int = 3) -> list[tuple[float, float]]:
     """time_calls over `steps` executor training steps of PROBE_MODEL in the dtype's regime,
     after one untimed step that builds the optimizer states and kernel caches. The steps make
-    the same calls in the same order, so each call keeps its fastest time over the steps: a
-    call that another process or a late OpenMP thread delayed does not set the rate."""
+    the same calls in the same order, so each call keeps its median time over the steps (the
+    statistic a run's step time is): one call that another process or a late OpenMP thread
+    delayed does not set the rate."""
     from estimator.executor.train import TrainConfig, prepare_run, train_step
 
     setup = TrainSetup(batch_size=1, seq_len=tokens, **REGIMES[dtype])  # type: ignore[arg-type]
@@ -91,7 +94,8 @@ def step_points(dtype: str, tokens: int, steps: int = 3) -> list[tuple[float, fl
                 for step in range(1, steps + 1)]
     if any(len(r) != len(runs[0]) for r in runs):
         return [p for r in runs for p in r]
-    return [(calls[0][0], min(t for _, t in calls)) for calls in zip(*runs, strict=True)]
+    return [(calls[0][0], statistics.median(t for _, t in calls))
+            for calls in zip(*runs, strict=True)]
 
 
 def binned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

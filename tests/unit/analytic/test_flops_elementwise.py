@@ -88,3 +88,32 @@ def test_padded_expert_rows_add_their_memory_bound_bytes(tiny_moe: ModelSpec) ->
                    + table[phase].ffn * tiny_moe.moe.expert_intermediate_size)
         assert b.bytes_moved - a.bytes_moved == pytest.approx(
             pad_rows * per_row * tiny_moe.num_moe_layers)
+
+
+def test_kernel_only_elementwise_curve_leaves_its_calls_dispatch_to_the_framework_term():
+    """A curve with no per-call overhead (timed on the kernel alone) does not carry the calls'
+    Python/autograd cost: those calls stay in the dispatch.autograd count."""
+    from estimator.analytic.params import count_params
+    from estimator.analytic.throughput import timed_ops
+    from estimator.catalog import load_device
+    from estimator.specs import CalibrationProfile, EfficiencyCurve
+
+    def profile(overhead: float) -> CalibrationProfile:
+        curve = EfficiencyCurve(op_class="elementwise.bf16", unit="bytes", log10_work=(4.0,),
+                                rates=(1e10,), overhead_seconds=overhead)
+        return CalibrationProfile(
+            fingerprint="t", torch_version="x", num_threads=2, backend="cpu", device_name="t",
+            created_at="2026-01-01T00:00:00Z", preferred_dtype="bf16",
+            curves={"elementwise.bf16": curve})
+
+    setup = TrainSetup(method="lora", compute_dtype="bf16", batch_size=2, seq_len=64)
+    cpu = load_device("xeon-platinum-8480plus")
+    params = count_params(SPEC, setup)
+
+    def dispatch_calls(prof: CalibrationProfile) -> float:
+        ops = timed_ops(SPEC, setup, params, cpu, prof)
+        return sum(o.num_calls for o in ops if o.op_class == "dispatch.autograd")
+
+    elementwise = sum(o.num_calls for o in timed_ops(SPEC, setup, params, cpu, profile(0.0))
+                      if o.op_class == "elementwise")
+    assert dispatch_calls(profile(0.0)) - dispatch_calls(profile(1e-6)) == elementwise > 0
