@@ -229,23 +229,30 @@ def test_expert_pieces_cover_each_group_in_order_with_few_sizes():
     assert len(sizes) == 64 + 31  # multiples of 32 up to 2048, and remainders 1..31
 
 
+def _with_and_without_row_shaping(model, monkeypatch) -> list[tuple[torch.Tensor, list]]:
+    """(loss, fp32 gradients of the trainable parameters) with expert rows cut or padded for
+    oneDNN (forced on), then with whole groups."""
+    import estimator.executor.model as model_module
+
+    tokens = torch.randint(0, BASE["vocab_size"], (3, 50))
+    results = []
+    for shaped in (True, False):
+        monkeypatch.setattr(model_module, "_reuses_shapes", lambda x, shaped=shaped: shaped)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(tokens, tokens)
+        loss.backward()
+        results.append((loss.detach(),
+                        [p.grad.float() for p in model.parameters() if p.requires_grad]))
+    return results
+
+
 def test_bf16_moe_cut_expert_groups_match_whole_groups(monkeypatch):
     """Cutting each expert's rows into 32·k + r (oneDNN kernel reuse on CPU bf16) computes the
     same function: equal loss and gradients up to bf16 rounding of the split weight-gradient
     sums."""
-    import estimator.executor.model as model_module
-
     torch.manual_seed(0)
     model = build_model(spec(moe=MOE), dtype=torch.bfloat16)
-    tokens = torch.randint(0, BASE["vocab_size"], (3, 50))
-    results = []
-    for cut in (True, False):
-        monkeypatch.setattr(model_module, "_reuses_shapes", lambda x, cut=cut: cut)
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(tokens, tokens)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.float() for p in model.parameters()]))
-    (cut_loss, cut_grads), (loss, grads) = results
+    (cut_loss, cut_grads), (loss, grads) = _with_and_without_row_shaping(model, monkeypatch)
     torch.testing.assert_close(cut_loss, loss, atol=1e-2, rtol=1e-2)
     for a, b in zip(cut_grads, grads, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()) + 1e-6, rtol=0)
@@ -268,8 +275,6 @@ def test_padded_adapted_experts_match_whole_groups(monkeypatch, shared: int):
     """Padding LoRA-adapted experts' rows to multiples of 32 (CPU, 16-bit: one kernel per
     shape) computes the same function: pad rows read a zero row with weight 0. Forced on in
     fp32, loss and every LoRA gradient equal the unpadded run's to fp32 rounding."""
-    import estimator.executor.model as model_module
-
     torch.manual_seed(0)
     moe = MOE.model_copy(update={"num_shared_experts": shared})
     model = build_model(spec(moe=moe), dtype=torch.float32)
@@ -277,15 +282,7 @@ def test_padded_adapted_experts_match_whole_groups(monkeypatch, shared: int):
     for name, p in model.named_parameters():  # B = 0 at init: give the adapters weight
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    tokens = torch.randint(0, BASE["vocab_size"], (3, 50))
-    results = []
-    for pad in (True, False):
-        monkeypatch.setattr(model_module, "_reuses_shapes", lambda x, pad=pad: pad)
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(tokens, tokens)
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
-    (pad_loss, pad_grads), (loss, grads) = results
+    (pad_loss, pad_grads), (loss, grads) = _with_and_without_row_shaping(model, monkeypatch)
     torch.testing.assert_close(pad_loss, loss)
     for a, b in zip(pad_grads, grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
