@@ -229,4 +229,7 @@ def apply_nf4(model: nn.Module, *, double_quant: bool = True,
         _set_module(model, name, NF4LoRALinear(model.get_submodule(name),
                                                double_quant=double_quant,
                                                compute_dtype=compute_dtype))
+    device = model.get_submodule(names[0]).nf4_weight().packed.device
+    for dtype in {compute_dtype or torch.float32, torch.float32}:
+        _pair_lut(device, dtype)  # filled now: a table added later makes torch.compile recompile
     return model
