@@ -262,10 +262,10 @@ def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
                   params: ParamCounts, num_devices=None) -> tuple[int, int, int, int]:
     """The memory_breakdown terms that do not depend on the micro-batch, from memory.py's own
     term functions: (bytes held all step: weights, states, runtime; forward/backward bytes
-    besides the micro-batch's (ZeRO-3's gathered block); gradient bytes, held through
-    forward/backward when accumulating; the optimizer-step phase: gradients + optimizer
-    transients). `num_devices`: an array of device counts on the same side of 1 as the
-    setup's (model_state_terms), each term then an array."""
+    besides the micro-batch's (ZeRO-3's gathered block, autocast's weight copies); gradient
+    bytes, held through forward/backward when accumulating; the optimizer-step phase:
+    gradients + optimizer transients). `num_devices`: an array of device counts on the same
+    side of 1 as the setup's (model_state_terms), each term then an array."""
     check_offload(setup, device)
     state = model_state_terms(model, setup, device, params, num_devices=num_devices)
     for name in HOST_TERMS.get(setup.offload, ()):
@@ -275,7 +275,8 @@ def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
             + state.get("master_weights", 0) + state["adapter_weights"]
             + state.get("optimizer_states", 0) + runtime_overhead_bytes(device, setup)
             + _step_runtime(setup, device, grads))
-    return held, state["gathered_params"], grads, grads + state.get("optimizer_transient", 0)
+    return (held, state["gathered_params"] + state["autocast_copies"], grads,
+            grads + state.get("optimizer_transient", 0))
 
 
 def _step_runtime(setup: TrainSetup, device: Device, grads) -> int:

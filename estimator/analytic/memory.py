@@ -3,7 +3,9 @@
 Peak = static terms (weights, master weights, optimizer states, runtime overhead)
      + max(forward/backward phase, optimizer-step phase), where
   forward/backward = activations + logits/loss buffers + transient dequantised weight
-                     (+ gradients when accumulating over micro-batches, since they persist),
+                     + autocast's 16-bit copies of fp32 weights (saved for backward, freed
+                     by it) (+ gradients when accumulating over micro-batches, since they
+                     persist),
   optimizer step   = gradients + the optimizer's transient buffers.
 Gradients are freed (`zero_grad(set_to_none=True)`) between steps and, with one micro-batch,
 appear during backward while activations are freed, so they overlap little with the activation
@@ -104,7 +106,8 @@ def weight_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> di
     """Base weights in their storage format, and the 16-bit copies autocast makes.
 
     full + mixed: the fp32 weights are the master copy (master_weights); autocast's bf16 casts
-    of every linear weight live until backward (2 B/param: the '2' of 16–18 B/param).
+    of every linear weight are saved for backward and freed by it (2 B/param in the
+    forward/backward phase only: model_state_terms' 'autocast_copies').
     4-bit: NF4 codes + block scales (nf4_bytes); 8-bit: int8 + fp32 row scales; the
     remaining tensors at 16 bits. Adapter weights are counted in adapter_bytes."""
     c = dtype_bytes(setup.compute_dtype)
@@ -578,7 +581,8 @@ def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
                              num_devices=num_devices)
 
     return {
-        "weights": shard("weights", stored, w_share) + copies,
+        "weights": shard("weights", stored, w_share),
+        "autocast_copies": copies,
         "quant_scales": shard("quant_scales", weights["quant_scales"], w_share),
         "master_weights": shard("master_weights", master_weight_bytes(setup, params), t_share),
         "adapter_weights": shard("adapter_weights", adapter_stored, t_share)
@@ -607,7 +611,8 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
                             pad_experts=pads_expert_rows(model, setup, device.backend))
     grads = state["gradients"]
     fwd_bwd = (sum(acts.values()) + logits_bytes(model, setup)
-               + dequant_transient_bytes(model, setup) + state["gathered_params"])
+               + dequant_transient_bytes(model, setup) + state["gathered_params"]
+               + state["autocast_copies"])
     accumulate = setup.grad_accum > 1
     opt_transient = state.get("optimizer_transient", 0)
     opt_phase = grads + opt_transient
@@ -626,6 +631,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
         "logits": 0 if peak_in_opt else logits_bytes(model, setup),
         "dequant_transient": 0 if peak_in_opt else dequant_transient_bytes(model, setup),
         "gathered_params": 0 if peak_in_opt else state["gathered_params"],
+        "autocast_copies": 0 if peak_in_opt else state["autocast_copies"],
         "kv_cache": kv_cache_bytes(model, setup),
         "runtime_overhead": runtime_overhead_bytes(device, setup),
         **step_runtime_bytes(setup, device, grads),
