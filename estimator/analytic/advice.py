@@ -42,23 +42,36 @@ def candidate_changes(setup: TrainSetup) -> list[tuple[str, dict]]:
 
 
 def advise(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int) -> list[Advice]:
-    """Single changes, then a greedy combination until it fits (if it does not already)."""
+    """Single changes, then a greedy combination in the practitioner's order until it fits
+    (if it does not already), without the earlier changes the later ones make unneeded; shown
+    when it needs more than one change."""
     advice = []
     for flag, update in candidate_changes(setup):
         total = memory_of(setup.model_copy(update=update)).total_bytes
         advice.append(Advice(change=flag, total_bytes=total, fits=total <= capacity_bytes))
     advice.sort(key=lambda a: a.total_bytes)
-    combined, flags = setup, []
+    chosen: list[tuple[str, dict]] = []
     for flag, update in candidate_changes(setup):
-        if memory_of(combined).total_bytes <= capacity_bytes:
+        if memory_of(_apply(setup, chosen)).total_bytes <= capacity_bytes:
             break
-        combined = combined.model_copy(update=update)
-        flags.append(flag)
+        chosen.append((flag, update))
+    for change in list(chosen[:-1]):  # drop an earlier change the later ones make unneeded
+        rest = [c for c in chosen if c is not change]
+        if memory_of(_apply(setup, rest)).total_bytes <= capacity_bytes:
+            chosen = rest
+    flags = [flag for flag, _ in chosen]
+    combined = _apply(setup, chosen)
     if len(flags) > 1:
         total = memory_of(combined).total_bytes
         advice.insert(0, Advice(change=" ".join(flags), total_bytes=total,
                                 fits=total <= capacity_bytes))
     return advice
+
+
+def _apply(setup: TrainSetup, changes: list[tuple[str, dict]]) -> TrainSetup:
+    for _, update in changes:
+        setup = setup.model_copy(update=update)
+    return setup
 
 
 def fewest_devices(setup: TrainSetup, memory_of: MemoryFn, stage: int, max_devices: int,
