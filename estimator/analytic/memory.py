@@ -90,6 +90,7 @@ memory_table.py. The share is fitted on two full fine-tunes on one machine: for 
 gradients it is an extrapolation (tensors over glibc's 32 MiB mmap ceiling bypass the heap)."""
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
 def quantized_linear_params(model: ModelSpec) -> tuple[int, int]:
     """(weights, output rows) of the block linears a 4/8-bit base quantises (attention,
     FFN, experts); embeddings, norms, router and lm_head stay 16-bit (QLoRA, bitsandbytes'
@@ -139,6 +140,7 @@ def block_linear_params(model: ModelSpec, params: ParamCounts) -> int:
     return params.total - params.embedding - params.lm_head - params.components["norms"]
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
 def largest_layer_params(model: ModelSpec) -> int:
     """Linear weights of the largest block (count)."""
     return round(max(sum(lin.num_params * lin.count for lin in linears)
@@ -265,6 +267,7 @@ at 2^18–2^20, 112 MiB for the whole 4.2M-element tensor in one piece (validate
 had held 223 MiB more than predicted before the chunking)."""
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
 def largest_block_weight(model: ModelSpec) -> int:
     """Elements of the largest single weight matrix inside the blocks."""
     return max(lin.in_features * lin.out_features
