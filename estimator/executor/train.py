@@ -17,9 +17,9 @@ Stops: max_steps reached; SIGINT/SIGTERM (the current step finishes, a checkpoin
 a non-finite loss or gradient norm (nothing is saved, the last good checkpoint stays).
 
 Compilation (config.compile, `nvfree train --compile`): each decoder block runs under
-torch.compile; the first optimizer step compiles (forward, then backward; QLoRA recompiles in
-the second). Every step during which dynamo compiled a frame is marked on the StepTimer and
-left out of the step-time median, like the two warm-up steps (measure.median_step_seconds).
+torch.compile; the first optimizer step compiles (forward, then backward). Every step during
+which dynamo compiled a frame is marked on the StepTimer and left out of the step-time median,
+like the two warm-up steps (measure.median_step_seconds).
 The analytic prediction models eager execution: a compiled run's report says so
 (RunReport.compiled and its prediction_note). Compiled blocks keep their parameter names, so
 checkpoints and --resume are the same with or without it.
