@@ -384,19 +384,18 @@ def calibrate(
                 settings = replace(settings, max_retries=5, max_wait_seconds=patience_seconds,
                                    retry_until_seconds=float("inf"), wait_first=True)
             measured, skipped = run_cases(plan(mode, tdev), tdev, settings, progress)
+            executor_curves = {}
+            if mode == "full" and tdev == "cpu":  # the executor's own memory-bound calls
+                from estimator.calibrate.block_rates import elementwise_curves
+
+                executor_curves = elementwise_curves()
     finally:
         torch.set_num_threads(old_threads)
         benches.release_pools()
-    curves = fit_all(measured)
-    if mode == "full" and tdev == "cpu":
-        from estimator.calibrate.block_rates import elementwise_curves
+    curves = {**fit_all(measured), **executor_curves}
+    if mode == "full" and tdev == "cpu":  # gloo all-reduce between 2 local processes
         from estimator.calibrate.collectives import collective_curves
 
-        torch.set_num_threads(threads)
-        try:  # the executor's own memory-bound calls (block_rates); gloo all-reduce
-            curves.update(elementwise_curves())
-        finally:
-            torch.set_num_threads(old_threads)
         curves.update(collective_curves(quick=False))
     profile = CalibrationProfile(
         fingerprint=fingerprint(machine, backend),

@@ -307,6 +307,7 @@ def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
     machine's (this rank's threads × local ranks), which the estimate splits per rank
     (parallel.rank_profile), as `nvfree plan` does."""
     try:
+        from estimator.analytic.parallel import ranks_per_node
         from estimator.api import estimate
         from estimator.hardware import cpu_device, detect, local_device
         from estimator.profiles import lookup_profile
@@ -317,7 +318,7 @@ def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
         dev = cpu_device(machine) if device.type == "cpu" else local_device(machine)
         threads = torch.get_num_threads()
         if device.type == "cpu":
-            threads *= max(1, setup.num_devices // setup.num_nodes)
+            threads *= ranks_per_node(setup)
         found = lookup_profile(machine, dev.backend, num_threads=threads)
         if found.profile is not None:
             dev = cpu_device(machine, found.profile) if device.type == "cpu" else dev

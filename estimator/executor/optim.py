@@ -64,21 +64,17 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
     return values.view(-1)[: like.numel()].view(like.shape)
 
 
-CHUNK_ELEMENTS = ADAMW8BIT_CHUNK_ELEMENTS
-"""Elements updated at a time by AdamW8bit (a multiple of BLOCK_SIZE): the step's fp32
-moments, update and quantisation temporaries exist for one chunk only, not for a whole
-tensor (memory.ADAMW8BIT_TEMP_BYTES per element)."""
-
-
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with blockwise 8-bit m and v (decoupled weight decay, bias correction as torch's
     AdamW). Tensors under MIN_8BIT_NUMEL elements keep fp32 states. Large tensors are updated
-    in chunks of `chunk_elements` (whole quantisation blocks, so the result does not depend on
-    the chunk size)."""
+    in chunks of `chunk_elements` (default memory.ADAMW8BIT_CHUNK_ELEMENTS; whole quantisation
+    blocks, so the result does not depend on the chunk size): the step's fp32 moments, update
+    and quantisation temporaries exist for one chunk only."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+                 weight_decay: float = 0.01,
+                 chunk_elements: int = ADAMW8BIT_CHUNK_ELEMENTS) -> None:
         if chunk_elements % BLOCK_SIZE:
             raise ValueError(f"chunk_elements must be a multiple of {BLOCK_SIZE}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
