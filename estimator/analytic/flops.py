@@ -229,6 +229,14 @@ def mlp_width(model: ModelSpec) -> float:
                                   or moe.expert_intermediate_size))
 
 
+def block_passes(setup: TrainSetup) -> list[str]:
+    """The passes a block's memory-bound work runs in: 'forward'; training adds 'backward' and,
+    with checkpointing, the 'recompute' of the forward."""
+    if setup.method == "inference":
+        return ["forward"]
+    return ["forward", "backward", *(["recompute"] if setup.checkpointing else [])]
+
+
 def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
                     ) -> list[Op]:
     """Memory-bound kernels of the blocks (norms, rope, SwiGLU, residuals, autocast casts of
@@ -242,13 +250,8 @@ def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
     if setup.trains_adapters:
         rank_sum = setup.lora_rank * len(set(setup.lora_targets)
                                          & set(ATTENTION_TARGETS + MLP_TARGETS))
-    phases = ["forward"]
-    if setup.method != "inference":
-        phases.append("backward")
-        if setup.checkpointing:
-            phases.append("recompute")
     ops = []
-    for phase in phases:
+    for phase in block_passes(setup):
         coef = table[phase]
         dense = [(model.intermediate_size, model.num_layers - model.num_moe_layers)]
         if model.moe is not None and model.num_moe_layers:
@@ -288,13 +291,10 @@ def moe_routing_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
         return []
     k = model.moe.routed_experts_per_token
     tokens = setup.batch_size * setup.seq_len
-    phases = ["forward"] if setup.method == "inference" else ["forward", "backward"]
-    if setup.checkpointing and setup.method != "inference":
-        phases.append("recompute")
     pad_rows = padded_expert_rows(model) if pad_experts else 0.0
     table = block_token_bytes(setup) if pad_experts else {}
     ops = []
-    for phase in phases:
+    for phase in block_passes(setup):
         per_hk, per_h, calls = MOE_ROUTING_BYTES["forward" if phase == "recompute" else phase]
         per_token = per_hk * model.hidden_size * k + per_h * model.hidden_size
         per_layer = per_token * tokens

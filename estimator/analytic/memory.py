@@ -245,12 +245,10 @@ def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Devic
     tensor."""
     if params.trainable == 0 or setup.optimizer in ("sgd", "sgd_momentum", "adafactor"):
         return 0
-    state = trainable_bytes_per_param(setup)
-    if setup.optimizer in ("adamw", "lion"):
-        if device.backend == "cpu" and setup.optimizer == "adamw":
-            return 0
-        if device.backend != "cpu":
-            return params.trainable * state
+    if device.backend != "cpu" and setup.optimizer in ("adamw", "lion"):
+        return params.trainable * trainable_bytes_per_param(setup)
+    if setup.optimizer == "adamw":  # CPU: fused
+        return 0
     largest = largest_trainable_tensor(model, setup, params)
     if setup.optimizer == "adamw8bit":
         return ADAMW8BIT_TEMP_BYTES * min(largest, ADAMW8BIT_CHUNK_ELEMENTS)
@@ -362,14 +360,21 @@ def training_data_bytes(device: Device, setup: TrainSetup | None) -> int:
     return TRAINING_DATA_BYTES
 
 
+def adapted_expert_shapes(model: ModelSpec, setup: TrainSetup) -> set[tuple[int, int]]:
+    """(in, out) features of the routed expert linears LoRA adapts (empty for dense models and
+    methods without adapters)."""
+    if model.moe is None or not setup.trains_adapters:
+        return set()
+    return {(lin.in_features, lin.out_features)
+            for linears, _ in layer_groups(model, routed_all=False) for lin in linears
+            if lin.routed and lin.name in setup.lora_targets}
+
+
 def pads_expert_rows(model: ModelSpec, setup: TrainSetup, backend: str) -> bool:
     """Whether the executor pads expert token groups to EXPERT_ROW_GRANULE rows: CPU, 16-bit
     matmuls, LoRA on at least one routed expert linear."""
-    if backend != "cpu" or model.moe is None or setup.compute_dtype not in ("bf16", "fp16"):
-        return False
-    return setup.trains_adapters and any(
-        lin.routed and lin.name in setup.lora_targets
-        for linears, _ in layer_groups(model, routed_all=False) for lin in linears)
+    return (backend == "cpu" and setup.compute_dtype in ("bf16", "fp16")
+            and bool(adapted_expert_shapes(model, setup)))
 
 
 def expert_kernel_cache_bytes(model: ModelSpec, setup: TrainSetup, backend: str) -> int:
@@ -380,9 +385,7 @@ def expert_kernel_cache_bytes(model: ModelSpec, setup: TrainSetup, backend: str)
     a balanced router visits fewer."""
     if not pads_expert_rows(model, setup, backend):
         return 0
-    shapes = {(lin.in_features, lin.out_features)
-              for linears, _ in layer_groups(model, routed_all=False) for lin in linears
-              if lin.routed and lin.name in setup.lora_targets}
+    shapes = adapted_expert_shapes(model, setup)
     row_counts = math.ceil(setup.batch_size * setup.seq_len / EXPERT_ROW_GRANULE)
     primitives = min(row_counts * len(shapes) * PRIMITIVES_PER_ADAPTED_SHAPE,
                      PRIMITIVE_CACHE_CAPACITY)
