@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -526,6 +527,8 @@ ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
                  "_scaled_dot_product_flash_attention_backward",
                  "_scaled_dot_product_efficient_attention_backward")
 """Fused attention kernels (timed by the attention curve; excluded)."""
+TIMED_ELSEWHERE = frozenset(GEMM_OPS + ATTENTION_OPS)
+T = TypeVar("T")
 
 
 def _tensor_bytes(value: object) -> int:
@@ -563,6 +566,12 @@ def aten_call_bytes(func, args: tuple, kwargs: dict, out: object) -> int:
     return total
 
 
+def memory_bound_call(func) -> bool:
+    """Whether an aten call is memory-bound work the `elementwise` term covers: not a GEMM,
+    not fused attention (their own curves time them), not a view (moves nothing)."""
+    return not (func.is_view or func.overloadpacket.__name__ in TIMED_ELSEWHERE)
+
+
 def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
     """Run `fn` under a TorchDispatchMode and sum, per phase, the bytes read + written and the
     number of aten calls that no GEMM or attention curve times (views excluded).
@@ -586,10 +595,9 @@ def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
             elif state["phase"] == "backward":
                 state["phase"] = "after"
             rec = phases[state["phase"]]
-            name = func.overloadpacket.__name__
-            if name in GEMM_OPS or name in ATTENTION_OPS:
+            if func.overloadpacket.__name__ in TIMED_ELSEWHERE:
                 rec["gemm_calls"] += 1
-            elif not func.is_view:
+            elif memory_bound_call(func):
                 rec["bytes"] += aten_call_bytes(func, args, kwargs, out)
                 rec["calls"] += 1
             return out
@@ -599,9 +607,11 @@ def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
     return phases
 
 
-def record_train_step_bytes(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float]]:
-    """record_op_bytes of the second train_step of a fresh executor run of spec/setup (the
-    first step builds states and caches; seed 0)."""
+def record_train_steps(spec: ModelSpec, setup: TrainSetup, recorder: Callable[[Callable], T],
+                       *, steps: int = 1, lr: float = 1e-3) -> list[T]:
+    """`recorder(step)` for each of `steps` train_steps of a fresh executor run of spec/setup
+    (seed 0) in a temporary directory, after one unrecorded step (it builds the optimizer
+    states and kernel caches)."""
     import tempfile
     from pathlib import Path
 
@@ -609,7 +619,14 @@ def record_train_step_bytes(spec: ModelSpec, setup: TrainSetup) -> dict[str, dic
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
-        run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=2, output_dir=Path(out),
-                                                        predict=False))
-        train_step(run, 0, 1e-3)
-        return record_op_bytes(lambda: train_step(run, 1, 1e-3))
+        run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=steps + 1,
+                                                        output_dir=Path(out), predict=False))
+        train_step(run, 0, lr)
+        return [recorder(lambda step=step: train_step(run, step, lr))
+                for step in range(1, steps + 1)]
+
+
+def record_train_step_bytes(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float]]:
+    """record_op_bytes of the second train_step of a fresh executor run of spec/setup (the
+    first step builds states and caches; seed 0)."""
+    return record_train_steps(spec, setup, record_op_bytes)[0]

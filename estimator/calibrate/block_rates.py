@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from estimator.calibrate.benches import ATTENTION_OPS, GEMM_OPS, aten_call_bytes
+from estimator.calibrate.benches import aten_call_bytes, memory_bound_call, record_train_steps
 from estimator.calibrate.fit import fit_curve
 from estimator.specs import EfficiencyCurve, ModelSpec, TrainSetup
 
@@ -59,11 +57,10 @@ def time_calls(fn: Callable[[], object]) -> list[tuple[float, float]]:
     class _Timed(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            name = func.overloadpacket.__name__
             in_backward = torch._C._current_autograd_node() is not None
             state["backward_seen"] |= in_backward
             after = state["backward_seen"] and not in_backward
-            if after or func.is_view or name in GEMM_OPS or name in ATTENTION_OPS:
+            if after or not memory_bound_call(func):
                 return func(*args, **kwargs)
             start = time.perf_counter()
             out = func(*args, **kwargs)
@@ -82,16 +79,8 @@ def step_points(dtype: str, tokens: int, steps: int = 3) -> list[tuple[float, fl
     the same calls in the same order, so each call keeps its median time over the steps (the
     statistic a run's step time is): one call that another process or a late OpenMP thread
     delayed does not set the rate."""
-    from estimator.executor.train import TrainConfig, prepare_run, train_step
-
     setup = TrainSetup(batch_size=1, seq_len=tokens, **REGIMES[dtype])  # type: ignore[arg-type]
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as out:
-        run, *_ = prepare_run(PROBE_MODEL, setup, TrainConfig(
-            max_steps=steps + 1, output_dir=Path(out), predict=False))
-        train_step(run, 0, 1e-4)
-        runs = [time_calls(lambda step=step: train_step(run, step, 1e-4))
-                for step in range(1, steps + 1)]
+    runs = record_train_steps(PROBE_MODEL, setup, time_calls, steps=steps, lr=1e-4)
     if any(len(r) != len(runs[0]) for r in runs):
         return [p for r in runs for p in r]
     return [(calls[0][0], statistics.median(t for _, t in calls))
