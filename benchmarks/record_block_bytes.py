@@ -66,20 +66,43 @@ def dense_spec(h: int, i: int, heads: int, kv: int, d: int) -> ModelSpec:
                      num_kv_heads=kv, head_dim=d, vocab_size=258, max_seq_len=256)
 
 
+def record_moe() -> None:
+    """Record the MoE block (whole expert groups: the CPU padding of adapted experts is
+    moe_routing_ops' own term) and fit MOE_ROUTING_BYTES: the recording minus the dense
+    coefficients at the activated width k·i_expert, least squares on (h·k, h) per phase."""
+    import estimator.executor.model as model_module
+    from estimator.analytic.flops import block_token_bytes
+
+    model_module._reuses_shapes = lambda x: False
+    for name in ("lora-mixed", "full-mixed"):
+        rows, ys, calls = [], {"forward": [], "backward": []}, {"forward": [], "backward": []}
+        for h, width, experts, k in MOE_SHAPES:
+            spec = dense_spec(h, 128, 4, 2, 16).model_copy(update={"moe": MoESpec(
+                num_experts=experts, num_experts_per_token=k, expert_intermediate_size=width)})
+            setup = TrainSetup(lora_rank=4, **REGIMES[name])
+            rec = block_bytes(spec, setup)
+            print(json.dumps({"regime": name, "shape": [h, width, experts, k], **rec}),
+                  flush=True)
+            table = block_token_bytes(setup)
+            rows.append([h * k, h])
+            for phase in ys:
+                dense = table[phase].per_token(spec, k * width, 4 * 7 * setup.trains_adapters)
+                ys[phase].append(rec[phase]["per_token"] - dense)
+                calls[phase].append(rec[phase]["calls"] - table[phase].calls)
+        for phase, y in ys.items():
+            coef, *_ = np.linalg.lstsq(np.array(rows, dtype=float), np.array(y), rcond=None)
+            print(f"{name} MoE routing {phase}: per h·k, per h = "
+                  f"{', '.join(f'{c:.1f}' for c in coef)}; extra calls "
+                  f"{min(calls[phase]):.0f}–{max(calls[phase]):.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--moe", action="store_true", help="record the MoE block instead")
     opts = parser.parse_args()
     if opts.moe:
-        for name in ("lora-mixed", "full-mixed"):
-            for h, width, experts, k in MOE_SHAPES:
-                spec = dense_spec(h, 128, 4, 2, 16).model_copy(update={"moe": MoESpec(
-                    num_experts=experts, num_experts_per_token=k,
-                    expert_intermediate_size=width)})
-                rec = block_bytes(spec, TrainSetup(lora_rank=4, **REGIMES[name]))
-                print(json.dumps({"regime": name, "shape": [h, width, experts, k], **rec}),
-                      flush=True)
+        record_moe()
         return
     for name in opts.regimes.split(","):
         lora = "lora" in name

@@ -140,14 +140,14 @@ class TokenBytes:
 
 MEMORY_BOUND_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
     ("lora", "mixed"): {
-        "forward": TokenBytes(92.2, 18.1, 30.1, 26.2, 4.2, 77),
+        "forward": TokenBytes(88.2, 14.1, 28.1, 22.2, 2.2, 70),
         "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 78),
-        "recompute": TokenBytes(86.2, 18.1, 30.1, 26.2, 4.2, 76),
+        "recompute": TokenBytes(80.2, 14.1, 28.1, 22.2, 1.9, 68),
     },
     ("qlora", "mixed"): {
-        "forward": TokenBytes(92.2, 18.1, 30.1, 26.2, 4.2, 140),
-        "backward": TokenBytes(236.1, 28.1, 38.1, 28.1, 0.1, 148),
-        "recompute": TokenBytes(86.2, 18.1, 30.1, 26.2, 4.2, 139),
+        "forward": TokenBytes(88.2, 14.1, 28.1, 22.2, 2.2, 133),
+        "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 141),
+        "recompute": TokenBytes(80.2, 14.1, 28.1, 22.2, 1.9, 131),
     },
     ("full", "mixed"): {
         "forward": TokenBytes(96.2, 18.1, 30.1, 26.2, 0.0, 54),
@@ -160,7 +160,7 @@ MEMORY_BOUND_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
         "recompute": TokenBytes(76.2, 36.1, 60.1, 52.2, 0.0, 39),
     },
     ("lora", "fp32"): {
-        "forward": TokenBytes(96.2, 36.1, 60.1, 52.2, 8.2, 55),
+        "forward": TokenBytes(88.2, 28.1, 56.1, 44.2, 4.2, 48),
         "backward": TokenBytes(240.1, 48.1, 68.1, 56.1, 0.1, 56),
     },
     ("full", "pure"): {
@@ -168,7 +168,7 @@ MEMORY_BOUND_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
         "backward": TokenBytes(218.2, 18.1, 28.1, 28.1, 0.0, 56),
     },
     ("lora", "pure"): {
-        "forward": TokenBytes(92.2, 18.1, 30.1, 26.2, 4.2, 63),
+        "forward": TokenBytes(88.2, 14.1, 28.1, 22.2, 2.2, 56),
         "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 64),
     },
 }
@@ -266,18 +266,19 @@ def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
 
 
 MOE_ROUTING_BYTES: dict[str, tuple[float, float, int]] = {
-    "forward": (8.6, 5.8, 42),
-    "backward": (40.5, 0.0, 70),
+    "forward": (14.4, 8.8, 57),
+    "backward": (40.5, 3.7, 70),
 }
 """Routing, gather and scatter of an MoE layer beyond a dense block of the activated width
 (router softmax, top-k, argsort, index_select of the routed copies, the weighting multiply,
 index_add back, and their gradients): (bytes per token per unit of h·k, per unit of h, extra
 calls per layer), k = experts per token. Measured like MEMORY_BOUND_BYTES on the executor's MoE
 block (LoRA, bf16 autocast; benchmarks/record_block_bytes.py --moe): the recording minus the
-dense coefficients at width k·i_expert, fitted over 5 shapes (h 64/96, i_expert 32/48, 4/8
-experts, k 1/2); residual up to 25 % of this term (≤ 4 % of the block), because which experts a
+dense coefficients at width k·i_expert, with whole expert groups (padding is its own term),
+fitted over 5 shapes (h 64/96, i_expert 32/48, 4/8 experts, k 1/2); extra calls = the fewest
+recorded. Residual up to 25 % of this term (≤ 4 % of the block), because which experts a
 random router hits changes with the batch. The full fine-tune's recording (6.1·h·k + 9.2·h
-forward, 62·h·k − 22·h backward) is within that spread, so one set serves all methods."""
+forward, 26·h·k + 18·h backward) is within that spread, so one set serves all methods."""
 
 
 def moe_routing_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
@@ -452,7 +453,7 @@ class DispatchCounts:
     """Block backward with every weight trained (fp32, 16-bit)."""
     layer_backward_frozen: tuple[int, int] = (82, 90)
     """Block backward with a frozen base (input gradients only; fp32, 16-bit)."""
-    adapter: tuple[tuple[int, int], tuple[int, int]] = ((10, 21), (12, 23))
+    adapter: tuple[tuple[int, int], tuple[int, int]] = ((5, 16), (7, 18))
     """(forward, backward) per LoRA-adapted linear (fp32, 16-bit autocast)."""
     nf4: tuple[tuple[int, int], tuple[int, int]] = ((22, 16), (23, 17))
     """(forward, backward) dequantisation ops per NF4 linear (fp32, 16-bit compute)."""
@@ -544,6 +545,6 @@ def dispatch_ops(model: ModelSpec, setup: TrainSetup, num_trainable_tensors: int
     """Per-op framework cost (Python → dispatcher → autograd node → kernel launch) of the ops
     of a step, charged to the `dispatch.autograd` curve (one tiny autograd op, forward +
     backward, per aten call). The `num_timed_calls` ops that other curves already time (their
-    overhead includes a dispatch) are subtracted. ~16 k ops per step for SmolLM2-135M LoRA."""
+    overhead includes a dispatch) are subtracted. ~10.4 k ops per step for SmolLM2-135M LoRA."""
     count = dispatch_op_count(model, setup, num_trainable_tensors) - num_timed_calls
     return [Op("framework.dispatch", "dispatch.autograd", 0, 0, max(0.0, count))]

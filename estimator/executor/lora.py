@@ -49,23 +49,35 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return add_lora(self, x, self.base_forward(x))
+        return lora_forward(self, x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}"
 
 
-def add_lora(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y + (alpha/r)·B·A·dropout(x). One addmm (the add fused into the GEMM, alpha/r folded into
-    the r×out weight) when the dtypes agree or autocast casts them; otherwise, as PEFT does,
-    the adapter runs in its own dtype (fp32 adapters on a 16-bit base) and is cast back."""
+def lora_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """base(x) + adapter(x) on the tokens flattened to rows, so the adapter is added into the
+    base output in place (add_lora) rather than into a view of it (autograd would then copy
+    the whole gradient in backward)."""
+    x_ND = x.reshape(-1, x.shape[-1])
+    y_ND = add_lora(module, x_ND, module.base_forward(x_ND))
+    return y_ND.view(*x.shape[:-1], y_ND.shape[-1])
+
+
+def add_lora(module: nn.Module, x_ND: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
+    """y + (alpha/r)·B·A·dropout(x) for rows x_ND and the base output y_ND (2-D, not a view).
+    y_ND.addmm_ in place (alpha/r folded into the r×out weight, cast to y's dtype as autocast
+    would) when the dtypes agree or autocast runs: no second [N, out] tensor, and none of the
+    fresh pages and heap holes an out-of-place sum leaves per adapted linear (docs/training.md,
+    'Heap'). Otherwise, as PEFT does, the adapter runs in its own dtype (fp32 adapters on a
+    16-bit base) and is cast back."""
     a_w = module.lora_A.weight
-    if not torch.is_autocast_enabled(x.device.type) and a_w.dtype != y.dtype:
-        update = module.lora_B(module.lora_A(module.lora_dropout(x.to(a_w.dtype))))
-        return y + (update * module.scaling).to(y.dtype)
-    a = module.lora_A(module.lora_dropout(x))
-    b_w = module.lora_B.weight * module.scaling
-    return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), b_w.T).view_as(y)
+    if not torch.is_autocast_enabled(x_ND.device.type) and a_w.dtype != y_ND.dtype:
+        update = module.lora_B(module.lora_A(module.lora_dropout(x_ND.to(a_w.dtype))))
+        return y_ND + (update * module.scaling).to(y_ND.dtype)
+    a_NR = module.lora_A(module.lora_dropout(x_ND))
+    b_w = (module.lora_B.weight * module.scaling).to(y_ND.dtype)
+    return y_ND.addmm_(a_NR.to(y_ND.dtype), b_w.T)
 
 
 def matches(name: str, targets: tuple[str, ...]) -> bool:

@@ -201,9 +201,9 @@ class NF4LoRALinear(nn.Module):
         return y if self.compute_dtype is None else y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from estimator.executor.lora import add_lora
+        from estimator.executor.lora import lora_forward
 
-        return add_lora(self, x, self.base_forward(x))
+        return lora_forward(self, x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, nf4"

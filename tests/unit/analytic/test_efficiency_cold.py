@@ -88,8 +88,9 @@ def test_dispatch_term_on_cpu_only_and_net_of_timed_ops():
     tensors = 30 * 7 * 2
     assert dispatch[0].num_calls == pytest.approx(
         F.dispatch_op_count(model, setup, tensors) - timed)
-    # ~12.5 k with fused AdamW (~16 k with the per-tensor loop, 9 ops per tensor: calibration.md)
-    assert 11_000 < F.dispatch_op_count(model, setup, tensors) < 14_000
+    # ~10.4 k with fused AdamW and in-place adapters (+3.8 k with the per-tensor loop, 9 ops
+    # per tensor: calibration.md)
+    assert 9_500 < F.dispatch_op_count(model, setup, tensors) < 11_500
 
 
 def test_dispatch_count_grows_with_recompute_and_accumulation():
