@@ -172,9 +172,10 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def release_freed_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc malloc_trim(0)). glibc serves every
-    tensor under its dynamic mmap threshold (up to 32 MiB) from the heap and keeps what a step
-    frees resident; the holes fragment the heap, so without this the resident peak grows step
-    after step (measured: docs/accuracy.md §2). Called between optimizer steps; no-op off glibc."""
+    tensor under its dynamic mmap threshold (up to 32 MiB) from the heap and keeps what is
+    freed resident, in holes later tensors do not always fill. Called after the model is built
+    and before each micro-batch's loss head (train._release_before_loss_head); a returned page
+    costs a page fault when it is written again. No-op off glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
