@@ -65,6 +65,11 @@ heap trimmed, minus weights + optimizer states): 26 MiB (8-layer fp32 full fine-
 
 EXPERT_PRIMITIVE_BYTES = 384 * 1024
 PRIMITIVES_PER_ADAPTED_SHAPE = 8
+PRIMITIVES_PER_CUT_SHAPE = (2, 3)
+"""Primitives per row count and expert shape of cut (not padded) expert groups: forward and
+input gradient of frozen experts, + the weight gradient of trained ones. measured: validate's
+tiny-moe full bf16 (b·s = 512, 2 expert shapes) created 297 primitives in 12 steps
+(ONEDNN_VERBOSE=all): 6 for each of the 47 row counts 1…31 and 32…512, + 15 of dense GEMMs."""
 PRIMITIVE_CACHE_CAPACITY = 1024
 """Primitives of adapted experts' GEMMs: per padded row count and distinct (in, out) expert
 linear shape, 8 GEMMs (base forward and input gradient, LoRA A and B forward, their input
@@ -360,6 +365,15 @@ def training_data_bytes(device: Device, setup: TrainSetup | None) -> int:
     return TRAINING_DATA_BYTES
 
 
+def routed_expert_shapes(model: ModelSpec) -> set[tuple[int, int]]:
+    """(in, out) features of the routed expert linears (empty for dense models)."""
+    if model.moe is None:
+        return set()
+    return {(lin.in_features, lin.out_features)
+            for linears, _ in layer_groups(model, routed_all=False) for lin in linears
+            if lin.routed}
+
+
 def adapted_expert_shapes(model: ModelSpec, setup: TrainSetup) -> set[tuple[int, int]]:
     """(in, out) features of the routed expert linears LoRA adapts (empty for dense models and
     methods without adapters)."""
@@ -378,18 +392,31 @@ def pads_expert_rows(model: ModelSpec, setup: TrainSetup, backend: str) -> bool:
 
 
 def expert_kernel_cache_bytes(model: ModelSpec, setup: TrainSetup, backend: str) -> int:
-    """oneDNN primitives of padded adapted-expert GEMMs (CPU): an expert can receive 1 … b·s
-    tokens, so up to ⌈b·s / 32⌉ padded row counts × distinct adapted expert shapes × 8 GEMMs,
-    at most the cache's 1024 entries, × 0.37 MiB (EXPERT_PRIMITIVE_BYTES). The upper bound is
-    the prediction: with a skewed router every row count appeared within 6 steps (measured);
-    a balanced router visits fewer."""
-    if not pads_expert_rows(model, setup, backend):
+    """oneDNN primitives of routed-expert GEMMs on a CPU with 16-bit matmuls, where the
+    executor keeps the row counts few (executor/model.py `_reuses_shapes`); an expert can
+    receive 1 … b·s tokens, and each (row count, GEMM) is one cached primitive of ~0.37 MiB
+    (EXPERT_PRIMITIVE_BYTES), at most the cache's 1024 entries:
+
+    - adapted experts, padded to multiples of 32 rows: ⌈b·s / 32⌉ row counts × distinct
+      adapted (in, out) shapes × 8 GEMMs (PRIMITIVES_PER_ADAPTED_SHAPE);
+    - otherwise each group is cut into 32·⌊c/32⌋ rows and the c mod 32 rest: ⌊b·s / 32⌋ + 31
+      row counts × distinct expert shapes × 3 GEMMs when the experts train (forward, input
+      and weight gradient), 2 when frozen (PRIMITIVES_PER_CUT_SHAPE).
+
+    The upper bound is the prediction: with a skewed router every row count appeared within
+    6 steps (LoRA) and 12 steps (full) here; a balanced router visits fewer."""
+    if (model.moe is None or backend != "cpu" or setup.method == "inference"
+            or setup.compute_dtype not in ("bf16", "fp16")):
         return 0
-    shapes = adapted_expert_shapes(model, setup)
-    row_counts = math.ceil(setup.batch_size * setup.seq_len / EXPERT_ROW_GRANULE)
-    primitives = min(row_counts * len(shapes) * PRIMITIVES_PER_ADAPTED_SHAPE,
-                     PRIMITIVE_CACHE_CAPACITY)
-    return primitives * EXPERT_PRIMITIVE_BYTES
+    tokens = setup.batch_size * setup.seq_len
+    if pads_expert_rows(model, setup, backend):
+        primitives = (math.ceil(tokens / EXPERT_ROW_GRANULE)
+                      * len(adapted_expert_shapes(model, setup)) * PRIMITIVES_PER_ADAPTED_SHAPE)
+    else:
+        row_counts = tokens // EXPERT_ROW_GRANULE + min(EXPERT_ROW_GRANULE - 1, tokens)
+        per_shape = PRIMITIVES_PER_CUT_SHAPE[setup.method == "full"]
+        primitives = row_counts * len(routed_expert_shapes(model)) * per_shape
+    return min(primitives, PRIMITIVE_CACHE_CAPACITY) * EXPERT_PRIMITIVE_BYTES
 
 
 def step_runtime_bytes(setup: TrainSetup, device: Device, gradient_bytes: int) -> dict[str, int]:

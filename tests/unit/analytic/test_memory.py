@@ -150,24 +150,29 @@ def test_cpu_process_baseline_terms(tiny_dense: ModelSpec) -> None:
     assert mem_infer["allocator_retention"] == 0
 
 
-def test_adapted_expert_kernel_cache(tiny_moe: ModelSpec, tiny_dense: ModelSpec) -> None:
-    """CPU, 16-bit, LoRA on experts: ⌈b·s / 32⌉ padded row counts × distinct expert linear
-    shapes (gate/up: D→I, down: I→D) × 8 GEMMs, at most 1024 primitives; nothing for fp32,
-    full fine-tunes, attention-only LoRA, dense models or accelerators."""
-    cpu = load_device("xeon-platinum-8480plus")
+def test_expert_kernel_cache(tiny_moe: ModelSpec, tiny_dense: ModelSpec) -> None:
+    """CPU, 16-bit: LoRA on experts pads rows: ⌈b·s / 32⌉ row counts × distinct expert linear
+    shapes (gate/up: D→I, down: I→D) × 8 GEMMs, at most 1024 primitives; experts without
+    adapters are cut: (⌊b·s / 32⌋ + 31) row counts × shapes × 3 GEMMs (trained) or 2 (frozen);
+    nothing for fp32, dense models or accelerators."""
     lora = {"method": "lora", "weight_bits": 16, "compute_dtype": "bf16", "batch_size": 2,
             "seq_len": 100}
     s, _ = terms(tiny_moe, **lora)
     assert M.expert_kernel_cache_bytes(tiny_moe, s, "cpu") == 7 * 2 * 8 * M.EXPERT_PRIMITIVE_BYTES
     big, _ = terms(tiny_moe, **{**lora, "seq_len": 4096})
     assert M.expert_kernel_cache_bytes(tiny_moe, big, "cpu") == 1024 * M.EXPERT_PRIMITIVE_BYTES
-    for other in ({"compute_dtype": "fp32", "weight_bits": 32}, {"method": "full"},
-                  {"lora_targets": ("q_proj", "v_proj")}):
-        s_other, _ = terms(tiny_moe, **{**lora, **other})
-        assert M.expert_kernel_cache_bytes(tiny_moe, s_other, "cpu") == 0
+    full, _ = terms(tiny_moe, **{**lora, "method": "full"})
+    cut = (200 // 32 + 31) * 2
+    assert M.expert_kernel_cache_bytes(tiny_moe, full, "cpu") == cut * 3 * M.EXPERT_PRIMITIVE_BYTES
+    attention_only, _ = terms(tiny_moe, **{**lora, "lora_targets": ("q_proj", "v_proj")})
+    assert (M.expert_kernel_cache_bytes(tiny_moe, attention_only, "cpu")
+            == cut * 2 * M.EXPERT_PRIMITIVE_BYTES)
+    fp32, _ = terms(tiny_moe, **{**lora, "compute_dtype": "fp32", "weight_bits": 32})
+    assert M.expert_kernel_cache_bytes(tiny_moe, fp32, "cpu") == 0
     assert M.expert_kernel_cache_bytes(tiny_moe, s, "cuda") == 0
     s_dense, _ = terms(tiny_dense, **lora)
     assert M.expert_kernel_cache_bytes(tiny_dense, s_dense, "cpu") == 0
     p = count_params(tiny_moe, s)
+    cpu = load_device("xeon-platinum-8480plus")
     assert M.memory_breakdown(tiny_moe, s, cpu, p).components["expert_kernel_caches"] == (
         M.expert_kernel_cache_bytes(tiny_moe, s, "cpu"))
