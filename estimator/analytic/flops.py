@@ -140,14 +140,14 @@ class TokenBytes:
 
 MEMORY_BOUND_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
     ("lora", "mixed"): {
-        "forward": TokenBytes(88.2, 14.1, 28.1, 22.2, 2.2, 70),
+        "forward": TokenBytes(84.2, 10.1, 26.1, 18.2, 0.2, 63),
         "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 78),
-        "recompute": TokenBytes(80.2, 14.1, 28.1, 22.2, 1.9, 68),
+        "recompute": TokenBytes(78.2, 10.1, 26.1, 18.2, 0.2, 62),
     },
     ("qlora", "mixed"): {
-        "forward": TokenBytes(88.2, 14.1, 28.1, 22.2, 2.2, 133),
+        "forward": TokenBytes(84.2, 10.1, 26.1, 18.2, 0.2, 126),
         "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 141),
-        "recompute": TokenBytes(80.2, 14.1, 28.1, 22.2, 1.9, 131),
+        "recompute": TokenBytes(78.2, 10.1, 26.1, 18.2, 0.2, 125),
     },
     ("full", "mixed"): {
         "forward": TokenBytes(96.2, 18.1, 30.1, 26.2, 0.0, 54),
@@ -160,7 +160,7 @@ MEMORY_BOUND_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
         "recompute": TokenBytes(76.2, 36.1, 60.1, 52.2, 0.0, 39),
     },
     ("lora", "fp32"): {
-        "forward": TokenBytes(88.2, 28.1, 56.1, 44.2, 4.2, 48),
+        "forward": TokenBytes(80.2, 20.1, 52.1, 36.2, 0.2, 41),
         "backward": TokenBytes(240.1, 48.1, 68.1, 56.1, 0.1, 56),
     },
     ("full", "pure"): {
@@ -168,7 +168,7 @@ MEMORY_BOUND_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
         "backward": TokenBytes(218.2, 18.1, 28.1, 28.1, 0.0, 56),
     },
     ("lora", "pure"): {
-        "forward": TokenBytes(88.2, 14.1, 28.1, 22.2, 2.2, 56),
+        "forward": TokenBytes(84.2, 10.1, 26.1, 18.2, 0.2, 49),
         "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 64),
     },
 }
@@ -266,7 +266,7 @@ def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
 
 
 MOE_ROUTING_BYTES: dict[str, tuple[float, float, int]] = {
-    "forward": (14.4, 8.8, 57),
+    "forward": (12.2, 11.1, 48),
     "backward": (40.5, 3.7, 70),
 }
 """Routing, gather and scatter of an MoE layer beyond a dense block of the activated width

@@ -518,7 +518,7 @@ def executor_dispatch_case() -> Case:
 
 # ----------------------------------------------------------------------------- op bytes
 
-GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "dot")
+GEMM_OPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "addmv", "mv", "dot")
 """aten ops the matmul/lora curves time (excluded from the memory-bound record)."""
 ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
                  "_scaled_dot_product_flash_attention_for_cpu_backward",
