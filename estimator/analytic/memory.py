@@ -65,11 +65,11 @@ heap trimmed, minus weights + optimizer states): 26 MiB (8-layer fp32 full fine-
 
 EXPERT_PRIMITIVE_BYTES = 384 * 1024
 PRIMITIVES_PER_ADAPTED_SHAPE = 8
-PRIMITIVES_PER_CUT_SHAPE = (2, 3)
-"""Primitives per row count and expert shape of cut (not padded) expert groups: forward and
-input gradient of frozen experts, + the weight gradient of trained ones. measured: validate's
-tiny-moe full bf16 (b·s = 512, 2 expert shapes) created 297 primitives in 12 steps
-(ONEDNN_VERBOSE=all): 6 for each of the 47 row counts 1…31 and 32…512, + 15 of dense GEMMs."""
+PRIMITIVES_PER_SHAPE = (2, 3)
+"""Primitives per row count and unadapted expert shape: forward and input gradient of frozen
+experts, + the weight gradient of trained ones. measured: validate's tiny-moe full bf16 (b·s =
+512, 2 expert shapes), with groups then cut into 32·k + r rows, created 297 primitives in 12
+steps (ONEDNN_VERBOSE=all): 6 for each of its 47 row counts, + 15 of dense GEMMs."""
 PRIMITIVE_CACHE_CAPACITY = 1024
 """Primitives of adapted experts' GEMMs: per padded row count and distinct (in, out) expert
 linear shape, 8 GEMMs (base forward and input gradient, LoRA A and B forward, their input
@@ -385,38 +385,28 @@ def adapted_expert_shapes(model: ModelSpec, setup: TrainSetup) -> set[tuple[int,
 
 
 def pads_expert_rows(model: ModelSpec, setup: TrainSetup, backend: str) -> bool:
-    """Whether the executor pads expert token groups to EXPERT_ROW_GRANULE rows: CPU, 16-bit
-    matmuls, LoRA on at least one routed expert linear."""
-    return (backend == "cpu" and setup.compute_dtype in ("bf16", "fp16")
-            and bool(adapted_expert_shapes(model, setup)))
+    """Whether the executor pads expert token groups to EXPERT_ROW_GRANULE rows: an MoE
+    trained on a CPU with 16-bit matmuls (executor/model.py `_reuses_shapes`)."""
+    return (model.moe is not None and backend == "cpu" and setup.method != "inference"
+            and setup.compute_dtype in ("bf16", "fp16"))
 
 
 def expert_kernel_cache_bytes(model: ModelSpec, setup: TrainSetup, backend: str) -> int:
-    """oneDNN primitives of routed-expert GEMMs on a CPU with 16-bit matmuls, where the
-    executor keeps the row counts few (executor/model.py `_reuses_shapes`); an expert can
-    receive 1 … b·s tokens, and each (row count, GEMM) is one cached primitive of ~0.37 MiB
-    (EXPERT_PRIMITIVE_BYTES), at most the cache's 1024 entries:
-
-    - adapted experts, padded to multiples of 32 rows: ⌈b·s / 32⌉ row counts × distinct
-      adapted (in, out) shapes × 8 GEMMs (PRIMITIVES_PER_ADAPTED_SHAPE);
-    - otherwise each group is cut into 32·⌊c/32⌋ rows and the c mod 32 rest: ⌊b·s / 32⌋ + 31
-      row counts × distinct expert shapes × 3 GEMMs when the experts train (forward, input
-      and weight gradient), 2 when frozen (PRIMITIVES_PER_CUT_SHAPE).
-
-    The upper bound is the prediction: with a skewed router every row count appeared within
-    6 steps (LoRA) and 12 steps (full) here; a balanced router visits fewer."""
-    if (model.moe is None or backend != "cpu" or setup.method == "inference"
-            or setup.compute_dtype not in ("bf16", "fp16")):
+    """oneDNN primitives of the padded routed-expert GEMMs (CPU, 16-bit: pads_expert_rows): an
+    expert can receive 1 … b·s tokens, so up to ⌈b·s / 32⌉ padded row counts, each with one
+    cached primitive of ~0.37 MiB (EXPERT_PRIMITIVE_BYTES) per GEMM of every distinct expert
+    linear shape — 8 for an adapted shape (PRIMITIVES_PER_ADAPTED_SHAPE), else 3 when the
+    experts train and 2 when frozen (PRIMITIVES_PER_SHAPE) — at most the cache's 1024
+    entries. The upper bound is the prediction: with a skewed router every row count appeared
+    within 6 steps here; a balanced router visits fewer."""
+    if not pads_expert_rows(model, setup, backend):
         return 0
-    tokens = setup.batch_size * setup.seq_len
-    if pads_expert_rows(model, setup, backend):
-        primitives = (math.ceil(tokens / EXPERT_ROW_GRANULE)
-                      * len(adapted_expert_shapes(model, setup)) * PRIMITIVES_PER_ADAPTED_SHAPE)
-    else:
-        row_counts = tokens // EXPERT_ROW_GRANULE + min(EXPERT_ROW_GRANULE - 1, tokens)
-        per_shape = PRIMITIVES_PER_CUT_SHAPE[setup.method == "full"]
-        primitives = row_counts * len(routed_expert_shapes(model)) * per_shape
-    return min(primitives, PRIMITIVE_CACHE_CAPACITY) * EXPERT_PRIMITIVE_BYTES
+    adapted = adapted_expert_shapes(model, setup)
+    plain = routed_expert_shapes(model) - adapted
+    per_row_count = (len(adapted) * PRIMITIVES_PER_ADAPTED_SHAPE
+                     + len(plain) * PRIMITIVES_PER_SHAPE[setup.method == "full"])
+    row_counts = math.ceil(setup.batch_size * setup.seq_len / EXPERT_ROW_GRANULE)
+    return min(row_counts * per_row_count, PRIMITIVE_CACHE_CAPACITY) * EXPERT_PRIMITIVE_BYTES
 
 
 def step_runtime_bytes(setup: TrainSetup, device: Device, gradient_bytes: int) -> dict[str, int]:

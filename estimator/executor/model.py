@@ -273,36 +273,32 @@ class MoE(nn.Module):
         order_M = expert_NA.flatten().argsort(stable=True)  # M = N·A (token, slot) pairs
         token_M, weight_M = order_M // self.top_k, weight_NA.flatten()[order_M]
         counts = torch.bincount(expert_NA.flatten(), minlength=len(self.experts)).tolist()
-        granule = EXPERT_ROW_GRANULE if _reuses_shapes(x_ND) else 0
-        if granule and self._experts_adapted():  # one call per expert, rows padded
-            token_M, weight_M, counts = _pad_groups(token_M, weight_M, counts, granule, N)
+        if _reuses_shapes(x_ND):  # one call per expert, rows padded to few shapes
+            token_M, weight_M, counts = _pad_groups(token_M, weight_M, counts,
+                                                    EXPERT_ROW_GRANULE, N)
             x_ND = torch.cat([x_ND, x_ND.new_zeros(1, x_ND.shape[1])])
-            granule = 0
-        pieces = _expert_pieces(counts, whole_rows=granule)
+        used = [e for e, count in enumerate(counts) if count]
         xs_MD = x_ND.index_select(0, token_M)
         outs = [self.experts[e](x_mD)
-                for e, x_mD in zip(pieces[0], xs_MD.split(pieces[1]), strict=True)]
+                for e, x_mD in zip(used, xs_MD.split([counts[e] for e in used]), strict=True)]
         ys_MD = torch.cat(outs) * weight_M[:, None].to(x_ND.dtype)
         out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD)[:N]
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND[:N])
         return out_ND.view_as(x_BTD)
 
-    def _experts_adapted(self) -> bool:
-        """Whether LoRA wraps expert linears: an adapted linear casts (LoRA) or dequantises
-        (QLoRA) its weights on every call, so its rows are padded into one call per expert
-        (_pad_groups) instead of being cut into two."""
-        return any(hasattr(m, "lora_A") for m in self.experts.modules())
-
 
 def _reuses_shapes(x: torch.Tensor) -> bool:
     """True on CPU with 16-bit matmuls. oneDNN builds and caches one kernel ("primitive") per
     matmul shape; per-expert token counts change every step, so each step would create hundreds
     of new primitives (~0.5 MiB of heap each), the 1024-entry cache would keep ~0.7 GiB of them,
-    and the heap fragments (measured: docs/executor.md, MoE full bf16). Cutting each expert's rows
-    into 32·k + r rows (or padding them to 32·k rows for LoRA-adapted experts:
-    MoE._experts_adapted) leaves few distinct shapes. fp32 CPU matmuls (MKL/BLAS) and GPU
-    kernels keep nothing per shape, so they run each expert's rows whole."""
+    and the heap fragments (measured: docs/executor.md, MoE full bf16). Padding each expert's
+    rows to a multiple of 32 (_pad_groups) leaves few distinct shapes, in one call per expert:
+    cutting them into 32·k + r rows instead (two calls) was slower, because a GEMM of r < 32
+    rows still packs the whole weight (~0.14 ms for 768×384 here): tiny-moe full bf16, 12 steps,
+    0.29–0.32 s vs 0.34 s per step, peak 1308–1316 vs 1409–1415 MiB (fewer primitives). fp32
+    CPU matmuls (MKL/BLAS) and GPU kernels keep nothing per shape, so they run each expert's
+    rows whole."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     return x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
@@ -322,19 +318,6 @@ def _pad_groups(token_M: torch.Tensor, weight_M: torch.Tensor, counts: list[int]
     token_P = token_M.new_full((total,), pad_token).scatter(0, dest_M, token_M)
     weight_P = weight_M.new_zeros(total).scatter(0, dest_M, weight_M)
     return token_P, weight_P, padded
-
-
-def _expert_pieces(counts: list[int], whole_rows: int) -> tuple[list[int], list[int]]:
-    """(expert of each piece, rows of each piece) covering each expert's rows in order; with
-    ``whole_rows`` g > 0 a group of c rows is cut into g·⌊c/g⌋ rows and c mod g rows."""
-    experts, sizes = [], []
-    for e, count in enumerate(counts):
-        head = count - count % whole_rows if whole_rows else count
-        for size in (head, count - head):
-            if size:
-                experts.append(e)
-                sizes.append(size)
-    return experts, sizes
 
 
 class Block(nn.Module):

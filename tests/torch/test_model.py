@@ -220,18 +220,9 @@ def test_compiled_blocks_match_eager():
 
 
 
-def test_expert_pieces_cover_each_group_in_order_with_few_sizes():
-    from estimator.executor.model import _expert_pieces
-
-    assert _expert_pieces([70, 0, 32, 5], whole_rows=32) == ([0, 0, 2, 3], [64, 6, 32, 5])
-    assert _expert_pieces([70, 0, 32, 5], whole_rows=0) == ([0, 2, 3], [70, 32, 5])
-    sizes = {size for c in range(1, 2049) for size in _expert_pieces([c], whole_rows=32)[1]}
-    assert len(sizes) == 64 + 31  # multiples of 32 up to 2048, and remainders 1..31
-
-
 def _with_and_without_row_shaping(model, monkeypatch) -> list[tuple[torch.Tensor, list]]:
-    """(loss, fp32 gradients of the trainable parameters) with expert rows cut or padded for
-    oneDNN (forced on), then with whole groups."""
+    """(loss, fp32 gradients of the trainable parameters) with expert rows padded for oneDNN
+    (forced on), then with whole groups."""
     import estimator.executor.model as model_module
 
     tokens = torch.randint(0, BASE["vocab_size"], (3, 50))
@@ -246,15 +237,14 @@ def _with_and_without_row_shaping(model, monkeypatch) -> list[tuple[torch.Tensor
     return results
 
 
-def test_bf16_moe_cut_expert_groups_match_whole_groups(monkeypatch):
-    """Cutting each expert's rows into 32·k + r (oneDNN kernel reuse on CPU bf16) computes the
-    same function: equal loss and gradients up to bf16 rounding of the split weight-gradient
-    sums."""
+def test_bf16_moe_padded_expert_groups_match_whole_groups(monkeypatch):
+    """Padding each expert's rows to multiples of 32 (oneDNN kernel reuse on CPU bf16, full
+    fine-tune) computes the same function: equal loss and gradients up to bf16 rounding."""
     torch.manual_seed(0)
     model = build_model(spec(moe=MOE), dtype=torch.bfloat16)
-    (cut_loss, cut_grads), (loss, grads) = _with_and_without_row_shaping(model, monkeypatch)
-    torch.testing.assert_close(cut_loss, loss, atol=1e-2, rtol=1e-2)
-    for a, b in zip(cut_grads, grads, strict=True):
+    (pad_loss, pad_grads), (loss, grads) = _with_and_without_row_shaping(model, monkeypatch)
+    torch.testing.assert_close(pad_loss, loss, atol=1e-2, rtol=1e-2)
+    for a, b in zip(pad_grads, grads, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()) + 1e-6, rtol=0)
 
 

@@ -151,10 +151,10 @@ def test_cpu_process_baseline_terms(tiny_dense: ModelSpec) -> None:
 
 
 def test_expert_kernel_cache(tiny_moe: ModelSpec, tiny_dense: ModelSpec) -> None:
-    """CPU, 16-bit: LoRA on experts pads rows: ⌈b·s / 32⌉ row counts × distinct expert linear
-    shapes (gate/up: D→I, down: I→D) × 8 GEMMs, at most 1024 primitives; experts without
-    adapters are cut: (⌊b·s / 32⌋ + 31) row counts × shapes × 3 GEMMs (trained) or 2 (frozen);
-    nothing for fp32, dense models or accelerators."""
+    """CPU, 16-bit: ⌈b·s / 32⌉ padded row counts × distinct expert linear shapes (gate/up:
+    D→I, down: I→D) × 8 GEMMs when adapted, 3 when trained (full), 2 when frozen
+    (attention-only LoRA), at most 1024 primitives; nothing for fp32, dense models or
+    accelerators."""
     lora = {"method": "lora", "weight_bits": 16, "compute_dtype": "bf16", "batch_size": 2,
             "seq_len": 100}
     s, _ = terms(tiny_moe, **lora)
@@ -162,11 +162,11 @@ def test_expert_kernel_cache(tiny_moe: ModelSpec, tiny_dense: ModelSpec) -> None
     big, _ = terms(tiny_moe, **{**lora, "seq_len": 4096})
     assert M.expert_kernel_cache_bytes(tiny_moe, big, "cpu") == 1024 * M.EXPERT_PRIMITIVE_BYTES
     full, _ = terms(tiny_moe, **{**lora, "method": "full"})
-    cut = (200 // 32 + 31) * 2
-    assert M.expert_kernel_cache_bytes(tiny_moe, full, "cpu") == cut * 3 * M.EXPERT_PRIMITIVE_BYTES
+    assert (M.expert_kernel_cache_bytes(tiny_moe, full, "cpu")
+            == 7 * 2 * 3 * M.EXPERT_PRIMITIVE_BYTES)
     attention_only, _ = terms(tiny_moe, **{**lora, "lora_targets": ("q_proj", "v_proj")})
     assert (M.expert_kernel_cache_bytes(tiny_moe, attention_only, "cpu")
-            == cut * 2 * M.EXPERT_PRIMITIVE_BYTES)
+            == 7 * 2 * 2 * M.EXPERT_PRIMITIVE_BYTES)
     fp32, _ = terms(tiny_moe, **{**lora, "compute_dtype": "fp32", "weight_bits": 32})
     assert M.expert_kernel_cache_bytes(tiny_moe, fp32, "cpu") == 0
     assert M.expert_kernel_cache_bytes(tiny_moe, s, "cuda") == 0
