@@ -10,6 +10,7 @@ each block's forward twice. MoE: each token visits its routed experts only. Memo
 (norms, activations, residuals, casts, loss) are counted in bytes read + written.
 """
 
+import math
 from dataclasses import dataclass
 
 from estimator.analytic.activations import padded_expert_rows
@@ -356,6 +357,47 @@ def adapter_cast_ops(setup: TrainSetup, adapter_params: int, num_tensors: int) -
     passes = 3 if setup.checkpointing else 2
     return [Op("autocast.adapter_cast", "elementwise", 0, adapter_params * 6 / num_tensors,
                num_tensors * passes)]
+
+
+MMAP_THRESHOLD_MAX_BYTES = 32 * 1024**2
+"""glibc's ceiling on its dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): a
+larger allocation is always mapped afresh and returned on free, so each of its pages faults on
+its first write."""
+
+
+def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+    """First writes of the fused loss's buffers above glibc's mmap ceiling (CPU): per chunk of
+    C = max(64, 2^25 // V) rows, the [C, V] logits in the compute dtype, and in 16 bits their
+    fp32 copy and 16-bit gradient (executor/model.py `_LinearCrossEntropy`); autocast's 16-bit
+    copy of an fp32 lm_head weight (V·D); a full fine-tune's lm_head gradient adds V·D in 16
+    bits and fp32 for the first chunk and V·D in 16 bits for each later one (one fp32 V·D in
+    fp32). Each buffer over 32 MiB is mapped afresh for every chunk of every micro-batch.
+    Measured in the loss head (`ru_minflt` per step, smollm2-135m, 512 tokens; docs/accuracy.md
+    §4): LoRA bf16 50.1 k faults = 196 MiB (predicted 192), LoRA fp32 25.7 k = 100 MiB (96),
+    full bf16 105.7 k = 413 MiB (408), full fp32 53 k = 207 MiB (204). Charged on the `alloc`
+    curve (a fresh tensor written once), whose one write the GEMM and elementwise ops of the
+    loss also charge (about a fifth of this term counted twice). Fixed call count, bytes
+    affine in the tokens (the planner's form); no aten calls of its own (no dispatch)."""
+    if setup.method == "inference" or not setup.fused_loss:
+        return []
+    tokens, vocab = setup.batch_size * setup.seq_len, model.vocab_size
+    c = dtype_bytes(setup.compute_dtype)
+    rows = min(tokens, max(64, 2**25 // vocab))
+    chunks = tokens / rows
+    per_chunk = [rows * vocab * c] + ([rows * vocab * FP32_BYTES, rows * vocab * c]
+                                      if c != FP32_BYTES else [])
+    buffers = [b * chunks for b in per_chunk if b > MMAP_THRESHOLD_MAX_BYTES]
+    if c != FP32_BYTES and autocasting(setup) and (setup.method == "full"
+                                                   or setup.weight_bits == 32):
+        buffers += [b for b in [vocab * model.hidden_size * c] if b > MMAP_THRESHOLD_MAX_BYTES]
+    if setup.method == "full":
+        weight = vocab * model.hidden_size
+        grads = ([weight * FP32_BYTES] if c == FP32_BYTES
+                 else [weight * c, weight * FP32_BYTES, weight * c * (math.ceil(chunks) - 1)])
+        buffers += [b for b in grads if b > MMAP_THRESHOLD_MAX_BYTES]
+    if not buffers:
+        return []
+    return [Op("loss_head.fresh_pages", "alloc", 0, sum(buffers) / len(buffers), len(buffers))]
 
 
 def gradient_alloc_ops(setup: TrainSetup, gradient_bytes: int, num_tensors: int) -> list[Op]:
