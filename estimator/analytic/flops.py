@@ -10,7 +10,6 @@ each block's forward twice. MoE: each token visits its routed experts only. Memo
 (norms, activations, residuals, casts, loss) are counted in bytes read + written.
 """
 
-import math
 from dataclasses import dataclass
 
 from estimator.analytic.activations import padded_expert_rows
@@ -366,17 +365,19 @@ its first write."""
 
 
 def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
-    """First writes of the fused loss's buffers above glibc's mmap ceiling (CPU): per chunk of
-    C = max(64, 2^25 // V) rows, the [C, V] logits in the compute dtype, and in 16 bits their
-    fp32 copy and 16-bit gradient (executor/model.py `_LinearCrossEntropy`); autocast's 16-bit
-    copy of an fp32 lm_head weight (V·D); a full fine-tune's lm_head gradient adds V·D in 16
-    bits and fp32 for the first chunk and V·D in 16 bits for each later one (one fp32 V·D in
-    fp32). Each buffer over 32 MiB is mapped afresh for every chunk of every micro-batch.
-    Measured in the loss head (`ru_minflt` per step, smollm2-135m, 512 tokens; docs/accuracy.md
-    §4): LoRA bf16 50.1 k faults = 196 MiB (predicted 192), LoRA fp32 25.7 k = 100 MiB (96),
-    full bf16 105.7 k = 413 MiB (408), full fp32 53 k = 207 MiB (204). Charged on the `alloc`
-    curve (a fresh tensor written once), whose one write the GEMM and elementwise ops of the
-    loss also charge (about a fifth of this term counted twice). Fixed call count, bytes
+    """First writes of the loss head's GEMM outputs above glibc's mmap ceiling (CPU): per chunk
+    of C = max(64, 2^25 // V) rows, the [C, V] logits h·Wᵀ in the compute dtype, and for a full
+    fine-tune the lm_head gradient gᵀ·h, V·D per chunk in 16 bits (the first chunk's only in
+    fp32, later ones accumulate in place; executor/model.py `_LinearCrossEntropy`). A buffer
+    over 32 MiB is mapped afresh each time and every page faults on its first write; the GEMM
+    curves are timed on reused buffers, so they leave this out. The elementwise calls that also
+    write fresh buffers here (the fp32 copy of the logits, the 16-bit gradient, autocast's copy
+    of the lm_head weight) are not counted: their curve is timed on the executor's own calls,
+    whose large ones (the probe's loss head) fault the same way (calibrate/block_rates.py).
+    Measured loss-head page faults per step (`ru_minflt`, smollm2-135m, 512 tokens, all
+    buffers): LoRA bf16 50.1 k = 196 MiB, of which the bf16 logits 48 MiB; LoRA fp32 25.7 k =
+    100 MiB, the fp32 logits 96 MiB (docs/accuracy.md §4). Charged on the `alloc` curve (a
+    fresh tensor written once; its one write the GEMM also charges). Fixed call count, bytes
     affine in the tokens (the planner's form); no aten calls of its own (no dispatch)."""
     if setup.method == "inference" or not setup.fused_loss:
         return []
@@ -384,17 +385,10 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     c = dtype_bytes(setup.compute_dtype)
     rows = min(tokens, max(64, 2**25 // vocab))
     chunks = tokens / rows
-    per_chunk = [rows * vocab * c] + ([rows * vocab * FP32_BYTES, rows * vocab * c]
-                                      if c != FP32_BYTES else [])
-    buffers = [b * chunks for b in per_chunk if b > MMAP_THRESHOLD_MAX_BYTES]
-    if c != FP32_BYTES and autocasting(setup) and (setup.method == "full"
-                                                   or setup.weight_bits == 32):
-        buffers += [b for b in [vocab * model.hidden_size * c] if b > MMAP_THRESHOLD_MAX_BYTES]
-    if setup.method == "full":
-        weight = vocab * model.hidden_size
-        grads = ([weight * FP32_BYTES] if c == FP32_BYTES
-                 else [weight * c, weight * FP32_BYTES, weight * c * (math.ceil(chunks) - 1)])
-        buffers += [b for b in grads if b > MMAP_THRESHOLD_MAX_BYTES]
+    buffers = [rows * vocab * c * chunks] if rows * vocab * c > MMAP_THRESHOLD_MAX_BYTES else []
+    weight_grad = vocab * model.hidden_size * c
+    if setup.method == "full" and weight_grad > MMAP_THRESHOLD_MAX_BYTES:
+        buffers.append(weight_grad * (1 if c == FP32_BYTES else chunks))
     if not buffers:
         return []
     return [Op("loss_head.fresh_pages", "alloc", 0, sum(buffers) / len(buffers), len(buffers))]

@@ -119,11 +119,11 @@ def test_kernel_only_elementwise_curve_leaves_its_calls_dispatch_to_the_framewor
     assert dispatch_calls(profile(0.0)) - dispatch_calls(profile(1e-6)) == elementwise > 0
 
 
-def test_loss_head_fresh_pages_count_the_buffers_above_the_mmap_ceiling():
-    """The fused loss's [C, V] buffers over glibc's 32 MiB mmap ceiling are fresh pages every
-    chunk: bf16 logits, their fp32 copy and bf16 gradient (8 B per logit), fp32 logits alone
-    (4 B); a full fine-tune adds autocast's bf16 lm_head copy and its V·D gradient buffers;
-    small vocabularies stay under the ceiling (nothing), and the bytes scale with the tokens."""
+def test_loss_head_fresh_pages_count_the_gemm_outputs_above_the_mmap_ceiling():
+    """The loss head's GEMM outputs over glibc's 32 MiB mmap ceiling are fresh pages every
+    chunk: the [C, V] logits in the compute dtype, and a full fine-tune's V·D lm_head gradient
+    (per chunk in 16 bits, once in fp32); small vocabularies stay under the ceiling (nothing),
+    and the bytes scale with the tokens."""
     model = ModelSpec(name="m", num_layers=2, hidden_size=576, intermediate_size=1536,
                       num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152,
                       max_seq_len=4096)
@@ -134,10 +134,11 @@ def test_loss_head_fresh_pages_count_the_buffers_above_the_mmap_ceiling():
         return sum(op.bytes_per_call * op.num_calls for op in F.loss_head_fresh_ops(model, setup))
 
     logits = 512 * 49152
-    assert fresh() == logits * 8
+    assert fresh() == logits * 2
     assert fresh(compute_dtype="fp32", weight_bits=32) == logits * 4
     head = 49152 * 576
-    assert fresh(method="full") == logits * 8 + head * (2 + 2 + 4)
+    assert fresh(method="full") == (logits + head) * 2
+    assert fresh(method="full", compute_dtype="fp32", weight_bits=32) == (logits + head) * 4
     assert fresh(seq_len=1024) == pytest.approx(4 * fresh())  # 3 chunks of 682 rows, by tokens
     small = model.model_copy(update={"vocab_size": 8192})
     assert F.loss_head_fresh_ops(small, TrainSetup(method="lora", compute_dtype="bf16",
