@@ -86,8 +86,9 @@ threshold, up to 32 MiB, is served from the heap), and tensors allocated after o
 freed do not all fit into the holes: the resident peak of a step exceeds its live-tensor peak.
 Two parts: a constant for the forward's temporaries (35 MiB), and a share of the gradients
 allocated during backward that lands in fresh heap instead of the freed activations' memory
-(0.3 of the gradient bytes). The trainer trims the heap between steps (executor/measure.py
-release_freed_memory), which bounds this to one step. measured, not derived (a property of the
+(0.3 of the gradient bytes). The trainer trims the heap once per micro-batch, before the loss
+head (executor/train.py `_release_before_loss_head`), so what earlier steps freed does not
+accumulate. measured, not derived (a property of the
 allocator): peak − baseline − optimizer states − the predicted activations, logits and weight
 copies − KERNEL_CACHE_BYTES is 28–42 MiB (LoRA, 5–19 MiB of gradients), 66 MiB (fp32 full,
 106 MiB of gradients) and 187 MiB (bf16 full, 513 MiB of gradients); benchmarks/
