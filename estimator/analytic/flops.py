@@ -396,10 +396,18 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
 
 def gradient_alloc_ops(setup: TrainSetup, gradient_bytes: int, num_tensors: int) -> list[Op]:
     """Gradients are freed every step (zero_grad(set_to_none=True)) and allocated afresh: the
-    first write of a fresh tensor page-faults (`alloc` op class: calibrate/benches.py)."""
+    first write of a fresh tensor page-faults (`alloc` op class: calibrate/benches.py). With
+    accumulation every micro-batch's backward allocates its gradients (autograd's
+    AccumulateGrad keeps the first and adds each later one into it, then frees it), and each
+    later micro-batch adds them: read both, write one (3 × the gradient bytes, elementwise).
+    The add has a call of 0 count at grad_accum 1, so the op list is the same for every
+    accumulation (the planner's affine form)."""
     if gradient_bytes == 0:
         return []
-    return [Op("gradients.alloc", "alloc", 0, gradient_bytes / num_tensors, num_tensors)]
+    per_tensor = gradient_bytes / num_tensors
+    return [Op("gradients.alloc", "alloc", 0, per_tensor, num_tensors * setup.grad_accum),
+            Op("gradients.accumulate", "elementwise", 0, 3 * per_tensor,
+               num_tensors * (setup.grad_accum - 1))]
 
 
 def optimizer_bytes_per_param(setup: TrainSetup) -> float:
