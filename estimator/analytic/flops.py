@@ -410,6 +410,18 @@ def gradient_alloc_ops(setup: TrainSetup, gradient_bytes: int, num_tensors: int)
                num_tensors * (setup.grad_accum - 1))]
 
 
+def fresh_gradient_op(op: Op, setup: TrainSetup) -> Op:
+    """`gradients.alloc` on a CPU under the bundled trainer: one fresh region of all gradient
+    bytes per micro-batch, instead of one heap allocation per tensor. zero_grad frees the
+    gradients, the loss-head trim of the next micro-batch returns their heap pages to the OS
+    (executor/train.py `_release_before_loss_head`), and the backward faults them in again,
+    at the `alloc` curve's rate for its size (the fresh-page rate above glibc's 32 MiB mmap
+    ceiling). Measured: the backward of smollm2-135m full bf16 (432 MiB of non-embedding
+    fp32 gradients) takes 87 k page faults = 340 MiB per step (`ru_minflt`, docs/accuracy.md
+    §4). Bytes per call constant, calls = grad_accum (the planner's affine form)."""
+    return Op(op.name, op.op_class, 0, op.bytes_moved / setup.grad_accum, setup.grad_accum)
+
+
 def optimizer_bytes_per_param(setup: TrainSetup) -> float:
     """Bytes an optimizer step reads + writes per trainable parameter. AdamW: read p, g, m, v,
     write p, m, v = 7 tensors (28 B in fp32, 14 B pure bf16); 8-bit AdamW: p, g, p' in the

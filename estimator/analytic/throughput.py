@@ -86,8 +86,9 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
               profile: CalibrationProfile | None) -> list[F.Op]:
     """step_ops with the calibration's choices: GEMMs that read cold operands on the
     `matmul_cold` curve when the weight set exceeds the private cache (efficiency.cold_gemms),
-    and, on a CPU, the fresh pages of the loss's large buffers (flops.loss_head_fresh_ops)
-    and the framework's per-op dispatch/autograd cost (flops.dispatch_ops). On an
+    and, on a CPU, the framework's per-op dispatch/autograd cost (flops.dispatch_ops), the
+    gradients as one fresh region per micro-batch (flops.fresh_gradient_op) and the fresh pages
+    of the loss head's large buffers (flops.loss_head_fresh_ops). On an
     accelerator the host-side dispatch overlaps the asynchronous kernels and is left out."""
     ops = step_ops(model, setup, params,
                    pad_experts=pads_expert_rows(model, setup, device.backend))
@@ -99,6 +100,8 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
         timed = sum(op.num_calls for op in ops
                     if carries_dispatch(profile, op.op_class, setup.compute_dtype))
         ops += F.dispatch_ops(model, setup, num_trainable_tensors(model, setup), timed)
+        ops = [F.fresh_gradient_op(op, setup) if op.name == "gradients.alloc" else op
+               for op in ops]
         ops += [replace(op, num_calls=op.num_calls * setup.grad_accum)  # no aten calls
                 for op in F.loss_head_fresh_ops(model, setup)]
     return ops

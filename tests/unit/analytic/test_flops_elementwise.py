@@ -144,3 +144,13 @@ def test_loss_head_fresh_pages_count_the_gemm_outputs_above_the_mmap_ceiling():
     assert F.loss_head_fresh_ops(small, TrainSetup(method="lora", compute_dtype="bf16",
                                                    batch_size=2, seq_len=256)) == []
     assert fresh(method="inference") == 0
+
+
+def test_cpu_gradients_are_one_fresh_region_per_micro_batch():
+    """On a CPU the trainer's loss-head trim returns the freed gradients' pages: gradients.alloc
+    becomes grad_accum calls of all the gradient bytes (same total bytes)."""
+    setup = TrainSetup(method="full", compute_dtype="bf16", grad_accum=3)
+    per_tensor = F.gradient_alloc_ops(setup, 3_000_000, 100)[0]
+    fresh = F.fresh_gradient_op(per_tensor, setup)
+    assert (fresh.num_calls, fresh.bytes_per_call) == (3, 3_000_000)
+    assert fresh.bytes_moved == per_tensor.bytes_moved
