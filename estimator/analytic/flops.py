@@ -13,7 +13,7 @@ each block's forward twice. MoE: each token visits its routed experts only. Memo
 from dataclasses import dataclass
 
 from estimator.analytic.activations import padded_expert_rows
-from estimator.analytic.memory import autocasting
+from estimator.analytic.memory import autocasting, fused_loss_chunk_rows
 from estimator.analytic.params import LinearShape, layer_groups
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
@@ -383,7 +383,7 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
         return []
     tokens, vocab = setup.batch_size * setup.seq_len, model.vocab_size
     c = dtype_bytes(setup.compute_dtype)
-    rows = min(tokens, max(64, 2**25 // vocab))
+    rows = fused_loss_chunk_rows(model, setup)
     chunks = tokens / rows
     buffers = [rows * vocab * c * chunks] if rows * vocab * c > MMAP_THRESHOLD_MAX_BYTES else []
     weight_grad = vocab * model.hidden_size * c

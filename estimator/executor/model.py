@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimator.analytic.activations import EXPERT_ROW_GRANULE
+from estimator.analytic.memory import FUSED_LOSS_CHUNK_ELEMENTS
 from estimator.errors import SetupError
 from estimator.specs.model import ModelSpec
 
@@ -464,8 +465,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
                                *, chunk_rows: int | None = None) -> torch.Tensor:
     """mean over non-ignored rows of CE(h·Wᵀ, targets), chunked; see _LinearCrossEntropy.
-    Default chunk: 2^25 fp32 logits (128 MiB), at least 64 rows."""
-    chunk_rows = chunk_rows or max(64, 2**25 // w_VD.shape[0])
+    Default chunk: 2^25 fp32 logits (128 MiB, memory.FUSED_LOSS_CHUNK_ELEMENTS), at least 64
+    rows."""
+    chunk_rows = chunk_rows or max(64, FUSED_LOSS_CHUNK_ELEMENTS // w_VD.shape[0])
     if not torch.is_grad_enabled():  # evaluation: no gradients formed in the forward pass
         h_ND, w_VD = h_ND.detach(), w_VD.detach()
     return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, chunk_rows)
