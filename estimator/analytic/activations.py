@@ -22,9 +22,8 @@ FP32_BYTES = 4
 EXPERT_ROW_GRANULE = 32
 """Row multiple of the executor's expert GEMMs on CPU with 16-bit matmuls (executor/model.py
 MoE): oneDNN compiles and caches one kernel ("primitive") per GEMM shape, and the tokens an
-expert receives change every step, so plain experts' rows are cut into 32·k + r rows and
-LoRA-adapted experts' rows are padded up to a multiple of 32 (one call per expert: an adapted
-linear casts or dequantises its weights on every call)."""
+expert receives change every step, so every expert's rows are padded up to a multiple of 32
+(one call per expert, few shapes)."""
 
 
 def padded_expert_rows(model: ModelSpec) -> float:

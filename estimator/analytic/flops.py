@@ -77,7 +77,7 @@ def lora_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSetup
 def block_linear_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
                      ) -> list[Op]:
     """GEMMs of all transformer blocks for one micro-batch. `pad_experts`: each expert's rows
-    are padded to a multiple of EXPERT_ROW_GRANULE (the executor on CPU with adapted experts,
+    are padded to a multiple of EXPERT_ROW_GRANULE (the executor on CPU with 16-bit matmuls,
     memory.pads_expert_rows), (granule − 1) / 2 rows more per expert call on average."""
     tokens = setup.batch_size * setup.seq_len
     mult = 2 if setup.checkpointing and setup.method != "inference" else 1

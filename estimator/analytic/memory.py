@@ -14,6 +14,7 @@ peak (the first term to check against a measurement when the two disagree).
 
 import functools
 import math
+from collections.abc import Collection
 
 from estimator.analytic.activations import EXPERT_ROW_GRANULE, activation_bytes
 from estimator.analytic.params import layer_groups, lora_params
@@ -65,11 +66,6 @@ heap trimmed, minus weights + optimizer states): 26 MiB (8-layer fp32 full fine-
 
 EXPERT_PRIMITIVE_BYTES = 384 * 1024
 PRIMITIVES_PER_ADAPTED_SHAPE = 8
-PRIMITIVES_PER_SHAPE = (2, 3)
-"""Primitives per row count and unadapted expert shape: forward and input gradient of frozen
-experts, + the weight gradient of trained ones. measured: validate's tiny-moe full bf16 (b·s =
-512, 2 expert shapes), with groups then cut into 32·k + r rows, created 297 primitives in 12
-steps (ONEDNN_VERBOSE=all): 6 for each of its 47 row counts, + 15 of dense GEMMs."""
 PRIMITIVE_CACHE_CAPACITY = 1024
 """Primitives of adapted experts' GEMMs: per padded row count and distinct (in, out) expert
 linear shape, 8 GEMMs (base forward and input gradient, LoRA A and B forward, their input
@@ -78,6 +74,11 @@ most 1024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY's default). measured: validate's tiny
 (b·s = 512, granule 32) created 270 primitives in 6 steps (ONEDNN_VERBOSE=all, create:cache_miss
 lines), 16 per row count for every one of the 16 row counts 32…512; its peak was 779 MiB with
 the default cache and 679 MiB with ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 (100 MiB / 270)."""
+PRIMITIVES_PER_SHAPE = (2, 3)
+"""Primitives per row count and unadapted expert shape: forward and input gradient of frozen
+experts, + the weight gradient of trained ones. measured: validate's tiny-moe full bf16 (b·s =
+512, 2 expert shapes), with groups then cut into 32·k + r rows, created 297 primitives in 12
+steps (ONEDNN_VERBOSE=all): 6 for each of its 47 row counts, + 15 of dense GEMMs."""
 
 ALLOCATOR_RETENTION_BYTES = 35 * 1024**2
 GRADIENT_RETENTION_FRACTION = 0.3
@@ -366,23 +367,23 @@ def training_data_bytes(device: Device, setup: TrainSetup | None) -> int:
     return TRAINING_DATA_BYTES
 
 
-def routed_expert_shapes(model: ModelSpec) -> set[tuple[int, int]]:
-    """(in, out) features of the routed expert linears (empty for dense models)."""
+def routed_expert_shapes(model: ModelSpec, names: Collection[str] | None = None
+                         ) -> set[tuple[int, int]]:
+    """(in, out) features of the routed expert linears, of those named `names` when given
+    (empty for dense models)."""
     if model.moe is None:
         return set()
     return {(lin.in_features, lin.out_features)
             for linears, _ in layer_groups(model, routed_all=False) for lin in linears
-            if lin.routed}
+            if lin.routed and (names is None or lin.name in names)}
 
 
 def adapted_expert_shapes(model: ModelSpec, setup: TrainSetup) -> set[tuple[int, int]]:
     """(in, out) features of the routed expert linears LoRA adapts (empty for dense models and
     methods without adapters)."""
-    if model.moe is None or not setup.trains_adapters:
+    if not setup.trains_adapters:
         return set()
-    return {(lin.in_features, lin.out_features)
-            for linears, _ in layer_groups(model, routed_all=False) for lin in linears
-            if lin.routed and lin.name in setup.lora_targets}
+    return routed_expert_shapes(model, setup.lora_targets)
 
 
 def pads_expert_rows(model: ModelSpec, setup: TrainSetup, backend: str) -> bool:
