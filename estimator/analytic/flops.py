@@ -13,7 +13,12 @@ each block's forward twice. MoE: each token visits its routed experts only. Memo
 from dataclasses import dataclass
 
 from estimator.analytic.activations import padded_expert_rows
-from estimator.analytic.memory import autocasting, fused_loss_chunk_rows
+from estimator.analytic.memory import (
+    autocasting,
+    casts_fp32_weights,
+    fused_loss_chunk_rows,
+    trainable_bytes_per_param,
+)
 from estimator.analytic.params import LinearShape, layer_groups
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
@@ -267,7 +272,7 @@ def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
 
 MOE_ROUTING_BYTES: dict[str, tuple[float, float, int]] = {
     "forward": (12.2, 11.1, 48),
-    "backward": (40.5, 3.7, 70),
+    "backward": (40.5, 3.5, 70),
 }
 """Routing, gather and scatter of an MoE layer beyond a dense block of the activated width
 (router softmax, top-k, argsort, index_select of the routed copies, the weighting multiply,
@@ -310,15 +315,36 @@ def moe_routing_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
 
 
 def head_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
-    """lm_head GEMMs and the cross-entropy over b·s·V fp32 logits (inference: last token)."""
+    """lm_head GEMMs and the cross-entropy over b·s·V logits (inference: last token)."""
     tokens = setup.batch_size * (1 if setup.method == "inference" else setup.seq_len)
     head = LinearShape("lm_head", model.hidden_size, model.vocab_size, 1)
     ops = linear_ops(head, 1, tokens, setup, trainable=setup.method == "full", phase_mult=1,
                      group="lm_head")
+    return [*ops, *cross_entropy_ops(setup, tokens * model.vocab_size)]
+
+
+CROSS_ENTROPY_PASSES = {True: (5, 4.0), False: (3, 28.0 / 3)}
+"""fp32 passes over the logits and their mean aten bytes per logit, by setup.fused_loss.
+Fused chunked loss (executor/model.py `_LinearCrossEntropy`): amax, sub_, exp_, sum and mul_
+over each fp32 chunk, 4 B each (an in-place op counts its tensor once, the unit of the
+recorded tables). Full logits (F.cross_entropy): log_softmax 8 B, nll_loss_backward 8 B (its
+zeroed output and its shape argument), log_softmax_backward 12 B. gather, scatter_add_ and
+nll_loss touch one logit per row (benches.INDEXED_ARGUMENTS). Recorded with a
+TorchDispatchMode on the executor (V = 151,936, 512 tokens): 311.2 MB per fp32 pass."""
+
+
+def cross_entropy_ops(setup: TrainSetup, logits: float) -> list[Op]:
+    """The memory-bound passes of the cross-entropy over `logits` = b·s·V elements
+    (CROSS_ENTROPY_PASSES; one call per pass with all chunks' bytes, the planner's affine
+    form: a chunk is ≥ 2^25 logits when there are several, beyond the curve's last knot). 16-bit
+    compute adds the upcast of the lm_head output and the downcast of the gradient, (c + 4) B
+    per logit each (measured 933.5 MB for both at V = 151,936, 512 tokens, bf16)."""
+    passes, per_logit = CROSS_ENTROPY_PASSES[setup.fused_loss]
+    ops = [Op("cross_entropy", "elementwise", 0, logits * per_logit, passes)]
     c = dtype_bytes(setup.compute_dtype)
-    passes = 4 if setup.fused_loss else 6  # fused: upcast, exp, scale, downcast in one chunk
-    loss_bytes = tokens * model.vocab_size * (c + passes * FP32_BYTES)
-    return [*ops, Op("cross_entropy", "elementwise", 0, loss_bytes, passes)]
+    if c != FP32_BYTES:
+        ops.append(Op("cross_entropy.casts", "elementwise", 0, logits * (c + FP32_BYTES), 2))
+    return ops
 
 
 def dequant_ops(model: ModelSpec, setup: TrainSetup, quantized_params: int) -> list[Op]:
@@ -364,34 +390,93 @@ larger allocation is always mapped afresh and returned on free, so each of its p
 its first write."""
 
 
+def lm_head_grad_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
+    """Memory-bound work of a full fine-tune's lm_head and embedding gradients beyond their
+    GEMMs (aten bytes, as recorded; w = the trainable dtype's bytes, c = the compute dtype's):
+
+    - fused loss in 16 bits (executor/model.py `_LinearCrossEntropy`): each chunk after the
+      first adds its 16-bit V·D product into the fp32 sum (4 + c B per element, in row blocks,
+      tokens/C − 1 times, fractional: the planner's affine form); without autocast the first
+      product is upcast and the sum cast back to w bytes (6 B each; under autocast the upcast is
+      autocast.grad_cast's lm_head share and no cast back is needed);
+    - the embedding's gradient (embedding_dense_backward: b·s·D incoming gradient read, V·D
+      written, w B each) and, with tied embeddings, autograd's sum of the two (3·V·D·w).
+
+    Recorded at V = 151,936, D = 256, 512 tokens, full bf16 mixed (C = 220, 3 chunks): adds
+    2 × 233 MB, embedding_dense_backward 156 MB, tied sum 467 MB."""
+    if setup.method != "full":
+        return []
+    vd, w = model.vocab_size * model.hidden_size, trainable_bytes_per_param(setup)
+    tokens = setup.batch_size * setup.seq_len
+    c = dtype_bytes(setup.compute_dtype)
+    ops = []
+    if setup.fused_loss and c != FP32_BYTES:
+        later_chunks = tokens / fused_loss_chunk_rows(model, setup) - 1
+        ops.append(Op("lm_head.grad_accumulate", "elementwise", 0,
+                      later_chunks * (FP32_BYTES + c) * vd, 1))
+        if not autocasting(setup):
+            ops.append(Op("lm_head.grad_casts", "elementwise", 0, (c + FP32_BYTES) * vd, 2))
+    ops.append(Op("embedding.grad", "elementwise", 0, (tokens * model.hidden_size + vd) * w, 1))
+    if model.tied_embeddings:
+        ops.append(Op("embedding.tied_sum", "elementwise", 0, 3 * vd * w, 1))
+    return ops
+
+
 def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
-    """First writes of the loss head's GEMM outputs above glibc's mmap ceiling (CPU): per chunk
-    of C = max(64, 2^25 // V) rows, the [C, V] logits h·Wᵀ in the compute dtype, and for a full
-    fine-tune the lm_head gradient gᵀ·h, V·D per chunk in 16 bits (the first chunk's only in
-    fp32, later ones accumulate in place; executor/model.py `_LinearCrossEntropy`). A buffer
-    over 32 MiB is mapped afresh each time and every page faults on its first write; the GEMM
-    curves are timed on reused buffers, so they leave this out. The elementwise calls that also
-    write fresh buffers here (the fp32 copy of the logits, the 16-bit gradient, autocast's copy
-    of the lm_head weight) are not counted: their curve is timed on the executor's own calls,
-    whose large ones (the probe's loss head) fault the same way (calibrate/block_rates.py).
-    Measured loss-head page faults per step (`ru_minflt`, smollm2-135m, 512 tokens, all
-    buffers): LoRA bf16 50.1 k = 196 MiB, of which the bf16 logits 48 MiB; LoRA fp32 25.7 k =
-    100 MiB, the fp32 logits 96 MiB (docs/accuracy.md §4). Charged on the `alloc` curve (a
-    fresh tensor written once; its one write the GEMM also charges). Fixed call count, bytes
-    affine in the tokens (the planner's form); no aten calls of its own (no dispatch)."""
-    if setup.method == "inference" or not setup.fused_loss:
+    """First touch of the loss head's and the embedding gradient's buffers above glibc's mmap
+    ceiling (CPU): a buffer over 32 MiB is mapped afresh at every allocation and each of its
+    pages faults on its first write. The ops that write them are timed on reused memory (the
+    GEMM curves; the elementwise curve, whose probe keeps every buffer under the ceiling:
+    calibrate/block_rates.py), so the faults are charged here, on the `alloc` curve (above
+    the ceiling its time is the faults: touching one cache line per page runs at the same
+    4.6 GB/s as empty + fill_; the page the kernel zeroes is then in cache).
+
+    Buffers (c = compute, w = trainable bytes; per chunk of C = max(64, 2^25 // V) rows):
+    - fused loss: the [C, V] logits (c B each), in 16 bits also their fp32 copy and the c-byte
+      gradient cast from it, and once the 16-bit copy of an fp32 lm_head weight;
+    - full logits (F.cross_entropy): the [b·s, V] logits, log_softmax's output, the zeroed
+      gradient of nll_loss and log_softmax's gradient (4 B each), in 16 bits the two casts;
+    - a full fine-tune's lm_head gradient: each chunk's V·D product (c B; fp32 accumulates
+      into the first one in place), in 16 bits the fp32 sum and without autocast its cast
+      back (w B); the embedding's gradient (w B) and with tied embeddings their sum. The
+      gradient the optimizer reads (the last of these) is fresh_gradient_op's.
+
+    Measured loss-head page faults per step (`ru_minflt`, smollm2-135m, 512 tokens): LoRA
+    bf16 50.1 k = 196 MiB, LoRA fp32 25.7 k = 100 MiB, full bf16 105.7 k (docs/accuracy.md
+    §4). Fixed call count, bytes affine in the tokens (the planner's form); no aten calls of
+    their own (no dispatch)."""
+    if setup.method == "inference":
         return []
     tokens, vocab = setup.batch_size * setup.seq_len, model.vocab_size
-    c = dtype_bytes(setup.compute_dtype)
-    rows = fused_loss_chunk_rows(model, setup)
-    chunks = tokens / rows
-    buffers = [rows * vocab * c * chunks] if rows * vocab * c > MMAP_THRESHOLD_MAX_BYTES else []
-    weight_grad = vocab * model.hidden_size * c
-    if setup.method == "full" and weight_grad > MMAP_THRESHOLD_MAX_BYTES:
-        buffers.append(weight_grad * (1 if c == FP32_BYTES else chunks))
-    if not buffers:
+    c, w = dtype_bytes(setup.compute_dtype), trainable_bytes_per_param(setup)
+    half = c != FP32_BYTES
+    if setup.fused_loss:
+        rows = fused_loss_chunk_rows(model, setup)
+        chunks = tokens / rows
+        per_chunk = [c, *([FP32_BYTES, c] if half else [])]
+        buffers = [(rows * vocab * b, chunks) for b in per_chunk]
+    else:
+        per_logit = [c, *([FP32_BYTES, c] if half else []), *[FP32_BYTES] * 3]
+        buffers = [(tokens * vocab * b, 1.0) for b in per_logit]
+    vd = vocab * model.hidden_size
+    if setup.fused_loss and casts_fp32_weights(setup):
+        buffers.append((vd * c, 1.0))  # the 16-bit copy of the fp32 lm_head weight
+    if setup.method == "full":
+        head = [(vd * c, chunks if half else 1.0)] if setup.fused_loss else []
+        if setup.fused_loss and half:
+            head.append((vd * FP32_BYTES, 1.0))
+            if not autocasting(setup):
+                head.append((vd * w, 1.0))
+        embedding = [(vd * w, 1.0)]
+        if model.tied_embeddings:
+            buffers += head + embedding  # their sum is the gradient
+        else:
+            buffers += head[:-1]  # the last one and the embedding's are the gradients
+    fresh = [(size, count) for size, count in buffers if size > MMAP_THRESHOLD_MAX_BYTES]
+    if not fresh:
         return []
-    return [Op("loss_head.fresh_pages", "alloc", 0, sum(buffers) / len(buffers), len(buffers))]
+    total = sum(size * count for size, count in fresh)
+    return [Op("loss_head.fresh_pages", "alloc", 0, total / len(fresh), len(fresh))]
 
 
 def gradient_alloc_ops(setup: TrainSetup, gradient_bytes: int, num_tensors: int) -> list[Op]:

@@ -155,6 +155,30 @@ def test_fused_loss_equals_cross_entropy_of_logits(tied, autocast):
         torch.testing.assert_close(fused[name], g, atol=tol * float(g.abs().max()), rtol=tol)
 
 
+def test_fused_loss_in_chunks_sums_the_lm_head_gradient_in_row_blocks(monkeypatch):
+    """Several chunks under bf16 autocast: each later chunk's product is added into the fp32
+    lm_head gradient in row blocks (here of 64 elements); the gradients equal one chunk's."""
+    import estimator.executor.model as executor_model
+
+    monkeypatch.setattr(executor_model, "MIXED_ADD_BLOCK_ELEMENTS", 64)
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    grads = []
+    for chunk_rows in (7, 50):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = executor_model.fused_linear_cross_entropy(h, w, targets, chunk_rows=chunk_rows)
+        loss.backward()
+        grads.append((float(loss.detach()), h.grad.clone(), w.grad.clone()))
+        h.grad = w.grad = None
+    (chunked, gh, gw), (whole, gh1, gw1) = grads
+    assert w.grad is None and gw.dtype == torch.float32
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    torch.testing.assert_close(gh, gh1)
+    torch.testing.assert_close(gw, gw1, atol=1e-3 * float(gw1.abs().max()), rtol=1e-2)
+
+
 def _accelerator():
     acc = getattr(torch, "accelerator", None)
     device = acc.current_accelerator() if acc is not None and acc.is_available() else None
