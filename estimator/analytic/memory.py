@@ -141,6 +141,12 @@ def autocasting(setup: TrainSetup) -> bool:
     return setup.mixed_precision and setup.compute_dtype != "fp32"
 
 
+def casts_fp32_weights(setup: TrainSetup) -> bool:
+    """True when autocast casts stored fp32 matmul weights to 16 bits every pass: a full
+    fine-tune's fp32 master weights, or a 32-bit frozen base (16-bit storage is not cast)."""
+    return autocasting(setup) and (setup.method == "full" or setup.weight_bits == 32)
+
+
 def block_linear_params(model: ModelSpec, params: ParamCounts) -> int:
     """Weights of the matmuls inside the transformer blocks (all but embeddings, lm_head and
     norms)."""

@@ -10,6 +10,7 @@ from estimator.analytic.inference import decode_tokens_per_second
 from estimator.analytic.memory import (
     autocasting,
     block_linear_params,
+    casts_fp32_weights,
     gradient_bytes,
     pads_expert_rows,
     quantized_linear_params,
@@ -58,7 +59,8 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
     `pad_experts` as in flops.block_linear_ops."""
     micro = [*F.block_linear_ops(model, setup, pad_experts=pad_experts),
              *F.attention_core_ops(model, setup),
-             *F.elementwise_ops(model, setup, pad_experts=pad_experts), *F.head_ops(model, setup)]
+             *F.elementwise_ops(model, setup, pad_experts=pad_experts), *F.head_ops(model, setup),
+             *F.lm_head_grad_ops(model, setup)]
     if setup.weight_bits <= 8:
         micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)
@@ -76,8 +78,7 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
 def autocast_copy_params_per_pass(model: ModelSpec, setup: TrainSetup,
                                   params: ParamCounts) -> int:
     """fp32 matmul weights autocast casts in one forward pass (all blocks + lm_head)."""
-    fp32_weights = setup.method == "full" or setup.weight_bits == 32
-    if not (autocasting(setup) and fp32_weights):
+    if not casts_fp32_weights(setup):
         return 0
     return block_linear_params(model, params) + model.vocab_size * model.hidden_size
 
