@@ -212,7 +212,7 @@ def plan(mode: Mode, device: str) -> list[Case]:
             cases += benches.cold_gemm_cases(dtype, COLD_GEMM_SHAPES[mode],
                                              f"matmul_cold.{dtype}", pool)
         cases.append(benches.gemm_overhead_case(dtype, f"lora.{dtype}"))
-        cases += benches.lora_cases(dtype, LORA_SHAPES[sizes])
+        cases += benches.lora_cases(dtype, LORA_SHAPES[sizes], pool)
         cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])
     cases += benches.memory_cases(MEMORY_SIZES[mode])
     cases += benches.alloc_cases(ALLOC_SIZES[mode])
