@@ -122,9 +122,10 @@ def test_kernel_only_elementwise_curve_leaves_its_calls_dispatch_to_the_framewor
 def test_loss_head_fresh_pages_count_every_buffer_above_the_mmap_ceiling():
     """Every loss-head buffer over glibc's 32 MiB mmap ceiling is fresh pages: per chunk the
     [C, V] logits, in 16 bits their fp32 copy and the 16-bit gradient; under autocast the
-    16-bit copy of an fp32 lm_head weight; a full fine-tune's V·D lm_head products, fp32 sum and cast back, and with tied embeddings the embedding's
-    gradient, but not the gradient the optimizer reads (fresh_gradient_op's). Small
-    vocabularies stay under the ceiling (nothing); the bytes scale with the tokens."""
+    16-bit copy of an fp32 lm_head weight; a full fine-tune's V·D lm_head products, fp32 sum
+    and cast back, and with tied embeddings the embedding's gradient, but not the gradient
+    the optimizer reads (fresh_gradient_op's). Small vocabularies stay under the ceiling
+    (nothing); the bytes scale with the tokens."""
     model = ModelSpec(name="m", num_layers=2, hidden_size=576, intermediate_size=1536,
                       num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152,
                       max_seq_len=4096)
