@@ -5,6 +5,7 @@ Every count is exact for the tensors the bundled executor builds (tests/torch ch
 a linear in→out has in·out weights (+ out bias); RMSNorm has h weights, LayerNorm 2h.
 """
 
+import functools
 from dataclasses import dataclass
 
 from estimator.specs import ModelSpec, ParamCounts, TrainSetup
@@ -137,23 +138,27 @@ def lora_params(model: ModelSpec, setup: TrainSetup, *, b_only: bool = False) ->
     return round(total)
 
 
-def layer_groups(model: ModelSpec, *, routed_all: bool) -> list[tuple[list[LinearShape], int]]:
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
+def layer_groups(model: ModelSpec, *, routed_all: bool
+                 ) -> tuple[tuple[tuple[LinearShape, ...], int], ...]:
     """(linears of one layer, number of such layers) for dense and MoE layers.
 
     routed_all=True counts every expert (storage); False counts the experts a token visits
-    on average (compute, MoE active parameters)."""
+    on average (compute, MoE active parameters). Cached per model (tuples, so no caller can
+    change the cached value): every op list and memory term walks them."""
     attn = [LinearShape(a.name, a.in_features, a.out_features,
                         a.count * model.attentions_per_layer, a.bias, a.routed)
             for a in attention_linears(model)]
     groups = []
     num_dense = model.num_layers - model.num_moe_layers
     if num_dense:
-        groups.append((attn + dense_ffn_linears(model), num_dense))
+        groups.append((tuple(attn + dense_ffn_linears(model)), num_dense))
     if model.moe is not None and model.num_moe_layers:
         routed = (model.moe.num_experts if routed_all
                   else model.moe.routed_experts_per_token)
-        groups.append((attn + moe_ffn_linears(model, routed_count=routed), model.num_moe_layers))
-    return groups
+        groups.append((tuple(attn + moe_ffn_linears(model, routed_count=routed)),
+                       model.num_moe_layers))
+    return tuple(groups)
 
 
 def count_params(model: ModelSpec, setup: TrainSetup | None = None) -> ParamCounts:
