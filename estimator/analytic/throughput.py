@@ -2,8 +2,6 @@
 curves (efficiency.py): step_seconds = Σ_ops calls · (overhead + work / rate(work)), ops run one
 after another (eager execution on one device; no compute/communication overlap to model yet)."""
 
-from dataclasses import replace
-
 from estimator.analytic import flops as F
 from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
 from estimator.analytic.inference import decode_tokens_per_second
@@ -93,7 +91,7 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     ops = step_ops(model, setup, params,
                    pad_experts=pads_expert_rows(model, setup, device.backend))
     if cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup)):
-        ops = [replace(op, op_class="matmul_cold")
+        ops = [op._replace(op_class="matmul_cold")
                if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op
                for op in ops]
     if device.kind == "cpu":
@@ -102,7 +100,7 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
         ops += F.dispatch_ops(model, setup, num_trainable_tensors(model, setup), timed)
         ops = [F.fresh_gradient_op(op, setup) if op.name == "gradients.alloc" else op
                for op in ops]
-        ops += [replace(op, num_calls=op.num_calls * setup.grad_accum)  # no aten calls
+        ops += [op._replace(num_calls=op.num_calls * setup.grad_accum)  # no aten calls
                 for op in F.loss_head_fresh_ops(model, setup)]
     return ops
 
