@@ -353,36 +353,41 @@ def op_table(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: D
     is the table, when the op names agree (tests/unit/test_planner.py checks every structure
     against the analytic model)."""
     if sibling is not None:
-        ops = timed_ops(model, setup, params, device, profile)
-        if tuple(o.name for o in ops) != sibling.names:
+        names, classes, one = _columns(timed_ops(model, setup, params, device, profile))
+        if names != sibling.names:
             return op_table(model, setup, params, device, profile)
-        one = np.array([(o.flops_per_call, o.bytes_per_call, o.num_calls) for o in ops],
-                       dtype=float).reshape(-1, 3)
         slopes = sibling.flops[1], sibling.nbytes[1], sibling.calls[1]
-        return _table(ops, one, slopes, profile, setup.compute_dtype)
-    lists = [timed_ops(model, _at(setup, b, a), params, device, profile) for b, a in PROBES]
-    if not [o.name for o in lists[0]] == [o.name for o in lists[1]] == [o.name for o in lists[2]]:
+        return _table(names, classes, one, slopes, profile, setup.compute_dtype)
+    probes = [_columns(timed_ops(model, _at(setup, b, a), params, device, profile))
+              for b, a in PROBES]
+    (names, classes, one), (names_b, _, at_b), (names_a, _, at_a) = probes
+    if not names == names_b == names_a:
         return None
-    one, at_b, at_a = (np.array([(o.flops_per_call, o.bytes_per_call, o.num_calls) for o in ops],
-                                dtype=float).reshape(-1, 3) for ops in lists)
-    if (at_b[:, 2] != one[:, 2]).any() or (at_a[:, :2] != one[:, :2]).any():
+    if (at_b[2] != one[2]).any() or (at_a[:2] != one[:2]).any():
         return None
-    slopes = at_b[:, 0] - one[:, 0], at_b[:, 1] - one[:, 1], at_a[:, 2] - one[:, 2]
-    return _table(lists[0], one, slopes, profile, setup.compute_dtype)
+    slopes = at_b[0] - one[0], at_b[1] - one[1], at_a[2] - one[2]
+    return _table(names, classes, one, slopes, profile, setup.compute_dtype)
 
 
-def _table(ops: list, one: np.ndarray, slopes: tuple, profile: CalibrationProfile | None,
-           dtype: str) -> OpTable:
-    classes = np.array([o.op_class for o in ops])
-    distinct = dict.fromkeys(classes.tolist())
-    fixes = {k: correction(profile, op_class_key(k, dtype)) for k in distinct}
+def _columns(ops: list) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
+    """An op list as columns: (names, op classes, 3 × ops array of per-call FLOPs, per-call
+    bytes and calls)."""
+    names, classes, *work = zip(*ops, strict=True) if ops else ((), (), (), (), ())
+    return names, classes, np.array(work, dtype=float).reshape(3, -1)
+
+
+def _table(names: tuple, classes: tuple, one: np.ndarray, slopes: tuple,
+           profile: CalibrationProfile | None, dtype: str) -> OpTable:
+    rows: dict[str, list[int]] = {}
+    for i, op_class in enumerate(classes):
+        rows.setdefault(op_class, []).append(i)
+    fixes = {k: correction(profile, op_class_key(k, dtype)) for k in rows}
     return OpTable(
-        names=tuple(o.name for o in ops),
-        rows={k: np.flatnonzero(classes == k) for k in distinct},
-        flops=np.stack([one[:, 0], slopes[0]]), nbytes=np.stack([one[:, 1], slopes[1]]),
-        calls=np.stack([one[:, 2], slopes[2]]),
-        fix=np.array([fixes[k] for k in classes.tolist()]),
-        optimizer=np.char.startswith(classes, "optimizer"))
+        names=names, rows={k: np.array(idx) for k, idx in rows.items()},
+        flops=np.stack([one[0], slopes[0]]), nbytes=np.stack([one[1], slopes[1]]),
+        calls=np.stack([one[2], slopes[2]]),
+        fix=np.array([fixes[k] for k in classes]),
+        optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
 
 
 def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProfile | None,
