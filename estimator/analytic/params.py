@@ -6,7 +6,7 @@ a linear in→out has in·out weights (+ out bias); RMSNorm has h weights, Layer
 """
 
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from estimator.specs import ModelSpec, ParamCounts, TrainSetup
 
@@ -14,9 +14,10 @@ ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class LinearShape:
-    """One linear layer kind inside a block: PEFT name, in/out width, how many per layer."""
+class LinearShape(NamedTuple):
+    """One linear layer kind inside a block: PEFT name, in/out width, how many per layer. A
+    named tuple, like flops.Op: immutable and cheap to build (the op lists build a few per
+    linear)."""
 
     name: str
     in_features: int
