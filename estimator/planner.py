@@ -67,7 +67,14 @@ from estimator.analytic.parallel import (
 from estimator.analytic.params import count_params
 from estimator.analytic.throughput import correction, op_class_key, timed_ops
 from estimator.errors import SetupError
-from estimator.specs import CalibrationProfile, Device, ModelSpec, ParamCounts, TrainSetup
+from estimator.specs import (
+    CalibrationProfile,
+    Device,
+    EfficiencyCurve,
+    ModelSpec,
+    ParamCounts,
+    TrainSetup,
+)
 from estimator.specs.plan import Candidate, Objective
 
 Precision = tuple[str, bool]
@@ -434,14 +441,14 @@ class CommTerms:
 
 
 def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
-                     profile: CalibrationProfile | None,
-                     first: list[C.Collective]) -> CommTerms | None:
+                     profile: CalibrationProfile | None, first: list[C.Collective],
+                     timed: dict) -> CommTerms | None:
     """parallel.communication_ops's collectives over the sweep's device counts and (b, a):
     parallel.step_collectives at the PROBES over the array of device counts (`first`: at
     (1, 1)) gives each collective's payload (affine in b: MoE all-to-all) and calls (affine in
-    a: per-micro-batch ZeRO-2/3 collectives); one call of each is timed by
-    comms.collective_seconds over the array of node layouts. No collective at (1, 1) (one
-    device, no offload): none at all. None when the probes disagree with the affine form."""
+    a: per-micro-batch ZeRO-2/3 collectives); one call of each is timed over the array of node
+    layouts (_call_seconds, `timed`). No collective at (1, 1) (one device, no offload): none
+    at all. None when the probes disagree with the affine form."""
     counts, setup = sw.counts, sw.setup
     if not first:
         return CommTerms(np.zeros(len(counts)), np.zeros(len(counts)))
@@ -462,19 +469,40 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
             return None
         extra_calls = at_a.num_calls - one.num_calls
         if np.all(at_b.num_bytes == one.num_bytes):  # the payload does not grow with b
-            each = C.collective_seconds(replace(one, num_calls=1), links, curve)
+            each = _call_seconds(one, links, curve, timed)
             fixed = fixed + one.num_calls * each
             per_micro_batch = per_micro_batch + extra_calls * each
             continue
         slope = np.broadcast_to(at_b.num_bytes - one.num_bytes, counts.shape)[gi]
         payload = np.broadcast_to(one.num_bytes, counts.shape)[gi] + slope * (batches - 1.0)
-        each = C.collective_seconds(
-            replace(one, num_bytes=payload, num_calls=1),
+        each = _call_seconds(
+            replace(one, num_bytes=payload),
             replace(links, devices_per_node=links.devices_per_node[gi], num_nodes=nodes[gi]),
-            curve)
+            curve, timed)
         grows = (0.0 if grows is None else grows) + (
             one.num_calls + extra_calls * (accums - 1.0)) * each
     return CommTerms(fixed, per_micro_batch, grows)
+
+
+def _call_seconds(c: C.Collective, links: C.Links, curve: EfficiencyCurve | None,
+                  timed: dict) -> np.ndarray:
+    """comms.collective_seconds of one call of `c`, computed once per distinct kind, group
+    size, payload, links and curve in `timed` (sweeps of other ZeRO stages and methods move
+    the same payloads: ZeRO-1/2/3's gradient reduce-scatter, the MoE all-to-all). Arrays are
+    keyed by their exact values."""
+    key = (c.kind, c.num_ranks, _exact_key(c.num_bytes), links.intra_bytes_per_second,
+           links.inter_bytes_per_second, links.intra_latency_seconds,
+           links.inter_latency_seconds, _exact_key(links.devices_per_node),
+           _exact_key(links.num_nodes), id(curve))  # one profile's curve: alive all search
+    if key not in timed:
+        timed[key] = C.collective_seconds(replace(c, num_calls=1), links, curve)
+    return timed[key]
+
+
+def _exact_key(value) -> tuple:
+    """A hashable key equal only for equal scalars or arrays (dtype, shape and bytes)."""
+    a = np.asarray(value)
+    return a.dtype.str, a.shape, a.tobytes()
 
 
 def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
@@ -629,6 +657,7 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
     timing: dict[tuple, tuple] = {}  # (rank, profile, dtype) -> (the rank etc., keys)
     collectives: dict[tuple, tuple] = {}
+    timed: dict[tuple, np.ndarray] = {}  # one call of a collective (_call_seconds)
     exact: list[int] = []
     for sw in space.sweeps:
         s, p = sw.setup, params[sw.setup.method]
@@ -641,7 +670,7 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
                 siblings.setdefault(mate, tables[key])
                 timing.setdefault((id(sw.rank), id(rprofile), s.compute_dtype),
                                   (sw.rank, rprofile, s.compute_dtype, []))[3].append(key)
-        terms = _sweep_comm(model, sw, p, profile, collectives)
+        terms = _sweep_comm(model, sw, p, profile, collectives, timed)
         if tables[key] is None or terms is None:
             exact += sw.members.tolist()
             continue
@@ -666,11 +695,13 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
 
 
 def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
-                profile: CalibrationProfile | None, known: dict) -> CommTerms | None:
+                profile: CalibrationProfile | None, known: dict, timed: dict
+                ) -> CommTerms | None:
     """collective_terms of a sweep plus its groups' host optimizer step (offload). The
     collectives move gradients and parameters, which neither the optimizer nor checkpointing
     changes: a sweep reuses `known` terms of the same method, precision and device layouts
-    when its collectives at (1, 1) are the same."""
+    when its collectives at (1, 1) are the same. `timed`: calls already timed
+    (_call_seconds)."""
     s = sw.setup
     first = step_collectives(model, s, params, num_devices=sw.counts)
     layout = (*sw.structure[:3], s.zero_stage, sw.split,
@@ -678,7 +709,7 @@ def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
     if layout in known and _same_collectives(known[layout][0], first):
         terms = known[layout][1]
     else:
-        terms = collective_terms(model, sw, params, profile, first)
+        terms = collective_terms(model, sw, params, profile, first, timed)
         known[layout] = (first, terms)
     if terms is None or s.offload == "none":
         return terms
