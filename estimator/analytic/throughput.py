@@ -129,7 +129,7 @@ def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | N
                 dtype: str) -> tuple[list[OpTime], bool]:
     """Time every op; returns the per-op times (merged by name) and whether all came from
     measured curves."""
-    merged: dict[str, OpTime] = {}
+    merged: dict[str, tuple[str, int, int, float]] = {}  # name -> class, flops, bytes, seconds
     all_measured = True
     for op in ops:
         one, measured = call_seconds(device, profile, dtype, op.op_class,
@@ -137,13 +137,11 @@ def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | N
         all_measured &= measured
         klass = op_class_key(op.op_class, dtype)
         one *= correction(profile, klass)
-        prev = merged.get(op.name)
-        merged[op.name] = OpTime(
-            name=op.name, op_class=klass,
-            flops=round(op.flops) + (prev.flops if prev else 0),
-            bytes_moved=round(op.bytes_moved) + (prev.bytes_moved if prev else 0),
-            seconds=one * op.num_calls + (prev.seconds if prev else 0.0))
-    return list(merged.values()), all_measured
+        _, flops, moved, seconds = merged.get(op.name, (klass, 0, 0, 0.0))
+        merged[op.name] = (klass, round(op.flops) + flops, round(op.bytes_moved) + moved,
+                           one * op.num_calls + seconds)
+    return [OpTime(name=name, op_class=klass, flops=flops, bytes_moved=moved, seconds=seconds)
+            for name, (klass, flops, moved, seconds) in merged.items()], all_measured
 
 
 def throughput(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,
