@@ -36,6 +36,7 @@ The best candidates are re-scored exactly with the functions `estimator.api.esti
 (memory_breakdown, step_throughput; not its advice) and those numbers are what the plan
 records; if they differ from the array scores, the whole space is scored exactly.
 """
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -61,7 +62,6 @@ from estimator.analytic.parallel import (
     optimizer_share,
     rank_device,
     rank_profile,
-    ranks_per_node,
     step_collectives,
 )
 from estimator.analytic.params import count_params
@@ -118,8 +118,12 @@ class Constraints:
 class Group:
     """One structural choice at one device count and ZeRO stage, over its micro-batches."""
 
-    setup: TrainSetup
-    """The setup at micro-batch 1 and accumulation 1."""
+    choice: TrainSetup
+    """The structural choice at micro-batch 1 and accumulation 1, validated (its device
+    layout and ZeRO stage are the group's fields below)."""
+    num_devices: int
+    num_nodes: int
+    zero_stage: int
     batches: np.ndarray
     """Micro-batches (sequences)."""
     accums: np.ndarray
@@ -130,9 +134,27 @@ class Group:
     compute dtype, mixed precision, optimizer, checkpointing)."""
 
     def __post_init__(self) -> None:
-        s = self.setup
+        s = self.choice
         object.__setattr__(self, "structure", (s.method, s.compute_dtype, s.mixed_precision,
                                                s.optimizer, s.checkpointing))
+
+    @classmethod
+    def of(cls, setup: TrainSetup, batches: np.ndarray, accums: np.ndarray) -> "Group":
+        """The group of a setup at its own device count and stage."""
+        return cls(setup, setup.num_devices, setup.num_nodes, setup.zero_stage, batches, accums)
+
+    @functools.cached_property
+    def setup(self) -> TrainSetup:
+        """The setup at micro-batch 1 and accumulation 1: the choice at the group's device
+        count and stage (built when first read; scoring reads it for one group per sweep)."""
+        return self.choice.model_copy(update={"num_devices": self.num_devices,
+                                              "num_nodes": self.num_nodes,
+                                              "zero_stage": self.zero_stage})
+
+    @property
+    def ranks_per_node(self) -> int:
+        """parallel.ranks_per_node of the setup (devices per node), without building it."""
+        return self.num_devices // self.num_nodes
 
 
 @dataclass
@@ -252,9 +274,8 @@ def search_space(base: TrainSetup, precisions: list[Precision], c: Constraints) 
         accums = (c.global_batch // at_n.num_devices) // batches
         stages = c.zero_stages if at_n.num_devices > 1 else (at_n.zero_stage,)
         choices = choices or _choices(at_n, precisions, c, stages[0])
-        layout = {"num_devices": at_n.num_devices, "num_nodes": at_n.num_nodes}
-        groups += [Group(setup.model_copy(update={**layout, "zero_stage": s}), batches, accums)
-                   for setup in choices for s in stages]
+        groups += [Group(choice, at_n.num_devices, at_n.num_nodes, s, batches, accums)
+                   for choice in choices for s in stages]
     return groups
 
 
@@ -312,7 +333,7 @@ def phase_peak(phases: tuple, fwd_bwd, accums):
 def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
                   batches: np.ndarray, accums: np.ndarray) -> np.ndarray:
     """Peak bytes per device of one structure at each (b, a): score_groups on one group."""
-    return score_groups(model, [Group(setup, batches, accums)], device, None)[0]
+    return score_groups(model, [Group.of(setup, batches, accums)], device, None)[0]
 
 
 # ------------------------------------------------------------------ step time
@@ -456,7 +477,7 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
                        for b, a in PROBES[1:]]
     if not [c.name for c in lists[0]] == [c.name for c in lists[1]] == [c.name for c in lists[2]]:
         return None
-    nodes = np.array([g.setup.num_nodes for g in sw.groups])
+    nodes = np.array([g.num_nodes for g in sw.groups])
     links = replace(C.links_for(sw.rank, setup), devices_per_node=counts // nodes,
                     num_nodes=nodes)
     curve = C.all_reduce_curve(sw.rank, profile)
@@ -517,7 +538,7 @@ def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
                  accums: np.ndarray, *, exact: bool = False) -> np.ndarray:
     """Step time of one structure at each (micro-batch b, accumulation a): score_groups on
     one group."""
-    return score_groups(model, [Group(setup, batches, accums)], device, profile,
+    return score_groups(model, [Group.of(setup, batches, accums)], device, profile,
                         exact=exact)[1]
 
 
@@ -600,17 +621,16 @@ def index_space(groups: list[Group], device: Device) -> Space:
     ranks, members, keys = {}, {}, {}
     key = np.empty(len(groups), dtype=int)
     for i, g in enumerate(groups):
-        s = g.setup
-        per_node = ranks_per_node(s)
+        per_node = g.ranks_per_node
         if per_node not in ranks:
-            rank = rank_device(device, s)
+            rank = rank_device(device, g.setup)
             ranks[per_node] = rank, (None if rank is device else per_node)
         rank, split = ranks[per_node]
         key[i] = keys.setdefault((g.structure, split), len(keys))
-        members.setdefault((g.structure, split, s.zero_stage, s.num_devices > 1),
+        members.setdefault((g.structure, split, g.zero_stage, g.num_devices > 1),
                            (rank, split, []))[2].append(i)
     sweeps = [Sweep(groups=[groups[i] for i in idx], members=np.array(idx), rank=rank,
-                    split=split, counts=np.array([groups[i].setup.num_devices for i in idx]))
+                    split=split, counts=np.array([groups[i].num_devices for i in idx]))
               for rank, split, idx in members.values()]
     sizes = [len(g.batches) for g in groups]
     values, index = np.unique(np.concatenate([g.batches for g in groups]), return_inverse=True)
@@ -705,7 +725,7 @@ def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
     s = sw.setup
     first = step_collectives(model, s, params, num_devices=sw.counts)
     layout = (*sw.structure[:3], s.zero_stage, sw.split,
-              tuple(sw.counts.tolist()), tuple(g.setup.num_nodes for g in sw.groups))
+              tuple(sw.counts.tolist()), tuple(g.num_nodes for g in sw.groups))
     if layout in known and _same_collectives(known[layout][0], first):
         terms = known[layout][1]
     else:
@@ -793,7 +813,7 @@ def score(model: ModelSpec, base: TrainSetup, device: Device,
     return Scored(groups=groups, group=np.repeat(np.arange(len(groups)), sizes),
                   batch=np.concatenate([g.batches for g in groups]),
                   accum=np.concatenate([g.accums for g in groups]),
-                  num_devices=np.repeat([g.setup.num_devices for g in groups], sizes),
+                  num_devices=np.repeat([g.num_devices for g in groups], sizes),
                   peak_bytes=peak, step_seconds=step)
 
 
