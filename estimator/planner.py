@@ -554,8 +554,8 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
         return _exact_scores(model, groups, device, profile)
     params: dict[str, ParamCounts] = {}
     for g in groups:
-        if g.setup.method not in params:
-            params[g.setup.method] = count_params(model, g.setup)
+        if g.choice.method not in params:
+            params[g.choice.method] = count_params(model, g.setup)
     space = index_space(groups, device)
     return (group_peaks(model, groups, device, params, space),
             group_seconds(model, groups, device, profile, params, space))

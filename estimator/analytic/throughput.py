@@ -61,12 +61,12 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
         micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)
     micro += F.cast_ops(setup, casts, trainable=setup.method == "full")
+    tensors = num_trainable_tensors(model, setup)
     if setup.trains_adapters and autocasting(setup):
-        micro += F.adapter_cast_ops(setup, params.trainable, num_trainable_tensors(model, setup))
+        micro += F.adapter_cast_ops(setup, params.trainable, tensors)
     a = setup.grad_accum
     ops = micro if a == 1 else [F.Op(op.name, op.op_class, op.flops_per_call,
                                      op.bytes_per_call, op.num_calls * a) for op in micro]
-    tensors = num_trainable_tensors(model, setup)
     return (ops + F.gradient_alloc_ops(setup, gradient_bytes(setup, params), tensors)
             + F.optimizer_ops(setup, params.trainable, tensors))
 
