@@ -6,6 +6,7 @@ a linear in→out has in·out weights (+ out bias); RMSNorm has h weights, Layer
 """
 
 import functools
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from estimator.specs import ModelSpec, ParamCounts, TrainSetup
@@ -39,8 +40,10 @@ def norm_params(model: ModelSpec) -> int:
     return model.hidden_size * (2 if model.norm == "layernorm" else 1)
 
 
-def attention_linears(model: ModelSpec) -> list[LinearShape]:
-    """Linears of one attention block: q, k, v, o (or MLA's low-rank q/kv projections).
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
+def attention_linears(model: ModelSpec) -> tuple[LinearShape, ...]:
+    """Linears of one attention block: q, k, v, o (or MLA's low-rank q/kv projections);
+    cached per model (the activation terms read their names per micro-batch).
 
     MLA (DeepSeek-V2 §2.1): q = W_qb·norm(W_qa·x) (or W_q·x), [c_kv, k_rope] = W_kva·x,
     [k_nope, v] = W_kvb·norm(c_kv), out = W_o·attn. PEFT names: q_proj covers q_a/q_b,
@@ -57,15 +60,15 @@ def attention_linears(model: ModelSpec) -> list[LinearShape]:
                  LinearShape("q_proj", m.q_lora_rank, heads * qk, 1)]
         kv = [LinearShape("k_proj", h, m.kv_lora_rank + m.qk_rope_head_dim, 1),
               LinearShape("k_proj", m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), 1)]
-        return [*q, *kv, LinearShape("o_proj", heads * m.v_head_dim, h, 1)]
+        return (*q, *kv, LinearShape("o_proj", heads * m.v_head_dim, h, 1))
     qkv_bias = model.qkv_bias or model.linear_bias or model.attention_bias
     q_out, kv_out = heads * model.head_dim, model.num_kv_heads * model.head_dim
-    return [
+    return (
         LinearShape("q_proj", h, q_out, 1, qkv_bias),
         LinearShape("k_proj", h, kv_out, 1, qkv_bias),
         LinearShape("v_proj", h, kv_out, 1, qkv_bias),
         LinearShape("o_proj", q_out, h, 1, model.linear_bias or model.attention_bias),
-    ]
+    )
 
 
 def attention_extra_params(model: ModelSpec) -> int:
@@ -118,7 +121,7 @@ def router_params(model: ModelSpec) -> int:
     return model.hidden_size * width + (width if moe.expert_bias else 0)
 
 
-def linears_params(linears: list[LinearShape]) -> int:
+def linears_params(linears: Iterable[LinearShape]) -> int:
     """Sum of weights + biases over a list of linear kinds (count)."""
     return round(sum(lin.num_params * lin.count for lin in linears))
 
