@@ -412,8 +412,8 @@ def _table(names: tuple, classes: tuple, one: np.ndarray, slopes: tuple,
     fixes = {k: correction(profile, op_class_key(k, dtype)) for k in rows}
     return OpTable(
         names=names, rows={k: np.array(idx) for k, idx in rows.items()},
-        flops=np.stack([one[0], slopes[0]]), nbytes=np.stack([one[1], slopes[1]]),
-        calls=np.stack([one[2], slopes[2]]),
+        flops=np.array([one[0], slopes[0]]), nbytes=np.array([one[1], slopes[1]]),
+        calls=np.array([one[2], slopes[2]]),
         fix=np.array([fixes[k] for k in classes]),
         optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
 
@@ -428,10 +428,13 @@ def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProf
     per table; the tables (on one device, profile and dtype) are timed together, one
     seconds_per_call per op class."""
     ends = np.cumsum([len(t.names) for t in tables])
-    flops = np.concatenate([t.flops[0][:, None] + t.flops[1][:, None] * (batches - 1.0)
-                            for t in tables])
-    nbytes = np.concatenate([t.nbytes[0][:, None] + t.nbytes[1][:, None] * (batches - 1.0)
-                             for t in tables])
+
+    def at_batches(work: np.ndarray) -> np.ndarray:
+        """(at b = 1, per sequence more) × ops -> ops × micro-batches."""
+        return work[0][:, None] + work[1][:, None] * (batches - 1.0)
+
+    flops = at_batches(np.concatenate([t.flops for t in tables], axis=1))
+    nbytes = at_batches(np.concatenate([t.nbytes for t in tables], axis=1))
     by_class: dict[str, list[np.ndarray]] = {}
     for t, end in zip(tables, ends, strict=True):
         for op_class, rows in t.rows.items():
@@ -443,9 +446,7 @@ def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProf
                                           nbytes[rows])
     out = []
     for t, end in zip(tables, ends, strict=True):
-        opt = t.optimizer
-        weights = np.stack([t.calls[0] * ~opt, t.calls[1] * ~opt,
-                            t.calls[0] * opt, t.calls[1] * opt]) * t.fix
+        weights = np.concatenate([t.calls * ~t.optimizer, t.calls * t.optimizer]) * t.fix
         out.append(weights @ per_call[end - len(t.names):end])
     return out
 
