@@ -677,7 +677,7 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
     tables: dict[int, OpTable | None] = {}
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
     timing: dict[tuple, tuple] = {}  # (rank, profile, dtype) -> (the rank etc., keys)
-    collectives: dict[tuple, tuple] = {}
+    collectives: dict[tuple, CommTerms | None] = {}  # by layout and collectives (_sweep_comm)
     timed: dict[tuple, np.ndarray] = {}  # one call of a collective (_call_seconds)
     exact: list[int] = []
     for sw in space.sweeps:
@@ -720,18 +720,16 @@ def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
                 ) -> CommTerms | None:
     """collective_terms of a sweep plus its groups' host optimizer step (offload). The
     collectives move gradients and parameters, which neither the optimizer nor checkpointing
-    changes: a sweep reuses `known` terms of the same method, precision and device layouts
-    when its collectives at (1, 1) are the same. `timed`: calls already timed
-    (_call_seconds)."""
+    changes: a sweep reuses `known` terms of the same method, precision, ZeRO stage and
+    device layouts when its collectives at (1, 1) are the same (_collectives_key). `timed`:
+    calls already timed (_call_seconds)."""
     s = sw.setup
     first = step_collectives(model, s, params, num_devices=sw.counts)
-    layout = (*sw.structure[:3], s.zero_stage, sw.split,
-              tuple(sw.counts.tolist()), tuple(g.num_nodes for g in sw.groups))
-    if layout in known and _same_collectives(known[layout][0], first):
-        terms = known[layout][1]
-    else:
-        terms = collective_terms(model, sw, params, profile, first, timed)
-        known[layout] = (first, terms)
+    key = (*sw.structure[:3], s.zero_stage, sw.split, tuple(sw.counts.tolist()),
+           tuple(g.num_nodes for g in sw.groups), _collectives_key(first))
+    if key not in known:
+        known[key] = collective_terms(model, sw, params, profile, first, timed)
+    terms = known[key]
     if terms is None or s.offload == "none":
         return terms
     host = np.array([sum(op.seconds for op in host_optimizer_op(model, g.setup, params))
@@ -739,11 +737,11 @@ def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
     return replace(terms, fixed=terms.fixed + host)
 
 
-def _same_collectives(a: list[C.Collective], b: list[C.Collective]) -> bool:
-    """The same collectives (payloads compared as arrays)."""
-    return len(a) == len(b) and all(
-        (x.name, x.kind, x.num_calls, x.num_ranks) == (y.name, y.kind, y.num_calls, y.num_ranks)
-        and np.array_equal(x.num_bytes, y.num_bytes) for x, y in zip(a, b, strict=True))
+def _collectives_key(collectives: list[C.Collective]) -> tuple:
+    """A hashable key equal only for the same collectives: names, kinds, calls, group sizes
+    and exact payloads (_exact_key)."""
+    return tuple((c.name, c.kind, c.num_calls, c.num_ranks, _exact_key(c.num_bytes))
+                 for c in collectives)
 
 
 def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: tuple,
