@@ -25,7 +25,8 @@ assembled in one gather from per-sweep, per-structure × micro-batch and per-can
   to each rank's shard (parallel.optimizer_share), the host optimizer step of offload, and the
   collectives of parallel.step_collectives at the same probes (payload affine in b, calls
   affine in a), one call of each timed by comms.collective_seconds over the array of node
-  layouts.
+  layouts, once per distinct payload and layout (_call_seconds); sweeps that differ only in
+  the optimizer or checkpointing share the terms when their collectives at (1, 1) are equal.
 - Peak memory: memory_breakdown's two phases, held + max(forward/backward, optimizer step)
   (phase_peak), from memory.py's own terms: memory_phases per sweep, batch_bytes per structure
   and micro-batch (evaluated per b, not extrapolated: chunked logits are not affine in b), and
