@@ -128,12 +128,16 @@ def correction(profile: CalibrationProfile | None, key: str) -> float:
 def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | None,
                 dtype: str) -> tuple[list[OpTime], bool]:
     """Time every op; returns the per-op times (merged by name) and whether all came from
-    measured curves."""
+    measured curves. One call's time is computed once per distinct class and work (a GEMM's
+    forward and backward calls do the same work)."""
     merged: dict[str, tuple[str, int, int, float]] = {}  # name -> class, flops, bytes, seconds
+    per_call: dict[tuple[str, float, float], tuple[float, bool]] = {}
     all_measured = True
     for op in ops:
-        one, measured = call_seconds(device, profile, dtype, op.op_class,
-                                     op.flops_per_call, op.bytes_per_call)
+        work = op.op_class, op.flops_per_call, op.bytes_per_call
+        if work not in per_call:
+            per_call[work] = call_seconds(device, profile, dtype, *work)
+        one, measured = per_call[work]
         all_measured &= measured
         klass = op_class_key(op.op_class, dtype)
         one *= correction(profile, klass)
