@@ -25,7 +25,8 @@ assembled in one gather from per-sweep, per-structure × micro-batch and per-can
   to each rank's shard (parallel.optimizer_share), the host optimizer step of offload, and the
   collectives of parallel.step_collectives at the same probes (payload affine in b, calls
   affine in a), one call of each timed by comms.collective_seconds over the array of node
-  layouts.
+  layouts, once per distinct payload and layout (_call_seconds); sweeps that differ only in
+  the optimizer or checkpointing share the terms when their collectives at (1, 1) are equal.
 - Peak memory: memory_breakdown's two phases, held + max(forward/backward, optimizer step)
   (phase_peak), from memory.py's own terms: memory_phases per sweep, batch_bytes per structure
   and micro-batch (evaluated per b, not extrapolated: chunked logits are not affine in b), and
@@ -36,6 +37,7 @@ The best candidates are re-scored exactly with the functions `estimator.api.esti
 (memory_breakdown, step_throughput; not its advice) and those numbers are what the plan
 records; if they differ from the array scores, the whole space is scored exactly.
 """
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -61,13 +63,19 @@ from estimator.analytic.parallel import (
     optimizer_share,
     rank_device,
     rank_profile,
-    ranks_per_node,
     step_collectives,
 )
 from estimator.analytic.params import count_params
 from estimator.analytic.throughput import correction, op_class_key, timed_ops
 from estimator.errors import SetupError
-from estimator.specs import CalibrationProfile, Device, ModelSpec, ParamCounts, TrainSetup
+from estimator.specs import (
+    CalibrationProfile,
+    Device,
+    EfficiencyCurve,
+    ModelSpec,
+    ParamCounts,
+    TrainSetup,
+)
 from estimator.specs.plan import Candidate, Objective
 
 Precision = tuple[str, bool]
@@ -111,8 +119,12 @@ class Constraints:
 class Group:
     """One structural choice at one device count and ZeRO stage, over its micro-batches."""
 
-    setup: TrainSetup
-    """The setup at micro-batch 1 and accumulation 1."""
+    choice: TrainSetup
+    """The structural choice at micro-batch 1 and accumulation 1, validated (its device
+    layout and ZeRO stage are the group's fields below)."""
+    num_devices: int
+    num_nodes: int
+    zero_stage: int
     batches: np.ndarray
     """Micro-batches (sequences)."""
     accums: np.ndarray
@@ -123,9 +135,27 @@ class Group:
     compute dtype, mixed precision, optimizer, checkpointing)."""
 
     def __post_init__(self) -> None:
-        s = self.setup
+        s = self.choice
         object.__setattr__(self, "structure", (s.method, s.compute_dtype, s.mixed_precision,
                                                s.optimizer, s.checkpointing))
+
+    @classmethod
+    def of(cls, setup: TrainSetup, batches: np.ndarray, accums: np.ndarray) -> "Group":
+        """The group of a setup at its own device count and stage."""
+        return cls(setup, setup.num_devices, setup.num_nodes, setup.zero_stage, batches, accums)
+
+    @functools.cached_property
+    def setup(self) -> TrainSetup:
+        """The setup at micro-batch 1 and accumulation 1: the choice at the group's device
+        count and stage (built when first read; scoring reads it for one group per sweep)."""
+        return self.choice.model_copy(update={"num_devices": self.num_devices,
+                                              "num_nodes": self.num_nodes,
+                                              "zero_stage": self.zero_stage})
+
+    @property
+    def ranks_per_node(self) -> int:
+        """parallel.ranks_per_node of the setup (devices per node), without building it."""
+        return self.num_devices // self.num_nodes
 
 
 @dataclass
@@ -245,9 +275,8 @@ def search_space(base: TrainSetup, precisions: list[Precision], c: Constraints) 
         accums = (c.global_batch // at_n.num_devices) // batches
         stages = c.zero_stages if at_n.num_devices > 1 else (at_n.zero_stage,)
         choices = choices or _choices(at_n, precisions, c, stages[0])
-        layout = {"num_devices": at_n.num_devices, "num_nodes": at_n.num_nodes}
-        groups += [Group(setup.model_copy(update={**layout, "zero_stage": s}), batches, accums)
-                   for setup in choices for s in stages]
+        groups += [Group(choice, at_n.num_devices, at_n.num_nodes, s, batches, accums)
+                   for choice in choices for s in stages]
     return groups
 
 
@@ -305,7 +334,7 @@ def phase_peak(phases: tuple, fwd_bwd, accums):
 def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
                   batches: np.ndarray, accums: np.ndarray) -> np.ndarray:
     """Peak bytes per device of one structure at each (b, a): score_groups on one group."""
-    return score_groups(model, [Group(setup, batches, accums)], device, None)[0]
+    return score_groups(model, [Group.of(setup, batches, accums)], device, None)[0]
 
 
 # ------------------------------------------------------------------ step time
@@ -353,36 +382,41 @@ def op_table(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: D
     is the table, when the op names agree (tests/unit/test_planner.py checks every structure
     against the analytic model)."""
     if sibling is not None:
-        ops = timed_ops(model, setup, params, device, profile)
-        if tuple(o.name for o in ops) != sibling.names:
+        names, classes, one = _columns(timed_ops(model, setup, params, device, profile))
+        if names != sibling.names:
             return op_table(model, setup, params, device, profile)
-        one = np.array([(o.flops_per_call, o.bytes_per_call, o.num_calls) for o in ops],
-                       dtype=float).reshape(-1, 3)
         slopes = sibling.flops[1], sibling.nbytes[1], sibling.calls[1]
-        return _table(ops, one, slopes, profile, setup.compute_dtype)
-    lists = [timed_ops(model, _at(setup, b, a), params, device, profile) for b, a in PROBES]
-    if not [o.name for o in lists[0]] == [o.name for o in lists[1]] == [o.name for o in lists[2]]:
+        return _table(names, classes, one, slopes, profile, setup.compute_dtype)
+    probes = [_columns(timed_ops(model, _at(setup, b, a), params, device, profile))
+              for b, a in PROBES]
+    (names, classes, one), (names_b, _, at_b), (names_a, _, at_a) = probes
+    if not names == names_b == names_a:
         return None
-    one, at_b, at_a = (np.array([(o.flops_per_call, o.bytes_per_call, o.num_calls) for o in ops],
-                                dtype=float).reshape(-1, 3) for ops in lists)
-    if (at_b[:, 2] != one[:, 2]).any() or (at_a[:, :2] != one[:, :2]).any():
+    if (at_b[2] != one[2]).any() or (at_a[:2] != one[:2]).any():
         return None
-    slopes = at_b[:, 0] - one[:, 0], at_b[:, 1] - one[:, 1], at_a[:, 2] - one[:, 2]
-    return _table(lists[0], one, slopes, profile, setup.compute_dtype)
+    slopes = at_b[0] - one[0], at_b[1] - one[1], at_a[2] - one[2]
+    return _table(names, classes, one, slopes, profile, setup.compute_dtype)
 
 
-def _table(ops: list, one: np.ndarray, slopes: tuple, profile: CalibrationProfile | None,
-           dtype: str) -> OpTable:
-    classes = np.array([o.op_class for o in ops])
-    distinct = dict.fromkeys(classes.tolist())
-    fixes = {k: correction(profile, op_class_key(k, dtype)) for k in distinct}
+def _columns(ops: list) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
+    """An op list as columns: (names, op classes, 3 × ops array of per-call FLOPs, per-call
+    bytes and calls)."""
+    names, classes, *work = zip(*ops, strict=True) if ops else ((), (), (), (), ())
+    return names, classes, np.array(work, dtype=float).reshape(3, -1)
+
+
+def _table(names: tuple, classes: tuple, one: np.ndarray, slopes: tuple,
+           profile: CalibrationProfile | None, dtype: str) -> OpTable:
+    rows: dict[str, list[int]] = {}
+    for i, op_class in enumerate(classes):
+        rows.setdefault(op_class, []).append(i)
+    fixes = {k: correction(profile, op_class_key(k, dtype)) for k in rows}
     return OpTable(
-        names=tuple(o.name for o in ops),
-        rows={k: np.flatnonzero(classes == k) for k in distinct},
-        flops=np.stack([one[:, 0], slopes[0]]), nbytes=np.stack([one[:, 1], slopes[1]]),
-        calls=np.stack([one[:, 2], slopes[2]]),
-        fix=np.array([fixes[k] for k in classes.tolist()]),
-        optimizer=np.char.startswith(classes, "optimizer"))
+        names=names, rows={k: np.array(idx) for k, idx in rows.items()},
+        flops=np.array([one[0], slopes[0]]), nbytes=np.array([one[1], slopes[1]]),
+        calls=np.array([one[2], slopes[2]]),
+        fix=np.array([fixes[k] for k in classes]),
+        optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
 
 
 def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProfile | None,
@@ -395,10 +429,13 @@ def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProf
     per table; the tables (on one device, profile and dtype) are timed together, one
     seconds_per_call per op class."""
     ends = np.cumsum([len(t.names) for t in tables])
-    flops = np.concatenate([t.flops[0][:, None] + t.flops[1][:, None] * (batches - 1.0)
-                            for t in tables])
-    nbytes = np.concatenate([t.nbytes[0][:, None] + t.nbytes[1][:, None] * (batches - 1.0)
-                             for t in tables])
+
+    def at_batches(work: np.ndarray) -> np.ndarray:
+        """(at b = 1, per sequence more) × ops -> ops × micro-batches."""
+        return work[0][:, None] + work[1][:, None] * (batches - 1.0)
+
+    flops = at_batches(np.concatenate([t.flops for t in tables], axis=1))
+    nbytes = at_batches(np.concatenate([t.nbytes for t in tables], axis=1))
     by_class: dict[str, list[np.ndarray]] = {}
     for t, end in zip(tables, ends, strict=True):
         for op_class, rows in t.rows.items():
@@ -410,9 +447,7 @@ def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProf
                                           nbytes[rows])
     out = []
     for t, end in zip(tables, ends, strict=True):
-        opt = t.optimizer
-        weights = np.stack([t.calls[0] * ~opt, t.calls[1] * ~opt,
-                            t.calls[0] * opt, t.calls[1] * opt]) * t.fix
+        weights = np.concatenate([t.calls * ~t.optimizer, t.calls * t.optimizer]) * t.fix
         out.append(weights @ per_call[end - len(t.names):end])
     return out
 
@@ -429,14 +464,14 @@ class CommTerms:
 
 
 def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
-                     profile: CalibrationProfile | None,
-                     first: list[C.Collective]) -> CommTerms | None:
+                     profile: CalibrationProfile | None, first: list[C.Collective],
+                     timed: dict) -> CommTerms | None:
     """parallel.communication_ops's collectives over the sweep's device counts and (b, a):
     parallel.step_collectives at the PROBES over the array of device counts (`first`: at
     (1, 1)) gives each collective's payload (affine in b: MoE all-to-all) and calls (affine in
-    a: per-micro-batch ZeRO-2/3 collectives); one call of each is timed by
-    comms.collective_seconds over the array of node layouts. No collective at (1, 1) (one
-    device, no offload): none at all. None when the probes disagree with the affine form."""
+    a: per-micro-batch ZeRO-2/3 collectives); one call of each is timed over the array of node
+    layouts (_call_seconds, `timed`). No collective at (1, 1) (one device, no offload): none
+    at all. None when the probes disagree with the affine form."""
     counts, setup = sw.counts, sw.setup
     if not first:
         return CommTerms(np.zeros(len(counts)), np.zeros(len(counts)))
@@ -444,7 +479,7 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
                        for b, a in PROBES[1:]]
     if not [c.name for c in lists[0]] == [c.name for c in lists[1]] == [c.name for c in lists[2]]:
         return None
-    nodes = np.array([g.setup.num_nodes for g in sw.groups])
+    nodes = np.array([g.num_nodes for g in sw.groups])
     links = replace(C.links_for(sw.rank, setup), devices_per_node=counts // nodes,
                     num_nodes=nodes)
     curve = C.all_reduce_curve(sw.rank, profile)
@@ -457,19 +492,40 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
             return None
         extra_calls = at_a.num_calls - one.num_calls
         if np.all(at_b.num_bytes == one.num_bytes):  # the payload does not grow with b
-            each = C.collective_seconds(replace(one, num_calls=1), links, curve)
+            each = _call_seconds(one, links, curve, timed)
             fixed = fixed + one.num_calls * each
             per_micro_batch = per_micro_batch + extra_calls * each
             continue
         slope = np.broadcast_to(at_b.num_bytes - one.num_bytes, counts.shape)[gi]
         payload = np.broadcast_to(one.num_bytes, counts.shape)[gi] + slope * (batches - 1.0)
-        each = C.collective_seconds(
-            replace(one, num_bytes=payload, num_calls=1),
+        each = _call_seconds(
+            replace(one, num_bytes=payload),
             replace(links, devices_per_node=links.devices_per_node[gi], num_nodes=nodes[gi]),
-            curve)
+            curve, timed)
         grows = (0.0 if grows is None else grows) + (
             one.num_calls + extra_calls * (accums - 1.0)) * each
     return CommTerms(fixed, per_micro_batch, grows)
+
+
+def _call_seconds(c: C.Collective, links: C.Links, curve: EfficiencyCurve | None,
+                  timed: dict) -> np.ndarray:
+    """comms.collective_seconds of one call of `c`, computed once per distinct kind, group
+    size, payload, links and curve in `timed` (sweeps of other ZeRO stages and methods move
+    the same payloads: ZeRO-1/2/3's gradient reduce-scatter, the MoE all-to-all). Arrays are
+    keyed by their exact values."""
+    key = (c.kind, c.num_ranks, _exact_key(c.num_bytes), links.intra_bytes_per_second,
+           links.inter_bytes_per_second, links.intra_latency_seconds,
+           links.inter_latency_seconds, _exact_key(links.devices_per_node),
+           _exact_key(links.num_nodes), id(curve))  # one profile's curve: alive all search
+    if key not in timed:
+        timed[key] = C.collective_seconds(replace(c, num_calls=1), links, curve)
+    return timed[key]
+
+
+def _exact_key(value) -> tuple:
+    """A hashable key equal only for equal scalars or arrays (dtype, shape and bytes)."""
+    a = np.asarray(value)
+    return a.dtype.str, a.shape, a.tobytes()
 
 
 def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
@@ -484,7 +540,7 @@ def step_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
                  accums: np.ndarray, *, exact: bool = False) -> np.ndarray:
     """Step time of one structure at each (micro-batch b, accumulation a): score_groups on
     one group."""
-    return score_groups(model, [Group(setup, batches, accums)], device, profile,
+    return score_groups(model, [Group.of(setup, batches, accums)], device, profile,
                         exact=exact)[1]
 
 
@@ -500,8 +556,8 @@ def score_groups(model: ModelSpec, groups: list[Group], device: Device,
         return _exact_scores(model, groups, device, profile)
     params: dict[str, ParamCounts] = {}
     for g in groups:
-        if g.setup.method not in params:
-            params[g.setup.method] = count_params(model, g.setup)
+        if g.choice.method not in params:
+            params[g.choice.method] = count_params(model, g.setup)
     space = index_space(groups, device)
     return (group_peaks(model, groups, device, params, space),
             group_seconds(model, groups, device, profile, params, space))
@@ -567,17 +623,16 @@ def index_space(groups: list[Group], device: Device) -> Space:
     ranks, members, keys = {}, {}, {}
     key = np.empty(len(groups), dtype=int)
     for i, g in enumerate(groups):
-        s = g.setup
-        per_node = ranks_per_node(s)
+        per_node = g.ranks_per_node
         if per_node not in ranks:
-            rank = rank_device(device, s)
+            rank = rank_device(device, g.setup)
             ranks[per_node] = rank, (None if rank is device else per_node)
         rank, split = ranks[per_node]
         key[i] = keys.setdefault((g.structure, split), len(keys))
-        members.setdefault((g.structure, split, s.zero_stage, s.num_devices > 1),
+        members.setdefault((g.structure, split, g.zero_stage, g.num_devices > 1),
                            (rank, split, []))[2].append(i)
     sweeps = [Sweep(groups=[groups[i] for i in idx], members=np.array(idx), rank=rank,
-                    split=split, counts=np.array([groups[i].setup.num_devices for i in idx]))
+                    split=split, counts=np.array([groups[i].num_devices for i in idx]))
               for rank, split, idx in members.values()]
     sizes = [len(g.batches) for g in groups]
     values, index = np.unique(np.concatenate([g.batches for g in groups]), return_inverse=True)
@@ -623,7 +678,8 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
     tables: dict[int, OpTable | None] = {}
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
     timing: dict[tuple, tuple] = {}  # (rank, profile, dtype) -> (the rank etc., keys)
-    collectives: dict[tuple, tuple] = {}
+    collectives: dict[tuple, CommTerms | None] = {}  # by layout and collectives (_sweep_comm)
+    timed: dict[tuple, np.ndarray] = {}  # one call of a collective (_call_seconds)
     exact: list[int] = []
     for sw in space.sweeps:
         s, p = sw.setup, params[sw.setup.method]
@@ -636,7 +692,7 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
                 siblings.setdefault(mate, tables[key])
                 timing.setdefault((id(sw.rank), id(rprofile), s.compute_dtype),
                                   (sw.rank, rprofile, s.compute_dtype, []))[3].append(key)
-        terms = _sweep_comm(model, sw, p, profile, collectives)
+        terms = _sweep_comm(model, sw, p, profile, collectives, timed)
         if tables[key] is None or terms is None:
             exact += sw.members.tolist()
             continue
@@ -661,20 +717,20 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
 
 
 def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
-                profile: CalibrationProfile | None, known: dict) -> CommTerms | None:
+                profile: CalibrationProfile | None, known: dict, timed: dict
+                ) -> CommTerms | None:
     """collective_terms of a sweep plus its groups' host optimizer step (offload). The
     collectives move gradients and parameters, which neither the optimizer nor checkpointing
-    changes: a sweep reuses `known` terms of the same method, precision and device layouts
-    when its collectives at (1, 1) are the same."""
+    changes: a sweep reuses `known` terms of the same method, precision, ZeRO stage and
+    device layouts when its collectives at (1, 1) are the same (_collectives_key). `timed`:
+    calls already timed (_call_seconds)."""
     s = sw.setup
     first = step_collectives(model, s, params, num_devices=sw.counts)
-    layout = (*sw.structure[:3], s.zero_stage, sw.split,
-              tuple(sw.counts.tolist()), tuple(g.setup.num_nodes for g in sw.groups))
-    if layout in known and _same_collectives(known[layout][0], first):
-        terms = known[layout][1]
-    else:
-        terms = collective_terms(model, sw, params, profile, first)
-        known[layout] = (first, terms)
+    key = (*sw.structure[:3], s.zero_stage, sw.split, tuple(sw.counts.tolist()),
+           tuple(g.num_nodes for g in sw.groups), _collectives_key(first))
+    if key not in known:
+        known[key] = collective_terms(model, sw, params, profile, first, timed)
+    terms = known[key]
     if terms is None or s.offload == "none":
         return terms
     host = np.array([sum(op.seconds for op in host_optimizer_op(model, g.setup, params))
@@ -682,11 +738,11 @@ def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
     return replace(terms, fixed=terms.fixed + host)
 
 
-def _same_collectives(a: list[C.Collective], b: list[C.Collective]) -> bool:
-    """The same collectives (payloads compared as arrays)."""
-    return len(a) == len(b) and all(
-        (x.name, x.kind, x.num_calls, x.num_ranks) == (y.name, y.kind, y.num_calls, y.num_ranks)
-        and np.array_equal(x.num_bytes, y.num_bytes) for x, y in zip(a, b, strict=True))
+def _collectives_key(collectives: list[C.Collective]) -> tuple:
+    """A hashable key equal only for the same collectives: names, kinds, calls, group sizes
+    and exact payloads (_exact_key)."""
+    return tuple((c.name, c.kind, c.num_calls, c.num_ranks, _exact_key(c.num_bytes))
+                 for c in collectives)
 
 
 def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: tuple,
@@ -757,7 +813,7 @@ def score(model: ModelSpec, base: TrainSetup, device: Device,
     return Scored(groups=groups, group=np.repeat(np.arange(len(groups)), sizes),
                   batch=np.concatenate([g.batches for g in groups]),
                   accum=np.concatenate([g.accums for g in groups]),
-                  num_devices=np.repeat([g.setup.num_devices for g in groups], sizes),
+                  num_devices=np.repeat([g.num_devices for g in groups], sizes),
                   peak_bytes=peak, step_seconds=step)
 
 

@@ -10,7 +10,9 @@ each block's forward twice. MoE: each token visits its routed experts only. Memo
 (norms, activations, residuals, casts, loss) are counted in bytes read + written.
 """
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from estimator.analytic.activations import padded_expert_rows
 from estimator.analytic.memory import (
@@ -26,9 +28,10 @@ from estimator.specs import ModelSpec, TrainSetup
 FP32_BYTES = 4
 
 
-@dataclass(frozen=True)
-class Op:
-    """One kind of kernel in a step: `num_calls` calls of `flops_per_call` / `bytes_per_call`."""
+class Op(NamedTuple):
+    """One kind of kernel in a step: `num_calls` calls of `flops_per_call` / `bytes_per_call`.
+    A named tuple: immutable like a frozen dataclass, and built several times faster (the
+    planner builds thousands per search); `op._replace(...)` copies with changes."""
 
     name: str
     op_class: str
@@ -86,6 +89,8 @@ def block_linear_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
     memory.pads_expert_rows), (granule − 1) / 2 rows more per expert call on average."""
     tokens = setup.batch_size * setup.seq_len
     mult = 2 if setup.checkpointing and setup.method != "inference" else 1
+    trainable = setup.method == "full"
+    adapted = setup.lora_targets if setup.trains_adapters else ()  # linears with adapters
     ops: list[Op] = []
     moe = model.moe
     for linears, num_layers in layer_groups(model, routed_all=False):
@@ -96,9 +101,8 @@ def block_linear_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
                                   moe.num_experts, lin.bias, True)
                 rows = tokens * moe.routed_experts_per_token / moe.num_experts
                 rows += padded_expert_rows(model) / moe.num_experts if pad_experts else 0
-            ops += linear_ops(lin, num_layers, rows, setup,
-                              trainable=setup.method == "full", phase_mult=mult)
-            if setup.trains_adapters and lin.name in setup.lora_targets:
+            ops += linear_ops(lin, num_layers, rows, setup, trainable=trainable, phase_mult=mult)
+            if lin.name in adapted:
                 ops += lora_ops(lin, num_layers, rows, setup, mult)
     return ops
 
@@ -548,11 +552,16 @@ def model_flops_per_token(model: ModelSpec, setup: TrainSetup, active_params: in
 def matmul_weight_bytes(model: ModelSpec, setup: TrainSetup) -> float:
     """Bytes of all matmul weights of the blocks (every expert) and the lm_head in the compute
     dtype: the set one pass streams through the caches."""
-    c = dtype_bytes(setup.compute_dtype)
+    return dtype_bytes(setup.compute_dtype) * matmul_weight_params(model)
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
+def matmul_weight_params(model: ModelSpec) -> float:
+    """Weights of all matmuls of the blocks (every expert) and the lm_head (count)."""
     params = sum(lin.in_features * lin.out_features * lin.count * num_layers
                  for linears, num_layers in layer_groups(model, routed_all=True)
                  for lin in linears)
-    return c * (params + model.vocab_size * model.hidden_size)
+    return params + model.vocab_size * model.hidden_size
 
 
 def reads_cold_operands(op_name: str, setup: TrainSetup) -> bool:

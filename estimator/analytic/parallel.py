@@ -89,6 +89,8 @@ def step_collectives(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *
     out = C.data_parallel_collectives(setup, round(grads), round(param_bytes),
                                       frozen_storage_bytes(model, setup, params))
     out += C.expert_parallel_collectives(model, setup)
+    if setup.offload == "none":  # no host transfers: the shards need not be sized
+        return out
     grad_shard = sharded_bytes(device_gradient_bytes(setup, params), setup, min_stage=1,
                                routed_fraction=t_share, num_devices=num_devices)
     param_shard = sharded_bytes(params.trainable * per_param, setup, min_stage=1,

@@ -5,7 +5,9 @@ Every count is exact for the tensors the bundled executor builds (tests/torch ch
 a linear in→out has in·out weights (+ out bias); RMSNorm has h weights, LayerNorm 2h.
 """
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from estimator.specs import ModelSpec, ParamCounts, TrainSetup
 
@@ -13,9 +15,10 @@ ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class LinearShape:
-    """One linear layer kind inside a block: PEFT name, in/out width, how many per layer."""
+class LinearShape(NamedTuple):
+    """One linear layer kind inside a block: PEFT name, in/out width, how many per layer. A
+    named tuple, like flops.Op: immutable and cheap to build (the op lists build a few per
+    linear)."""
 
     name: str
     in_features: int
@@ -37,8 +40,10 @@ def norm_params(model: ModelSpec) -> int:
     return model.hidden_size * (2 if model.norm == "layernorm" else 1)
 
 
-def attention_linears(model: ModelSpec) -> list[LinearShape]:
-    """Linears of one attention block: q, k, v, o (or MLA's low-rank q/kv projections).
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
+def attention_linears(model: ModelSpec) -> tuple[LinearShape, ...]:
+    """Linears of one attention block: q, k, v, o (or MLA's low-rank q/kv projections);
+    cached per model (the activation terms read their names per micro-batch).
 
     MLA (DeepSeek-V2 §2.1): q = W_qb·norm(W_qa·x) (or W_q·x), [c_kv, k_rope] = W_kva·x,
     [k_nope, v] = W_kvb·norm(c_kv), out = W_o·attn. PEFT names: q_proj covers q_a/q_b,
@@ -55,15 +60,15 @@ def attention_linears(model: ModelSpec) -> list[LinearShape]:
                  LinearShape("q_proj", m.q_lora_rank, heads * qk, 1)]
         kv = [LinearShape("k_proj", h, m.kv_lora_rank + m.qk_rope_head_dim, 1),
               LinearShape("k_proj", m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), 1)]
-        return [*q, *kv, LinearShape("o_proj", heads * m.v_head_dim, h, 1)]
+        return (*q, *kv, LinearShape("o_proj", heads * m.v_head_dim, h, 1))
     qkv_bias = model.qkv_bias or model.linear_bias or model.attention_bias
     q_out, kv_out = heads * model.head_dim, model.num_kv_heads * model.head_dim
-    return [
+    return (
         LinearShape("q_proj", h, q_out, 1, qkv_bias),
         LinearShape("k_proj", h, kv_out, 1, qkv_bias),
         LinearShape("v_proj", h, kv_out, 1, qkv_bias),
         LinearShape("o_proj", q_out, h, 1, model.linear_bias or model.attention_bias),
-    ]
+    )
 
 
 def attention_extra_params(model: ModelSpec) -> int:
@@ -116,7 +121,7 @@ def router_params(model: ModelSpec) -> int:
     return model.hidden_size * width + (width if moe.expert_bias else 0)
 
 
-def linears_params(linears: list[LinearShape]) -> int:
+def linears_params(linears: Iterable[LinearShape]) -> int:
     """Sum of weights + biases over a list of linear kinds (count)."""
     return round(sum(lin.num_params * lin.count for lin in linears))
 
@@ -137,23 +142,27 @@ def lora_params(model: ModelSpec, setup: TrainSetup, *, b_only: bool = False) ->
     return round(total)
 
 
-def layer_groups(model: ModelSpec, *, routed_all: bool) -> list[tuple[list[LinearShape], int]]:
+@functools.lru_cache(maxsize=64)  # a pure function of the frozen model
+def layer_groups(model: ModelSpec, *, routed_all: bool
+                 ) -> tuple[tuple[tuple[LinearShape, ...], int], ...]:
     """(linears of one layer, number of such layers) for dense and MoE layers.
 
     routed_all=True counts every expert (storage); False counts the experts a token visits
-    on average (compute, MoE active parameters)."""
+    on average (compute, MoE active parameters). Cached per model (tuples, so no caller can
+    change the cached value): every op list and memory term walks them."""
     attn = [LinearShape(a.name, a.in_features, a.out_features,
                         a.count * model.attentions_per_layer, a.bias, a.routed)
             for a in attention_linears(model)]
     groups = []
     num_dense = model.num_layers - model.num_moe_layers
     if num_dense:
-        groups.append((attn + dense_ffn_linears(model), num_dense))
+        groups.append((tuple(attn + dense_ffn_linears(model)), num_dense))
     if model.moe is not None and model.num_moe_layers:
         routed = (model.moe.num_experts if routed_all
                   else model.moe.routed_experts_per_token)
-        groups.append((attn + moe_ffn_linears(model, routed_count=routed), model.num_moe_layers))
-    return groups
+        groups.append((tuple(attn + moe_ffn_linears(model, routed_count=routed)),
+                       model.num_moe_layers))
+    return tuple(groups)
 
 
 def count_params(model: ModelSpec, setup: TrainSetup | None = None) -> ParamCounts:

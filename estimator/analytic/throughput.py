@@ -2,8 +2,6 @@
 curves (efficiency.py): step_seconds = Σ_ops calls · (overhead + work / rate(work)), ops run one
 after another (eager execution on one device; no compute/communication overlap to model yet)."""
 
-from dataclasses import replace
-
 from estimator.analytic import flops as F
 from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
 from estimator.analytic.inference import decode_tokens_per_second
@@ -65,12 +63,12 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
         micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)
     micro += F.cast_ops(setup, casts, trainable=setup.method == "full")
+    tensors = num_trainable_tensors(model, setup)
     if setup.trains_adapters and autocasting(setup):
-        micro += F.adapter_cast_ops(setup, params.trainable, num_trainable_tensors(model, setup))
+        micro += F.adapter_cast_ops(setup, params.trainable, tensors)
     a = setup.grad_accum
     ops = micro if a == 1 else [F.Op(op.name, op.op_class, op.flops_per_call,
                                      op.bytes_per_call, op.num_calls * a) for op in micro]
-    tensors = num_trainable_tensors(model, setup)
     return (ops + F.gradient_alloc_ops(setup, gradient_bytes(setup, params), tensors)
             + F.optimizer_ops(setup, params.trainable, tensors))
 
@@ -94,7 +92,7 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     ops = step_ops(model, setup, params,
                    pad_experts=pads_expert_rows(model, setup, device.backend))
     if cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup)):
-        ops = [replace(op, op_class="matmul_cold")
+        ops = [op._replace(op_class="matmul_cold")
                if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op
                for op in ops]
     if device.kind == "cpu":
@@ -103,7 +101,7 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
         ops += F.dispatch_ops(model, setup, num_trainable_tensors(model, setup), timed)
         ops = [F.fresh_gradient_op(op, setup) if op.name == "gradients.alloc" else op
                for op in ops]
-        ops += [replace(op, num_calls=op.num_calls * setup.grad_accum)  # no aten calls
+        ops += [op._replace(num_calls=op.num_calls * setup.grad_accum)  # no aten calls
                 for op in F.loss_head_fresh_ops(model, setup)]
     return ops
 
@@ -131,22 +129,24 @@ def correction(profile: CalibrationProfile | None, key: str) -> float:
 def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | None,
                 dtype: str) -> tuple[list[OpTime], bool]:
     """Time every op; returns the per-op times (merged by name) and whether all came from
-    measured curves."""
-    merged: dict[str, OpTime] = {}
+    measured curves. One call's time is computed once per distinct class and work (a GEMM's
+    forward and backward calls do the same work)."""
+    merged: dict[str, tuple[str, int, int, float]] = {}  # name -> class, flops, bytes, seconds
+    per_call: dict[tuple[str, float, float], tuple[float, bool]] = {}
     all_measured = True
     for op in ops:
-        one, measured = call_seconds(device, profile, dtype, op.op_class,
-                                     op.flops_per_call, op.bytes_per_call)
+        work = op.op_class, op.flops_per_call, op.bytes_per_call
+        if work not in per_call:
+            per_call[work] = call_seconds(device, profile, dtype, *work)
+        one, measured = per_call[work]
         all_measured &= measured
         klass = op_class_key(op.op_class, dtype)
         one *= correction(profile, klass)
-        prev = merged.get(op.name)
-        merged[op.name] = OpTime(
-            name=op.name, op_class=klass,
-            flops=round(op.flops) + (prev.flops if prev else 0),
-            bytes_moved=round(op.bytes_moved) + (prev.bytes_moved if prev else 0),
-            seconds=one * op.num_calls + (prev.seconds if prev else 0.0))
-    return list(merged.values()), all_measured
+        _, flops, moved, seconds = merged.get(op.name, (klass, 0, 0, 0.0))
+        merged[op.name] = (klass, round(op.flops) + flops, round(op.bytes_moved) + moved,
+                           one * op.num_calls + seconds)
+    return [OpTime(name=name, op_class=klass, flops=flops, bytes_moved=moved, seconds=seconds)
+            for name, (klass, flops, moved, seconds) in merged.items()], all_measured
 
 
 def throughput(model: ModelSpec, setup: TrainSetup, device: Device, params: ParamCounts,

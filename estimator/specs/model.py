@@ -129,6 +129,13 @@ class ModelSpec(Spec):
             raise ValueError("moe.num_dense_layers exceeds num_layers")
         return self
 
+    def __hash__(self) -> int:
+        """By name and main dimensions, so equal specs hash equal (pydantic's frozen hash
+        walks every field and sub-spec; the analytic model's per-model caches hash the spec
+        on every lookup, about 1,700 times in one plan search). Specs that share these but
+        differ elsewhere only collide: the caches still compare them in full."""
+        return hash((self.name, self.num_layers, self.hidden_size, self.vocab_size))
+
     @property
     def is_moe(self) -> bool:
         """True for a mixture-of-experts model."""
