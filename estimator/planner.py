@@ -341,15 +341,18 @@ def memory_totals(model: ModelSpec, setup: TrainSetup, device: Device,
 
 
 def seconds_per_call(device: Device, profile: CalibrationProfile | None, dtype: str,
-                     op_class: str, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+                     op_class: str, flops: np.ndarray, nbytes: np.ndarray,
+                     rate_flops: np.ndarray) -> np.ndarray:
     """efficiency.call_seconds over arrays of per-call work: a measured curve interpolated in
-    log10(work) (np.interp clamps at the end knots exactly as curve_rate does), else the
-    roofline default (efficiency.default_seconds_array)."""
+    log10(work) (np.interp clamps at the end knots exactly as curve_rate does; a FLOP curve
+    read at rate_flops where it is > 0), else the roofline default
+    (efficiency.default_seconds_array)."""
     curve = profile_curve(profile, op_class, dtype)
     if curve is None:
         return default_seconds_array(device, dtype, op_class, flops, nbytes)
     work = flops if curve.unit == "flops" else nbytes
-    rate = np.interp(np.log10(np.maximum(work, 1.0)), curve.log10_work, curve.rates)
+    at = np.where(rate_flops > 0, rate_flops, work) if curve.unit == "flops" else work
+    rate = np.interp(np.log10(np.maximum(at, 1.0)), curve.log10_work, curve.rates)
     return curve.overhead_seconds + np.where(work > 0, work / rate, 0.0)
 
 
@@ -366,6 +369,7 @@ class OpTable:
     flops: np.ndarray
     nbytes: np.ndarray
     calls: np.ndarray
+    rate_flops: np.ndarray
     fix: np.ndarray
     optimizer: np.ndarray
 
@@ -385,24 +389,24 @@ def op_table(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: D
         names, classes, one = _columns(timed_ops(model, setup, params, device, profile))
         if names != sibling.names:
             return op_table(model, setup, params, device, profile)
-        slopes = sibling.flops[1], sibling.nbytes[1], sibling.calls[1]
+        slopes = sibling.flops[1], sibling.nbytes[1], sibling.calls[1], sibling.rate_flops[1]
         return _table(names, classes, one, slopes, profile, setup.compute_dtype)
     probes = [_columns(timed_ops(model, _at(setup, b, a), params, device, profile))
               for b, a in PROBES]
     (names, classes, one), (names_b, _, at_b), (names_a, _, at_a) = probes
     if not names == names_b == names_a:
         return None
-    if (at_b[2] != one[2]).any() or (at_a[:2] != one[:2]).any():
+    if (at_b[2] != one[2]).any() or (at_a[[0, 1, 3]] != one[[0, 1, 3]]).any():
         return None
-    slopes = at_b[0] - one[0], at_b[1] - one[1], at_a[2] - one[2]
+    slopes = at_b[0] - one[0], at_b[1] - one[1], at_a[2] - one[2], at_b[3] - one[3]
     return _table(names, classes, one, slopes, profile, setup.compute_dtype)
 
 
 def _columns(ops: list) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
-    """An op list as columns: (names, op classes, 3 × ops array of per-call FLOPs, per-call
-    bytes and calls)."""
-    names, classes, *work = zip(*ops, strict=True) if ops else ((), (), (), (), ())
-    return names, classes, np.array(work, dtype=float).reshape(3, -1)
+    """An op list as columns: (names, op classes, 4 × ops array of per-call FLOPs, per-call
+    bytes, calls and the FLOPs a curve's rate is read at)."""
+    names, classes, *work = zip(*ops, strict=True) if ops else ((), (), (), (), (), ())
+    return names, classes, np.array(work, dtype=float).reshape(4, -1)
 
 
 def _table(names: tuple, classes: tuple, one: np.ndarray, slopes: tuple,
@@ -414,7 +418,7 @@ def _table(names: tuple, classes: tuple, one: np.ndarray, slopes: tuple,
     return OpTable(
         names=names, rows={k: np.array(idx) for k, idx in rows.items()},
         flops=np.array([one[0], slopes[0]]), nbytes=np.array([one[1], slopes[1]]),
-        calls=np.array([one[2], slopes[2]]),
+        calls=np.array([one[2], slopes[2]]), rate_flops=np.array([one[3], slopes[3]]),
         fix=np.array([fixes[k] for k in classes]),
         optimizer=np.array([k.startswith("optimizer") for k in classes], dtype=bool))
 
@@ -436,6 +440,7 @@ def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProf
 
     flops = at_batches(np.concatenate([t.flops for t in tables], axis=1))
     nbytes = at_batches(np.concatenate([t.nbytes for t in tables], axis=1))
+    rate_flops = at_batches(np.concatenate([t.rate_flops for t in tables], axis=1))
     by_class: dict[str, list[np.ndarray]] = {}
     for t, end in zip(tables, ends, strict=True):
         for op_class, rows in t.rows.items():
@@ -444,7 +449,7 @@ def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProf
     for op_class, parts in by_class.items():
         rows = np.concatenate(parts)
         per_call[rows] = seconds_per_call(device, profile, dtype, op_class, flops[rows],
-                                          nbytes[rows])
+                                          nbytes[rows], rate_flops[rows])
     out = []
     for t, end in zip(tables, ends, strict=True):
         weights = np.concatenate([t.calls * ~t.optimizer, t.calls * t.optimizer]) * t.fix

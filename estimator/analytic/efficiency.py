@@ -43,11 +43,11 @@ def curve_rate(curve: EfficiencyCurve, work: float) -> float:
     return ys[i - 1] + t * (ys[i] - ys[i - 1])
 
 
-def curve_seconds(curve: EfficiencyCurve, work: float) -> float:
-    """overhead + work / rate(work) for one call."""
+def curve_seconds(curve: EfficiencyCurve, work: float, rate_work: float = 0.0) -> float:
+    """overhead + work / rate(rate_work or work) for one call."""
     if work <= 0:
         return curve.overhead_seconds
-    return curve.overhead_seconds + work / curve_rate(curve, work)
+    return curve.overhead_seconds + work / curve_rate(curve, rate_work or work)
 
 
 def default_flops_rate(device: Device, dtype: str, op_class: str, flops: float) -> float:
@@ -93,6 +93,7 @@ def default_seconds_array(device: Device, dtype: str, op_class: str, flops, num_
 
 
 FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory", "matmul_cold": "matmul",
+                  "matmul_wgrad": "matmul_cold",
                   "dispatch.autograd": "dispatch", "optimizer.adamw8bit": "optimizer"}
 """A class a profile may lack (older profiles, quick runs) and the class measured instead."""
 
@@ -110,13 +111,16 @@ def profile_curve(profile: CalibrationProfile | None, op_class: str,
 
 
 def call_seconds(device: Device, profile: CalibrationProfile | None, dtype: str,
-                 op_class: str, flops: float, num_bytes: float) -> tuple[float, bool]:
-    """(seconds of one call, whether a measured curve gave it)."""
+                 op_class: str, flops: float, num_bytes: float,
+                 rate_flops: float = 0.0) -> tuple[float, bool]:
+    """(seconds of one call, whether a measured curve gave it); a FLOP curve's rate read at
+    `rate_flops` when given (flops.Op.rate_flops)."""
     curve = profile_curve(profile, op_class, dtype)
     if curve is None:
         return default_seconds(device, dtype, op_class, flops, num_bytes), False
-    work = flops if curve.unit == "flops" else num_bytes
-    return curve_seconds(curve, work), True
+    if curve.unit == "flops":
+        return curve_seconds(curve, flops, rate_flops), True
+    return curve_seconds(curve, num_bytes), True
 
 
 def cold_gemms(profile: CalibrationProfile | None, dtype: str, weight_set_bytes: float) -> bool:

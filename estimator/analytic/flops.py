@@ -39,6 +39,10 @@ class Op(NamedTuple):
     flops_per_call: float
     bytes_per_call: float
     num_calls: float
+    rate_flops: float = 0.0
+    """FLOPs at which a FLOP curve's rate is read when not the call's (0: the call's): the
+    attention curve is measured on one sequence, and a batch of b sequences runs at the rate
+    of one (attention_core_ops)."""
 
     @property
     def flops(self) -> float:
@@ -109,7 +113,11 @@ def block_linear_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
 
 def attention_core_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     """SDPA forward + backward per attention block, as one op of 3× the forward FLOPs
-    (forward 2·b·s²·H·(d_qk + d_v), causal ×½; backward 2× forward)."""
+    (forward 2·b·s²·H·(d_qk + d_v), causal ×½; backward 2× forward). The rate is read at one
+    sequence's FLOPs (`rate_flops`): the kernel works on each (sequence, head) apart, so its
+    efficiency follows s, not b·s², and the curve is measured at batch 1. smollm2-135m pure
+    bf16 in the trainer: 155 ms per step at b2 s256 and 583 ms at b8 (3.8× for 4× the
+    sequences), against 123 and 280 ms read at the batch's FLOPs."""
     b, s, heads = setup.batch_size, setup.seq_len, model.num_heads
     if model.mla is not None:
         d_qk = model.mla.qk_nope_head_dim + model.mla.qk_rope_head_dim
@@ -121,9 +129,10 @@ def attention_core_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     io = b * s * heads * (2 * d_qk + 2 * d_v) * c
     calls = model.num_layers * model.attentions_per_layer
     if setup.method == "inference":
-        return [Op("attention.forward", "attention", forward, io, calls)]
+        return [Op("attention.forward", "attention", forward, io, calls, forward / b)]
     mult = 2 if setup.checkpointing else 1
-    return [Op("attention.forward_backward", "attention", forward * (2 + mult), io * 3, calls)]
+    work = forward * (2 + mult)
+    return [Op("attention.forward_backward", "attention", work, io * 3, calls, work / b)]
 
 
 @dataclass(frozen=True)
@@ -562,6 +571,13 @@ def matmul_weight_params(model: ModelSpec) -> float:
                  for linears, num_layers in layer_groups(model, routed_all=True)
                  for lin in linears)
     return params + model.vocab_size * model.hidden_size
+
+
+def cold_gemm_class(op_name: str) -> str:
+    """The curve of a GEMM that reads cold operands: `matmul_wgrad` for a weight gradient
+    dyᵀ·x (its own layout, measured apart: calibrate/benches.py cold_gemm_cases), else
+    `matmul_cold`; a profile without `matmul_wgrad` falls back to `matmul_cold`."""
+    return "matmul_wgrad" if op_name.endswith(".backward_weight") else "matmul_cold"
 
 
 def reads_cold_operands(op_name: str, setup: TrainSetup) -> bool:

@@ -25,7 +25,7 @@ from estimator.specs import (
 )
 
 SECONDS_PER_HOUR = 3600
-DTYPED_CLASSES = ("matmul", "matmul_cold", "attention", "lora", "elementwise")
+DTYPED_CLASSES = ("matmul", "matmul_cold", "matmul_wgrad", "attention", "lora", "elementwise")
 """Op classes whose calibrated curve depends on the compute dtype (memory-bound work in the
 compute dtype's kernels for 'elementwise'; a profile without 'elementwise.<dtype>' falls back
 to its 'elementwise' curve)."""
@@ -67,8 +67,7 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
     if setup.trains_adapters and autocasting(setup):
         micro += F.adapter_cast_ops(setup, params.trainable, tensors)
     a = setup.grad_accum
-    ops = micro if a == 1 else [F.Op(op.name, op.op_class, op.flops_per_call,
-                                     op.bytes_per_call, op.num_calls * a) for op in micro]
+    ops = micro if a == 1 else [op._replace(num_calls=op.num_calls * a) for op in micro]
     return (ops + F.gradient_alloc_ops(setup, gradient_bytes(setup, params), tensors)
             + F.optimizer_ops(setup, params.trainable, tensors))
 
@@ -84,7 +83,8 @@ def autocast_copy_params_per_pass(model: ModelSpec, setup: TrainSetup,
 def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: Device,
               profile: CalibrationProfile | None) -> list[F.Op]:
     """step_ops with the calibration's choices: GEMMs that read cold operands on the
-    `matmul_cold` curve when the weight set exceeds the private cache (efficiency.cold_gemms),
+    `matmul_cold` curve (weight gradients on `matmul_wgrad`, flops.cold_gemm_class) when the
+    weight set exceeds the private cache (efficiency.cold_gemms),
     and, on a CPU, the framework's per-op dispatch/autograd cost (flops.dispatch_ops), the
     gradients as one fresh region per micro-batch (flops.fresh_gradient_op) and the fresh pages
     of the loss head's large buffers (flops.loss_head_fresh_ops). On an
@@ -92,7 +92,7 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     ops = step_ops(model, setup, params,
                    pad_experts=pads_expert_rows(model, setup, device.backend))
     if cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup)):
-        ops = [op._replace(op_class="matmul_cold")
+        ops = [op._replace(op_class=F.cold_gemm_class(op.name))
                if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op
                for op in ops]
     if device.kind == "cpu":
@@ -132,10 +132,10 @@ def ops_seconds(ops: list[F.Op], device: Device, profile: CalibrationProfile | N
     measured curves. One call's time is computed once per distinct class and work (a GEMM's
     forward and backward calls do the same work)."""
     merged: dict[str, tuple[str, int, int, float]] = {}  # name -> class, flops, bytes, seconds
-    per_call: dict[tuple[str, float, float], tuple[float, bool]] = {}
+    per_call: dict[tuple[str, float, float, float], tuple[float, bool]] = {}
     all_measured = True
     for op in ops:
-        work = op.op_class, op.flops_per_call, op.bytes_per_call
+        work = op.op_class, op.flops_per_call, op.bytes_per_call, op.rate_flops
         if work not in per_call:
             per_call[work] = call_seconds(device, profile, dtype, *work)
         one, measured = per_call[work]

@@ -411,11 +411,14 @@ def _rotating(pool: torch.Tensor, shapes: tuple[tuple[int, int], ...],
 
 
 def cold_gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str,
-                    pool_bytes: int) -> list[Case]:
+                    wgrad_class: str, pool_bytes: int) -> list[Case]:
     """gemm_cases with cold operands: every call reads operands (x and W, dy and W, dy and x)
     that were last touched pool_bytes ago, as every weight is in one pass of a model whose
     weights exceed the cache (in-model GEMMs ran 1.4–2.3× slower than the hot curve,
-    docs/calibration.md §4)."""
+    docs/calibration.md §4). The weight gradient dyᵀ·x (both operands transposed-in, the
+    tokens the reduction) is its own class `wgrad_class`: in the trainer it ran at 1.5–2.1×
+    the curve pooled with the forward and input gradient, which ran at 0.74–0.89× it
+    (smollm2-135m pure bf16, b8 s256)."""
     dt = DTYPES[dtype]
     cases = []
     for tokens, hidden, out in shapes:
@@ -436,7 +439,7 @@ def cold_gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: st
         cases += [
             Case(op_class, f"{op_class} fwd {dims}", work, fwd),
             Case(op_class, f"{op_class} dgrad {dims}", work, dgrad),
-            Case(op_class, f"{op_class} wgrad {dims}", work, wgrad),
+            Case(wgrad_class, f"{wgrad_class} {dims}", work, wgrad),
         ]
     return cases
 

@@ -213,8 +213,10 @@ def plan(mode: Mode, device: str) -> list[Case]:
         cases += benches.gemm_cases(dtype, gemm, f"matmul.{dtype}")
         if dtype != "fp16":  # fp16 is not a CPU training dtype; on GPUs rare next to bf16
             cases.append(benches.gemm_overhead_case(dtype, f"matmul_cold.{dtype}"))
+            cases.append(benches.gemm_overhead_case(dtype, f"matmul_wgrad.{dtype}"))
             cases += benches.cold_gemm_cases(dtype, COLD_GEMM_SHAPES[mode],
-                                             f"matmul_cold.{dtype}", pool)
+                                             f"matmul_cold.{dtype}", f"matmul_wgrad.{dtype}",
+                                             pool)
         cases.append(benches.gemm_overhead_case(dtype, f"lora.{dtype}"))
         cases += benches.lora_cases(dtype, LORA_SHAPES[sizes], pool)
         cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])

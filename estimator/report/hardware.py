@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from estimator.calibrate.run import CalibrationResult
     from estimator.profiles import ProfileLookup
 
-FLOPS_CLASSES = ("matmul", "matmul_cold", "lora", "attention")
+FLOPS_CLASSES = ("matmul", "matmul_cold", "matmul_wgrad", "lora", "attention")
 
 
 def _isa_line(isa: tuple[str, ...]) -> str:

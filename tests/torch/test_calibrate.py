@@ -175,7 +175,8 @@ def test_cold_gemm_case_rotates_through_the_pool():
 
     from estimator.calibrate import benches
 
-    case = benches.cold_gemm_cases("fp32", [(4, 8, 16)], "matmul_cold.fp32", 4096 * 4)[0]
+    case = benches.cold_gemm_cases("fp32", [(4, 8, 16)], "matmul_cold.fp32",
+                                   "matmul_wgrad.fp32", 4096 * 4)[0]
     fn = case.build("cpu")
     first, second = fn(), fn()
     assert first.shape == (4, 16) and not torch.equal(first, second)

@@ -71,7 +71,8 @@ def test_which_gemms_read_cold_operands():
     assert lora["lora.forward"] == "lora"
     full = _classes("full")  # autocast casts the fp32 weight right before the forward GEMM
     assert full["linear.forward"] == "matmul"
-    assert full["linear.backward_input"] == full["linear.backward_weight"] == "matmul_cold"
+    assert full["linear.backward_input"] == "matmul_cold"
+    assert full["linear.backward_weight"] == "matmul_wgrad"  # its own cold curve
     qlora = _classes("qlora", weight_bits=4)  # NF4 dequantised fresh in forward and backward
     assert qlora["linear.forward"] == qlora["linear.backward_input"] == "matmul"
 
@@ -103,3 +104,24 @@ def test_dispatch_count_grows_with_recompute_and_accumulation():
     eight = base.model_copy(update={"optimizer": "adamw8bit"})  # a per-tensor optimizer
     assert F.dispatch_op_count(model, eight, 420) == pytest.approx(
         count - F.DISPATCH.fused_adamw + 9 * 420 + F.DISPATCH.optimizer_fixed)
+
+
+def test_attention_rate_is_read_at_one_sequence_and_kept_under_accumulation():
+    """The attention curve is measured at batch 1: b sequences take b times one sequence's
+    kernel time (the rate read at one sequence's FLOPs), also with gradient accumulation."""
+    prof = profile()
+    prof = prof.model_copy(update={"curves": {**prof.curves, "attention.bf16": curve(
+        "attention.bf16", 2e11, overhead=0.0)}})
+    model, device = load_model("smollm2-135m"), load_device("xeon-platinum-8480plus")
+
+    def attention_seconds(**kw) -> float:
+        setup = TrainSetup(method="lora", compute_dtype="bf16", seq_len=256, **kw)
+        ops = [op for op in step_ops(model, setup, count_params(model, setup))
+               if op.op_class == "attention"]
+        return sum(call_seconds(device, prof, "bf16", op.op_class, op.flops_per_call,
+                                op.bytes_per_call, op.rate_flops)[0] * op.num_calls
+                   for op in ops)
+
+    one = attention_seconds(batch_size=1)
+    assert attention_seconds(batch_size=4) == pytest.approx(4 * one)
+    assert attention_seconds(batch_size=4, grad_accum=2) == pytest.approx(8 * one)
