@@ -313,10 +313,15 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     the c-byte GEMM output it was converted from or the c-byte gradient cast from it: C·V·(4 + c)
     for 16-bit compute, C·V·4 in fp32 (no conversions; measured VmHWM over forward + backward at
     V = 151,936, C = 220: 127.5 MiB fp32 = 1 buffer), plus what the forward keeps for backward:
-    ∂L/∂h (b·s·h·c) and, when lm_head trains, ∂L/∂W in fp32 (V·h·4) with, in 16-bit, each
-    chunk's c-byte product before it is added (V·h·c; fp32 accumulates in place) (Hsu et al.
-    2024, Liger-Kernel). measured at V = 151,936, h = 256, b·s = 512 (2 chunks): fp32 128.1
-    MiB frozen head / bf16 194.0 MiB (predicted 128.0 / 191.8).
+    ∂L/∂h (b·s·h·c) and, when lm_head trains, ∂L/∂W (Hsu et al. 2024, Liger-Kernel). In fp32
+    ∂L/∂W is the first chunk's V·h·4 product, beside that chunk's softmax, later chunks
+    accumulating in place. In 16 bits the chunk's fp32 softmax is freed once its c-byte
+    gradient is cast, so the two peaks do not add: max(C·V·(4 + c) + V·h·4 when a later chunk
+    sees the fp32 sum, C·V·c + V·h·(c + 4): the chunk's gradient, its c-byte product and the
+    fp32 sum it is upcast into or added to). Summing both over-predicted smollm2-135m pure
+    bf16 full by 8–9 % (activations and transients 769 MiB predicted, 625 measured).
+    Measured at V = 151,936, h = 256, b·s = 512: fp32 128.1 MiB frozen head / bf16 194.0 MiB
+    (predicted 128.0 / 191.8).
     Inference keeps only the last position's fp32 logits: b·V·4."""
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
@@ -324,11 +329,19 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     tokens = setup.batch_size * setup.seq_len
     if not setup.fused_loss:
         return tokens * model.vocab_size * (c + 12)
-    converted = c if c < FP32_BYTES else 0
-    chunk = fused_loss_chunk_rows(model, setup) * model.vocab_size * (FP32_BYTES + converted)
-    grad_w = model.vocab_size * model.hidden_size * (FP32_BYTES + converted) \
-        if setup.method == "full" else 0
-    return chunk + tokens * model.hidden_size * c + grad_w
+    rows = fused_loss_chunk_rows(model, setup)
+    chunk_logits = rows * model.vocab_size
+    grad_h = tokens * model.hidden_size * c
+    vd = model.vocab_size * model.hidden_size
+    if c == FP32_BYTES:
+        return chunk_logits * FP32_BYTES + grad_h + (vd * FP32_BYTES if setup.method == "full"
+                                                     else 0)
+    softmax = chunk_logits * (FP32_BYTES + c)
+    if setup.method != "full":
+        return softmax + grad_h
+    several = tokens > rows
+    return grad_h + max(softmax + (vd * FP32_BYTES if several else 0),
+                        chunk_logits * c + vd * (c + FP32_BYTES))
 
 
 def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
