@@ -462,24 +462,23 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
         return []
     tokens, vocab = setup.batch_size * setup.seq_len, model.vocab_size
     c, w = dtype_bytes(setup.compute_dtype), trainable_bytes_per_param(setup)
-    half = c != FP32_BYTES
+    half, vd = c != FP32_BYTES, vocab * model.hidden_size
+    casts = [FP32_BYTES, c] if half else []
+    head = []  # the lm_head gradient's buffers, in the order they are made
     if setup.fused_loss:
         rows = fused_loss_chunk_rows(model, setup)
         chunks = tokens / rows
-        per_chunk = [c, *([FP32_BYTES, c] if half else [])]
-        buffers = [(rows * vocab * b, chunks) for b in per_chunk]
-    else:
-        per_logit = [c, *([FP32_BYTES, c] if half else []), *[FP32_BYTES] * 3]
-        buffers = [(tokens * vocab * b, 1.0) for b in per_logit]
-    vd = vocab * model.hidden_size
-    if setup.fused_loss and casts_fp32_weights(setup):
-        buffers.append((vd * c, 1.0))  # the 16-bit copy of the fp32 lm_head weight
-    if setup.method == "full":
-        head = [(vd * c, chunks if half else 1.0)] if setup.fused_loss else []
-        if setup.fused_loss and half:
+        buffers = [(rows * vocab * b, chunks) for b in [c, *casts]]
+        if casts_fp32_weights(setup):
+            buffers.append((vd * c, 1.0))  # the 16-bit copy of the fp32 lm_head weight
+        head = [(vd * c, chunks if half else 1.0)]
+        if half:
             head.append((vd * FP32_BYTES, 1.0))
             if not autocasting(setup):
                 head.append((vd * w, 1.0))
+    else:
+        buffers = [(tokens * vocab * b, 1.0) for b in [c, *casts, *[FP32_BYTES] * 3]]
+    if setup.method == "full":
         embedding = [(vd * w, 1.0)]
         if model.tied_embeddings:
             buffers += head + embedding  # their sum is the gradient

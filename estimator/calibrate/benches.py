@@ -554,9 +554,9 @@ def _tensor_bytes(value: object) -> int:
 
 
 INDEXED_ARGUMENTS = {"gather": ("self", "index"), "scatter": ("self", "index"),
-                     "nll_loss_forward": ("self", "target"),
                      "scatter_": ("self", "index"), "scatter_add": ("self", "index"),
-                     "scatter_add_": ("self", "index"), "embedding": ("weight", "indices")}
+                     "scatter_add_": ("self", "index"), "embedding": ("weight", "indices"),
+                     "nll_loss_forward": ("self", "target")}
 """aten ops that touch only the elements an index selects of one large argument: (that
 argument, the index argument). The loss head's gather/scatter_add_ into [C, V] logits touch
 C elements, an embedding lookup reads b·s rows of the V·D table; counting the whole tensor

@@ -5,7 +5,7 @@ import pytest
 from estimator.analytic import flops as F
 from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
 from estimator.analytic.params import count_params
-from estimator.analytic.throughput import step_ops, timed_ops
+from estimator.analytic.throughput import ops_seconds, step_ops, timed_ops
 from estimator.catalog import load_device, load_model
 from estimator.specs import CalibrationProfile, EfficiencyCurve, TrainSetup
 
@@ -118,9 +118,7 @@ def test_attention_rate_is_read_at_one_sequence_and_kept_under_accumulation():
         setup = TrainSetup(method="lora", compute_dtype="bf16", seq_len=256, **kw)
         ops = [op for op in step_ops(model, setup, count_params(model, setup))
                if op.op_class == "attention"]
-        return sum(call_seconds(device, prof, "bf16", op.op_class, op.flops_per_call,
-                                op.bytes_per_call, op.rate_flops)[0] * op.num_calls
-                   for op in ops)
+        return sum(t.seconds for t in ops_seconds(ops, device, prof, "bf16")[0])
 
     one = attention_seconds(batch_size=1)
     assert attention_seconds(batch_size=4) == pytest.approx(4 * one)
