@@ -1,7 +1,8 @@
 """The bundled executor vs Hugging Face transformers + PEFT (+ bitsandbytes NF4) on this machine.
 
 Same random checkpoint (saved once by transformers, loaded by both), same batch, sequence,
-method, optimizer (torch AdamW) and precision; every (implementation, config) runs in a fresh
+method, optimizer (torch's AdamW, fused: each side's default, see build_optimizer) and
+precision; every (implementation, config) runs in a fresh
 subprocess, one after the other, so peak RSS (VmHWM, reset through /proc/self/clear_refs after
 the model and optimizer are built) is per run. Prints, per config: tokens/s of each and the ratio,
 peak RSS of each and the ratio, model-FLOPs rate as a share of the GEMM peak measured in this run
@@ -138,6 +139,26 @@ def build_hf(ckpt: Path, arch: str, method: str, precision: str):
     return model, loss_fn
 
 
+def build_optimizer(args: argparse.Namespace, model, params: list, precision: str):
+    """Each side's own default: ours the trainer's (executor/optim.py: torch AdamW, fused on
+    CPU) with its heap trim before the loss head; HF the optimizer TrainingArguments picks by
+    default (`adamw_torch_fused` for torch ≥ 2.8: the same fused AdamW; `adamw_torch`, the
+    foreach loop, before), at lr 1e-5 and no weight decay on both sides."""
+    import torch
+
+    if args.impl == "hf":
+        import transformers
+
+        default = transformers.TrainingArguments(output_dir=tempfile.gettempdir()).optim
+        return torch.optim.AdamW(params, lr=1e-5,
+                                 fused=True if "fused" in str(default) else None)
+    from estimator.executor.optim import adamw
+    from estimator.executor.train import trim_heap_before_loss_head
+
+    trim_heap_before_loss_head(model)
+    return adamw(params, lr=1e-5)
+
+
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -152,11 +173,16 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         model, loss_fn = build_hf(Path(args.ckpt), arch, method, precision)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    opt = build_optimizer(args, model, params, precision)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, ARCHS[arch][2]["vocab_size"], (args.batch, args.seq + 1),
                            generator=gen)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    backward_step = args.impl != "hf" and method == "full" and args.optimizer_in_backward
+    if backward_step:
+        from estimator.executor.optim import BackwardStep
+
+        BackwardStep(opt, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     rss_built = vm_kib("VmRSS")
     reset_peak()
     times, losses = [], []
@@ -169,8 +195,9 @@ def worker(args: argparse.Namespace) -> dict:
         with autocast:
             loss = loss_fn(tokens)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not backward_step:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     # best timed step: robust to other processes on a shared machine (median also reported)
@@ -241,7 +268,8 @@ def predicted_peak_bytes(arch: str, method: str, precision: str,
     setup = TrainSetup(method=method, weight_bits=bits, compute_dtype=precision,
                        mixed_precision=precision == "bf16", optimizer="adamw",
                        lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=TARGETS[arch],
-                       batch_size=args.batch, seq_len=args.seq)
+                       batch_size=args.batch, seq_len=args.seq,
+                       optimizer_in_backward=method == "full" and args.optimizer_in_backward)
     try:
         return estimate(spec_for(arch), setup, device="local").memory.total_bytes
     except Exception:  # the benchmark reports what it can; the estimate is advisory here
@@ -252,7 +280,8 @@ def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dic
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--config", config,
            "--ckpt", str(ckpt), "--batch", str(args.batch), "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (
+               ["--optimizer-in-backward"] if args.optimizer_in_backward else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
@@ -359,6 +388,9 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true",
                         help="also ours with compile_blocks, side by side with eager ours and HF "
                              "(use --warmup 2: the compile is untimed)")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="ours: full fine-tunes step the optimizer inside backward "
+                             "(`nvfree train --optimizer-in-backward`)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ours", "ours-compiled", "hf"),
                         help=argparse.SUPPRESS)

@@ -211,6 +211,16 @@ def gradient_bytes(setup: TrainSetup, params: ParamCounts) -> int:
     return params.trainable * trainable_bytes_per_param(setup)
 
 
+def backward_step_gradient_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts
+                                 ) -> int:
+    """Gradients alive at once when the optimizer steps in backward (optimizer_in_backward):
+    the largest trainable tensor's. Each gradient is applied and freed as soon as backward has
+    accumulated it (torch's register_post_accumulate_grad_hook; PyTorch tutorial "How to save
+    memory by fusing the optimizer step into the backward pass"; torchtitan's
+    optimizer-in-backward), so the gradient term of 4 B/param shrinks to one tensor."""
+    return largest_trainable_tensor(model, setup, params) * trainable_bytes_per_param(setup)
+
+
 def optimizer_state_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> int:
     """Optimizer states of the trainable parameters.
 
@@ -631,7 +641,9 @@ def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
         "master_weights": shard("master_weights", master_weight_bytes(setup, params), t_share),
         "adapter_weights": shard("adapter_weights", adapter_stored, t_share)
         + adapters - adapter_stored,
-        "gradients": shard("gradients", device_gradient_bytes(setup, params), t_share),
+        "gradients": backward_step_gradient_bytes(model, setup, params)
+        if setup.optimizer_in_backward else
+        shard("gradients", device_gradient_bytes(setup, params), t_share),
         "optimizer_states": shard("optimizer_states",
                                   optimizer_state_bytes(model, setup, params), t_share),
         "optimizer_transient": shard(

@@ -9,6 +9,7 @@ from estimator.cli.options import (
     ActiveParamsOpt,
     ActiveRatioOpt,
     AttentionOpt,
+    BackwardStepOpt,
     BatchOpt,
     BitsOpt,
     CkptOpt,
@@ -49,6 +50,7 @@ def compare(
     dtype: DtypeOpt = "auto", lora_rank: LoraRankOpt = 16, lora_alpha: LoraAlphaOpt = 32.0,
     lora_targets: LoraTargetsOpt = "all-linear", batch_size: BatchOpt = 1,
     seq_len: SeqOpt = 2048, grad_accum: AccumOpt = 1, checkpointing: CkptOpt = False,
+    optimizer_in_backward: BackwardStepOpt = False,
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
     fused_loss: FusedLossOpt = True, tokens: TokensOpt = None,
@@ -70,6 +72,7 @@ def compare(
                           mixed_precision=mixed_precision, lora_rank=lora_rank,
                           lora_alpha=lora_alpha, batch_size=batch_size, seq_len=seq_len,
                           grad_accum=grad_accum, checkpointing=checkpointing,
+                          optimizer_in_backward=optimizer_in_backward,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
                           fused_loss=fused_loss)
     auto_methods = method is None and bits is None

@@ -64,6 +64,10 @@ FusedLossOpt = Annotated[bool, typer.Option(
     "--fused-loss/--no-fused-loss", rich_help_panel=SETUP_PANEL,
     help="lm_head + cross-entropy fused in row chunks (the bundled trainer), or full b·s·V "
          "logits (HF Trainer's default).")]
+BackwardStepOpt = Annotated[bool, typer.Option(
+    "--optimizer-in-backward", rich_help_panel=SETUP_PANEL,
+    help="Apply the optimizer to each parameter as soon as its gradient exists and free the "
+         "gradient (one device, --grad-accum 1, no gradient clipping).")]
 PARALLEL_PANEL = "Devices and sharding"
 NumDevicesOpt = Annotated[int, typer.Option(
     "--num-devices", min=1, rich_help_panel=PARALLEL_PANEL,

@@ -17,6 +17,7 @@ from estimator.cli.options import (
     ActiveParamsOpt,
     ActiveRatioOpt,
     AttentionOpt,
+    BackwardStepOpt,
     BatchOpt,
     BitsOpt,
     CkptOpt,
@@ -64,8 +65,10 @@ LrOpt = Annotated[float | None, typer.Option(
 WarmupOpt = Annotated[int | None, typer.Option(
     "--warmup-steps", min=0, rich_help_panel=RUN_PANEL,
     help="Linear warm-up steps  [default: 5 % of --max-steps, at most 100]")]
-ClipOpt = Annotated[float, typer.Option("--max-grad-norm", min=0.0, rich_help_panel=RUN_PANEL,
-                                        help="Gradient clipping (global L2 norm); 0 = off.")]
+ClipOpt = Annotated[float | None, typer.Option(
+    "--max-grad-norm", min=0.0, rich_help_panel=RUN_PANEL,
+    help="Gradient clipping (global L2 norm); 0 = off  [default: 1.0; 0 with "
+         "--optimizer-in-backward]")]
 DropoutOpt = Annotated[float, typer.Option("--lora-dropout", min=0.0, max=1.0,
                                            rich_help_panel=RUN_PANEL)]
 DIST_PANEL = "Data parallel"
@@ -105,13 +108,14 @@ def train(
     dtype: DtypeOpt = "auto", lora_rank: LoraRankOpt = 16, lora_alpha: LoraAlphaOpt = 32.0,
     lora_targets: LoraTargetsOpt = "all-linear", batch_size: BatchOpt = 1,
     seq_len: SeqOpt = 2048, grad_accum: AccumOpt = 1, checkpointing: CkptOpt = False,
+    optimizer_in_backward: BackwardStepOpt = False,
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
     fused_loss: FusedLossOpt = True, data: DataOpt = None, text_field: TextFieldOpt = "text",
     max_steps: MaxStepsOpt = 100,
     output: OutputOpt = Path("runs/train"), resume: ResumeOpt = False,
     device: TorchDeviceOpt = "cpu", seed: SeedOpt = 0, lr: LrOpt = None,
-    warmup_steps: WarmupOpt = None, max_grad_norm: ClipOpt = 1.0,
+    warmup_steps: WarmupOpt = None, max_grad_norm: ClipOpt = None,
     lora_dropout: DropoutOpt = 0.0, checkpoint_every: CkptEveryOpt = None,
     compiled: CompileOpt = False,
     nproc: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = None,
@@ -131,6 +135,7 @@ def train(
                           mixed_precision=mixed_precision, lora_rank=lora_rank,
                           lora_alpha=lora_alpha, batch_size=batch_size, seq_len=seq_len,
                           grad_accum=grad_accum, checkpointing=checkpointing,
+                          optimizer_in_backward=optimizer_in_backward,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
                           fused_loss=fused_loss)
     setup = type(setup).model_validate({**setup.model_dump(), "num_devices": nproc * nnodes,

@@ -358,7 +358,8 @@ def memory_terms(estimate: Estimate | None, *, method: str, baseline_bytes: int,
          "storage of every parameter and buffer (autocast's transient 16-bit copies are "
          "predicted here but not stored)"),
         ("gradients", predicted_grads, gradients,
-         "storage of .grad tensors after the first backward"),
+         "storage of .grad tensors after the first backward (the largest one with the "
+         "optimizer step in backward)"),
         ("optimizer_states", c.get("optimizer_states"), optimizer_states,
          "storage of every optimizer state tensor after the first step"),
         ("activations_and_transients", estimate.memory.total_bytes - listed if c else None,
@@ -374,14 +375,16 @@ def memory_terms(estimate: Estimate | None, *, method: str, baseline_bytes: int,
 
 
 def _full_gradient_bytes(estimate: Estimate | None) -> int | None:
-    """The whole gradient term (the breakdown lists it only when it is live at the peak)."""
+    """The whole gradient term (the breakdown lists it only when it is live at the peak):
+    with the optimizer step in backward, the one tensor's gradient that exists at a time."""
     if estimate is None:
         return None
-    try:
-        from estimator.analytic.memory import gradient_bytes as analytic_gradient_bytes
-    except ImportError:
-        return estimate.memory.components.get("gradients")
-    return analytic_gradient_bytes(estimate.setup, estimate.params)
+    from estimator.analytic import memory
+
+    if estimate.setup.optimizer_in_backward:
+        return memory.backward_step_gradient_bytes(estimate.model, estimate.setup,
+                                                   estimate.params)
+    return memory.gradient_bytes(estimate.setup, estimate.params)
 
 
 def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigLike,

@@ -213,3 +213,44 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     limit = max_norm if max_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
     return float(norm)
+
+
+class BackwardStep:
+    """The optimizer step fused into backward (TrainSetup.optimizer_in_backward): a
+    post-accumulate-grad hook on every trainable parameter runs `optimizer.step()` as soon as
+    backward has accumulated that parameter's gradient, then frees the gradient, so gradients
+    never all exist at once (PyTorch tutorial "How to save memory by fusing the optimizer step
+    into the backward pass"; torchtitan's optimizer-in-backward). One optimizer serves every
+    hook: its step updates only parameters whose gradient is set, which inside a hook is the
+    hooked one, so its state, state_dict and learning rate are those of the ordinary step.
+
+    A gradient whose L2 norm is not finite (as the clipping path judges the global norm) is not
+    applied; neither is any later one of that backward (the parameters already updated keep
+    their update, and the trainer stops without saving, so the last checkpoint stays good)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
+        self.optimizer = optimizer
+        self.nonfinite: str | None = None
+        """Name of the first parameter whose gradient was not finite in this backward."""
+        self.largest_gradient_bytes = 0
+        """Storage of the largest gradient seen (bytes): the gradient memory of this mode."""
+        self._names = {id(p): name for name, p in named_params}
+        self.handles = [p.register_post_accumulate_grad_hook(self._step)
+                        for _, p in named_params]
+
+    @torch.no_grad()
+    def _step(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        self.largest_gradient_bytes = max(self.largest_gradient_bytes,
+                                          grad.numel() * grad.element_size())
+        if self.nonfinite is None and not math.isfinite(torch.linalg.vector_norm(grad)):
+            self.nonfinite = self._names[id(param)]
+        if self.nonfinite is None:
+            self.optimizer.step()
+        param.grad = None
+
+    def take_error(self) -> str | None:
+        """The non-finite gradient of the last backward, if any (then reset)."""
+        name, self.nonfinite = self.nonfinite, None
+        return None if name is None else f"the gradient of {name} became non-finite"

@@ -57,6 +57,7 @@ from estimator.executor.data import (
     stream_position,
 )
 from estimator.executor.optim import (
+    BackwardStep,
     build_optimizer,
     clip_gradients,
     default_warmup_steps,
@@ -111,7 +112,9 @@ class TrainConfig:
     lr: float | None = None
     warmup_steps: int | None = None
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this (0: no clipping); None: 1.0, or 0 when the
+    optimizer steps in backward (which cannot clip: see optim.BackwardStep)."""
     lora_dropout: float = 0.0
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
@@ -142,6 +145,8 @@ class Run:
     ddp: torch.nn.Module | None = None
     """The DDP-wrapped LossModule that forwards micro-batches when dist.is_distributed."""
     allreduce: distributed.AllReduceTimer | None = None
+    backward_step: BackwardStep | None = None
+    """The optimizer's per-parameter step inside backward (setup.optimizer_in_backward)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -357,11 +362,15 @@ def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
     if not math.isfinite(total):
         run.optimizer.zero_grad(set_to_none=True)
         return total / setup.grad_accum, f"loss became {total} at step {step + 1}"
+    if run.backward_step is not None:  # backward has applied every gradient already
+        run.grads_bytes = run.backward_step.largest_gradient_bytes
+        error = run.backward_step.take_error()
+        return total, None if error is None else f"{error} at step {step + 1}"
     if run.grads_bytes is None:
         run.grads_bytes = measure.gradient_bytes(run.model)
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    norm = clip_gradients(run.trainable, run.config.max_grad_norm)
+    norm = clip_gradients(run.trainable, clip_norm(run.config, setup))
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -372,6 +381,14 @@ def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return total / setup.grad_accum, None
+
+
+def clip_norm(config: TrainConfig, setup: TrainSetup) -> float:
+    """The gradient-norm limit of the run: config.max_grad_norm, by default 1.0 (0, no
+    clipping, when the optimizer steps in backward)."""
+    if config.max_grad_norm is not None:
+        return config.max_grad_norm
+    return 0.0 if setup.optimizer_in_backward else 1.0
 
 
 def _params_finite(params: list[torch.nn.Parameter]) -> bool:
@@ -387,6 +404,11 @@ def _release_before_loss_head(module: torch.nn.Module, args: object, output: obj
     time, because the next forward page-faults every activation afresh (docs/training.md,
     'Heap')."""
     measure.release_freed_memory()
+
+
+def trim_heap_before_loss_head(model: torch.nn.Module) -> None:
+    """Register _release_before_loss_head on the model's final norm (the CPU trainer does)."""
+    model.norm.register_forward_hook(_release_before_loss_head)
 
 
 def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
@@ -416,7 +438,7 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     spec, model = build_training_model(model_spec, setup, config, device)
     if device.type == "cpu":  # tokenising and quantising leave freed buffers resident
         measure.release_freed_memory()
-        model.norm.register_forward_hook(_release_before_loss_head)
+        trim_heap_before_loss_head(model)
     check_vocab(dataset.tokens, spec.vocab_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     lr = config.lr if config.lr is not None else DEFAULT_LR[setup.method]
@@ -428,7 +450,23 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         scaler = torch.amp.GradScaler(device.type)
     run = Run(config=config, spec=spec, setup=setup, device=device, dataset=dataset,
                model=model, optimizer=optimizer, trainable=trainable, scaler=scaler)
+    if setup.optimizer_in_backward:
+        _check_backward_step(setup, config)
+        run.backward_step = BackwardStep(optimizer, [(n, p) for n, p in model.named_parameters()
+                                                     if p.requires_grad])
     return run, data_source, runtime_bytes, memory_probe()
+
+
+def _check_backward_step(setup: TrainSetup, config: TrainConfig) -> None:
+    """What the optimizer step in backward cannot do: clip the global gradient norm (it is not
+    known until every gradient exists) or unscale fp16 gradients (GradScaler steps after
+    backward)."""
+    if config.max_grad_norm:
+        raise SetupError(f"--max-grad-norm {config.max_grad_norm:g} needs every gradient before "
+                         "the step; with --optimizer-in-backward use --max-grad-norm 0")
+    if setup.compute_dtype == "fp16" and setup.mixed_precision:
+        raise SetupError("fp16 mixed precision scales the loss and unscales every gradient "
+                         "after backward; with --optimizer-in-backward use --dtype bf16 or fp32")
 
 
 def train(model_spec: ModelSpec, setup: TrainSetup, *, max_steps: int, output_dir: Path,

@@ -44,6 +44,11 @@ class TrainSetup(Spec):
     """Tokens per sequence."""
     grad_accum: int = Field(default=1, gt=0)
     """Micro-batches accumulated per optimizer step (count)."""
+    optimizer_in_backward: bool = False
+    """Apply the optimizer to each parameter as soon as backward has accumulated its gradient,
+    then free that gradient (torch's register_post_accumulate_grad_hook): gradients never all
+    exist at once. Needs one micro-batch per step and one process; no global gradient-norm
+    clipping (the norm is not known until every gradient exists)."""
     checkpointing: bool = False
     """Gradient (activation) checkpointing of every transformer block."""
     attention: AttentionKernel = "sdpa"
@@ -80,6 +85,12 @@ class TrainSetup(Spec):
         if self.num_devices % self.num_nodes:
             raise ValueError(f"{self.num_devices} devices cannot be spread evenly over "
                              f"{self.num_nodes} nodes")
+        if self.optimizer_in_backward and self.grad_accum > 1:
+            raise ValueError("the optimizer step in backward frees each gradient once it is "
+                             "applied, so it cannot accumulate micro-batches: use --grad-accum 1")
+        if self.optimizer_in_backward and (self.num_devices > 1 or self.offload != "none"):
+            raise ValueError("the optimizer step in backward runs on one device without "
+                             "offload (data parallelism averages gradients after backward)")
         if self.num_devices % self.expert_parallel:
             raise ValueError(f"expert-parallel degree {self.expert_parallel} must divide "
                              f"the {self.num_devices} devices")

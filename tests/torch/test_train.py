@@ -236,3 +236,24 @@ def test_pure_fp16_adamw_stays_finite(text_file, tmp_path):
                    predict=False)
     assert report.stop_reason == "max_steps", report.message
     assert report.losses[-1] < report.losses[0]
+
+
+def test_the_optimizer_step_in_backward_trains_as_the_step_after_it(text_file, tmp_path):
+    """optimizer_in_backward (no clipping) gives the loss curve of the ordinary step without
+    clipping, and the report's gradient memory is one tensor's, as predicted."""
+    common = {"max_steps": 5, "data": text_file, "lr": 3e-3, "warmup_steps": 1}
+    plain = train(TINY, _setup(), output_dir=tmp_path / "a", max_grad_norm=0.0,
+                  predict=False, **common)
+    inside = train(TINY, _setup(optimizer_in_backward=True), output_dir=tmp_path / "b",
+                   **common)
+    torch.testing.assert_close(inside.losses, plain.losses, rtol=1e-5, atol=0)
+    grads = {t.name: t for t in inside.memory_terms}["gradients"]
+    assert grads.measured_bytes == grads.predicted_bytes == 258 * 64 * 4  # the embedding
+
+
+def test_the_optimizer_step_in_backward_refuses_clipping(tmp_path):
+    with pytest.raises(SetupError, match="--max-grad-norm 0"):
+        train(TINY, _setup(optimizer_in_backward=True), max_steps=1, output_dir=tmp_path,
+              max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="--grad-accum 1"):
+        _setup(optimizer_in_backward=True, grad_accum=2)

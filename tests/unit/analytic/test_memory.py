@@ -183,3 +183,22 @@ def test_expert_kernel_cache(tiny_moe: ModelSpec, tiny_dense: ModelSpec) -> None
     cpu = load_device("xeon-platinum-8480plus")
     assert M.memory_breakdown(tiny_moe, s, cpu, p).components["expert_kernel_caches"] == (
         M.expert_kernel_cache_bytes(tiny_moe, s, "cpu"))
+
+
+def test_optimizer_in_backward_holds_one_gradient(tiny_dense: ModelSpec) -> None:
+    """The optimizer step inside backward frees each gradient once applied: the gradient term is
+    the largest trainable tensor's (a [128, 64] MLP weight here), the optimizer phase holds only
+    it, and the heap retention scales with it instead of with every gradient."""
+    plain, p = terms(tiny_dense, seq_len=8)
+    inside, _ = terms(tiny_dense, seq_len=8, optimizer_in_backward=True)
+    assert M.largest_trainable_tensor(tiny_dense, inside, p) == 128 * 64
+    assert M.backward_step_gradient_bytes(tiny_dense, inside, p) == 128 * 64 * 4
+    cpu = load_device("xeon-platinum-8480plus")
+    state = M.model_state_terms(tiny_dense, inside, cpu, p)
+    assert state["gradients"] == 128 * 64 * 4
+    before = M.memory_breakdown(tiny_dense, plain, cpu, p)
+    after = M.memory_breakdown(tiny_dense, inside, cpu, p)
+    assert before.notes["peak_phase"] == "optimizer step"  # seq 8: the gradients set the peak
+    assert after.components["allocator_retention"] == M.ALLOCATOR_RETENTION_BYTES + round(
+        M.GRADIENT_RETENTION_FRACTION * 128 * 64 * 4)
+    assert after.total_bytes < before.total_bytes
