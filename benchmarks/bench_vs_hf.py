@@ -150,8 +150,8 @@ def build_optimizer(args: argparse.Namespace, model, params: list, precision: st
         import transformers
 
         default = transformers.TrainingArguments(output_dir=tempfile.gettempdir()).optim
-        return torch.optim.AdamW(params, lr=1e-5,
-                                 fused=True if "fused" in str(default) else None)
+        fused = getattr(default, "value", default) == "adamw_torch_fused"
+        return torch.optim.AdamW(params, lr=1e-5, fused=True if fused else None)
     from estimator.executor.optim import adamw
     from estimator.executor.train import trim_heap_before_loss_head
 
@@ -208,7 +208,8 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_kib": max(warmup_peak_kib, vm_kib("VmHWM")),
             "steady_peak_kib": vm_kib("VmHWM"),
             "built_kib": rss_built, "start_kib": rss_start, "first_loss": losses[0],
-            "num_trainable": sum(p.numel() for p in params)}
+            "num_trainable": sum(p.numel() for p in params),
+            "optimizer": "fused AdamW" if opt.defaults.get("fused") else "AdamW (foreach)"}
 
 
 # ---------------------------------------------------------------- parent
@@ -342,6 +343,8 @@ def main(args: argparse.Namespace) -> None:
                       flush=True)
             if compiled:
                 print(compiled_vs_eager(compiled[0], ours), flush=True)
+            if not isinstance(ours, str) and not isinstance(hf, str):
+                print(f"  optimizer: ours {ours['optimizer']}, HF {hf['optimizer']}", flush=True)
             results.append({"config": config, "ours": ours, "hf": hf,
                             "ours_compiled": compiled[0] if compiled else None,
                             "predicted_peak_bytes": predicted})
