@@ -105,7 +105,15 @@ def combined_update(advice: list[Advice], setup: TrainSetup) -> dict:
 def sharding_advice(setup: TrainSetup, memory_of, time_of, one_per_node: bool,
                     prefix: str = "") -> list[Advice]:
     """'--num-devices N --zero S': the fewest devices (and lowest ZeRO stage) whose per-device
-    memory fits (advice.devices_needed over the sharded memory model), with its step time."""
+    memory fits (advice.devices_needed over the sharded memory model), with its step time.
+    The optimizer step in backward runs on one device only: the sharded setup goes without it
+    (and says so when the user's setup had it)."""
+    suffix = ""
+    if setup.optimizer_in_backward:
+        flag = "--optimizer-in-backward"
+        suffix = "" if flag in prefix else f" (without {flag})"
+        prefix = " ".join(f for f in prefix.split() if f != flag)
+        setup = setup.model_copy(update={"optimizer_in_backward": False})
     found = devices_needed(setup, memory_of, one_per_node=one_per_node)
     if found is None:
         return []
@@ -114,7 +122,7 @@ def sharding_advice(setup: TrainSetup, memory_of, time_of, one_per_node: bool,
         return []
     update = {"num_devices": n, "zero_stage": stage} | ({"num_nodes": n} if one_per_node else {})
     nodes = f" --nodes {n}" if one_per_node and n > 1 else ""
-    change = f"{prefix + ' ' if prefix else ''}--num-devices {n}{nodes} --zero {stage}"
+    change = f"{prefix + ' ' if prefix else ''}--num-devices {n}{nodes} --zero {stage}{suffix}"
     return [Advice(change=change, total_bytes=total, fits=True,
                    step_seconds=time_of(setup.model_copy(update=update)))]
 

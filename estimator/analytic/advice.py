@@ -3,7 +3,8 @@
 Each candidate is a changed TrainSetup (or a device count) re-estimated with the same memory
 model; single changes first, then the cheapest combination that fits, found greedily in the
 order a practitioner would try them (fused chunked loss, checkpointing, smaller micro-batch with
-more accumulation, 8-bit optimizer, LoRA, QLoRA)."""
+more accumulation, the optimizer step in backward, 8-bit optimizer, LoRA, QLoRA), skipping a
+change that conflicts with one already chosen."""
 
 import math
 from collections.abc import Callable
@@ -32,6 +33,8 @@ def candidate_changes(setup: TrainSetup) -> list[tuple[str, dict]]:
         accum = setup.grad_accum * setup.batch_size
         changes.append((f"--batch-size 1 --grad-accum {accum}",
                         {"batch_size": 1, "grad_accum": accum}))
+    if not setup.optimizer_in_backward:  # advise() drops it where the setup cannot take it
+        changes.append(("--optimizer-in-backward", {"optimizer_in_backward": True}))
     if setup.optimizer == "adamw" and setup.method == "full":
         changes.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
     if setup.method == "full":
@@ -46,15 +49,17 @@ def advise(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int) -> list[
     (if it does not already), without the earlier changes the later ones make unneeded; shown
     when it needs more than one change."""
     advice = []
-    for flag, update in candidate_changes(setup):
+    changes = [c for c in candidate_changes(setup) if _valid(_apply(setup, [c]))]
+    for flag, update in changes:
         total = memory_of(setup.model_copy(update=update)).total_bytes
         advice.append(Advice(change=flag, total_bytes=total, fits=total <= capacity_bytes))
     advice.sort(key=lambda a: a.total_bytes)
     chosen: list[tuple[str, dict]] = []
-    for flag, update in candidate_changes(setup):
+    for flag, update in changes:
         if memory_of(_apply(setup, chosen)).total_bytes <= capacity_bytes:
             break
-        chosen.append((flag, update))
+        if _valid(_apply(setup, [*chosen, (flag, update)])):  # skip what conflicts
+            chosen.append((flag, update))
     for change in list(chosen[:-1]):  # drop an earlier change the later ones make unneeded
         rest = [c for c in chosen if c is not change]
         if memory_of(_apply(setup, rest)).total_bytes <= capacity_bytes:
@@ -66,6 +71,16 @@ def advise(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int) -> list[
         advice.insert(0, Advice(change=" ".join(flags), total_bytes=total,
                                 fits=total <= capacity_bytes))
     return advice
+
+
+def _valid(setup: TrainSetup) -> bool:
+    """Whether the changed setup is one TrainSetup accepts (model_copy does not validate):
+    the optimizer step in backward, for one, cannot accumulate micro-batches."""
+    try:
+        TrainSetup.model_validate(setup.model_dump())
+    except ValueError:
+        return False
+    return True
 
 
 def _apply(setup: TrainSetup, changes: list[tuple[str, dict]]) -> TrainSetup:

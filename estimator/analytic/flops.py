@@ -620,7 +620,7 @@ class DispatchCounts:
     """Block backward with a frozen base (input gradients only; fp32, 16-bit)."""
     adapter: tuple[tuple[int, int], tuple[int, int]] = ((5, 16), (7, 18))
     """(forward, backward) per LoRA-adapted linear (fp32, 16-bit autocast)."""
-    nf4: tuple[tuple[int, int], tuple[int, int]] = ((22, 16), (23, 17))
+    nf4: tuple[tuple[int, int], tuple[int, int]] = ((24, 18), (25, 19))
     """(forward, backward) dequantisation ops per NF4 linear (fp32, 16-bit compute)."""
     recompute_trained: int = 44
     """Checkpointing bookkeeping per block beyond the recomputed forward (full fine-tune)."""

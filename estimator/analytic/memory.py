@@ -265,10 +265,13 @@ def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Devic
     default foreach AdamW (HF Trainer) allocates a full-size sqrt(v) list. 8-bit AdamW
     updates a chunk of ADAMW8BIT_CHUNK_ELEMENTS at a time: ADAMW8BIT_TEMP_BYTES per element of
     the largest chunk. Lion (no executor implementation): two fp32 temporaries of the largest
-    tensor."""
+    tensor. With the step in backward (optimizer_in_backward) each step sees one tensor, so
+    the foreach list is the largest tensor's."""
     if params.trainable == 0 or setup.optimizer in ("sgd", "sgd_momentum", "adafactor"):
         return 0
     if device.backend != "cpu" and setup.optimizer in ("adamw", "lion"):
+        if setup.optimizer_in_backward:
+            return backward_step_gradient_bytes(model, setup, params)
         return params.trainable * trainable_bytes_per_param(setup)
     if setup.optimizer == "adamw":  # CPU: fused
         return 0

@@ -224,9 +224,12 @@ class BackwardStep:
     hook: its step updates only parameters whose gradient is set, which inside a hook is the
     hooked one, so its state, state_dict and learning rate are those of the ordinary step.
 
-    A gradient whose L2 norm is not finite (as the clipping path judges the global norm) is not
-    applied; neither is any later one of that backward (the parameters already updated keep
-    their update, and the trainer stops without saving, so the last checkpoint stays good)."""
+    On a CPU, a gradient whose L2 norm is not finite (as the clipping path judges the global
+    norm) is not applied; neither is any later one of that backward (the parameters already
+    updated keep their update, and the trainer stops without saving, so the last checkpoint
+    stays good). On an accelerator that check would wait for the device once per parameter, so
+    there is none: a non-finite gradient makes its weights non-finite, which the next step's
+    loss or the weight check before every checkpoint catches (train.py)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer,
                  named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
@@ -244,7 +247,8 @@ class BackwardStep:
         grad = param.grad
         self.largest_gradient_bytes = max(self.largest_gradient_bytes,
                                           grad.numel() * grad.element_size())
-        if self.nonfinite is None and not math.isfinite(torch.linalg.vector_norm(grad)):
+        if (self.nonfinite is None and grad.device.type == "cpu"
+                and not math.isfinite(torch.linalg.vector_norm(grad))):
             self.nonfinite = self._names[id(param)]
         if self.nonfinite is None:
             self.optimizer.step()

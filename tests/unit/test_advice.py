@@ -24,3 +24,31 @@ def test_a_single_change_that_fits_is_not_repeated_as_a_combination():
 def test_a_needed_combination_is_kept():
     advice = advise(TrainSetup(method="full"), memory_of, 45 * GIB)
     assert advice[0].change == "--checkpointing --optimizer adamw8bit" and advice[0].fits
+
+
+def test_the_optimizer_step_in_backward_is_advised_only_where_the_setup_can_take_it():
+    """It cannot accumulate micro-batches: not offered with --grad-accum 2, and never combined
+    with the smaller micro-batch that adds accumulation."""
+    flags = [a.change for a in advise(TrainSetup(method="full", batch_size=4), memory_of,
+                                      5 * GIB)]
+    assert "--optimizer-in-backward" in flags
+    assert not any("--optimizer-in-backward" in f and "--grad-accum" in f for f in flags)
+    accumulating = advise(TrainSetup(method="full", grad_accum=2), memory_of, 80 * GIB)
+    assert all("--optimizer-in-backward" not in a.change for a in accumulating)
+    inside = TrainSetup(method="full", batch_size=4, optimizer_in_backward=True)
+    assert all("--grad-accum" not in a.change for a in advise(inside, memory_of, 80 * GIB))
+
+
+def test_device_advice_never_keeps_the_optimizer_step_in_backward():
+    """Sharded advice drops it (one device only), and says so when the user's setup had it."""
+    from estimator import estimate
+    from estimator.catalog import load_model
+
+    model = load_model("llama-3.1-8b")
+    for setup in (TrainSetup(method="full", seq_len=512),
+                  TrainSetup(method="full", seq_len=512, optimizer_in_backward=True)):
+        advice = [a.change for a in estimate(model, setup, "rtx-4090").advice]
+        sharded = [a for a in advice if "--num-devices" in a]
+        assert sharded
+        assert not any("--optimizer-in-backward --num-devices" in a for a in sharded)
+    assert any(a.endswith("(without --optimizer-in-backward)") for a in sharded)

@@ -202,3 +202,6 @@ def test_optimizer_in_backward_holds_one_gradient(tiny_dense: ModelSpec) -> None
     assert after.components["allocator_retention"] == M.ALLOCATOR_RETENTION_BYTES + round(
         M.GRADIENT_RETENTION_FRACTION * 128 * 64 * 4)
     assert after.total_bytes < before.total_bytes
+    # on an accelerator the foreach AdamW list covers the one tensor each step sees
+    assert M.optimizer_transient_bytes(tiny_dense, plain, H100, p) == 4 * p.trainable
+    assert M.optimizer_transient_bytes(tiny_dense, inside, H100, p) == 128 * 64 * 4
