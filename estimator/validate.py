@@ -87,6 +87,7 @@ def suite(name: str) -> list[Case]:
         _case(dense, "full", "bf16"),
         _case(dense, "full", "bf16", "--no-mixed-precision"),
         _case(dense, "full", "bf16", "--checkpointing"),
+        _case(dense, "full", "bf16", "--optimizer-in-backward"),
         _case(dense, "lora", "fp32"),
         _case(dense, "lora", "bf16"),
         _case(dense, "lora", "bf16", "--checkpointing"),

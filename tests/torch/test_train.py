@@ -67,7 +67,8 @@ def _interrupt_at(step_to_stop: int):
 @pytest.mark.parametrize("kwargs", [
     {"optimizer": "adamw8bit", "grad_accum": 2},
     {"method": "lora", "optimizer": "adamw", "lora_dropout": 0.1},
-], ids=["full-8bit-accum", "lora-dropout"])
+    {"optimizer_in_backward": True},
+], ids=["full-8bit-accum", "lora-dropout", "full-in-backward"])
 def test_resume_after_interrupt_reproduces_the_loss_curve_exactly(text_file, tmp_path, kwargs):
     dropout = kwargs.pop("lora_dropout", 0.0)
     setup = _setup(**kwargs)

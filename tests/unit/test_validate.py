@@ -9,7 +9,7 @@ from estimator.validate import fit_corrections, leave_one_out_errors, suite, sum
 
 def test_full_suite_covers_the_issue_matrix() -> None:
     ids = [c.case_id for c in suite("full")]
-    assert len(ids) == len(set(ids)) == 19
+    assert len(ids) == len(set(ids)) == 20
     for part in ("tiny-moe", "smollm2", "small-vocab", "large-vocab", "-full-", "-lora-",
                  "-qlora-", "fp32", "bf16", "checkpointing", "no-mixed-precision",
                  "b4s128", "b1s512"):
