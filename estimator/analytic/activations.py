@@ -97,15 +97,16 @@ def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) 
 
 def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, width: int,
                     *, input_copies: bool = True) -> float:
-    """One FFN over `num_tokens`: gate/up input(s), SwiGLU's g, silu(g), u (GELU: its input),
-    and the down_proj input; LoRA hidden states."""
+    """One FFN over `num_tokens`: gate/up input(s), SwiGLU's g and u (silu(g) is recomputed
+    in backward: the executor's _SiLUMul, as Liger-Kernel's SwiGLU; GELU: its input), and the
+    down_proj input; LoRA hidden states."""
     c, _ = elem_bytes(setup)
     h = model.hidden_size
     first = ["gate_proj", "up_proj"] if model.mlp == "swiglu" else ["up_proj"]
     total = 0.0
     if input_copies:
         total += saved_linear_inputs(setup, first) * num_tokens * h * c
-    total += (3 if model.mlp == "swiglu" else 1) * num_tokens * width * c
+    total += (2 if model.mlp == "swiglu" else 1) * num_tokens * width * c
     total += saved_linear_inputs(setup, ["down_proj"]) * num_tokens * width * c
     return total + lora_hidden_bytes(setup, [*first, "down_proj"], round(num_tokens))
 

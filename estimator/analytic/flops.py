@@ -159,35 +159,35 @@ class TokenBytes:
 MEMORY_BOUND_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
     ("lora", "mixed"): {
         "forward": TokenBytes(84.2, 10.1, 26.1, 18.2, 0.2, 63),
-        "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 78),
+        "backward": TokenBytes(216.1, 28.1, 34.1, 28.1, 0.1, 79),
         "recompute": TokenBytes(78.2, 10.1, 26.1, 18.2, 0.2, 62),
     },
     ("qlora", "mixed"): {
         "forward": TokenBytes(84.2, 10.1, 26.1, 18.2, 0.2, 126),
-        "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 141),
+        "backward": TokenBytes(216.1, 28.1, 34.1, 28.1, 0.1, 142),
         "recompute": TokenBytes(78.2, 10.1, 26.1, 18.2, 0.2, 125),
     },
     ("full", "mixed"): {
         "forward": TokenBytes(96.2, 18.1, 30.1, 26.2, 0.0, 54),
-        "backward": TokenBytes(218.2, 18.1, 28.1, 28.1, 0.0, 57),
+        "backward": TokenBytes(218.2, 22.1, 28.1, 28.1, 0.0, 58),
         "recompute": TokenBytes(82.2, 18.1, 30.1, 26.2, 0.0, 52),
     },
     ("full", "fp32"): {
         "forward": TokenBytes(96.2, 36.1, 60.1, 52.2, 0.0, 41),
-        "backward": TokenBytes(212.2, 36.1, 56.1, 56.1, 0.0, 46),
+        "backward": TokenBytes(212.2, 44.1, 56.1, 56.1, 0.0, 47),
         "recompute": TokenBytes(76.2, 36.1, 60.1, 52.2, 0.0, 39),
     },
     ("lora", "fp32"): {
         "forward": TokenBytes(80.2, 20.1, 52.1, 36.2, 0.2, 41),
-        "backward": TokenBytes(240.1, 48.1, 68.1, 56.1, 0.1, 56),
+        "backward": TokenBytes(240.1, 56.1, 68.1, 56.1, 0.1, 57),
     },
     ("full", "pure"): {
         "forward": TokenBytes(92.2, 18.1, 30.1, 26.2, 0.0, 49),
-        "backward": TokenBytes(218.2, 18.1, 28.1, 28.1, 0.0, 56),
+        "backward": TokenBytes(218.2, 22.1, 28.1, 28.1, 0.0, 57),
     },
     ("lora", "pure"): {
         "forward": TokenBytes(84.2, 10.1, 26.1, 18.2, 0.2, 49),
-        "backward": TokenBytes(216.1, 24.1, 34.1, 28.1, 0.1, 64),
+        "backward": TokenBytes(216.1, 28.1, 34.1, 28.1, 0.1, 65),
     },
 }
 """Per (method, precision) — method 'full' | 'lora' | 'qlora', precision 'fp32' | 'mixed'
@@ -614,9 +614,9 @@ class DispatchCounts:
     """Extra casts of a 16-bit block forward (norm and rope upcasts, SDPA inputs)."""
     layer_forward_weight_cast: int = 5
     """Extra autocast casts of trained fp32 weights (full fine-tune under autocast)."""
-    layer_backward_trained: tuple[int, int] = (125, 136)
+    layer_backward_trained: tuple[int, int] = (126, 137)
     """Block backward with every weight trained (fp32, 16-bit)."""
-    layer_backward_frozen: tuple[int, int] = (82, 90)
+    layer_backward_frozen: tuple[int, int] = (83, 91)
     """Block backward with a frozen base (input gradients only; fp32, 16-bit)."""
     adapter: tuple[tuple[int, int], tuple[int, int]] = ((5, 16), (7, 18))
     """(forward, backward) per LoRA-adapted linear (fp32, 16-bit autocast)."""
@@ -628,7 +628,7 @@ class DispatchCounts:
     """… with a frozen base: constant + per adapted linear."""
     router: tuple[int, int] = (9, 3)
     """(forward, backward) of an MoE router: gate, softmax, top-k, sort, split, index_add."""
-    expert: tuple[int, int] = (11, 29)
+    expert: tuple[int, int] = (11, 30)
     """(forward, backward) per expert that receives tokens."""
     expert_adapter: tuple[int, int] = (7, 13)
     """(forward, backward) per adapted linear of an expert that receives tokens."""

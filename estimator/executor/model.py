@@ -244,7 +244,26 @@ class MLP(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
             return self.down_proj(F.gelu(self.up_proj(x_ND), approximate="tanh"))
-        return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
+        return self.down_proj(_SiLUMul.apply(self.gate_proj(x_ND), self.up_proj(x_ND)))
+
+
+class _SiLUMul(torch.autograd.Function):
+    """silu(g) ⊙ u that saves only g and u and recomputes silu(g) in backward (Liger-Kernel's
+    LigerSiLUMulFunction, Hsu et al. 2024): `F.silu(g) * u` saves g (for silu's backward),
+    silu(g) and u (for the product's), one [tokens, width] tensor more. The backward calls the
+    kernels autograd would (mul, silu_backward, and silu again), so gradients are identical."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        g, u = ctx.saved_tensors
+        grad_g = torch.ops.aten.silu_backward(grad_y * u, g) if ctx.needs_input_grad[0] else None
+        grad_u = grad_y * F.silu(g) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_u
 
 
 class MoE(nn.Module):
