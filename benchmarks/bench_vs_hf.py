@@ -182,7 +182,7 @@ def worker(args: argparse.Namespace) -> dict:
     if backward_step:
         from estimator.executor.optim import BackwardStep
 
-        BackwardStep(opt, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        BackwardStep(opt, params)
     rss_built = vm_kib("VmRSS")
     reset_peak()
     times, losses = [], []

@@ -364,8 +364,7 @@ def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
         return total / setup.grad_accum, f"loss became {total} at step {step + 1}"
     if run.backward_step is not None:  # backward has applied every gradient already
         run.grads_bytes = run.backward_step.largest_gradient_bytes
-        error = run.backward_step.take_error()
-        return total, None if error is None else f"{error} at step {step + 1}"
+        return total, None
     if run.grads_bytes is None:
         run.grads_bytes = measure.gradient_bytes(run.model)
     if run.scaler is not None:
@@ -452,8 +451,7 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
                model=model, optimizer=optimizer, trainable=trainable, scaler=scaler)
     if setup.optimizer_in_backward:
         _check_backward_step(setup, config)
-        run.backward_step = BackwardStep(optimizer, [(n, p) for n, p in model.named_parameters()
-                                                     if p.requires_grad])
+        run.backward_step = BackwardStep(optimizer, trainable)
     return run, data_source, runtime_bytes, memory_probe()
 
 

@@ -66,32 +66,14 @@ def test_the_step_in_backward_equals_the_step_after_it():
     after, inside = _tiny_mlp(0), _tiny_mlp(0)
     opt_after = adamw(list(after.parameters()), lr=1e-2, weight_decay=0.1)
     opt_inside = adamw(list(inside.parameters()), lr=1e-2, weight_decay=0.1)
-    hooks = BackwardStep(opt_inside, list(inside.named_parameters()))
+    hooks = BackwardStep(opt_inside, list(inside.parameters()))
     for _ in range(3):
         torch.nn.functional.mse_loss(after(x), y).backward()
         opt_after.step()
         opt_after.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(inside(x), y).backward()
-        assert hooks.take_error() is None
         assert all(p.grad is None for p in inside.parameters())
     for a, b in zip(after.parameters(), inside.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     assert hooks.largest_gradient_bytes == 32 * 16 * 4  # the [32, 16] fp32 weight
     assert opt_inside.state_dict()["state"].keys() == opt_after.state_dict()["state"].keys()
-
-
-def test_a_nonfinite_gradient_in_backward_stops_every_later_update():
-    from estimator.executor.optim import BackwardStep
-
-    model = _tiny_mlp(0)
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = adamw(list(model.parameters()), lr=1e-2, weight_decay=0.0)
-    hooks = BackwardStep(opt, list(model.named_parameters()))
-    x = torch.randn(8, 16)
-    x[0, 0] = float("inf")  # inf · 0 = nan: every gradient is nan but the last bias's (0)
-    (model(x) * 0).sum().backward()
-    error = hooks.take_error()
-    assert error is not None and error.startswith("the gradient of ") and "non-finite" in error
-    assert hooks.take_error() is None
-    for p, b in zip(model.parameters(), before, strict=True):
-        assert torch.equal(p, b) and p.grad is None

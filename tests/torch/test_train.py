@@ -252,6 +252,20 @@ def test_the_optimizer_step_in_backward_trains_as_the_step_after_it(text_file, t
     assert grads.measured_bytes == grads.predicted_bytes == 258 * 64 * 4  # the embedding
 
 
+def test_a_nonfinite_step_in_backward_keeps_the_last_good_checkpoint(text_file, tmp_path):
+    """Nothing checks a gradient before the step in backward applies it: the non-finite
+    weights it makes stop the run at the next loss, without saving them."""
+    setup = _setup(optimizer="sgd", compute_dtype="fp16", mixed_precision=False,
+                   optimizer_in_backward=True)
+    report = train(TINY, setup, max_steps=30, output_dir=tmp_path, data=text_file, lr=1e3,
+                   warmup_steps=1, checkpoint_every=1, predict=False)
+    assert report.stop_reason == "nonfinite_loss" and "last good checkpoint" in report.message
+    latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert latest is not None and latest.step == report.num_steps < 30
+    weights = load_file(latest.path / "model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
 def test_the_optimizer_step_in_backward_refuses_clipping(tmp_path):
     with pytest.raises(SetupError, match="--max-grad-norm 0"):
         train(TINY, _setup(optimizer_in_backward=True), max_steps=1, output_dir=tmp_path,
