@@ -425,6 +425,8 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     if model_spec.position == "learned" and setup.seq_len > model_spec.max_seq_len:
         raise SetupError(f"--seq-len {setup.seq_len} exceeds the {model_spec.max_seq_len} "
                          "learned positions of the model")
+    if setup.optimizer_in_backward:
+        _check_backward_step(setup, config)
     device = resolve_device(config.device)
     if config.compile:
         from estimator.executor.checkpointing import check_compile_support
@@ -450,7 +452,6 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     run = Run(config=config, spec=spec, setup=setup, device=device, dataset=dataset,
                model=model, optimizer=optimizer, trainable=trainable, scaler=scaler)
     if setup.optimizer_in_backward:
-        _check_backward_step(setup, config)
         run.backward_step = BackwardStep(optimizer, trainable)
     return run, data_source, runtime_bytes, memory_probe()
 

@@ -60,14 +60,16 @@ def _tiny_mlp(seed: int) -> torch.nn.Sequential:
 def test_the_step_in_backward_equals_the_step_after_it():
     """BackwardStep applies the same fused AdamW update as optimizer.step() after backward,
     over several steps (so the state is shared across hooks), and leaves no gradient behind."""
-    from estimator.executor.optim import BackwardStep
+    from estimator.executor.optim import BackwardStep, set_lr
 
     x, y = torch.randn(8, 16), torch.randn(8, 4)
     after, inside = _tiny_mlp(0), _tiny_mlp(0)
     opt_after = adamw(list(after.parameters()), lr=1e-2, weight_decay=0.1)
     opt_inside = adamw(list(inside.parameters()), lr=1e-2, weight_decay=0.1)
     hooks = BackwardStep(opt_inside, list(inside.parameters()))
-    for _ in range(3):
+    for lr in (1e-2, 5e-3, 2e-3):  # the hooks read the learning rate the step is set to
+        set_lr(opt_after, lr)
+        set_lr(opt_inside, lr)
         torch.nn.functional.mse_loss(after(x), y).backward()
         opt_after.step()
         opt_after.zero_grad(set_to_none=True)
@@ -77,3 +79,4 @@ def test_the_step_in_backward_equals_the_step_after_it():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     assert hooks.largest_gradient_bytes == 32 * 16 * 4  # the [32, 16] fp32 weight
     assert opt_inside.state_dict()["state"].keys() == opt_after.state_dict()["state"].keys()
+    assert opt_inside.param_groups[0]["params"] == list(inside.parameters())
