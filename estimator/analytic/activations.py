@@ -52,6 +52,14 @@ def saved_linear_inputs(setup: TrainSetup, names: list[str]) -> int:
     return 1 if any(n in setup.lora_targets for n in names) else 0
 
 
+def norm_output_recomputed(model: ModelSpec, setup: TrainSetup) -> bool:
+    """A full fine-tune with RMSNorm: the executor's _NormLinears feeds a norm's output to the
+    q/k/v (or a dense FFN's gate/up) linears and recomputes it in backward from the norm's
+    input and rstd, so the linears keep no copy of it (Liger-Kernel's and Unsloth's fused
+    norm-plus-matmul recompute the same way)."""
+    return setup.method == "full" and model.norm == "rmsnorm" and model.mla is None
+
+
 def norm_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> int:
     """One norm: its input (r bytes) + fp32 rstd (RMSNorm) or mean and rstd (LayerNorm)."""
     _, r = elem_bytes(setup)
@@ -68,9 +76,11 @@ def lora_hidden_bytes(setup: TrainSetup, names: list[str], num_tokens: int) -> i
 
 
 def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> int:
-    """One attention block: norm, q/k/v input(s), q/k/v/out and logsumexp saved by SDPA (or the
-    b·H·s² probabilities of eager attention), the o_proj input, LoRA hidden states."""
-    c, r = elem_bytes(setup)
+    """One attention block: norm, q/k/v input(s) (see norm_output_recomputed), q/k/v/out and
+    logsumexp saved by SDPA (or the b·H·s² probabilities of eager attention), the o_proj input
+    (with SDPA the same tensor as its output: the executor keeps q in [B, T, H, C] memory, and
+    SDPA's CPU kernel gives the output q's layout), LoRA hidden states."""
+    c, _ = elem_bytes(setup)
     h, heads = model.hidden_size, model.num_heads
     batch, seq = setup.batch_size, setup.seq_len
     if model.mla is not None:
@@ -82,15 +92,16 @@ def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) 
         kv_width = 2 * model.num_kv_heads * model.head_dim
         out_width = q_width
     total = norm_saved_bytes(model, setup, num_tokens)
-    total += saved_linear_inputs(setup, ["q_proj", "k_proj", "v_proj"]) * num_tokens * h * c
+    if not norm_output_recomputed(model, setup):
+        total += saved_linear_inputs(setup, ["q_proj", "k_proj", "v_proj"]) * num_tokens * h * c
     if model.qk_norm:
-        total += num_tokens * (q_width + kv_width // 2) * r
+        total += num_tokens * (q_width + kv_width // 2) * c  # q/k norm inputs: projections
     total += num_tokens * (q_width + kv_width) * c  # q, k, v (QKᵀ and PV, or SDPA)
     if setup.attention == "eager":  # HF eager: softmax in fp32, then a 16-bit copy for PV
         total += batch * heads * seq * seq * (FP32_BYTES + c)
-    else:  # SDPA saves its output and the fp32 logsumexp
+        total += saved_linear_inputs(setup, ["o_proj"]) * num_tokens * out_width * c
+    else:  # SDPA keeps its output and the fp32 logsumexp; the o_proj input is a view of it
         total += num_tokens * out_width * c + batch * heads * seq * FP32_BYTES
-    total += saved_linear_inputs(setup, ["o_proj"]) * num_tokens * out_width * c
     names = [lin.name for lin in attention_linears(model)]
     return total + lora_hidden_bytes(setup, names, num_tokens)
 
@@ -98,8 +109,9 @@ def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) 
 def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, width: int,
                     *, input_copies: bool = True) -> float:
     """One FFN over `num_tokens`: gate/up input(s), SwiGLU's g and u (silu(g) is recomputed
-    in backward: the executor's _SiLUMul, as Liger-Kernel's SwiGLU; GELU: its input), and the
-    down_proj input; LoRA hidden states."""
+    in backward: the executor's _SiLUMul, as Liger-Kernel's SwiGLU; GELU: its input), the
+    down_proj input (not for a fully trained SwiGLU FFN: the executor's _SwiGLUDown recomputes
+    it from g and u for ∂W_down); LoRA hidden states."""
     c, _ = elem_bytes(setup)
     h = model.hidden_size
     first = ["gate_proj", "up_proj"] if model.mlp == "swiglu" else ["up_proj"]
@@ -107,7 +119,8 @@ def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, widt
     if input_copies:
         total += saved_linear_inputs(setup, first) * num_tokens * h * c
     total += (2 if model.mlp == "swiglu" else 1) * num_tokens * width * c
-    total += saved_linear_inputs(setup, ["down_proj"]) * num_tokens * width * c
+    if not (model.mlp == "swiglu" and setup.method == "full"):
+        total += saved_linear_inputs(setup, ["down_proj"]) * num_tokens * width * c
     return total + lora_hidden_bytes(setup, [*first, "down_proj"], round(num_tokens))
 
 
@@ -146,7 +159,8 @@ def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool,
         pad_rows = padded_expert_rows(model) if pad_experts else 0.0
         total += moe_saved_bytes(model, setup, tokens, pad_rows)
     else:
-        total += ffn_saved_bytes(model, setup, tokens, model.intermediate_size)
+        total += ffn_saved_bytes(model, setup, tokens, model.intermediate_size,
+                                 input_copies=not norm_output_recomputed(model, setup))
     return round(total)
 
 

@@ -105,6 +105,35 @@ def model_args(spec: ModelSpec, **overrides) -> ModelArgs:
     )
 
 
+def _rms_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_apply(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    x32 = x.to(rstd.dtype)
+    if weight.dtype in (torch.float32, torch.float64):  # HF: fp32 product (autocast) …
+        y = (weight * (x32 * rstd)).to(out_dtype)
+    else:  # … or weight · x̂ cast to the input dtype first
+        y = weight * (x32 * rstd).to(weight.dtype)
+    return y.to(out_dtype)
+
+
+def _rms_backward(ctx, x, weight, rstd, grad_y):
+    """(∂x, ∂w) of RMSNorm: ∂w = Σ g⊙x̂, ∂x = rstd·(g⊙w − x̂·mean(g⊙w⊙x̂)), x̂ = x·rstd
+    recomputed; ctx.needs_input_grad[0] / [1] say which are wanted."""
+    x_hat = x.to(rstd.dtype) * rstd
+    g = grad_y.to(rstd.dtype)
+    grad_w = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype) \
+        if ctx.needs_input_grad[1] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        gw = g * weight.to(rstd.dtype)
+        grad_x = (rstd * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+    return grad_x, grad_w
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm that saves only its input and the fp32 rstd for backward (the composite HF
     version saves an fp32 copy of x and the fp32 normalised x as well: 8 more bytes per element).
@@ -112,28 +141,71 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        if weight.dtype in (torch.float32, torch.float64):  # HF: fp32 product (autocast) …
-            y = (weight * (x32 * rstd)).to(out_dtype)
-        else:  # … or weight · x̂ cast to the input dtype first
-            y = weight * (x32 * rstd).to(weight.dtype)
+        rstd = _rms_rstd(x, eps)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, weight, rstd)
-        return y.to(out_dtype)
+        return _rms_apply(x, weight, rstd, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x.to(rstd.dtype) * rstd
-        g = grad_y.to(rstd.dtype)
-        grad_w = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype) \
-            if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gw = g * weight.to(rstd.dtype)
-            grad_x = (rstd * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_w, None, None
+        return *_rms_backward(ctx, x, weight, rstd, grad_y), None, None
+
+
+class _NormLinears(torch.autograd.Function):
+    """[linear_i(RMSNorm(x))] for trained plain linears that read one norm's output (q/k/v,
+    gate/up): keeps x, the fp32 rstd and the weights, not the normalised y the linears would
+    each keep for ∂W: y is recomputed in backward from x and rstd (one elementwise pass; the
+    norm-plus-matmul recompute of Liger-Kernel's and Unsloth's fused kernels, done here in
+    PyTorch). One [tokens, hidden] tensor less per norm in a full fine-tune. Under autocast the
+    weights are cast once and those copies kept, as autograd keeps autocast's. Arguments: x,
+    norm weight, eps, out dtype, then weight, bias (or None) of each linear."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, eps: float, out_dtype: torch.dtype, *weights_biases):
+        rstd = _rms_rstd(x, eps)
+        y = _rms_apply(x, norm_w, rstd, out_dtype)
+        ws, bs = weights_biases[0::2], weights_biases[1::2]
+        w_c = [w.to(y.dtype) for w in ws]
+        ctx.save_for_backward(x, norm_w, rstd, *w_c)
+        ctx.out_dtype = out_dtype
+        ctx.dtypes = [(w.dtype, None if b is None else b.dtype)
+                      for w, b in zip(ws, bs, strict=True)]
+        return tuple(F.linear(y, w, None if b is None else b.to(y.dtype))
+                     for w, b in zip(w_c, bs, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        x, norm_w, rstd, *w_c = ctx.saved_tensors
+        y_NK = _rms_apply(x, norm_w, rstd, ctx.out_dtype).reshape(-1, x.shape[-1])
+        grads_wb: list[torch.Tensor | None] = [None] * (2 * len(w_c))
+        grad_y = None
+        for i in range(len(w_c)):
+            dy_NO = grad_outs[i].reshape(-1, grad_outs[i].shape[-1])
+            w_dtype, b_dtype = ctx.dtypes[i]
+            if ctx.needs_input_grad[4 + 2 * i]:
+                grads_wb[2 * i] = dy_NO.t().mm(y_NK).to(w_dtype)
+            if b_dtype is not None and ctx.needs_input_grad[5 + 2 * i]:
+                grads_wb[2 * i + 1] = dy_NO.sum(0).to(b_dtype)
+            part = dy_NO.mm(w_c[i])
+            grad_y = part if grad_y is None else grad_y + part
+        grad_x, grad_w = _rms_backward(ctx, x, norm_w, rstd, grad_y.view(x.shape))
+        return grad_x, grad_w, None, None, *grads_wb
+
+
+def project_normed(norm: nn.Module | None, linears: list[nn.Module], x: torch.Tensor
+                   ) -> list[torch.Tensor]:
+    """[linear(norm(x)) for linear in linears] (no norm: of x): through _NormLinears where the
+    norm is an RMSNorm and every linear a trained plain nn.Linear (a full fine-tune)."""
+    if norm is None:
+        return [linear(x) for linear in linears]
+    if isinstance(norm, RMSNorm) and all(type(lin) is nn.Linear and lin.weight.requires_grad
+                                         for lin in linears):
+        weights_biases = [t for lin in linears for t in (lin.weight, lin.bias)]
+        return list(_NormLinears.apply(x, norm.weight, norm.eps, norm.out_dtype(x),
+                                       *weights_biases))
+    y = norm(x)
+    return [linear(y) for linear in linears]
 
 
 class RMSNorm(nn.Module):
@@ -146,11 +218,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = self.weight.dtype if self.weight.dtype != torch.float32 else x.dtype
+    def out_dtype(self, x: torch.Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
-            out_dtype = torch.get_autocast_dtype(x.device.type)
-        return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+            return torch.get_autocast_dtype(x.device.type)
+        return self.weight.dtype if self.weight.dtype != torch.float32 else x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.out_dtype(x))
 
 
 def make_norm(args: ModelArgs, dim: int) -> nn.Module:
@@ -182,11 +256,13 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_mid, mid, scaled)
 
 
-def apply_rope(x_BHTC: torch.Tensor, cos_TC2: torch.Tensor, sin_TC2: torch.Tensor) -> torch.Tensor:
-    """Rotate halves (HF rotate_half convention): [x1, x2] → [x1·cos − x2·sin, x2·cos + x1·sin]."""
-    x1, x2 = x_BHTC.chunk(2, dim=-1)
-    cos_TC2, sin_TC2 = cos_TC2.to(x_BHTC.dtype), sin_TC2.to(x_BHTC.dtype)
-    return torch.cat((x1 * cos_TC2 - x2 * sin_TC2, x2 * cos_TC2 + x1 * sin_TC2), dim=-1)
+def apply_rope(x_BTHC: torch.Tensor, cos_TC2: torch.Tensor, sin_TC2: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF rotate_half convention): [x1, x2] → [x1·cos − x2·sin, x2·cos + x1·sin],
+    on [batch, seq, heads, head_dim] (the projection's layout)."""
+    x1, x2 = x_BTHC.chunk(2, dim=-1)
+    cos_T1C2 = cos_TC2.to(x_BTHC.dtype)[:, None]
+    sin_T1C2 = sin_TC2.to(x_BTHC.dtype)[:, None]
+    return torch.cat((x1 * cos_T1C2 - x2 * sin_T1C2, x2 * cos_T1C2 + x1 * sin_T1C2), dim=-1)
 
 
 class Attention(nn.Module):
@@ -204,16 +280,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(C, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(C, args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                norm: nn.Module | None = None):
+        """Attention over norm(x) (over x without a norm)."""
         B, T, _ = x_BTD.shape
-        q_BTHC = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
-        k_BTKC = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
-        v_BKTC = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project_normed(norm, [self.q_proj, self.k_proj, self.v_proj], x_BTD)
+        q_BTHC = q.view(B, T, self.num_heads, self.head_dim)
+        k_BTKC = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v_BKTC = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q_BTHC, k_BTKC = self.q_norm(q_BTHC), self.k_norm(k_BTKC)
-        q_BHTC, k_BKTC = q_BTHC.transpose(1, 2), k_BTKC.transpose(1, 2)
         if rope is not None:
-            q_BHTC, k_BKTC = apply_rope(q_BHTC, *rope), apply_rope(k_BKTC, *rope)
+            q_BTHC, k_BTKC = apply_rope(q_BTHC, *rope), apply_rope(k_BTKC, *rope)
+        # [B, T, H, C] memory seen as [B, H, T, C]: SDPA's output takes q's layout, so the
+        # o_proj input below is a view of the output SDPA keeps, not a second copy
+        q_BHTC, k_BKTC = q_BTHC.transpose(1, 2), k_BTKC.transpose(1, 2)
         gqa = {}
         if self.num_kv_heads != self.num_heads and SDPA_HAS_GQA:  # no K→H copy (torch ≥ 2.5)
             gqa = {"enable_gqa": True}
@@ -241,10 +322,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, width, bias=bias)
         self.down_proj = nn.Linear(width, dim, bias=bias)
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The FFN of norm(x) (of x without a norm)."""
         if self.gate_proj is None:
-            return self.down_proj(F.gelu(self.up_proj(x_ND), approximate="tanh"))
-        return self.down_proj(_SiLUMul.apply(self.gate_proj(x_ND), self.up_proj(x_ND)))
+            (a,) = project_normed(norm, [self.up_proj], x_ND)
+            return self.down_proj(F.gelu(a, approximate="tanh"))
+        g, u = project_normed(norm, [self.gate_proj, self.up_proj], x_ND)
+        down = self.down_proj
+        if type(down) is nn.Linear and down.weight.requires_grad:  # trained plain linear
+            return _SwiGLUDown.apply(g, u, down.weight, down.bias)
+        return down(_SiLUMul.apply(g, u))
 
 
 class _SiLUMul(torch.autograd.Function):
@@ -264,6 +351,41 @@ class _SiLUMul(torch.autograd.Function):
         grad_g = torch.ops.aten.silu_backward(grad_y * u, g) if ctx.needs_input_grad[0] else None
         grad_u = grad_y * F.silu(g) if ctx.needs_input_grad[1] else None
         return grad_g, grad_u
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down(silu(g) ⊙ u) for a trained plain down_proj that saves g and u only: the product
+    h = silu(g) ⊙ u, which the linear would save for ∂W, is recomputed in backward from the g
+    and u that _SiLUMul keeps anyway (one [tokens, width] tensor less per FFN, one more multiply
+    in backward; Liger-Kernel's fused SwiGLU keeps g and u the same way). Under autocast the
+    weight is cast once and that copy kept, as autograd keeps autocast's copy. The backward
+    calls the kernels autograd would, in its order, so gradients are identical."""
+
+    @staticmethod
+    def forward(ctx, g, u, weight, bias):
+        h = F.silu(g) * u
+        w_c = weight.to(h.dtype)
+        b_c = None if bias is None else bias.to(h.dtype)
+        ctx.save_for_backward(g, u, w_c)
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return F.linear(h, w_c, b_c)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        g, u, w_c = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        dy_NO = grad_y.reshape(-1, grad_y.shape[-1])
+        s = F.silu(g)
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            h_NI = (s * u).reshape(-1, g.shape[-1])
+            grad_w = dy_NO.t().mm(h_NI).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[3]:
+            grad_b = dy_NO.sum(0).to(b_dtype)
+        grad_h = dy_NO.mm(w_c).view(g.shape)
+        grad_g = torch.ops.aten.silu_backward(grad_h * u, g) if ctx.needs_input_grad[0] else None
+        grad_u = grad_h * s if ctx.needs_input_grad[1] else None
+        return grad_g, grad_u, grad_w, grad_b
 
 
 class MoE(nn.Module):
@@ -356,7 +478,9 @@ class Block(nn.Module):
                            bias=args.linear_bias)
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
-        h_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope)
+        h_BTD = x_BTD + self.self_attn(x_BTD, rope, self.input_layernorm)
+        if isinstance(self.mlp, MLP):
+            return h_BTD + self.mlp(h_BTD, self.post_attention_layernorm)
         return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
 
 

@@ -64,11 +64,18 @@ CASES = [(spec, TrainSetup(method=method, weight_bits=4 if method == "qlora" els
                            seq_len=40, checkpointing=ckpt))
          for spec in (DENSE, MOE) for method in ("full", "lora", "qlora")
          for mixed in (True, False) for ckpt in (False, True)]
+VARIANTS = {"mha": {"num_kv_heads": 4}, "window": {"sliding_window": 16},
+            "qknorm": {"qk_norm": True}}  # attention layouts: K→H repeat, masked SDPA, q/k norms
+CASES += [(DENSE.model_copy(update={"name": name, **update}),
+           TrainSetup(method=method, compute_dtype="bf16", batch_size=2, seq_len=40))
+          for name, update in VARIANTS.items() for method in ("full", "lora")]
+CASES += [(DENSE, TrainSetup(method="full", compute_dtype="fp32", weight_bits=32, batch_size=2,
+                             seq_len=40))]
 
 
 @pytest.mark.parametrize("spec,setup", CASES, ids=[
-    f"{'moe' if s.moe else 'dense'}-{u.method}-{'mixed' if u.mixed_precision else 'pure'}"
-    f"{'-ckpt' if u.checkpointing else ''}" for s, u in CASES])
+    f"{'moe' if s.moe else s.name}-{u.method}-{'mixed' if u.mixed_precision else 'pure'}"
+    f"{'-ckpt' if u.checkpointing else ''}-{u.compute_dtype}" for s, u in CASES])
 def test_saved_tensors_match_analytic(spec: ModelSpec, setup: TrainSetup, tmp_path,
                                       monkeypatch) -> None:
     """Whole expert groups (the model's rows exactly); where the executor pads adapted experts'

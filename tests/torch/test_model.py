@@ -300,3 +300,53 @@ def test_padded_adapted_experts_match_whole_groups(monkeypatch, shared: int):
     torch.testing.assert_close(pad_loss, loss)
     for a, b in zip(pad_grads, grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def _grads(fn, tensors, grad_outs, autocast: bool):
+    for t in tensors:
+        t.grad = None
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        outs = fn()
+    torch.autograd.backward(outs, grad_outs)
+    return [o.detach() for o in outs], [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("dtype,autocast,bias", [(torch.float32, False, False),
+                                                 (torch.float32, True, True),
+                                                 (torch.bfloat16, False, False)])
+def test_fused_ffn_and_norm_linears_match_the_composite(dtype, autocast, bias):
+    """_SwiGLUDown and _NormLinears (which keep fewer tensors for backward) against the modules
+    they replace: outputs and weight gradients bit-identical; the input and norm-weight
+    gradients sum three products in another order (last-bit differences in 16-bit)."""
+    from torch import nn
+
+    from estimator.executor.model import RMSNorm, _SiLUMul, _SwiGLUDown, project_normed
+
+    torch.manual_seed(0)
+    act = torch.bfloat16 if autocast else dtype
+    g, u = (torch.randn(2, 8, 48, dtype=act, requires_grad=True) for _ in range(2))
+    down = nn.Linear(48, 24, bias=bias).to(dtype)
+    dy = [torch.randn(2, 8, 24, dtype=act)]
+    tensors = [g, u, *down.parameters()]
+    ref = _grads(lambda: [down(_SiLUMul.apply(g, u))], tensors, dy, autocast)
+    new = _grads(lambda: [_SwiGLUDown.apply(g, u, down.weight, down.bias)], tensors, dy,
+                 autocast)
+    for a, b in zip([*ref[0], *ref[1]], [*new[0], *new[1]], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+    norm = RMSNorm(32, 1e-6).to(dtype)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    linears = [nn.Linear(32, n, bias=bias).to(dtype) for n in (32, 16, 16)]
+    x = torch.randn(2, 8, 32, dtype=dtype, requires_grad=True)
+    dys = [torch.randn(2, 8, n, dtype=act) for n in (32, 16, 16)]
+    tensors = [x, norm.weight, *(p for lin in linears for p in lin.parameters())]
+    ref = _grads(lambda: [lin(norm(x)) for lin in linears], tensors, dys, autocast)
+    new = _grads(lambda: project_normed(norm, linears, x), tensors, dys, autocast)
+    for a, b in zip(ref[0], new[0], strict=True):
+        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(ref[1], new[1], strict=True)):
+        assert a.dtype == b.dtype
+        if i < 2:  # ∂x, ∂norm weight
+            torch.testing.assert_close(a, b, rtol=0, atol=8e-3 * float(a.abs().max()))
+        else:
+            assert torch.equal(a, b)
