@@ -517,10 +517,14 @@ class Transformer(nn.Module):
             self._rope_cache = {key: (angle_TC2.cos(), angle_TC2.sin())}
         return self._rope_cache[key]
 
-    def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """The final-normed hidden states, before lm_head."""
+    def hidden(self, tokens_BT: torch.Tensor, tied: TiedGradient | None = None
+               ) -> torch.Tensor:
+        """The final-normed hidden states, before lm_head (`tied`: see TiedGradient)."""
         T = tokens_BT.shape[1]
-        x_BTD = self.embed_tokens(tokens_BT)
+        if tied is None:
+            x_BTD = self.embed_tokens(tokens_BT)
+        else:
+            x_BTD = _EmbeddingIntoTiedGradient.apply(tokens_BT, self.embed_tokens.weight, tied)
         if self.embed_positions is not None:
             x_BTD = x_BTD + self.embed_positions(torch.arange(T, device=tokens_BT.device))
         rope = self.rope(T, tokens_BT.device)
@@ -534,9 +538,13 @@ class Transformer(nn.Module):
     def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32) without materialising the B·T·V logits: lm_head
         and the loss run fused in row chunks (``fused_linear_cross_entropy``). Targets equal to
-        -100 are ignored. Same value and gradients as F.cross_entropy(forward(tokens))."""
-        h_ND = self.hidden(tokens_BT).flatten(0, 1)
-        return fused_linear_cross_entropy(h_ND, self.lm_head.weight, targets_BT.flatten())
+        -100 are ignored. Same value and gradients as F.cross_entropy(forward(tokens)).
+        A tied weight that trains gets one gradient tensor: TiedGradient."""
+        weight = self.lm_head.weight
+        tied = TiedGradient() if (weight is self.embed_tokens.weight and weight.requires_grad
+                                  and torch.is_grad_enabled()) else None
+        h_ND = self.hidden(tokens_BT, tied).flatten(0, 1)
+        return fused_linear_cross_entropy(h_ND, weight, targets_BT.flatten(), tied=tied)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -575,7 +583,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_ND, w_VD, t_N, chunk_rows: int):
+    def forward(ctx, h_ND, w_VD, t_N, chunk_rows: int, tied: TiedGradient | None):
         dtype = torch.get_autocast_dtype(h_ND.device.type) \
             if torch.is_autocast_enabled(h_ND.device.type) else h_ND.dtype
         h, w = h_ND.detach().to(dtype), w_VD.detach().to(dtype)
@@ -608,6 +616,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     _add_in_blocks_(grad_w, g_CV.T @ h[rows])
             del g_CV  # in fp32 it is the chunk's logits buffer: free it before the next GEMM
+        ctx.tied = tied
+        if tied is not None:  # the embedding's backward adds its rows and returns it
+            tied.grad, grad_w = grad_w, None
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_ND.dtype, w_VD.dtype)
         return loss / num_valid
@@ -616,20 +627,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         unit = grad_loss.numel() == 1 and float(grad_loss) == 1.0  # the usual loss.backward()
+        if ctx.tied is not None and not unit:
+            ctx.tied.grad.mul_(grad_loss)
         h = None if grad_h is None else (grad_h if unit else grad_h * grad_loss).to(ctx.dtypes[0])
         w = None if grad_w is None else (grad_w if unit else grad_w * grad_loss).to(ctx.dtypes[1])
-        return h, w, None, None
+        return h, w, None, None, None
+
+
+class TiedGradient:
+    """The gradient of a tied embedding / lm_head weight, formed once. The fused loss forms
+    ∂L/∂W in its forward pass and leaves it here instead of returning it; the embedding's
+    backward (_EmbeddingIntoTiedGradient, the last node of backward) adds its rows into it in
+    place and returns it. Returned from both, autograd would sum the two [V, D] gradients out
+    of place: the embedding's dense gradient and the sum are two [V, D] transients at the end
+    of backward (smollm2-135m fp32: +216 MiB over the end of backward, measured)."""
+
+    grad: torch.Tensor | None = None
+
+
+class _EmbeddingIntoTiedGradient(torch.autograd.Function):
+    """F.embedding whose backward index-adds ∂out into TiedGradient.grad (no [V, D] temporary)
+    and returns it as the weight's whole gradient."""
+
+    @staticmethod
+    def forward(ctx, tokens, weight, tied: TiedGradient):
+        ctx.save_for_backward(tokens)
+        ctx.tied, ctx.dtype = tied, weight.dtype
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (tokens,) = ctx.saved_tensors
+        grad_w, ctx.tied.grad = ctx.tied.grad, None
+        grad_w.index_add_(0, tokens.flatten(),
+                          grad_out.reshape(-1, grad_out.shape[-1]).to(grad_w.dtype))
+        return None, grad_w.to(ctx.dtype), None
 
 
 def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
-                               *, chunk_rows: int | None = None) -> torch.Tensor:
+                               *, chunk_rows: int | None = None,
+                               tied: TiedGradient | None = None) -> torch.Tensor:
     """mean over non-ignored rows of CE(h·Wᵀ, targets), chunked; see _LinearCrossEntropy.
     Default chunk: 2^25 fp32 logits (128 MiB, memory.FUSED_LOSS_CHUNK_ELEMENTS), at least 64
-    rows."""
+    rows. `tied`: ∂L/∂W goes there instead of being returned (TiedGradient)."""
     chunk_rows = chunk_rows or max(64, FUSED_LOSS_CHUNK_ELEMENTS // w_VD.shape[0])
     if not torch.is_grad_enabled():  # evaluation: no gradients formed in the forward pass
         h_ND, w_VD = h_ND.detach(), w_VD.detach()
-    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, chunk_rows)
+    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, chunk_rows, tied)
 
 
 def build_model(

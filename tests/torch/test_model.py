@@ -350,3 +350,37 @@ def test_fused_ffn_and_norm_linears_match_the_composite(dtype, autocast, bias):
             torch.testing.assert_close(a, b, rtol=0, atol=8e-3 * float(a.abs().max()))
         else:
             assert torch.equal(a, b)
+
+
+def test_tied_weight_gradient_is_formed_once_without_vocab_sized_temporaries():
+    """A trained tied embedding: the loss's ∂W takes the embedding's rows in place
+    (TiedGradient), so backward creates no [V, D] tensor (autograd would create the embedding's
+    dense gradient and the sum of the two)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class VocabSized(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.created = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape \
+                    and not name.endswith("_") and name not in ("detach", "alias", "view"):
+                self.created.append(name)
+            return out
+
+    torch.manual_seed(0)
+    model = build_model(spec(tied_embeddings=True))
+    weight = model.embed_tokens.weight
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 16))
+    loss = model.loss(tokens, tokens.roll(-1, dims=1))
+    mode = VocabSized(tuple(weight.shape))
+    with mode:
+        loss.backward()
+    assert mode.created == []
+    reference = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1),
+                                                  tokens.roll(-1, dims=1).flatten())
+    expected, = torch.autograd.grad(reference, weight)
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)
