@@ -1,14 +1,17 @@
 """The calibration profile store: JSON files in the user cache directory. Pure (no torch).
 
-One file per machine fingerprint + backend + torch version + threads:
-`<cache>/profiles/<backend>-<fingerprint>-torch<version>-t<threads>.json`, where <cache> is
-`$NVFREE_CACHE_DIR`, else `$XDG_CACHE_HOME/nvfree`, else `~/.cache/nvfree`. Saving is atomic
-(temporary file in the same directory + os.replace), so a crash never leaves half a profile.
+One file per machine fingerprint + backend + torch version + threads (+ allocator, when not
+the system malloc: estimator/allocator.py):
+`<cache>/profiles/<backend>-<fingerprint>-torch<version>-t<threads>[-<allocator>].json`, where
+<cache> is `$NVFREE_CACHE_DIR`, else `$XDG_CACHE_HOME/nvfree`, else `~/.cache/nvfree`. Saving is
+atomic (temporary file in the same directory + os.replace), so a crash never leaves half a
+profile.
 
 `find_profile(machine)` returns this machine's profile, None when there is none, and raises
 ProfileError (one line) when the one there cannot be used: corrupt, written for another machine,
-an old schema, measured with another torch version or thread count. `lookup_profile` returns the
-same decision with its reason instead of raising, for reports that go on uncalibrated.
+an old schema, measured with another torch version, thread count or allocator. `lookup_profile`
+returns the same decision with its reason instead of raising, for reports that go on
+uncalibrated.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from estimator.allocator import SYSTEM, active_allocator
 from estimator.errors import ProfileError
 from estimator.hardware import fingerprint, training_threads
 from estimator.specs.calibration import CALIBRATION_SCHEMA_VERSION, CalibrationProfile
@@ -49,16 +53,18 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
 
 
-def profile_filename(fingerprint_: str, backend: str, torch_version: str, num_threads: int) -> str:
-    """File name that keys a profile by backend, machine fingerprint, torch version, threads."""
-    return f"{backend}-{fingerprint_}-torch{_safe(torch_version)}-t{num_threads}.json"
+def profile_filename(fingerprint_: str, backend: str, torch_version: str, num_threads: int,
+                     allocator: str = SYSTEM) -> str:
+    """File name that keys a profile by backend, machine fingerprint, torch version, threads
+    and (when not the system malloc) allocator."""
+    suffix = "" if allocator == SYSTEM else f"-{_safe(allocator)}"
+    return f"{backend}-{fingerprint_}-torch{_safe(torch_version)}-t{num_threads}{suffix}.json"
 
 
 def profile_path(profile: CalibrationProfile) -> Path:
     """Where `profile` is (or would be) stored."""
-    name = profile_filename(
-        profile.fingerprint, profile.backend, profile.torch_version, profile.num_threads
-    )
+    name = profile_filename(profile.fingerprint, profile.backend, profile.torch_version,
+                            profile.num_threads, profile.allocator)
     return profiles_dir() / name
 
 
@@ -139,6 +145,11 @@ def validate_profile(
         raise ProfileError(
             f"calibration profile was measured with {profile.num_threads} threads, training "
             f"uses {threads}; {RECALIBRATE} (or set OMP_NUM_THREADS={profile.num_threads})"
+        )
+    if backend == "cpu" and profile.allocator != active_allocator():
+        raise ProfileError(
+            f"calibration profile was measured under the {profile.allocator} malloc, this "
+            f"process runs {active_allocator()}; {RECALIBRATE}"
         )
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 import psutil
 import torch
 
+from estimator.allocator import active_allocator
 from estimator.calibrate import benches
 from estimator.calibrate.benches import Case
 from estimator.calibrate.fit import fit_curve, overhead_curve
@@ -407,6 +408,7 @@ def calibrate(
         fingerprint=fingerprint(machine, backend),
         torch_version=machine.torch_version or torch.__version__,
         num_threads=threads,
+        allocator=active_allocator(),
         backend=backend,
         device_name=_device_name(machine, backend),
         created_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

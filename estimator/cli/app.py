@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map user errors to one line + exit 2."""
     from estimator.errors import NvfreeError
 
+    if argv is None:  # the console command (not a caller passing arguments): tcmalloc if there
+        from estimator.allocator import reexec_under_tcmalloc
+
+        reexec_under_tcmalloc(sys.argv[1:])
     debug = "--debug" in (argv if argv is not None else sys.argv)
     args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
     try:

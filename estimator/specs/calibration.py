@@ -56,6 +56,9 @@ class CalibrationProfile(Spec):
     """torch.__version__ at measurement time."""
     num_threads: int = Field(gt=0)
     """torch intra-op threads used (count)."""
+    allocator: str = "system"
+    """malloc the measuring process ran: 'system', or 'tcmalloc' / 'jemalloc' preloaded
+    (estimator/allocator.py); step times differ by 20–35 % between them on CPU."""
     backend: str
     """Device backend measured: cpu, cuda, rocm, mps, xpu."""
     device_name: str

@@ -135,3 +135,22 @@ def test_newest_valid_profile_wins():
     good = _profile(machine)
     save_profile(good)
     assert find_profile(machine) == good
+
+
+def test_profiles_are_keyed_by_allocator(monkeypatch):
+    """A profile measured under tcmalloc has its own file; each process finds the one for the
+    malloc it runs, and a profile for another malloc alone is reported."""
+    import estimator.profiles as profiles
+
+    machine = _machine()
+    system, tcmalloc = _profile(machine), _profile(machine, allocator="tcmalloc")
+    assert profile_path(system).name.endswith("-t2.json")
+    assert profile_path(tcmalloc).name.endswith("-t2-tcmalloc.json")
+    save_profile(tcmalloc)
+    monkeypatch.setattr(profiles, "active_allocator", lambda: "system")
+    with pytest.raises(ProfileError, match="under the tcmalloc malloc, this process runs system"):
+        find_profile(machine)
+    save_profile(system)
+    assert find_profile(machine) == system
+    monkeypatch.setattr(profiles, "active_allocator", lambda: "tcmalloc")
+    assert find_profile(machine) == tcmalloc
