@@ -13,6 +13,10 @@ at the training shapes, and the first-step loss of each (equal weights ⇒ equal
     PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --threads 1 --rounds 2   # shared box
     PYTHONPATH=. .venv/bin/python benchmarks/bench_vs_hf.py --compile --warmup 2 --only ...
 
+--ours-as-shipped runs our side under the malloc the `nvfree` command picks (tcmalloc where it
+is installed) and HF under this process's (glibc unless preloaded); without it both run under
+this process's malloc.
+
 --compile adds a third side, ours with compile_blocks (what `nvfree train --compile` runs), in the
 same alternating rounds: each config then prints the eager row, the compiled row (both against
 the same HF runs) and compiled / eager. The compile runs in the untimed warm-up steps; the peak
@@ -37,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from estimator.allocator import active_allocator
 
 DENSE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
          "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4}
@@ -209,7 +215,8 @@ def worker(args: argparse.Namespace) -> dict:
             "steady_peak_kib": vm_kib("VmHWM"),
             "built_kib": rss_built, "start_kib": rss_start, "first_loss": losses[0],
             "num_trainable": sum(p.numel() for p in params),
-            "optimizer": "fused AdamW" if opt.defaults.get("fused") else "AdamW (foreach)"}
+            "optimizer": "fused AdamW" if opt.defaults.get("fused") else "AdamW (foreach)",
+            "malloc": active_allocator()}
 
 
 # ---------------------------------------------------------------- parent
@@ -283,7 +290,12 @@ def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dic
            "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads)] + (
                ["--optimizer-in-backward"] if args.optimizer_in_backward else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    env = os.environ.copy()
+    if args.ours_as_shipped and impl.startswith("ours"):  # the malloc `nvfree` would run
+        from estimator.allocator import find_library, preload_env
+
+        env = preload_env(env, find_library("tcmalloc")) or env
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -344,7 +356,8 @@ def main(args: argparse.Namespace) -> None:
             if compiled:
                 print(compiled_vs_eager(compiled[0], ours), flush=True)
             if not isinstance(ours, str) and not isinstance(hf, str):
-                print(f"  optimizer: ours {ours['optimizer']}, HF {hf['optimizer']}", flush=True)
+                print(f"  optimizer: ours {ours['optimizer']}, HF {hf['optimizer']}; malloc: "
+                      f"ours {ours['malloc']}, HF {hf['malloc']}", flush=True)
             results.append({"config": config, "ours": ours, "hf": hf,
                             "ours_compiled": compiled[0] if compiled else None,
                             "predicted_peak_bytes": predicted})
@@ -394,6 +407,9 @@ if __name__ == "__main__":
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="ours: full fine-tunes step the optimizer inside backward "
                              "(`nvfree train --optimizer-in-backward`)")
+    parser.add_argument("--ours-as-shipped", action="store_true",
+                        help="run our side under the malloc the nvfree command picks (tcmalloc "
+                             "where installed: estimator/allocator.py), HF under this process's")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ours", "ours-compiled", "hf"),
                         help=argparse.SUPPRESS)
