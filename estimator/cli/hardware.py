@@ -14,6 +14,7 @@ def hardware(
     """Detect CPU, cores, ISA (AVX-512, AMX, NEON …), RAM and torch accelerators."""
     import json as json_lib
 
+    from estimator.allocator import active_allocator
     from estimator.hardware import detect, fingerprint, local_device
     from estimator.profiles import lookup_profile
 
@@ -27,6 +28,7 @@ def hardware(
             "device": device.model_dump(mode="json"),
             "calibration": {"profile": str(lookup.path) if lookup.profile else None,
                             "reason": lookup.reason},
+            "malloc": active_allocator(),
         }
         typer.echo(json_lib.dumps(payload, indent=2))
         return

@@ -43,6 +43,7 @@ def render_machine(machine: MachineInfo, device: Device, lookup: ProfileLookup |
     if machine.torch_cpu_capability:
         torch_line += f" (CPU kernels: {machine.torch_cpu_capability})"
     table.add_row("torch", torch_line)
+    table.add_row("malloc", _malloc_line())
     for acc in machine.accelerators:
         mem = fmt_bytes(acc.memory_bytes) if acc.memory_bytes else "memory unknown"
         table.add_row(f"{acc.backend}:{acc.index}", f"{acc.name}, {mem}")
@@ -153,3 +154,15 @@ def render_calibration(result: CalibrationResult, console: Console,
     where = f"stored in {result.path}" if result.path else "not stored"
     console.print(f"{len(result.measurements)} measurements in "
                   f"{fmt_seconds(result.wall_seconds)}; {where}")
+
+
+def _malloc_line() -> str:
+    """The malloc this process runs, and what it would take to change it (estimator/allocator)."""
+    from estimator.allocator import ENV, SYSTEM, active_allocator, find_library
+
+    active = active_allocator()
+    if active != SYSTEM:
+        return f"{active} (preloaded; {ENV}=system keeps the system malloc)"
+    if find_library("tcmalloc") is not None:
+        return f"system ({ENV}=system, or not run as the nvfree command)"
+    return "system (install tcmalloc, Debian: libtcmalloc-minimal4, for faster CPU training)"
