@@ -223,7 +223,7 @@ def plan(mode: Mode, device: str) -> list[Case]:
         cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])
     cases += benches.memory_cases(MEMORY_SIZES[mode])
     cases += benches.alloc_cases(ALLOC_SIZES[mode])
-    if not (mode == "full" and device == "cpu"):  # else measured on the executor's step
+    if not (mode in ("full", "quick") and device == "cpu"):  # else measured on the executor's step
         cases += benches.elementwise_cases(ELEMENTWISE_SHAPES[mode], ["fp32", "bf16"])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode], "adamw8bit")
@@ -392,7 +392,7 @@ def calibrate(
                                    retry_until_seconds=float("inf"), wait_first=True)
             measured, skipped = run_cases(plan(mode, tdev), tdev, settings, progress)
             executor_curves = {}
-            if mode == "full" and tdev == "cpu":  # the executor's own memory-bound calls
+            if mode in ("full", "quick") and tdev == "cpu":  # the executor's memory-bound calls
                 from estimator.calibrate.block_rates import elementwise_curves
 
                 executor_curves = elementwise_curves()

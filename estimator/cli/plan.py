@@ -74,7 +74,7 @@ TorchDeviceOpt = Annotated[str, typer.Option(
 CalibrateOpt = Annotated[bool, typer.Option(
     "--calibrate/--no-calibrate", rich_help_panel=PLAN_PANEL,
     help="For --device local without a calibration profile: measure one first (`nvfree "
-         "calibrate --quick`, ~10 s) so the plan is ranked on this machine's rates.")]
+         "calibrate --quick`, ~25 s) so the plan is ranked on this machine's rates.")]
 
 
 def quick_calibration(console) -> None:
