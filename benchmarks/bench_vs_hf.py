@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from estimator.allocator import active_allocator
+from estimator.allocator import active_allocator, find_library, preload_env
 
 DENSE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
          "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4}
@@ -292,8 +292,6 @@ def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dic
                ["--optimizer-in-backward"] if args.optimizer_in_backward else [])
     env = os.environ.copy()
     if args.ours_as_shipped and impl.startswith("ours"):  # the malloc `nvfree` would run
-        from estimator.allocator import find_library, preload_env
-
         env = preload_env(env, find_library("tcmalloc")) or env
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

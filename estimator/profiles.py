@@ -146,10 +146,11 @@ def validate_profile(
             f"calibration profile was measured with {profile.num_threads} threads, training "
             f"uses {threads}; {RECALIBRATE} (or set OMP_NUM_THREADS={profile.num_threads})"
         )
-    if backend == "cpu" and profile.allocator != active_allocator():
+    allocator = active_allocator() if backend == "cpu" else profile.allocator
+    if profile.allocator != allocator:
         raise ProfileError(
             f"calibration profile was measured under the {profile.allocator} malloc, this "
-            f"process runs {active_allocator()}; {RECALIBRATE}"
+            f"process runs {allocator}; {RECALIBRATE}"
         )
 
 

@@ -193,6 +193,12 @@ def profile_backend(device: str) -> str:
     return device
 
 
+def executor_elementwise(mode: Mode, device: str) -> bool:
+    """Whether `elementwise.*` is measured on the executor's own calls (block_rates) rather
+    than on the generic elementwise cases: full and quick runs on a CPU (docs/calibration.md)."""
+    return mode in ("full", "quick") and device == "cpu"
+
+
 def plan(mode: Mode, device: str) -> list[Case]:
     """Every case of the suite for a mode and torch device type, each class small → large."""
     # fp16 on a CPU is not a training dtype (CPU autocast uses bf16) and torch promotes its
@@ -223,7 +229,7 @@ def plan(mode: Mode, device: str) -> list[Case]:
         cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])
     cases += benches.memory_cases(MEMORY_SIZES[mode])
     cases += benches.alloc_cases(ALLOC_SIZES[mode])
-    if not (mode in ("full", "quick") and device == "cpu"):  # else measured on the executor's step
+    if not executor_elementwise(mode, device):  # else measured on the executor's step
         cases += benches.elementwise_cases(ELEMENTWISE_SHAPES[mode], ["fp32", "bf16"])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode])
     cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode], "adamw8bit")
@@ -392,7 +398,7 @@ def calibrate(
                                    retry_until_seconds=float("inf"), wait_first=True)
             measured, skipped = run_cases(plan(mode, tdev), tdev, settings, progress)
             executor_curves = {}
-            if mode in ("full", "quick") and tdev == "cpu":  # the executor's memory-bound calls
+            if executor_elementwise(mode, tdev):  # the executor's own memory-bound calls
                 from estimator.calibrate.block_rates import elementwise_curves
 
                 executor_curves = elementwise_curves()

@@ -152,6 +152,18 @@ class _RMSNormFunction(torch.autograd.Function):
         return *_rms_backward(ctx, x, weight, rstd, grad_y), None, None
 
 
+def _linear_grads(ctx, index: int, dy_NO: torch.Tensor, x_NK: torch.Tensor, w_c: torch.Tensor,
+                  dtypes: tuple[torch.dtype, torch.dtype | None]):
+    """(∂W, ∂b, ∂x) of y = x·W_cᵀ + b for the weight and bias at ctx inputs `index`, `index`+1
+    (None where not needed): ∂W = dyᵀ·x, autograd's order for a transposed weight (so
+    bit-identical to it), cast to the weight's dtype; ∂b = Σ dy; ∂x = dy·W_c."""
+    w_dtype, b_dtype = dtypes
+    grad_w = dy_NO.t().mm(x_NK).to(w_dtype) if ctx.needs_input_grad[index] else None
+    grad_b = dy_NO.sum(0).to(b_dtype) \
+        if b_dtype is not None and ctx.needs_input_grad[index + 1] else None
+    return grad_w, grad_b, dy_NO.mm(w_c)
+
+
 class _NormLinears(torch.autograd.Function):
     """[linear_i(RMSNorm(x))] for trained plain linears that read one norm's output (q/k/v,
     gate/up): keeps x, the fp32 rstd and the weights, not the normalised y the linears would
@@ -178,16 +190,13 @@ class _NormLinears(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         x, norm_w, rstd, *w_c = ctx.saved_tensors
         y_NK = _rms_apply(x, norm_w, rstd, ctx.out_dtype).reshape(-1, x.shape[-1])
-        grads_wb: list[torch.Tensor | None] = [None] * (2 * len(w_c))
+        grads_wb: list[torch.Tensor | None] = []
         grad_y = None
         for i in range(len(w_c)):
             dy_NO = grad_outs[i].reshape(-1, grad_outs[i].shape[-1])
-            w_dtype, b_dtype = ctx.dtypes[i]
-            if ctx.needs_input_grad[4 + 2 * i]:
-                grads_wb[2 * i] = dy_NO.t().mm(y_NK).to(w_dtype)
-            if b_dtype is not None and ctx.needs_input_grad[5 + 2 * i]:
-                grads_wb[2 * i + 1] = dy_NO.sum(0).to(b_dtype)
-            part = dy_NO.mm(w_c[i])
+            grad_w, grad_b, part = _linear_grads(ctx, 4 + 2 * i, dy_NO, y_NK, w_c[i],
+                                                 ctx.dtypes[i])
+            grads_wb += [grad_w, grad_b]
             grad_y = part if grad_y is None else grad_y + part
         grad_x, grad_w = _rms_backward(ctx, x, norm_w, rstd, grad_y.view(x.shape))
         return grad_x, grad_w, None, None, *grads_wb
@@ -373,16 +382,11 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         g, u, w_c = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
         dy_NO = grad_y.reshape(-1, grad_y.shape[-1])
         s = F.silu(g)
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[2]:
-            h_NI = (s * u).reshape(-1, g.shape[-1])
-            grad_w = dy_NO.t().mm(h_NI).to(w_dtype)
-        if b_dtype is not None and ctx.needs_input_grad[3]:
-            grad_b = dy_NO.sum(0).to(b_dtype)
-        grad_h = dy_NO.mm(w_c).view(g.shape)
+        h_NI = (s * u).reshape(-1, g.shape[-1]) if ctx.needs_input_grad[2] else None
+        grad_w, grad_b, grad_h = _linear_grads(ctx, 2, dy_NO, h_NI, w_c, ctx.dtypes)
+        grad_h = grad_h.view(g.shape)
         grad_g = torch.ops.aten.silu_backward(grad_h * u, g) if ctx.needs_input_grad[0] else None
         grad_u = grad_h * s if ctx.needs_input_grad[1] else None
         return grad_g, grad_u, grad_w, grad_b
