@@ -193,30 +193,63 @@ def worker(args: argparse.Namespace) -> dict:
     reset_peak()
     times, losses = [], []
     warmup_peak_kib = 0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:  # the timed steps' own peak from here (compile excluded)
-            warmup_peak_kib = vm_kib("VmHWM")
-            reset_peak()
-        t0 = time.perf_counter()
+
+    def train_step() -> float:
         with autocast:
             loss = loss_fn(tokens)
         loss.backward()
         if not backward_step:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:  # the timed steps' own peak from here (compile excluded)
+            warmup_peak_kib = vm_kib("VmHWM")
+            reset_peak()
+        t0 = time.perf_counter()
+        loss = train_step()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(loss)
+    peak_kib, steady_peak_kib = max(warmup_peak_kib, vm_kib("VmHWM")), vm_kib("VmHWM")
+    profile = None
+    if args.profile:  # one more step, untimed, under the profiler (after the peaks are read)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            train_step()
+        profile = kernel_seconds(prof.key_averages())
     # best timed step: robust to other processes on a shared machine (median also reported)
     step_seconds = min(times[args.warmup:])
     return {"tokens_per_second": args.batch * args.seq / step_seconds,
             "step_seconds": step_seconds,
             "median_step_seconds": statistics.median(times[args.warmup:]),
-            "peak_kib": max(warmup_peak_kib, vm_kib("VmHWM")),
-            "steady_peak_kib": vm_kib("VmHWM"),
+            "peak_kib": peak_kib, "steady_peak_kib": steady_peak_kib, "profile": profile,
             "built_kib": rss_built, "start_kib": rss_start, "first_loss": losses[0],
             "num_trainable": sum(p.numel() for p in params),
             "optimizer": "fused AdamW" if opt.defaults.get("fused") else "AdamW (foreach)",
             "malloc": active_allocator()}
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
+            "mkldnn::_linear_pointwise"}
+
+
+def kernel_seconds(events) -> dict[str, float]:
+    """Self CPU seconds of one profiled step by the kernels both sides share — GEMMs, SDPA
+    (forward and backward) and the optimizer step — and in all. Whatever else a step does
+    (casts, elementwise, norms, the loss, dequantisation, autograd bookkeeping) is the part an
+    implementation can remove; the shared kernels bound how far it can get ahead."""
+    out = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0, "total": 0.0}
+    for e in events:
+        seconds = e.self_cpu_time_total / 1e6
+        out["total"] += seconds
+        name = e.key.lower()
+        if e.key in GEMM_OPS:
+            out["gemm"] += seconds
+        elif "scaled_dot_product" in name or "flash_attention" in name:
+            out["attention"] += seconds
+        elif "adam" in name or name.startswith("aten::_foreach_"):
+            out["optimizer"] += seconds
+    return out
 
 
 # ---------------------------------------------------------------- parent
@@ -289,7 +322,8 @@ def run_one(impl: str, config: str, ckpt: Path, args: argparse.Namespace) -> dic
            "--ckpt", str(ckpt), "--batch", str(args.batch), "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads)] + (
-               ["--optimizer-in-backward"] if args.optimizer_in_backward else [])
+               ["--optimizer-in-backward"] if args.optimizer_in_backward else []) + (
+               ["--profile"] if args.profile else [])
     env = os.environ.copy()
     if args.ours_as_shipped and impl.startswith("ours"):  # the malloc `nvfree` would run
         env = preload_env(env, find_library("tcmalloc")) or env
@@ -356,6 +390,10 @@ def main(args: argparse.Namespace) -> None:
             if not isinstance(ours, str) and not isinstance(hf, str):
                 print(f"  optimizer: ours {ours['optimizer']}, HF {hf['optimizer']}; malloc: "
                       f"ours {ours['malloc']}, HF {hf['malloc']}", flush=True)
+                for name, mine in (("ours", ours), *(("compiled", c) for c in compiled)):
+                    if args.profile and not isinstance(mine, str):
+                        print(ceiling_line(name, mine, hf, peaks[(arch, precision)],
+                                           flops * n), flush=True)
             results.append({"config": config, "ours": ours, "hf": hf,
                             "ours_compiled": compiled[0] if compiled else None,
                             "predicted_peak_bytes": predicted})
@@ -374,6 +412,22 @@ def format_row(config: str, ours, hf, peak: float, flops_per_token: float) -> st
             f"{ours['peak_kib'] / hf['peak_kib']:>5.2f}×{share[0]:>8.0f}%{share[1]:>7.0f}%"
             f"{ours['first_loss']:>9.3f}/{hf['first_loss']:.3f}"
             f"{ours['steady_peak_kib'] / 1024:>11.0f}")
+
+
+def ceiling_line(name: str, mine: dict, hf: dict, peak: float, flops_per_step: float) -> str:
+    """The profiled step split into shared kernels and the rest, per side; the speed ratio ours
+    would reach if everything but the shared kernels took no time (HF's step over our shared
+    kernels' time), and the share of the GEMM peak the model FLOPs would reach if only our GEMMs
+    and attention ran."""
+    a, b = mine["profile"], hf["profile"]
+    shared = a["gemm"] + a["attention"] + a["optimizer"]
+    parts = " · ".join(f"{k} {a[k]:.2f}/{b[k]:.2f}" for k in ("gemm", "attention", "optimizer"))
+    rest = [p["total"] - p["gemm"] - p["attention"] - p["optimizer"] for p in (a, b)]
+    return (f"  profile {name}/HF (s): {parts} · rest {rest[0]:.2f}/{rest[1]:.2f} · step "
+            f"{a['total']:.2f}/{b['total']:.2f}; ceiling {hf['step_seconds'] / shared:.2f}× "
+            f"(HF step / our shared kernels), "
+            f"{flops_per_step / (a['gemm'] + a['attention']) / peak * 100:.0f} % of peak "
+            f"(model FLOPs / our GEMM + attention time)")
 
 
 def compiled_vs_eager(compiled, eager) -> str:
@@ -408,6 +462,9 @@ if __name__ == "__main__":
     parser.add_argument("--ours-as-shipped", action="store_true",
                         help="run our side under the malloc the nvfree command picks (tcmalloc "
                              "where installed: estimator/allocator.py), HF under this process's")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step per run: time in the kernels both sides "
+                             "share (GEMM, SDPA, optimizer) and the ceilings they set")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ours", "ours-compiled", "hf"),
                         help=argparse.SUPPRESS)
