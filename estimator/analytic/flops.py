@@ -340,23 +340,29 @@ def head_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
 
 CROSS_ENTROPY_PASSES = {True: (5, 4.0), False: (3, 28.0 / 3)}
 """fp32 passes over the logits and their mean aten bytes per logit, by setup.fused_loss.
-Fused chunked loss (executor/model.py `_LinearCrossEntropy`): amax, sub_, exp_, sum and mul_
-over each fp32 chunk, 4 B each (an in-place op counts its tensor once, the unit of the
-recorded tables). Full logits (F.cross_entropy): log_softmax 8 B, nll_loss_backward 8 B (its
-zeroed output and its shape argument), log_softmax_backward 12 B. gather, scatter_add_ and
-nll_loss touch one logit per row (benches.INDEXED_ARGUMENTS). Recorded with a
-TorchDispatchMode on the executor (V = 151,936, 512 tokens): 311.2 MB per fp32 pass."""
+Fused chunked loss on fp32 logits (executor/model.py `_softmax_minus_onehot`): amax, sub_,
+exp_, sum and mul_ over each chunk, 4 B each (an in-place op counts its tensor once, the unit
+of the recorded tables). Full logits (F.cross_entropy): log_softmax 8 B, nll_loss_backward
+8 B (its zeroed output and its shape argument), log_softmax_backward 12 B. gather,
+scatter_add_, index_put_ and nll_loss touch one logit per row (benches.INDEXED_ARGUMENTS).
+Recorded with a TorchDispatchMode on the executor (V = 151,936, 512 tokens): 311.2 MB per fp32
+pass."""
 
 
 def cross_entropy_ops(setup: TrainSetup, logits: float) -> list[Op]:
     """The memory-bound passes of the cross-entropy over `logits` = b·s·V elements
     (CROSS_ENTROPY_PASSES; one call per pass with all chunks' bytes, the planner's affine
-    form: a chunk is ≥ 2^25 logits when there are several, beyond the curve's last knot). 16-bit
-    compute adds the upcast of the lm_head output and the downcast of the gradient, (c + 4) B
-    per logit each (measured 933.5 MB for both at V = 151,936, 512 tokens, bf16)."""
+    form: a chunk is ≥ 2^25 logits when there are several, beyond the curve's last knot).
+    16-bit compute: the fused loss makes one torch.softmax call per chunk on the 16-bit lm_head
+    output (reads c, writes c B per logit; `_softmax_minus_onehot`; recorded 311.2 MB at
+    V = 151,936, 512 tokens, bf16); the full logits add the upcast of the lm_head output and the
+    downcast of the gradient, (c + 4) B per logit each (the same two casts the fused loss made
+    before round 6, recorded there: 933.5 MB for both)."""
+    c = dtype_bytes(setup.compute_dtype)
+    if setup.fused_loss and c != FP32_BYTES:
+        return [Op("cross_entropy", "elementwise", 0, logits * 2 * c, 1)]
     passes, per_logit = CROSS_ENTROPY_PASSES[setup.fused_loss]
     ops = [Op("cross_entropy", "elementwise", 0, logits * per_logit, passes)]
-    c = dtype_bytes(setup.compute_dtype)
     if c != FP32_BYTES:
         ops.append(Op("cross_entropy.casts", "elementwise", 0, logits * (c + FP32_BYTES), 2))
     return ops
@@ -447,8 +453,8 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     4.6 GB/s as empty + fill_; the page the kernel zeroes is then in cache).
 
     Buffers (c = compute, w = trainable bytes; per chunk of C = max(64, 2^25 // V) rows):
-    - fused loss: the [C, V] logits (c B each), in 16 bits also their fp32 copy and the c-byte
-      gradient cast from it, and once the 16-bit copy of an fp32 lm_head weight;
+    - fused loss: the [C, V] logits (c B each), in 16 bits also their softmax (c B), and once
+      the 16-bit copy of an fp32 lm_head weight;
     - full logits (F.cross_entropy): the [b·s, V] logits, log_softmax's output, the zeroed
       gradient of nll_loss and log_softmax's gradient (4 B each), in 16 bits the two casts;
     - a full fine-tune's lm_head gradient: each chunk's V·D product (c B; fp32 accumulates
@@ -470,7 +476,7 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     if setup.fused_loss:
         rows = fused_loss_chunk_rows(model, setup)
         chunks = tokens / rows
-        buffers = [(rows * vocab * b, chunks) for b in [c, *casts]]
+        buffers = [(rows * vocab * c, chunks)] * (2 if half else 1)
         if casts_fp32_weights(setup):
             buffers.append((vd * c, 1.0))  # the 16-bit copy of the fp32 lm_head weight
         head = [(vd * c, chunks if half else 1.0)]

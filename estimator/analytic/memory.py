@@ -322,19 +322,19 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     Full logits (`fused_loss=False`), at the start of backward: b·s·V·(c + 12) — the lm_head
     output (c), log_softmax's saved fp32 output (4), its incoming gradient (4) and the fp32
     gradient of the logits (4); fp32 compute has no separate upcast (16 B).
-    Fused chunked loss: one chunk's fp32 softmax computed in place of the logits, beside either
-    the c-byte GEMM output it was converted from or the c-byte gradient cast from it: C·V·(4 + c)
-    for 16-bit compute, C·V·4 in fp32 (no conversions; measured VmHWM over forward + backward at
-    V = 151,936, C = 220: 127.5 MiB fp32 = 1 buffer), plus what the forward keeps for backward:
+    Fused chunked loss: one chunk's softmax — in fp32 computed in place of the logits, C·V·4
+    (measured VmHWM over forward + backward at V = 151,936, C = 220: 127.5 MiB = 1 buffer); in
+    16 bits torch.softmax's c-byte output beside the c-byte logits it reads, C·V·2c
+    (executor/model.py `_softmax_minus_onehot`) — plus what the forward keeps for backward:
     ∂L/∂h (b·s·h·c) and, when lm_head trains, ∂L/∂W (Hsu et al. 2024, Liger-Kernel). In fp32
     ∂L/∂W is the first chunk's V·h·4 product, beside that chunk's softmax, later chunks
-    accumulating in place. In 16 bits the chunk's fp32 softmax is freed once its c-byte
-    gradient is cast, so the two peaks do not add: max(C·V·(4 + c) + V·h·4 when a later chunk
-    sees the fp32 sum, C·V·c + V·h·(c + 4): the chunk's gradient, its c-byte product and the
-    fp32 sum it is upcast into or added to). Summing both over-predicted smollm2-135m pure
-    bf16 full by 8–9 % (activations and transients 769 MiB predicted, 625 measured).
-    Measured at V = 151,936, h = 256, b·s = 512: fp32 128.1 MiB frozen head / bf16 194.0 MiB
-    (predicted 128.0 / 191.8).
+    accumulating in place. In 16 bits the logits are freed once the softmax is formed, so the
+    two peaks do not add: max(C·V·2c + V·h·4 when a later chunk sees the fp32 sum, C·V·c +
+    V·h·(c + 4): the chunk's gradient, its c-byte product and the fp32 sum it is upcast into or
+    added to). Summing both over-predicted smollm2-135m pure bf16 full by 8–9 % (activations
+    and transients 769 MiB predicted, 625 measured). Measured at V = 151,936, h = 256,
+    b·s = 512: fp32 128.1 MiB frozen head (predicted 128.0); the 16-bit softmax (round 6)
+    lowered the benchmark's dense LoRA / QLoRA bf16 peaks by 63 / 54 MiB, C·V·2 B = 62.5 MiB.
     Inference keeps only the last position's fp32 logits: b·V·4."""
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
@@ -349,7 +349,7 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     if c == FP32_BYTES:
         return chunk_logits * FP32_BYTES + grad_h + (vd * FP32_BYTES if setup.method == "full"
                                                      else 0)
-    softmax = chunk_logits * (FP32_BYTES + c)
+    softmax = chunk_logits * 2 * c
     if setup.method != "full":
         return softmax + grad_h
     several = tokens > rows

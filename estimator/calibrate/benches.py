@@ -556,11 +556,12 @@ def _tensor_bytes(value: object) -> int:
 INDEXED_ARGUMENTS = {"gather": ("self", "index"), "scatter": ("self", "index"),
                      "scatter_": ("self", "index"), "scatter_add": ("self", "index"),
                      "scatter_add_": ("self", "index"), "embedding": ("weight", "indices"),
-                     "nll_loss_forward": ("self", "target")}
+                     "nll_loss_forward": ("self", "target"), "index_put_": ("self", "values")}
 """aten ops that touch only the elements an index selects of one large argument: (that
-argument, the index argument). The loss head's gather/scatter_add_ into [C, V] logits touch
-C elements, an embedding lookup reads b·s rows of the V·D table; counting the whole tensor
-charged the 151,936-vocabulary loss head 107 ms per step of work that takes 0.5 ms."""
+argument, the index argument; index_put_ writes one element per value). The loss head's
+gather/scatter_add_/index_put_ into [C, V] logits touch C elements, an embedding lookup reads
+b·s rows of the V·D table; counting the whole tensor charged the 151,936-vocabulary loss head
+107 ms per step of work that takes 0.5 ms."""
 
 
 def _selected_bytes(name: str, value: torch.Tensor, index: torch.Tensor) -> int:

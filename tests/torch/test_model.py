@@ -2,6 +2,8 @@
 to a dense all-experts reference, unsupported specs rejected, checkpointing leaves gradients
 unchanged, bf16 builds run."""
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -177,6 +179,36 @@ def test_fused_loss_in_chunks_sums_the_lm_head_gradient_in_row_blocks(monkeypatc
     assert chunked == pytest.approx(whole, rel=1e-6)
     torch.testing.assert_close(gh, gh1)
     torch.testing.assert_close(gw, gw1, atol=1e-3 * float(gw1.abs().max()), rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_loss_in_16_bits_keeps_far_off_targets_exact(dtype):
+    """16-bit logits: the loss is −log of the 16-bit softmax at the target; a row whose target
+    probability is below the dtype's smallest normal (here 100 nats off) takes the exact fp32
+    logsumexp instead of log(0) = inf. Loss and gradients against F.cross_entropy of the same
+    16-bit logits upcast to fp32."""
+    import estimator.executor.model as executor_model
+
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, dtype=dtype)
+    w = torch.randn(50, 8, dtype=dtype)
+    h[0], w[1], w[2] = 0.0, 0.0, 0.0
+    h[0, 0], w[1, 0], w[2, 0] = 10.0, 10.0, 0.0  # row 0: logit 100 on word 1, 0 on its target 2
+    targets = torch.tensor([2, 3, 4, -100, 5, 6])
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    loss = executor_model.fused_linear_cross_entropy(h, w, targets)
+    loss.backward()
+    gh, gw = h.grad, w.grad
+    h.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy((h @ w.T).float(), targets)
+    ref.backward()
+    loss, ref = float(loss.detach()), float(ref.detach())
+    assert math.isfinite(loss) and loss == pytest.approx(ref, rel=1e-3)
+    assert ref > 100 / 5  # row 0 alone contributes 100 nats over 5 valid rows
+    for mine, theirs in ((gh, h.grad), (gw, w.grad)):
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=2e-2,
+                                   atol=1e-2 * float(theirs.abs().max()))
 
 
 def _accelerator():

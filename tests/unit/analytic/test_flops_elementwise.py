@@ -121,7 +121,7 @@ def test_kernel_only_elementwise_curve_leaves_its_calls_dispatch_to_the_framewor
 
 def test_loss_head_fresh_pages_count_every_buffer_above_the_mmap_ceiling():
     """Every loss-head buffer over glibc's 32 MiB mmap ceiling is fresh pages: per chunk the
-    [C, V] logits, in 16 bits their fp32 copy and the 16-bit gradient; under autocast the
+    [C, V] logits, in 16 bits also their 16-bit softmax (the gradient); under autocast the
     16-bit copy of an fp32 lm_head weight; a full fine-tune's V·D lm_head products, fp32 sum
     and cast back, and with tied embeddings the embedding's gradient, but not the gradient
     the optimizer reads (fresh_gradient_op's). Small vocabularies stay under the ceiling
@@ -136,15 +136,15 @@ def test_loss_head_fresh_pages_count_every_buffer_above_the_mmap_ceiling():
         return sum(op.bytes_per_call * op.num_calls for op in F.loss_head_fresh_ops(spec, setup))
 
     logits, head = 512 * 49152, 49152 * 576  # one chunk of 512 rows
-    assert fresh() == logits * (2 + 4 + 2)
+    assert fresh() == logits * (2 + 2)
     assert fresh(compute_dtype="fp32", weight_bits=32) == logits * 4
     assert fresh(fused_loss=False) == logits * (2 + 4 + 2 + 3 * 4)
     # the weight's 16-bit copy and the products; the fp32 sum is the gradient:
-    assert fresh(method="full") == logits * 8 + head * (2 + 2)
+    assert fresh(method="full") == logits * 4 + head * (2 + 2)
     assert fresh(method="full", compute_dtype="fp32", weight_bits=32) == logits * 4
-    assert fresh(method="full", mixed_precision=False) == logits * 8 + head * (2 + 4)
+    assert fresh(method="full", mixed_precision=False) == logits * 4 + head * (2 + 4)
     tied = model.model_copy(update={"tied_embeddings": True})
-    assert fresh(tied, method="full") == logits * 8 + head * (2 + 2 + 4 + 4)
+    assert fresh(tied, method="full") == logits * 4 + head * (2 + 2 + 4 + 4)
     assert fresh(seq_len=1024) == pytest.approx(4 * fresh())  # 3 chunks of 682 rows, by tokens
     small = model.model_copy(update={"vocab_size": 8192})
     assert F.loss_head_fresh_ops(small, TrainSetup(method="lora", compute_dtype="bf16",
@@ -153,22 +153,28 @@ def test_loss_head_fresh_pages_count_every_buffer_above_the_mmap_ceiling():
 
 
 def test_cross_entropy_and_lm_head_gradient_bytes_as_recorded():
-    """The cross-entropy's passes (5 × 4 B per logit fused, plus two (c + 4)-byte casts in 16
-    bits), and a full fine-tune's lm_head/embedding gradient work: the later chunks' adds into
-    the fp32 sum, the embedding's gradient and the tied sum (bytes of the V = 151,936 record)."""
+    """The cross-entropy's passes (fused: 5 × 4 B per logit in fp32, one 16-bit softmax, 2 ×
+    2 B, in bf16; full logits: three passes plus two (c + 4)-byte casts in 16 bits), and a full
+    fine-tune's lm_head/embedding gradient work: the later chunks' adds into the fp32 sum, the
+    embedding's gradient and the tied sum (bytes of the V = 151,936 records)."""
     model = ModelSpec(name="m", num_layers=2, hidden_size=256, intermediate_size=704,
                       num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=151936,
                       max_seq_len=4096, tied_embeddings=True)
     setup = TrainSetup(method="full", compute_dtype="bf16", batch_size=2, seq_len=256)
     ops = {op.name: op for op in [*F.head_ops(model, setup), *F.lm_head_grad_ops(model, setup)]}
     logits, vd = 512 * 151936, 151936 * 256
-    assert ops["cross_entropy"].bytes_moved == 5 * 4 * logits
-    assert ops["cross_entropy.casts"].bytes_moved == pytest.approx(933.5e6, rel=1e-3)
+    assert ops["cross_entropy"].bytes_moved == pytest.approx(311.2e6, rel=1e-3)  # _softmax
+    assert "cross_entropy.casts" not in ops
+    unfused = setup.model_copy(update={"fused_loss": False})
+    casts = [op for op in F.head_ops(model, unfused) if op.name == "cross_entropy.casts"]
+    assert casts[0].bytes_moved == pytest.approx(933.5e6, rel=1e-3)
+    fp32 = TrainSetup(method="full", compute_dtype="fp32", weight_bits=32, batch_size=2,
+                      seq_len=256)
+    ce = [op for op in F.head_ops(model, fp32) if op.name == "cross_entropy"]
+    assert ce[0].bytes_moved == 5 * 4 * logits
     assert ops["lm_head.grad_accumulate"].bytes_moved == pytest.approx((512 / 220 - 1) * 6 * vd)
     assert ops["embedding.grad"].bytes_moved == pytest.approx(156.1e6, rel=1e-3)
     assert ops["embedding.tied_sum"].bytes_moved == pytest.approx(466.7e6, rel=1e-3)
-    fp32 = TrainSetup(method="full", compute_dtype="fp32", weight_bits=32, batch_size=2,
-                      seq_len=256)
     assert {op.name for op in F.lm_head_grad_ops(model, fp32)} == {"embedding.grad",
                                                                   "embedding.tied_sum"}
     assert F.lm_head_grad_ops(model, TrainSetup(method="lora", compute_dtype="bf16")) == []

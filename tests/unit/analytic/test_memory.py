@@ -72,17 +72,18 @@ def test_full_logits_buffers(tiny_dense: ModelSpec) -> None:
 
 def test_fused_loss_buffers(tiny_dense: ModelSpec) -> None:
     """Chunk of min(b·s, max(64, 2^25/V)) rows: 16 rows here; grads of h and (full) of W, whose
-    16-bit buffers peak apart from the chunk's softmax."""
+    16-bit buffers peak apart from the chunk's softmax (16-bit logits and their 16-bit
+    softmax: C·V·4)."""
     lora = TrainSetup(method="lora", batch_size=2, seq_len=8, compute_dtype="bf16")
-    assert M.logits_bytes(tiny_dense, lora) == 16 * 100 * (4 + 2) + 16 * 64 * 2
+    assert M.logits_bytes(tiny_dense, lora) == 16 * 100 * (2 + 2) + 16 * 64 * 2
     full = lora.model_copy(update={"method": "full"})
-    # one chunk: the softmax (C·V·6) or the chunk's gradient with W's product and fp32 sum
-    assert M.logits_bytes(tiny_dense, full) == 16 * 64 * 2 + max(16 * 100 * 6,
+    # one chunk: the softmax (C·V·4) or the chunk's gradient with W's product and fp32 sum
+    assert M.logits_bytes(tiny_dense, full) == 16 * 64 * 2 + max(16 * 100 * 4,
                                                                  16 * 100 * 2 + 100 * 64 * 6)
     several = full.model_copy(update={"seq_len": 2**20})  # a later chunk sees the fp32 sum
     rows, tokens = 2**25 // 100, 2 * 2**20
     assert M.logits_bytes(tiny_dense, several) == tokens * 64 * 2 + max(
-        rows * 100 * 6 + 100 * 64 * 4, rows * 100 * 2 + 100 * 64 * 6)
+        rows * 100 * 4 + 100 * 64 * 4, rows * 100 * 2 + 100 * 64 * 6)
     fp32 = full.model_copy(update={"compute_dtype": "fp32", "weight_bits": 32,
                                    "mixed_precision": False})
     assert M.logits_bytes(tiny_dense, fp32) == 16 * 100 * 4 + 16 * 64 * 4 + 100 * 64 * 4
