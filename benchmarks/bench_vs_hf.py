@@ -17,6 +17,11 @@ at the training shapes, and the first-step loss of each (equal weights ⇒ equal
 is installed) and HF under this process's (glibc unless preloaded); without it both run under
 this process's malloc.
 
+--profile profiles one more step per run and splits it into the kernels both sides share (GEMM,
+SDPA, optimizer) and the rest; it prints the speed ratio ours would reach if the rest took no
+time (HF's step over our shared kernels) and the GEMM-peak share if only our GEMMs and attention
+ran — the ceilings these kernels set on the goals.
+
 --compile adds a third side, ours with compile_blocks (what `nvfree train --compile` runs), in the
 same alternating rounds: each config then prints the eager row, the compiled row (both against
 the same HF runs) and compiled / eager. The compile runs in the untimed warm-up steps; the peak
