@@ -30,6 +30,9 @@ class MoESpec(Spec):
     """Extra dense FFNs inside each MoE layer beside the MoE (count, LongCat-Flash has 2)."""
     expert_bias: bool = False
     """Expert and router linears carry biases (gpt-oss)."""
+    shared_expert_gate: bool = False
+    """A sigmoid gate h→1 scales the shared experts' output (Qwen2-MoE `shared_expert_gate`:
+    h weights per MoE layer, counted with the router)."""
 
     @model_validator(mode="after")
     def _check(self) -> "MoESpec":
@@ -81,10 +84,22 @@ class ModelSpec(Spec):
     """Tokenizer vocabulary = embedding rows = logits width (count)."""
     tied_embeddings: bool = False
     """lm_head shares the input embedding matrix."""
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    """FFN type: gated SwiGLU (3 matrices) or GELU (2 matrices, GPT-2)."""
+    mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"
+    """FFN type: gated SwiGLU or gated GELU (GeGLU, Gemma), 3 matrices gate/up/down; or a plain
+    GELU MLP, 2 matrices up/down (GPT-2, Phi-2, GPT-NeoX, StarCoder2)."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation type (LayerNorm has a bias vector too)."""
+    norms_per_layer: int | None = Field(default=None, gt=0)
+    """Hidden-width norms in one block (count); None = one before each attention and one before
+    each FFN, 2·attentions_per_layer (Llama). Phi-2 shares one norm between its parallel
+    attention and MLP (1); Gemma-2/3 add post-attention and post-FFN norms (4); OLMo-2 has the
+    two post-norms only (2)."""
+    parallel_residual: bool = False
+    """Attention and FFN both read the block input and their outputs are added to it together,
+    x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J, GPT-NeoX, Phi-2); False = sequential (Llama)."""
+    rotary_fraction: float = Field(default=1.0, gt=0, le=1)
+    """Share of each query/key head's width that gets rotary embeddings (fraction; Phi-2 0.4,
+    Pythia 0.25, HF `partial_rotary_factor` / `rotary_pct`). No parameters depend on it."""
     position: Literal["rope", "learned"] = "rope"
     """Rotary embeddings, or a learned position-embedding table (GPT-2)."""
     max_seq_len: int = Field(default=4096, gt=0)
@@ -94,9 +109,18 @@ class ModelSpec(Spec):
     attention_bias: bool = False
     """q/k/v/o projections all carry biases (gpt-oss `attention_bias`)."""
     linear_bias: bool = False
-    """Every linear layer carries a bias (GPT-2 style)."""
+    """Every linear layer in the blocks carries a bias (GPT-2 style)."""
+    mlp_bias: bool = False
+    """The dense FFN linears carry biases (GPT-NeoX; Llama's `mlp_bias`)."""
+    lm_head_bias: bool = False
+    """lm_head carries a bias of V elements (Phi-1/1.5/2)."""
     qk_norm: bool = False
-    """Per-head RMSNorm on queries and keys (Qwen3)."""
+    """A norm on queries and keys before attention (Qwen3, Gemma-3, OLMo-2; Phi's
+    `qk_layernorm`), of the model's norm type."""
+    qk_norm_scope: Literal["head", "projection"] = "head"
+    """Width of the qk-norm weights: 'head' = one head_dim vector shared by all heads, for q and
+    for k (Qwen3, Gemma-3); 'projection' = over the whole q (H·d) and k (K·d) projections
+    (OLMo-2)."""
     attention_sinks: bool = False
     """One learned sink logit per head (gpt-oss)."""
     attentions_per_layer: int = Field(default=1, gt=0)
@@ -107,6 +131,17 @@ class ModelSpec(Spec):
     """Mixture-of-experts settings; None for a dense model."""
     mla: MLASpec | None = None
     """Multi-head latent attention settings; None for standard (GQA/MHA) attention."""
+    lora_module_names: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """The model's own PEFT module names → the canonical (Llama) linears they mean, e.g. Qwen-1's
+    {'c_attn': ('q_proj', 'k_proj', 'v_proj'), 'c_proj': ('o_proj', 'down_proj'), ...}; a name
+    that occurs in two places (Qwen-1's attn.c_proj and mlp.c_proj) lists both. Canonical names
+    (setup.LINEAR_TARGETS) are always accepted too (analytic.params.resolve_lora_targets)."""
+    fused_linears: tuple[tuple[str, ...], ...] = ()
+    """Canonical linears that the model's code stores as ONE nn.Linear, so PEFT gives them one
+    shared LoRA A (r × in): GPT-NeoX query_key_value, Qwen-1 c_attn, Phi-3 qkv_proj
+    (q, k, v) and gate_up_proj (gate, up). Parameter counts are the same either way."""
+    hf_model_type: str | None = None
+    """The Hugging Face `model_type` a config.json spec was read from (None for presets)."""
     hf_id: str | None = None
     """Hugging Face model id the preset describes."""
     source: str | None = None
