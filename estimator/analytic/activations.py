@@ -13,7 +13,7 @@ _RMSNormFunction). Measured against torch.autograd.graph.saved_tensors_hooks:
 tests/torch/test_activation_parity.py.
 """
 
-from estimator.analytic.params import attention_linears
+from estimator.analytic.params import attention_linears, norms_per_layer
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
 
@@ -108,17 +108,19 @@ def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) 
 
 def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, width: int,
                     *, input_copies: bool = True) -> float:
-    """One FFN over `num_tokens`: gate/up input(s), SwiGLU's g and u (silu(g) is recomputed
-    in backward: the executor's _SiLUMul, as Liger-Kernel's SwiGLU; GELU: its input), the
-    down_proj input (not for a fully trained SwiGLU FFN: the executor's _SwiGLUDown recomputes
-    it from g and u for ∂W_down); LoRA hidden states."""
+    """One FFN over `num_tokens`: gate/up input(s), a gated FFN's g and u (SwiGLU's silu(g) is
+    recomputed in backward: the executor's _SiLUMul, as Liger-Kernel's SwiGLU; GeGLU is taken
+    to save the same; GELU: its input), the down_proj input (not for a fully trained SwiGLU
+    FFN: the executor's _SwiGLUDown recomputes it from g and u for ∂W_down); LoRA hidden
+    states."""
     c, _ = elem_bytes(setup)
     h = model.hidden_size
-    first = ["gate_proj", "up_proj"] if model.mlp == "swiglu" else ["up_proj"]
+    gated = model.mlp != "gelu"
+    first = ["gate_proj", "up_proj"] if gated else ["up_proj"]
     total = 0.0
     if input_copies:
         total += saved_linear_inputs(setup, first) * num_tokens * h * c
-    total += (2 if model.mlp == "swiglu" else 1) * num_tokens * width * c
+    total += (2 if gated else 1) * num_tokens * width * c
     if not (model.mlp == "swiglu" and setup.method == "full"):
         total += saved_linear_inputs(setup, ["down_proj"]) * num_tokens * width * c
     return total + lora_hidden_bytes(setup, [*first, "down_proj"], round(num_tokens))
@@ -148,19 +150,40 @@ def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int,
     return total
 
 
+def shares_one_norm(model: ModelSpec) -> bool:
+    """Phi-2: one norm feeds both the parallel attention and the MLP (one saved output)."""
+    return model.parallel_residual and norms_per_layer(model) == 1
+
+
+def norm_adjust_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> int:
+    """Norms the spec's norms_per_layer states besides the one before each attention and the
+    one before the FFN: post-norms (Gemma-2/3) save their input and statistics too; Phi-2's
+    single shared norm saves one set fewer; a parallel-residual block whose two norms read the
+    same block input (GPT-NeoX) keeps that input once. Without norms_per_layer nothing is
+    added (LongCat-Flash's second pre-FFN norm is not counted, as before)."""
+    _, r = elem_bytes(setup)
+    extra = 0 if model.norms_per_layer is None else (
+        norms_per_layer(model) - (model.attentions_per_layer + 1))
+    total = extra * norm_saved_bytes(model, setup, num_tokens)
+    if model.parallel_residual and extra >= 0:
+        total -= num_tokens * model.hidden_size * r
+    return total
+
+
 def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool,
                       pad_experts: bool = False) -> int:
     """Everything one transformer block saves for backward (bytes); `pad_experts`: expert
     groups padded to EXPERT_ROW_GRANULE rows."""
     tokens = setup.batch_size * setup.seq_len
     total = model.attentions_per_layer * attention_saved_bytes(model, setup, tokens)
-    total += norm_saved_bytes(model, setup, tokens)
+    total += norm_saved_bytes(model, setup, tokens) + norm_adjust_bytes(model, setup, tokens)
     if moe_layer:
         pad_rows = padded_expert_rows(model) if pad_experts else 0.0
         total += moe_saved_bytes(model, setup, tokens, pad_rows)
     else:
+        copies = not (norm_output_recomputed(model, setup) or shares_one_norm(model))
         total += ffn_saved_bytes(model, setup, tokens, model.intermediate_size,
-                                 input_copies=not norm_output_recomputed(model, setup))
+                                 input_copies=copies)
     return round(total)
 
 
