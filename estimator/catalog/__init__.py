@@ -1,4 +1,5 @@
-"""data/ → specs: model presets, Hugging Face config.json files and catalogue devices.
+"""data/ → specs: model presets, Hugging Face config.json files (catalog.hf) and catalogue
+devices.
 
 The data directory ships inside the wheel as `estimator/data` (pyproject force-include); in a
 source checkout it is the top-level `data/`.
@@ -6,20 +7,24 @@ source checkout it is the top-level `data/`.
 
 import difflib
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from estimator.errors import ConfigError, UnknownDeviceError, UnknownModelError
-from estimator.specs import Device, MLASpec, ModelSpec, MoESpec
+from estimator.catalog.hf import HF_MODEL_TYPES, model_from_hf_config, read_hf_config
+from estimator.errors import UnknownDeviceError, UnknownModelError
+from estimator.specs import Device, ModelSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+__all__ = [
+    "GB", "GIB", "HF_MODEL_TYPES", "TERA", "data_dir", "device_from_entry", "list_devices",
+    "list_models", "load_device", "load_model", "model_aliases", "model_from_entry",
+    "model_from_hf_config", "read_hf_config", "read_toml", "suggestion",
+]
 
 GIB = 1024**3
 GB = 1000**3
@@ -28,8 +33,9 @@ TERA = 1e12
 
 def data_dir() -> Path:
     """The catalogue directory: packaged copy first, then the source checkout's data/."""
-    packaged = Path(__file__).parent / "data"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "data"
+    package = Path(__file__).resolve().parent.parent  # estimator/
+    packaged = package / "data"
+    return packaged if packaged.is_dir() else package.parent / "data"
 
 
 @functools.cache
@@ -124,92 +130,3 @@ def load_model(name_or_path: str) -> ModelSpec:
             f"unknown model '{name_or_path}'.{suggestion(name_or_path, list(aliases))} "
             "See `nvfree models`, or pass a config.json path or --params.")
     return model_from_entry(key, read_toml("models.toml")["models"][key])
-
-
-# --------------------------------------------------------------- Hugging Face config.json
-
-HF_DENSE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "smollm3"}
-HF_MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"}
-
-
-def read_hf_config(path: Path) -> dict[str, Any]:
-    """Load config.json from a file or a model directory, with one-line errors."""
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"no config.json at {file}")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{file} must hold a JSON object")
-    return config
-
-
-def hf_moe(config: dict[str, Any], model_type: str) -> MoESpec | None:
-    """The MoE part of a HF config (Mixtral / Qwen-MoE / DeepSeek / gpt-oss names)."""
-    num_experts = (config.get("num_local_experts") or config.get("num_experts")
-                   or config.get("n_routed_experts"))
-    if not num_experts or model_type not in HF_MOE:
-        return None
-    shared = config.get("n_shared_experts") or (1 if config.get(
-        "shared_expert_intermediate_size") else 0)
-    return MoESpec(
-        num_experts=num_experts,
-        num_experts_per_token=config.get("num_experts_per_tok") or config["experts_per_token"],
-        expert_intermediate_size=(config.get("moe_intermediate_size")
-                                  or config["intermediate_size"]),
-        num_shared_experts=shared,
-        shared_expert_intermediate_size=config.get("shared_expert_intermediate_size"),
-        num_dense_layers=config.get("first_k_dense_replace", 0),
-        expert_bias=model_type == "gpt_oss",
-    )
-
-
-def hf_mla(config: dict[str, Any]) -> MLASpec | None:
-    """The MLA part of a DeepSeek-style config."""
-    if "kv_lora_rank" not in config:
-        return None
-    return MLASpec(q_lora_rank=config.get("q_lora_rank"), kv_lora_rank=config["kv_lora_rank"],
-                   qk_nope_head_dim=config["qk_nope_head_dim"],
-                   qk_rope_head_dim=config["qk_rope_head_dim"], v_head_dim=config["v_head_dim"])
-
-
-def model_from_hf_config(path: Path) -> ModelSpec:
-    """A ModelSpec from a Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen-MoE/DeepSeek/gpt-oss config."""
-    config = read_hf_config(path)
-    model_type = str(config.get("model_type", ""))
-    if model_type not in HF_DENSE | HF_MOE:
-        raise ConfigError(
-            f"unsupported model_type '{model_type}' in {path}; supported: "
-            f"{', '.join(sorted(HF_DENSE | HF_MOE))}")
-    try:
-        heads = config["num_attention_heads"]
-        hidden = config["hidden_size"]
-        moe = hf_moe(config, model_type)
-        mla = hf_mla(config)
-        head_dim = config.get("head_dim") or (
-            mla.qk_nope_head_dim + mla.qk_rope_head_dim if mla else hidden // heads)
-        spec = ModelSpec(
-            name=config.get("_name_or_path") or path.resolve().name,
-            num_layers=config["num_hidden_layers"], hidden_size=hidden,
-            intermediate_size=config.get("intermediate_size") or 4 * hidden,
-            num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            vocab_size=config["vocab_size"],
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_seq_len=config.get("max_position_embeddings", 4096),
-            qkv_bias=model_type in ("qwen2", "qwen2_moe"),
-            attention_bias=bool(config.get("attention_bias", False)),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
-            attention_sinks=model_type == "gpt_oss",
-            sliding_window=config.get("sliding_window") if config.get(
-                "use_sliding_window", True) else None,
-            moe=moe, mla=mla, source=str(path),
-        )
-    except KeyError as exc:
-        raise ConfigError(f"{path}: config.json lacks the field {exc}") from None
-    except (ValidationError, TypeError) as exc:
-        first = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc)}
-        raise ConfigError(f"{path}: invalid config.json ({first['msg']})") from None
-    return spec
