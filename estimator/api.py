@@ -3,7 +3,7 @@
 from estimator.analytic.advice import advise, devices_needed
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
-from estimator.analytic.params import count_params
+from estimator.analytic.params import count_params, resolve_lora_targets
 from estimator.analytic.throughput import throughput
 from estimator.errors import SetupError
 from estimator.specs import (
@@ -18,8 +18,33 @@ from estimator.specs import (
 )
 
 
+def lora_target_names(model: ModelSpec) -> str:
+    """The --lora-targets names a model takes, for messages: canonical, then its own."""
+    from estimator.specs.setup import LINEAR_TARGETS
+
+    return ", ".join([*LINEAR_TARGETS, *(n for n in model.lora_module_names
+                                         if n not in LINEAR_TARGETS)])
+
+
+def resolve_setup(model: ModelSpec, setup: TrainSetup) -> TrainSetup:
+    """The setup with its LoRA targets in the canonical names the analytic model counts
+    (analytic.params.resolve_lora_targets: Qwen-1's c_attn → q_proj, k_proj, v_proj; a fused
+    module's members all together); the same object when nothing changes. Callers that take
+    a user's setup resolve it before check_setup (estimate does)."""
+    if not setup.trains_adapters:
+        return setup
+    targets, unknown = resolve_lora_targets(model, setup.lora_targets)
+    if unknown:
+        raise SetupError(f"unknown LoRA target(s) {', '.join(unknown)} for {model.name}; use "
+                         f"PEFT names: {lora_target_names(model)} or all-linear")
+    if targets == setup.lora_targets:
+        return setup
+    return setup.model_copy(update={"lora_targets": targets})
+
+
 def check_setup(model: ModelSpec, setup: TrainSetup) -> None:
-    """Reject setups the model cannot have (one line each)."""
+    """Reject setups the model cannot have (one line each). LoRA targets must be canonical
+    names (resolve_setup turns a model's own names into them)."""
     if setup.trains_adapters and setup.lora_rank > model.hidden_size:
         raise SetupError(
             f"LoRA rank {setup.lora_rank} exceeds the hidden size {model.hidden_size}")
@@ -143,10 +168,13 @@ def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
 
 def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local",
              profile: CalibrationProfile | None = None) -> Estimate:
-    """Predict parameters, peak memory, step time, cost and a verdict with advice."""
+    """Predict parameters, peak memory, step time, cost and a verdict with advice. LoRA
+    targets may be the model's own PEFT names (resolve_setup); the Estimate's setup carries
+    the canonical names they mean."""
     from estimator.catalog import load_device
 
     dev = load_device(device) if isinstance(device, str) else device
+    setup = resolve_setup(model, setup)
     check_setup(model, setup)
 
     def memory_of(s: TrainSetup) -> MemoryBreakdown:
