@@ -114,7 +114,8 @@ def _mla_fields(cfg: HFConfig) -> dict[str, Any]:
 
 
 def read_llama(cfg: HFConfig) -> dict[str, Any]:
-    """Llama, SmolLM3, Granite: the canonical block; attention_bias / mlp_bias."""
+    """Llama, SmolLM3, Granite (whose multipliers have no parameters): the canonical block;
+    attention_bias / mlp_bias."""
     return _biases(cfg)
 
 
@@ -173,6 +174,12 @@ def read_gemma2(cfg: HFConfig) -> dict[str, Any]:
 
 def read_gemma3(cfg: HFConfig) -> dict[str, Any]:
     return {**read_gemma2(cfg), "qk_norm": True}
+
+
+def read_glm4(cfg: HFConfig) -> dict[str, Any]:
+    """GLM-4: q/k/v biased with attention_bias (o not), fused gate_up_proj, sandwich norms
+    (input, post_self_attn, post_attention, post_mlp: 4 per block)."""
+    return {"qkv_bias": bool(cfg.get("attention_bias", True)), "norms_per_layer": 4}
 
 
 def read_olmo2(cfg: HFConfig) -> dict[str, Any]:
@@ -305,6 +312,14 @@ ARCHITECTURES: dict[str, Arch] = {
                               attention_bias=False, sliding_window=4096), read_gemma3),
     "olmo2": Arch(_base(50304, 4096, 11008, 32, 32, None, 2048, False, attention_bias=False),
                   read_olmo2),
+    "olmo3": Arch(_base(50304, 4096, 11008, 32, 32, None, 2048, False, attention_bias=False,
+                        sliding_window=4096), read_olmo2),
+    "granite": Arch(_base(32000, 4096, 11008, 32, 32, None, 2048, False, attention_bias=False,
+                          mlp_bias=False), read_llama),
+    "glm4": Arch(_base(151552, 4096, 13696, 40, 32, 2, 131072, False, head_dim=128,
+                       attention_bias=True), read_glm4,
+                 lora_names={"gate_up_proj": ("gate_proj", "up_proj")},
+                 fused=(("gate_proj", "up_proj"),), rotary_fraction=0.5),
     "starcoder2": Arch(_base(49152, 3072, 12288, 30, 24, 2, 4096, True, sliding_window=None,
                              use_bias=True), read_starcoder2,
                        lora_names={"c_fc": ("up_proj",), "c_proj": ("down_proj",)}),
