@@ -20,6 +20,7 @@ EXPECTED_KEYS = {
     "m2-ultra", "m3-max", "m4-max", "m3-ultra",
     "a100-40gb", "a100-80gb", "a100-80gb-pcie", "h100-sxm", "h200", "l4", "rtx-3090",
     "rtx-4090", "t4",
+    "rtx-a6000", "a10g",  # added for the published peak-memory rows (data/published_peaks.toml)
     "xeon-platinum-8480plus", "xeon-platinum-8592plus", "xeon-6980p", "epyc-9654",
     "epyc-9965", "graviton3", "graviton4", "ryzen-9-7950x", "core-i9-14900k", "m4-max-cpu",
 }
