@@ -166,6 +166,14 @@ def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
     return compose_throughput(model, setup, rank, params, profile, perf)
 
 
+def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
+    """The peak memory of the same setup under each other framework nvfree models."""
+    from estimator.analytic.frameworks import FRAMEWORKS
+
+    return {f: memory_of(setup.model_copy(update={"framework": f})).total_bytes
+            for f in FRAMEWORKS if f != setup.framework}
+
+
 def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local",
              profile: CalibrationProfile | None = None) -> Estimate:
     """Predict parameters, peak memory, step time, cost and a verdict with advice. LoRA
@@ -185,8 +193,8 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
 
     params = count_params(model, setup)
     memory = memory_of(setup)
-    fits = memory.total_bytes <= memory.capacity_bytes
-    advice = advise(setup, memory_of, memory.capacity_bytes)
+    fits = memory.fits
+    advice = advise(setup, memory_of)
     if not fits and setup.method != "inference":
         def time_of(s: TrainSetup) -> float:
             return perf_of(s, memory_of(s)).step_seconds
@@ -200,12 +208,15 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
             advice += sharding_advice(combined, memory_of, time_of, cpu, best.change)
     if fits:
         verdict = "fits"
+    elif memory.total_bytes <= memory.capacity_bytes:
+        verdict = "tight"
     else:
         verdict = "fits_with_changes" if any(a.fits for a in advice) else "does_not_fit"
     minimum = min([memory.total_bytes, *(a.total_bytes for a in advice)])
     return Estimate(model=model, setup=setup, device=dev, params=params, memory=memory,
                     throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
+                    other_frameworks=other_framework_peaks(setup, memory_of),
                     assumptions=assumptions_for(model, setup, dev, profile))
 
 

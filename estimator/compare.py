@@ -79,7 +79,7 @@ def sized(setup: TrainSetup, num_devices: int, zero_stage: int, per_node: int) -
 
 def fits(est: Estimate) -> bool:
     """Peak memory within the device's capacity."""
-    return est.memory.total_bytes <= est.memory.capacity_bytes
+    return est.memory.fits
 
 
 def method_setup(setup: TrainSetup, method: str) -> TrainSetup:
@@ -139,7 +139,7 @@ def smallest_fit(model: ModelSpec, setup: TrainSetup, device: Device,
     def fits_at(n: int, zero: int) -> bool:
         s = sized(setup, n, zero, per_node)
         mem = memory_breakdown(model, s, device, count_params(model, s))
-        return mem.total_bytes <= mem.capacity_bytes
+        return mem.fits
 
     single = estimate(model, sized(setup, 1, 0, per_node), device, profile)
     two = sized(setup, 2, 3, per_node)

@@ -28,7 +28,7 @@ assembled in one gather from per-sweep, per-structure × micro-batch and per-can
   layouts, once per distinct payload and layout (_call_seconds); sweeps that differ only in
   the optimizer or checkpointing share the terms when their collectives at (1, 1) are equal.
 - Peak memory: memory_breakdown's two phases, held + max(forward/backward, optimizer step)
-  (phase_peak), from memory.py's own terms: memory_phases per sweep, batch_bytes per structure
+  (phase_peak), from memory.py's own terms: memory_phases per sweep, micro_batch_bytes per structure
   and micro-batch (evaluated per b, not extrapolated: chunked logits are not affine in b), and
   memory_breakdown itself at the largest micro-batch of each structure for any term the phases
   leave out (KV cache, expert kernel caches, a term added later), per b where there is one.
@@ -46,14 +46,12 @@ from itertools import product
 import numpy as np
 
 from estimator.analytic import comms as C
-from estimator.analytic.activations import activation_bytes
 from estimator.analytic.efficiency import default_seconds_array, profile_curve
 from estimator.analytic.memory import (
     HOST_TERMS,
     check_offload,
-    dequant_transient_bytes,
-    logits_bytes,
     memory_breakdown,
+    micro_batch_bytes,
     model_state_terms,
     runtime_overhead_bytes,
     step_runtime_bytes,
@@ -67,6 +65,7 @@ from estimator.analytic.parallel import (
 )
 from estimator.analytic.params import count_params
 from estimator.analytic.throughput import correction, op_class_key, timed_ops
+from estimator.analytic.uncertainty import upper_bytes
 from estimator.errors import SetupError
 from estimator.specs import (
     CalibrationProfile,
@@ -314,13 +313,6 @@ def _step_runtime(setup: TrainSetup, device: Device, grads) -> int:
         return sum(step_runtime_bytes(setup, device, grads).values())
     return np.array([sum(step_runtime_bytes(setup, device, g).values())
                      for g in grads.tolist()])
-
-
-def batch_bytes(model: ModelSpec, setup: TrainSetup) -> int:
-    """Forward/backward bytes of one micro-batch: activations, logits and loss buffers, the
-    dequantised weight (the phase terms that depend on the micro-batch)."""
-    return (sum(activation_bytes(model, setup).values()) + logits_bytes(model, setup)
-            + dequant_transient_bytes(model, setup))
 
 
 def phase_peak(phases: tuple, fwd_bwd, accums):
@@ -772,7 +764,7 @@ def _batch_rows(model: ModelSpec, sw: Sweep, params: ParamCounts, phases: tuple,
     mate = (*sw.structure[:3], *sw.structure[4:], sw.split)
     for b in new:
         if (mate, b) not in fwd_bwd:
-            fwd_bwd[mate, b] = batch_bytes(model, _at(sw.setup, b))
+            fwd_bwd[mate, b] = micro_batch_bytes(model, _at(sw.setup, b), sw.rank.backend)
 
     def beyond(b: int) -> int:
         a, j = new[b]
@@ -856,7 +848,8 @@ def _search(model: ModelSpec, base: TrainSetup, device: Device,
     limit = c.memory_limit_bytes or _capacity(model, base, device)
     total = step * steps
     cost = _cost(total, device, scored.num_devices)
-    ok = (peak <= limit) & _within(total, c.max_seconds) & _within(cost, c.max_cost_usd)
+    fits = upper_bytes(peak, base, device) <= limit  # the band's upper end (uncertainty.py)
+    ok = fits & _within(total, c.max_seconds) & _within(cost, c.max_cost_usd)
     key = cost if c.objective == "cost" and device.price_per_hour_usd is not None else total
     order = np.lexsort((peak, key, ~ok))[: c.top]
     rows = _exact(model, [scored.setup(i) for i in order], device, profile, steps, limit)
@@ -864,7 +857,7 @@ def _search(model: ModelSpec, base: TrainSetup, device: Device,
                 and abs(r.peak_bytes - peak[i]) <= 1 for r, i in zip(rows, order, strict=True))
     rows.sort(key=lambda r: (not _meets(r, c, limit), _key(r, c), r.peak_bytes))
     ranked = [replace_verdict(r, rows[0], c, limit) for r in rows]
-    return ranked, agree, len(peak), int((peak <= limit).sum()), limit, steps
+    return ranked, agree, len(peak), int(fits.sum()), limit, steps
 
 
 def _within(values: np.ndarray, limit: float | None) -> np.ndarray:
@@ -901,12 +894,12 @@ def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
         rows.append(Candidate(
             setup=setup, peak_bytes=peak.total_bytes, step_seconds=seconds,
             total_seconds=seconds * steps, cost_usd=None if np.isnan(cost) else float(cost),
-            fits=peak.total_bytes <= limit, verdict=""))
+            fits=peak.upper_bytes <= limit, verdict=""))
     return rows
 
 
 def _meets(r: Candidate, c: Constraints, limit: int) -> bool:
-    return (r.peak_bytes <= limit and (c.max_seconds is None or r.total_seconds <= c.max_seconds)
+    return (r.fits and (c.max_seconds is None or r.total_seconds <= c.max_seconds)
             and (c.max_cost_usd is None or (r.cost_usd or 0) <= c.max_cost_usd))
 
 

@@ -13,6 +13,7 @@ _RMSNormFunction). Measured against torch.autograd.graph.saved_tensors_hooks:
 tests/torch/test_activation_parity.py.
 """
 
+from estimator.analytic.frameworks import hf
 from estimator.analytic.params import attention_linears, norms_per_layer
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
@@ -193,7 +194,7 @@ def head_saved_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     c, _ = elem_bytes(setup)
     tokens = setup.batch_size * setup.seq_len
     head_input = tokens * model.hidden_size * c if (
-        setup.method == "full" and not setup.fused_loss) else 0
+        setup.method == "full" and not setup.fuses_loss) else 0
     return norm_saved_bytes(model, setup, tokens) + head_input
 
 
@@ -211,6 +212,8 @@ def activation_bytes(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
     Without checkpointing every block's saved set is alive at the start of backward. With it,
     every block keeps its input and one block at a time recomputes its full set (Chen et al.
     2016; Korthikanti et al. 2022 §4 "full recomputation")."""
+    if setup.framework == "hf":
+        return hf.activation_bytes(model, setup)
     if setup.method == "inference":
         return {"layers": 0, "recompute": 0, "head": 0}
     num_moe = model.num_moe_layers

@@ -25,7 +25,7 @@ def candidate_changes(setup: TrainSetup) -> list[tuple[str, dict]]:
                 out.append((f"--bits {bits}", {"weight_bits": bits}))
         return out
     changes: list[tuple[str, dict]] = []
-    if not setup.fused_loss:
+    if setup.framework == "nvfree" and not setup.fused_loss:
         changes.append(("--fused-loss", {"fused_loss": True}))
     if not setup.checkpointing:
         changes.append(("--checkpointing", {"checkpointing": True}))
@@ -44,32 +44,32 @@ def candidate_changes(setup: TrainSetup) -> list[tuple[str, dict]]:
     return changes
 
 
-def advise(setup: TrainSetup, memory_of: MemoryFn, capacity_bytes: int) -> list[Advice]:
+def advise(setup: TrainSetup, memory_of: MemoryFn) -> list[Advice]:
     """Single changes, then a greedy combination in the practitioner's order until it fits
-    (if it does not already), without the earlier changes the later ones make unneeded; shown
-    when it needs more than one change."""
+    (the band's upper end: MemoryBreakdown.fits) if it does not already, without the earlier
+    changes the later ones make unneeded; shown when it needs more than one change."""
     advice = []
     changes = [c for c in candidate_changes(setup) if _valid(_apply(setup, [c]))]
     for flag, update in changes:
-        total = memory_of(setup.model_copy(update=update)).total_bytes
-        advice.append(Advice(change=flag, total_bytes=total, fits=total <= capacity_bytes))
+        memory = memory_of(setup.model_copy(update=update))
+        advice.append(Advice(change=flag, total_bytes=memory.total_bytes, fits=memory.fits))
     advice.sort(key=lambda a: a.total_bytes)
     chosen: list[tuple[str, dict]] = []
     for flag, update in changes:
-        if memory_of(_apply(setup, chosen)).total_bytes <= capacity_bytes:
+        if memory_of(_apply(setup, chosen)).fits:
             break
         if _valid(_apply(setup, [*chosen, (flag, update)])):  # skip what conflicts
             chosen.append((flag, update))
     for change in list(chosen[:-1]):  # drop an earlier change the later ones make unneeded
         rest = [c for c in chosen if c is not change]
-        if memory_of(_apply(setup, rest)).total_bytes <= capacity_bytes:
+        if memory_of(_apply(setup, rest)).fits:
             chosen = rest
     flags = [flag for flag, _ in chosen]
     combined = _apply(setup, chosen)
     if len(flags) > 1:
-        total = memory_of(combined).total_bytes
-        advice.insert(0, Advice(change=" ".join(flags), total_bytes=total,
-                                fits=total <= capacity_bytes))
+        memory = memory_of(combined)
+        advice.insert(0, Advice(change=" ".join(flags), total_bytes=memory.total_bytes,
+                                fits=memory.fits))
     return advice
 
 
@@ -106,8 +106,7 @@ def fewest_devices(setup: TrainSetup, memory_of: MemoryFn, stage: int, max_devic
         return memory_of(setup.model_copy(update=update))
 
     def fits(k: int) -> bool:
-        m = memory(k)
-        return m.total_bytes <= m.capacity_bytes
+        return memory(k).fits
 
     lo, hi = max(1, -(-setup.num_devices // step)), max_devices // step
     if hi < lo or not fits(hi):

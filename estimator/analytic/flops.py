@@ -359,9 +359,9 @@ def cross_entropy_ops(setup: TrainSetup, logits: float) -> list[Op]:
     downcast of the gradient, (c + 4) B per logit each (the same two casts the fused loss made
     before round 6, recorded there: 933.5 MB for both)."""
     c = dtype_bytes(setup.compute_dtype)
-    if setup.fused_loss and c != FP32_BYTES:
+    if setup.fuses_loss and c != FP32_BYTES:
         return [Op("cross_entropy", "elementwise", 0, logits * 2 * c, 1)]
-    passes, per_logit = CROSS_ENTROPY_PASSES[setup.fused_loss]
+    passes, per_logit = CROSS_ENTROPY_PASSES[setup.fuses_loss]
     ops = [Op("cross_entropy", "elementwise", 0, logits * per_logit, passes)]
     if c != FP32_BYTES:
         ops.append(Op("cross_entropy.casts", "elementwise", 0, logits * (c + FP32_BYTES), 2))
@@ -431,7 +431,7 @@ def lm_head_grad_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     tokens = setup.batch_size * setup.seq_len
     c = dtype_bytes(setup.compute_dtype)
     ops = []
-    if setup.fused_loss and c != FP32_BYTES:
+    if setup.fuses_loss and c != FP32_BYTES:
         later_chunks = tokens / fused_loss_chunk_rows(model, setup) - 1
         ops.append(Op("lm_head.grad_accumulate", "elementwise", 0,
                       later_chunks * (FP32_BYTES + c) * vd, 1))
@@ -473,7 +473,7 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     half, vd = c != FP32_BYTES, vocab * model.hidden_size
     casts = [FP32_BYTES, c] if half else []
     head = []  # the lm_head gradient's buffers, in the order they are made
-    if setup.fused_loss:
+    if setup.fuses_loss:
         rows = fused_loss_chunk_rows(model, setup)
         chunks = tokens / rows
         buffers = [(rows * vocab * c, chunks)] * (2 if half else 1)

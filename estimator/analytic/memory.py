@@ -17,8 +17,10 @@ import math
 from collections.abc import Collection
 
 from estimator.analytic.activations import EXPERT_ROW_GRANULE, activation_bytes
+from estimator.analytic.frameworks import hf
 from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
+from estimator.analytic.uncertainty import band_fractions, lower_bytes, upper_bytes
 from estimator.errors import SetupError
 from estimator.specs import Device, MemoryBreakdown, ModelSpec, ParamCounts, TrainSetup
 
@@ -171,13 +173,19 @@ def autocast_copy_params(model: ModelSpec, setup: TrainSetup, params: ParamCount
         return 0
     blocks = largest_layer_params(model) if setup.checkpointing else (
         block_linear_params(model, params))
-    lm_head = 0 if setup.fused_loss else model.vocab_size * model.hidden_size
+    if setup.framework == "hf":  # grouped_mm experts run in the weights' dtype (no autocast)
+        blocks -= routed_expert_params(model) // (model.num_layers if setup.checkpointing
+                                                  else 1)
+    lm_head = 0 if setup.fuses_loss else model.vocab_size * model.hidden_size
     return blocks + lm_head
 
 
 def trainable_bytes_per_param(setup: TrainSetup) -> int:
     """Bytes of a trainable parameter, its gradient and Adam states: fp32 under mixed precision
-    or fp32 training, else the 16-bit compute dtype (pure bf16 as model.to(bfloat16))."""
+    or fp32 training, else the 16-bit compute dtype (pure bf16 as model.to(bfloat16)). PEFT
+    keeps LoRA adapters in fp32 on any base (`autocast_adapter_dtype=True`, peft 0.21)."""
+    if setup.framework == "hf" and setup.trains_adapters:
+        return FP32_BYTES
     return FP32_BYTES if setup.mixed_precision else dtype_bytes(setup.compute_dtype)
 
 
@@ -198,7 +206,9 @@ def adapter_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> i
     if not setup.trains_adapters:
         return 0
     copies = 0
-    if not setup.checkpointing:
+    if setup.framework == "hf" and not autocasting(setup):
+        pass  # fp32 adapters used as they are (hf.lora_input_bytes casts the input instead)
+    elif not setup.checkpointing:
         copied = params.trainable if autocasting(setup) else lora_params(model, setup,
                                                                           b_only=True)
         copies = copied * dtype_bytes(setup.compute_dtype)
@@ -269,6 +279,8 @@ def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Devic
     the foreach list is the largest tensor's."""
     if params.trainable == 0 or setup.optimizer in ("sgd", "sgd_momentum", "adafactor"):
         return 0
+    if setup.framework == "hf":
+        return 0  # HF Trainer: fused AdamW (adamw_torch_fused), bitsandbytes' in-place 8-bit
     if device.backend != "cpu" and setup.optimizer in ("adamw", "lion"):
         if setup.optimizer_in_backward:
             return backward_step_gradient_bytes(model, setup, params)
@@ -336,11 +348,13 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     b·s = 512: fp32 128.1 MiB frozen head (predicted 128.0); the 16-bit softmax (round 6)
     lowered the benchmark's dense LoRA / QLoRA bf16 peaks by 63 / 54 MiB, C·V·2 B = 62.5 MiB.
     Inference keeps only the last position's fp32 logits: b·V·4."""
+    if setup.framework == "hf":
+        return hf.logits_bytes(model, setup)
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
     c = dtype_bytes(setup.compute_dtype)
     tokens = setup.batch_size * setup.seq_len
-    if not setup.fused_loss:
+    if not setup.fuses_loss:
         return tokens * model.vocab_size * (c + 12)
     rows = fused_loss_chunk_rows(model, setup)
     chunk_logits = rows * model.vocab_size
@@ -355,6 +369,38 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     several = tokens > rows
     return grad_h + max(softmax + (vd * FP32_BYTES if several else 0),
                         chunk_logits * c + vd * (c + FP32_BYTES))
+
+
+def loss_residue_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """What the loss head leaves alive while the blocks run their backward (and recompute):
+    the bundled trainer's fused loss keeps the whole logits_bytes term (∂L/∂h and ∂L/∂W are
+    formed in the forward); full logits (HF) leave only ∂L/∂h, b·s·h·c — the logits and
+    their gradients are freed once lm_head's backward has run."""
+    if setup.fuses_loss:
+        return logits_bytes(model, setup)
+    return setup.batch_size * setup.seq_len * model.hidden_size * dtype_bytes(
+        setup.compute_dtype)
+
+
+def loss_phase_terms(model: ModelSpec, setup: TrainSetup, acts: dict[str, int]
+                     ) -> dict[str, int]:
+    """The larger of the two moments of backward beyond the kept activations: the loss head
+    at its peak (logits_bytes), or a checkpointed block recomputing its saved set with the
+    loss head's residue (loss_residue_bytes) — as {'logits', 'recompute'} of that moment."""
+    recompute = acts["recompute"] + loss_residue_bytes(model, setup)
+    logits = logits_bytes(model, setup)
+    if acts["recompute"] and recompute > logits:
+        return {"logits": loss_residue_bytes(model, setup), "recompute": acts["recompute"]}
+    return {"logits": logits, "recompute": 0}
+
+
+def micro_batch_bytes(model: ModelSpec, setup: TrainSetup, backend: str) -> int:
+    """Forward/backward bytes of one micro-batch (the phase terms that grow with it): kept
+    activations, the larger loss-head or recompute moment (loss_phase_terms), the dequantised
+    weight — what memory_breakdown's forward/backward phase holds besides the model states."""
+    acts = activation_bytes(model, setup, pad_experts=pads_expert_rows(model, setup, backend))
+    return (acts["layers"] + acts["head"] + sum(loss_phase_terms(model, setup, acts).values())
+            + dequant_transient_bytes(model, setup))
 
 
 def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
@@ -669,7 +715,8 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     acts = activation_bytes(model, setup,
                             pad_experts=pads_expert_rows(model, setup, device.backend))
     grads = state["gradients"]
-    fwd_bwd = (sum(acts.values()) + logits_bytes(model, setup)
+    loss = loss_phase_terms(model, setup, acts)
+    fwd_bwd = (acts["layers"] + acts["head"] + sum(loss.values())
                + dequant_transient_bytes(model, setup) + state["gathered_params"]
                + state["autocast_copies"])
     accumulate = setup.grad_accum > 1
@@ -686,8 +733,8 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
         "optimizer_states": state.get("optimizer_states", 0),
         "optimizer_transient": opt_transient if peak_in_opt else 0,
         "activations": 0 if peak_in_opt else acts["layers"] + acts["head"],
-        "recompute": 0 if peak_in_opt else acts["recompute"],
-        "logits": 0 if peak_in_opt else logits_bytes(model, setup),
+        "recompute": 0 if peak_in_opt else loss["recompute"],
+        "logits": 0 if peak_in_opt else loss["logits"],
         "dequant_transient": 0 if peak_in_opt else dequant_transient_bytes(model, setup),
         "gathered_params": 0 if peak_in_opt else state["gathered_params"],
         "autocast_copies": 0 if peak_in_opt else state["autocast_copies"],
@@ -698,10 +745,15 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     }
     notes = {"peak_phase": "optimizer step" if peak_in_opt else "start of backward"}
     notes.update(sharding_notes(setup))
+    over, under, source = band_fractions(setup, device)
+    notes["band"] = f"measured peaks −{over:.0%} … +{under:.0%} of the estimate ({source})"
     capacity = device.memory_bytes - os_reserve_bytes(device)
-    return MemoryBreakdown(components=components, total_bytes=sum(components.values()),
+    total = sum(components.values())
+    return MemoryBreakdown(components=components, total_bytes=total,
                            capacity_bytes=capacity, notes=notes, host_components=host,
-                           host_total_bytes=sum(host.values()))
+                           host_total_bytes=sum(host.values()),
+                           lower_bytes=lower_bytes(total, setup, device),
+                           upper_bytes=upper_bytes(total, setup, device))
 
 
 def sharding_notes(setup: TrainSetup) -> dict[str, str]:

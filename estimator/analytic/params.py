@@ -187,14 +187,17 @@ def lora_params(model: ModelSpec, setup: TrainSetup, *, b_only: bool = False) ->
     """LoRA adapter parameters: r·(in + out) per targeted linear (Hu et al. 2021, A: r×in,
     B: out×r), or only the B halves r·out; a fused module (GPT-NeoX query_key_value) has one
     A for its k linears (fused_lora_a_overlap). Targets are canonical names
-    (resolve_lora_targets); experts count once per expert."""
+    (resolve_lora_targets); experts count once per expert. With the hf framework routed
+    experts get none: transformers 5 keeps them as fused 3-D tensors that PEFT's module names
+    do not reach (frameworks/hf.py experts_train)."""
     if not setup.trains_adapters:
         return 0
     targets = set(setup.lora_targets)
+    skip_routed = setup.framework == "hf"
     total = 0.0
     for linears, num_layers in layer_groups(model, routed_all=True):
         for lin in linears:
-            if lin.name in targets:
+            if lin.name in targets and not (skip_routed and lin.routed):
                 width = lin.out_features + (0 if b_only else lin.in_features)
                 total += setup.lora_rank * width * lin.count * num_layers
         if not b_only:

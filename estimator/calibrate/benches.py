@@ -503,8 +503,8 @@ def executor_dispatch_case() -> Case:
     from estimator.executor.train import Run, TrainConfig, build_training_model, train_step
     spec = ModelSpec(name="dispatch-probe", num_layers=4, hidden_size=16, intermediate_size=32,
                      num_heads=2, num_kv_heads=1, head_dim=8, vocab_size=258, max_seq_len=64)
-    setup = TrainSetup(method="lora", compute_dtype="bf16", batch_size=1, seq_len=8,
-                       lora_rank=4)
+    setup = TrainSetup(framework="nvfree", method="lora", compute_dtype="bf16", batch_size=1,
+                       seq_len=8, lora_rank=4)
 
     def build(device: str) -> Callable[[], object]:
         config = TrainConfig(max_steps=10**9, output_dir=Path("."), device=device,

@@ -83,7 +83,7 @@ def step_points(dtype: str, tokens: int, steps: int = 3) -> list[tuple[float, fl
     the same calls in the same order, so each call keeps its median time over the steps (the
     statistic a run's step time is): one call that another process or a late OpenMP thread
     delayed does not set the rate."""
-    setup = TrainSetup(batch_size=1, seq_len=tokens, **REGIMES[dtype])  # type: ignore[arg-type]
+    setup = TrainSetup(framework="nvfree", batch_size=1, seq_len=tokens, **REGIMES[dtype])  # type: ignore[arg-type]
     runs = record_train_steps(PROBE_MODEL, setup, time_calls, steps=steps, lr=1e-4)
     if any(len(r) != len(runs[0]) for r in runs):
         return [p for r in runs for p in r]

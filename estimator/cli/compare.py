@@ -15,6 +15,7 @@ from estimator.cli.options import (
     CkptOpt,
     DoubleQuantOpt,
     DtypeOpt,
+    FrameworkOpt,
     FusedLossOpt,
     JsonOpt,
     LoraAlphaOpt,
@@ -53,7 +54,7 @@ def compare(
     optimizer_in_backward: BackwardStepOpt = False,
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
-    fused_loss: FusedLossOpt = True, tokens: TokensOpt = None,
+    fused_loss: FusedLossOpt = True, framework: FrameworkOpt = "hf", tokens: TokensOpt = None,
     devices: DevicesOpt = None, objective: ObjectiveOpt = "time", max_hours: MaxHoursOpt = None,
     max_cost: MaxCostOpt = None, max_devices: MaxDevicesOpt = 1024, json: JsonOpt = False,
     plot: PlotOpt = None,
@@ -74,7 +75,7 @@ def compare(
                           grad_accum=grad_accum, checkpointing=checkpointing,
                           optimizer_in_backward=optimizer_in_backward,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
-                          fused_loss=fused_loss)
+                          fused_loss=fused_loss, framework=framework)
     auto_methods = method is None and bits is None
     result = run_compare(spec, setup, names, None,
                          methods=AUTO_METHODS if auto_methods else None,

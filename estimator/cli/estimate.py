@@ -16,6 +16,7 @@ from estimator.cli.options import (
     DoubleQuantOpt,
     DtypeOpt,
     ExpertParallelOpt,
+    FrameworkOpt,
     FusedLossOpt,
     JsonOpt,
     LoraAlphaOpt,
@@ -44,7 +45,7 @@ def estimate(
     optimizer_in_backward: BackwardStepOpt = False,
     optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
     attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
-    fused_loss: FusedLossOpt = True,
+    fused_loss: FusedLossOpt = True, framework: FrameworkOpt = "hf",
     num_devices: NumDevicesOpt = 1, nodes: NodesOpt = 1, zero: ZeroOpt = "0",
     offload: OffloadOpt = "none", expert_parallel: ExpertParallelOpt = 1,
     device: DeviceOpt = "local", device_memory: DeviceMemoryOpt = None,
@@ -66,7 +67,8 @@ def estimate(
                           grad_accum=grad_accum, checkpointing=checkpointing,
                           optimizer_in_backward=optimizer_in_backward,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
-                          fused_loss=fused_loss, num_devices=num_devices, num_nodes=nodes,
+                          fused_loss=fused_loss, framework=framework,
+                          num_devices=num_devices, num_nodes=nodes,
                           zero_stage=int(zero), offload=offload,
                           expert_parallel=expert_parallel)
     result = run_estimate(spec, setup, dev, profile)

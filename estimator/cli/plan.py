@@ -145,8 +145,9 @@ def plan(
     num_tokens = _token_budget(tokens, data, text_field, count_data_tokens)
     num_devices = max_devices or num_devices
     try:
-        base = TrainSetup(seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                          lora_targets=parse_targets(lora_targets), num_tokens=num_tokens,
+        base = TrainSetup(framework="nvfree", seq_len=seq_len, lora_rank=lora_rank,
+                          lora_alpha=lora_alpha, lora_targets=parse_targets(lora_targets),
+                          num_tokens=num_tokens,
                           num_devices=num_devices, num_nodes=nodes, offload=offload)
     except ValueError as exc:
         raise setup_error(exc) from None

@@ -137,7 +137,7 @@ def train(
                           grad_accum=grad_accum, checkpointing=checkpointing,
                           optimizer_in_backward=optimizer_in_backward,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
-                          fused_loss=fused_loss)
+                          fused_loss=fused_loss, framework="nvfree")
     setup = type(setup).model_validate({**setup.model_dump(), "num_devices": nproc * nnodes,
                                         "num_nodes": nnodes})
     if nproc * nnodes > 1 and not in_worker():  # errors above are shown once, here

@@ -9,7 +9,9 @@ from estimator.specs.device import Device
 from estimator.specs.model import ModelSpec
 from estimator.specs.setup import TrainSetup
 
-Verdict = Literal["fits", "fits_with_changes", "does_not_fit"]
+Verdict = Literal["fits", "tight", "fits_with_changes", "does_not_fit"]
+"""fits: the band's upper end fits; tight: the estimate fits but the upper end does not;
+fits_with_changes: an advised change fits; does_not_fit: nothing advised fits."""
 
 
 class ParamCounts(Spec):
@@ -38,6 +40,11 @@ class MemoryBreakdown(Spec):
     """Sum of components (bytes)."""
     capacity_bytes: int
     """Memory the device offers for this job (bytes), after what the OS keeps (unified memory)."""
+    lower_bytes: int = 0
+    """Lower end of the measured band around total_bytes (bytes; data/uncertainty.toml)."""
+    upper_bytes: int = 0
+    """Upper end of the measured band: the largest peak seen for an estimate of total_bytes
+    with this framework on this device class (bytes). FITS means upper_bytes fits."""
     notes: dict[str, str] = Field(default_factory=dict)
     """Term name → how it was derived (one line)."""
     host_components: dict[str, int] = Field(default_factory=dict)
@@ -46,6 +53,12 @@ class MemoryBreakdown(Spec):
     host_total_bytes: int = 0
     """Sum of host_components: host memory per device rank (bytes); a node needs this times its
     devices per node."""
+
+
+    @property
+    def fits(self) -> bool:
+        """The upper end of the band fits the capacity (never a FITS that can run out)."""
+        return self.upper_bytes <= self.capacity_bytes
 
 
 class OpTime(Spec):
@@ -127,5 +140,8 @@ class Estimate(Spec):
     """Changes that make it fit (or fit better), best first."""
     minimum_memory_bytes: int
     """Smallest peak memory any advised change reaches (bytes)."""
+    other_frameworks: dict[str, int] = Field(default_factory=dict)
+    """Framework → the peak memory it would reach for the same setup on the same device
+    (bytes): what the user would need with the other training codes nvfree models."""
     assumptions: list[str]
     """Everything assumed that the user did not say."""

@@ -2,14 +2,14 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from estimator.specs.base import Spec
 from estimator.specs.device import Device
 from estimator.specs.model import ModelSpec
 from estimator.specs.setup import TrainSetup
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 Objective = Literal["time", "cost"]
 
 
@@ -35,7 +35,7 @@ class Candidate(Spec):
 class Plan(Spec):
     """A chosen training plan with its prediction; `nvfree run` executes it and compares."""
 
-    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    schema_version: Literal[2] = PLAN_SCHEMA_VERSION
     """Version of this file format."""
     created_at: str
     """ISO-8601 UTC time the plan was made."""
@@ -50,7 +50,8 @@ class Plan(Spec):
     text_field: str = "text"
     """JSONL field holding the text."""
     setup: TrainSetup
-    """The chosen setup; setup.num_tokens is the token budget."""
+    """The chosen setup; setup.num_tokens is the token budget; setup.framework is 'nvfree'
+    (a plan is what the bundled trainer runs)."""
     device: Device
     """The device planned for (one of setup.num_devices)."""
     device_key: str
@@ -83,3 +84,10 @@ class Plan(Spec):
     """Of those, how many fit the memory limit (count)."""
     candidates: tuple[Candidate, ...]
     """The best candidates, chosen first, with why each lost."""
+
+    @model_validator(mode="after")
+    def _bundled_trainer(self) -> "Plan":
+        if self.setup.framework != "nvfree":
+            raise ValueError(f"a plan runs the bundled trainer, not {self.setup.framework!r}: "
+                             "setup.framework must be 'nvfree'")
+        return self

@@ -11,6 +11,9 @@ Optimizer = Literal["adamw", "adamw8bit", "sgd", "sgd_momentum", "adafactor", "l
 ComputeDtype = Literal["fp32", "bf16", "fp16"]
 AttentionKernel = Literal["sdpa", "eager"]
 Offload = Literal["none", "optimizer", "optimizer_and_params"]
+Framework = Literal["nvfree", "hf"]
+"""The training code whose memory and time an estimate describes: the bundled trainer
+(`nvfree train`), or Hugging Face Transformers' Trainer + PEFT (+ bitsandbytes for 4/8-bit)."""
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """PEFT module names of the linears in a Llama-style block; 'all-linear' expands to these."""
@@ -19,6 +22,11 @@ LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 class TrainSetup(Spec):
     """How the model is trained (or run): everything but the model and the device."""
 
+    framework: Framework = "hf"
+    """The code that runs the training: 'hf' (Transformers Trainer + PEFT + bitsandbytes, what
+    most users run; the default of estimate and compare) or 'nvfree' (the bundled trainer, which
+    `nvfree train`, `plan` and `run` always use). Memory and time terms follow its code
+    (docs/frameworks.md)."""
     method: Method = "full"
     """full fine-tune, LoRA, QLoRA (4-bit NF4 frozen base + LoRA), or inference only."""
     weight_bits: Literal[4, 8, 16, 32] = 16
@@ -38,6 +46,9 @@ class TrainSetup(Spec):
     """LoRA scaling numerator; the update is scaled by alpha / r."""
     lora_targets: tuple[str, ...] = LINEAR_TARGETS
     """PEFT module names that get adapters (q_proj, v_proj, ...)."""
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout probability on the adapters' input (PEFT `lora_dropout`); above 0 every adapted
+    linear keeps its own dropped-out input and the dropout's noise for backward."""
     batch_size: int = Field(default=1, gt=0)
     """Micro-batch per device per step (sequences)."""
     seq_len: int = Field(default=2048, gt=0)
@@ -95,6 +106,12 @@ class TrainSetup(Spec):
             raise ValueError(f"expert-parallel degree {self.expert_parallel} must divide "
                              f"the {self.num_devices} devices")
         return self
+
+    @property
+    def fuses_loss(self) -> bool:
+        """True when lm_head + cross-entropy run fused in row chunks: the bundled trainer with
+        fused_loss (HF Transformers always forms the full b·s·V logits)."""
+        return self.framework == "nvfree" and self.fused_loss
 
     @property
     def trains_adapters(self) -> bool:

@@ -67,7 +67,7 @@ def test_plan_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path
 def test_run_refuses_bad_and_unfit_plans(capsys: pytest.CaptureFixture[str],
                                          tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
-    bad.write_text('{"schema_version": 1, "oops": true}')
+    bad.write_text('{"schema_version": 2, "oops": true}')
     code, _, err = run(capsys, "run", str(bad))
     assert code == 2 and "bad.json: field" in err
     path = tmp_path / "p.json"

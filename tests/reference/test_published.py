@@ -8,7 +8,13 @@ from estimator.analytic.flops import model_flops_per_token
 from estimator.analytic.params import count_params
 from estimator.analytic.precision import nf4_bits_per_param
 from estimator.catalog import load_model
-from estimator.specs import ModelSpec, TrainSetup
+from estimator.specs import ModelSpec
+from estimator.specs import TrainSetup as AnySetup
+
+
+def TrainSetup(**fields) -> AnySetup:
+    """The bundled trainer's setup: these tests check its terms (framework 'nvfree')."""
+    return AnySetup(framework="nvfree", **fields)
 
 
 def gpt_layer(hidden: int, heads: int) -> ModelSpec:

@@ -6,37 +6,42 @@ from estimator.specs import MemoryBreakdown, TrainSetup
 GIB = 2**30
 
 
-def memory_of(setup: TrainSetup) -> MemoryBreakdown:
-    """A toy memory model: 100 GiB, checkpointing −10, 8-bit AdamW −50, LoRA −60."""
-    total = 100 - 10 * setup.checkpointing - 50 * (setup.optimizer == "adamw8bit") - 60 * (
-        setup.method != "full")
-    return MemoryBreakdown(components={"weights": total * GIB}, total_bytes=total * GIB,
-                           capacity_bytes=80 * GIB, notes={})
+def toy(capacity_gib: int):
+    """A toy memory model on a device of `capacity_gib`: 100 GiB, checkpointing −10, 8-bit
+    AdamW −50, LoRA −60; its band's upper end is the estimate itself."""
+
+    def memory_of(setup: TrainSetup) -> MemoryBreakdown:
+        total = 100 - 10 * setup.checkpointing - 50 * (setup.optimizer == "adamw8bit") - 60 * (
+            setup.method != "full")
+        return MemoryBreakdown(components={"weights": total * GIB}, total_bytes=total * GIB,
+                               capacity_bytes=capacity_gib * GIB, notes={},
+                               upper_bytes=total * GIB)
+
+    return memory_of
 
 
 def test_a_single_change_that_fits_is_not_repeated_as_a_combination():
-    advice = advise(TrainSetup(method="full"), memory_of, 80 * GIB)
+    advice = advise(TrainSetup(method="full"), toy(80))
     changes = [a.change for a in advice]
     assert "--checkpointing --optimizer adamw8bit" not in changes
     assert "--optimizer adamw8bit" in changes and "--checkpointing" in changes
 
 
 def test_a_needed_combination_is_kept():
-    advice = advise(TrainSetup(method="full"), memory_of, 45 * GIB)
+    advice = advise(TrainSetup(method="full"), toy(45))
     assert advice[0].change == "--checkpointing --optimizer adamw8bit" and advice[0].fits
 
 
 def test_the_optimizer_step_in_backward_is_advised_only_where_the_setup_can_take_it():
     """It cannot accumulate micro-batches: not offered with --grad-accum 2, and never combined
     with the smaller micro-batch that adds accumulation."""
-    flags = [a.change for a in advise(TrainSetup(method="full", batch_size=4), memory_of,
-                                      5 * GIB)]
+    flags = [a.change for a in advise(TrainSetup(method="full", batch_size=4), toy(5))]
     assert "--optimizer-in-backward" in flags
     assert not any("--optimizer-in-backward" in f and "--grad-accum" in f for f in flags)
-    accumulating = advise(TrainSetup(method="full", grad_accum=2), memory_of, 80 * GIB)
+    accumulating = advise(TrainSetup(method="full", grad_accum=2), toy(80))
     assert all("--optimizer-in-backward" not in a.change for a in accumulating)
     inside = TrainSetup(method="full", batch_size=4, optimizer_in_backward=True)
-    assert all("--grad-accum" not in a.change for a in advise(inside, memory_of, 80 * GIB))
+    assert all("--grad-accum" not in a.change for a in advise(inside, toy(80)))
 
 
 def test_device_advice_never_keeps_the_optimizer_step_in_backward():

@@ -5,7 +5,13 @@ import itertools
 import pytest
 
 from estimator.analytic import flops as F
-from estimator.specs import ModelSpec, MoESpec, TrainSetup
+from estimator.specs import ModelSpec, MoESpec
+from estimator.specs import TrainSetup as AnySetup
+
+
+def TrainSetup(**fields) -> AnySetup:
+    """The bundled trainer's setup: these tests check its terms (framework 'nvfree')."""
+    return AnySetup(framework="nvfree", **fields)
 
 SPEC = ModelSpec(name="t", num_layers=4, hidden_size=576, intermediate_size=1536, num_heads=9,
                  num_kv_heads=3, head_dim=64, vocab_size=49152, max_seq_len=2048)

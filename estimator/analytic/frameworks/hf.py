@@ -1,0 +1,298 @@
+"""Hugging Face Transformers + PEFT (+ bitsandbytes): what their eager code saves for backward.
+
+Derived from the code that runs, at the versions named below, and recorded with
+torch.autograd.graph.saved_tensors_hooks on tiny models (tests/torch/test_hf_parity_terms.py):
+
+- transformers 5.25 `models/llama/modeling_llama.py` (Llama, Mistral, Qwen2/3 share it):
+  `LlamaRMSNorm.forward` upcasts its input to fp32 (`hidden_states.to(torch.float32)`), which
+  `pow`/`mul` save, with the fp32 rstd; `self.weight * hidden_states.to(input_dtype)` saves the
+  normalised input when the weight trains. `LlamaMLP.forward` is
+  `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: SiLU saves g, the product saves silu(g) and
+  u, down_proj saves the product. RoPE (`apply_rotary_pos_emb`) saves only cos and sin (shared
+  by every layer). `integrations/sdpa_attention.py` passes GQA to SDPA (`enable_gqa`) when the
+  mask is None — a packed, unpadded batch: `masking_utils._ignore_causal_mask_sdpa` — so SDPA
+  saves q, k, v at their own widths, its output and the fp32 logsumexp; its output, transposed
+  back, is o_proj's input (same storage). `eager_attention_forward` repeats k and v to every
+  head (`repeat_kv`), saves the fp32 softmax and its c-byte copy and copies the output
+  (`.transpose(1, 2).contiguous()`).
+- torch.autocast caches the casts of leaf weights only: each linear that reads an fp32
+  activation makes (and saves) its own c-byte copy of it.
+- peft 0.21 `tuners/lora/layer.py` `Linear.forward`: adapters are fp32
+  (`autocast_adapter_dtype=True`); `x = self._cast_input_dtype(x, lora_A.weight.dtype)` then
+  `lora_B(lora_A(dropout(x)))`: every adapted linear keeps its own copy of its input (the
+  autocast cast of the fp32 cast, or the fp32 cast itself without autocast), lora_B saves
+  A·x. With `lora_dropout > 0` each adapter also keeps its dropout mask (1 B/element).
+- bitsandbytes 0.50 `autograd/_functions.py` `MatMul4Bit.forward`: `ctx.tensors = (None, B)`
+  — a 4-bit linear saves no input (its weight needs no gradient); backward dequantises the
+  weight (`dequantize_4bit`) into a transient. (Before 0.49 it saved the input A as well.)
+- transformers `loss/loss_utils.py` `ForCausalLMLoss`: `logits.float()`, labels padded and
+  shifted (no shifted copy of the logits), `F.cross_entropy` = log_softmax (saves its fp32
+  output) + nll_loss.
+"""
+
+from estimator.analytic.params import attention_linears
+from estimator.analytic.precision import dtype_bytes
+from estimator.specs import ModelSpec, TrainSetup
+
+FP32_BYTES = 4
+
+
+def autocast_on(setup: TrainSetup) -> bool:
+    """torch.autocast is active: HF Trainer's bf16/fp16 mixed precision (`bf16=True`)."""
+    return setup.mixed_precision and setup.compute_dtype != "fp32"
+
+
+def residual_bytes(setup: TrainSetup) -> int:
+    """Bytes per element of the residual stream = the dtype the weights are stored in: fp32
+    for a full fine-tune of an fp32 model (mixed precision or fp32) or a 32-bit base, else the
+    16-bit dtype the model was loaded in (`from_pretrained(dtype=torch.bfloat16)`, 4/8-bit
+    bases keep their other weights in it)."""
+    c = dtype_bytes(setup.compute_dtype)
+    if c == FP32_BYTES or setup.weight_bits == 32:
+        return FP32_BYTES
+    if setup.method == "full" and setup.mixed_precision:
+        return FP32_BYTES
+    return c
+
+
+def matmul_input_bytes(setup: TrainSetup) -> int:
+    """Bytes of the tensor a base linear saves as its input: the compute dtype (autocast casts
+    fp32 activations; pure training computes in the storage dtype)."""
+    return dtype_bytes(setup.compute_dtype) if autocast_on(setup) else residual_bytes(setup)
+
+
+def linear_inputs_bytes(setup: TrainSetup, names: list[str], width: int,
+                        num_tokens: float, *, input_grad: bool = True) -> float:
+    """Saved inputs of the linears `names` that read one shared tensor of `width` features.
+
+    Trained linears (full fine-tune) need their input: under autocast an fp32 input is cast
+    once per linear (no cache for activations), else they share the tensor itself. Adapted
+    linears (LoRA) keep their own copy each (lora_input_bytes); frozen ones keep nothing."""
+    if setup.method != "full":
+        return lora_input_bytes(setup, names, width, num_tokens, input_grad=input_grad)
+    per_linear = autocast_on(setup) and residual_bytes(setup) == FP32_BYTES
+    copies = len(names) if per_linear else 1
+    return copies * num_tokens * width * matmul_input_bytes(setup)
+
+
+def lora_input_bytes(setup: TrainSetup, names: list[str], width: int, num_tokens: float,
+                     *, input_kept: bool = False, input_grad: bool = True) -> float:
+    """PEFT adapters of the linears `names` reading one tensor of `width` features: each
+    adapted linear's own input copy (c bytes under autocast, else its fp32 cast), lora_B's
+    input A·x (rank wide) and, when lora_dropout > 0 and the input needs a gradient
+    (`input_grad`), the dropout's noise tensor: on a CPU torch's `_dropout_impl` keeps
+    `bernoulli_` noise in the input's dtype (fp32 after PEFT's cast; CUDA's fused
+    native_dropout keeps a 1-byte mask — counted as the CPU's 4 bytes, an upper bound). An
+    fp32 input without autocast or dropout is not copied: the adapters share it, and keep
+    nothing extra when another op saves it already (`input_kept`: SDPA's output, o_proj's
+    input)."""
+    adapted = [n for n in names if n in setup.lora_targets]
+    if not adapted:
+        return 0.0
+    c = dtype_bytes(setup.compute_dtype)
+    a_bytes = c if autocast_on(setup) else FP32_BYTES
+    shared = not autocast_on(setup) and residual_bytes(setup) == FP32_BYTES and (
+        setup.lora_dropout == 0)
+    copies = (0 if input_kept else 1) if shared else len(adapted)
+    total = copies * num_tokens * width * a_bytes
+    if setup.lora_dropout > 0 and input_grad:
+        total += len(adapted) * num_tokens * width * FP32_BYTES
+    return total + len(adapted) * num_tokens * setup.lora_rank * a_bytes
+
+
+def norm_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float,
+                     width: int | None = None, *, input_grad: bool = True,
+                     input_bytes: int | None = None) -> float:
+    """One HF RMSNorm/LayerNorm: its input upcast to fp32 (T·w·4, the input itself when it
+    is fp32) and the fp32 rstd (T·4; LayerNorm also the mean), when its input needs a
+    gradient; the normalised input cast back to the input's dtype (`input_bytes`, the
+    residual stream's by default) when its weight trains (full)."""
+    w = model.hidden_size if width is None else width
+    stats = 2 if model.norm == "layernorm" else 1
+    total = num_tokens * (w * FP32_BYTES + stats * FP32_BYTES) if input_grad else 0.0
+    if setup.method == "full":
+        total += num_tokens * w * (input_bytes or residual_bytes(setup))
+    return total
+
+
+def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int,
+                          *, input_grad: bool = True) -> float:
+    """One HF attention block: input norm, q/k/v inputs, (q/k norms), SDPA's q, k, v,
+    output and logsumexp (eager: k and v repeated to all heads, fp32 softmax + its c-byte
+    copy, output copy), o_proj's input, adapters."""
+    c = dtype_bytes(setup.compute_dtype)
+    h, heads, d = model.hidden_size, model.num_heads, model.head_dim
+    batch, seq = setup.batch_size, setup.seq_len
+    q_w, kv_w = heads * d, model.num_kv_heads * d
+    total = norm_saved_bytes(model, setup, num_tokens, input_grad=input_grad)
+    total += linear_inputs_bytes(setup, ["q_proj", "k_proj", "v_proj"], h, num_tokens,
+                                 input_grad=input_grad)
+    if model.qk_norm:  # per-head norms over the c-byte q and k projections
+        for name, num_heads in (("q_proj", heads), ("k_proj", model.num_kv_heads)):
+            grad = input_grad or setup.method == "full" or name in setup.lora_targets
+            total += norm_saved_bytes(model, setup, num_tokens * num_heads, d,
+                                      input_grad=grad, input_bytes=c)
+    if setup.attention == "eager":
+        total += num_tokens * q_w * c * 3  # q, repeated k, repeated v
+        total += batch * heads * seq * seq * (FP32_BYTES + (c if c != FP32_BYTES else 0))
+    else:
+        total += num_tokens * (2 * q_w + 2 * kv_w) * c + batch * heads * seq * FP32_BYTES
+    if setup.method == "full":  # o_proj's input: SDPA's saved output, eager's output copy
+        total += num_tokens * q_w * c if setup.attention == "eager" else 0
+    else:
+        total += lora_input_bytes(setup, ["o_proj"], q_w, num_tokens,
+                                  input_kept=setup.attention != "eager")
+    return total
+
+
+def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, width: int,
+                    *, with_norm: bool = True) -> float:
+    """One HF FFN: its norm, gate/up inputs, g (SiLU), silu(g) and u (the product), the
+    down_proj input (GELU MLP: fc input, GELU input, fc2 input), adapters."""
+    c = dtype_bytes(setup.compute_dtype)
+    total = norm_saved_bytes(model, setup, num_tokens) if with_norm else 0.0
+    first = ["gate_proj", "up_proj"] if model.mlp == "swiglu" else ["up_proj"]
+    total += linear_inputs_bytes(setup, first, model.hidden_size, num_tokens)
+    total += (3 if model.mlp == "swiglu" else 1) * num_tokens * width * c
+    if setup.method == "full":
+        total += num_tokens * width * c
+    else:
+        total += lora_input_bytes(setup, ["down_proj"], width, num_tokens)
+    return total
+
+
+def mla_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> float:
+    """Multi-head latent attention in HF's DeepSeek-V2/V3 code (`DeepseekV3Attention`),
+    derived, not recorded: the inputs of the low-rank projections (q_a and kv_a read the
+    normed input; q_b and kv_b the fp32-upcast latents of their RMSNorms), SDPA's q, k, v,
+    output and logsumexp, o_proj's input."""
+    mla, c = model.mla, dtype_bytes(setup.compute_dtype)
+    assert mla is not None
+    heads, qk = model.num_heads, mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    total = linear_inputs_bytes(setup, ["q_proj", "k_proj"], model.hidden_size, num_tokens)
+    for rank, name in ((mla.q_lora_rank, "q_proj"), (mla.kv_lora_rank, "k_proj")):
+        if rank:
+            total += norm_saved_bytes(model, setup, num_tokens, rank)
+            total += linear_inputs_bytes(setup, [name], rank, num_tokens)
+    total += num_tokens * heads * (2 * qk + 2 * mla.v_head_dim) * c
+    total += setup.batch_size * heads * setup.seq_len * FP32_BYTES
+    if setup.method != "full":
+        total += lora_input_bytes(setup, ["o_proj"], heads * mla.v_head_dim, num_tokens)
+    return total
+
+
+def experts_train(setup: TrainSetup) -> bool:
+    """Routed experts need weight gradients: a full fine-tune. transformers 5 stores the
+    experts as fused 3-D tensors (`gate_up_proj`, `down_proj`) that PEFT's module names
+    (gate_proj, up_proj, down_proj) do not reach, so LoRA leaves them frozen (PEFT's
+    `all-linear` / `target_parameters` path that adapts them is not modelled)."""
+    return setup.method == "full"
+
+
+def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> float:
+    """One HF MoE FFN with transformers' default `grouped_mm` experts
+    (integrations/moe.py `grouped_mm_experts_forward`; recorded on Mixtral): the router's
+    input (when it trains), fp32 softmax, top-k ids and weights; per routed token-expert pair
+    the down output (the routing weights' gradient needs it), the gate/up output (SiLU's
+    input), silu(g), and when the experts train the gathered input and the product (down's
+    input) — in the weights' dtype, since
+    autocast does not cast grouped_mm; sort and scatter indices; shared and side-by-side dense FFNs
+    as dense FFNs."""
+    moe = model.moe
+    assert moe is not None
+    h, i = model.hidden_size, moe.expert_intermediate_size
+    e = residual_bytes(setup)
+    pairs = num_tokens * moe.routed_experts_per_token
+    k, width = moe.num_experts_per_token, moe.num_experts + moe.num_zero_experts
+    total = num_tokens * (width * FP32_BYTES + k * 12 + FP32_BYTES)
+    trains = experts_train(setup)
+    if trains:
+        total += num_tokens * h * matmul_input_bytes(setup)  # router input
+        total += pairs * (h + i) * e  # gathered input, down input
+    total += pairs * ((h + 3 * i) * e + FP32_BYTES + 3 * 8)
+    shared = moe.shared_expert_intermediate_size or i
+    total += moe.num_shared_experts * ffn_saved_bytes(model, setup, num_tokens, shared,
+                                                      with_norm=False)
+    total += moe.dense_mlps_per_layer * ffn_saved_bytes(
+        model, setup, num_tokens, model.intermediate_size, with_norm=False)
+    return total
+
+
+def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool,
+                      first: bool = False) -> float:
+    """Everything one HF decoder layer saves for backward (bytes). `first`: the first layer
+    of a LoRA model, whose input (the frozen embedding's output) needs no gradient, so its
+    input norm keeps nothing. Norms beyond the two of a Llama block (Gemma-2/3, OLMo-2
+    post-norms) each save like one norm."""
+    tokens = setup.batch_size * setup.seq_len
+    grad_in = not (first and setup.method != "full")
+    attention = (mla_saved_bytes(model, setup, tokens)
+                 + norm_saved_bytes(model, setup, tokens, input_grad=grad_in)
+                 if model.mla is not None else
+                 attention_saved_bytes(model, setup, tokens, input_grad=grad_in))
+    total = model.attentions_per_layer * attention
+    extra_norms = (model.norms_per_layer or 2) - 2
+    total += extra_norms * norm_saved_bytes(model, setup, tokens)
+    if moe_layer:
+        return total + norm_saved_bytes(model, setup, tokens) + moe_saved_bytes(
+            model, setup, tokens)
+    return total + ffn_saved_bytes(model, setup, tokens, model.intermediate_size)
+
+
+def rope_table_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """RoPE's cos and sin, [1, s, d] in the residual dtype, saved once and shared by every
+    layer (`LlamaRotaryEmbedding.forward`: position ids of one sequence broadcast over the
+    batch). Under checkpointing they are recomputed with the layer."""
+    if model.position != "rope":
+        return 0
+    return 2 * setup.seq_len * model.head_dim * residual_bytes(setup)
+
+
+def head_saved_bytes(model: ModelSpec, setup: TrainSetup) -> float:
+    """Final norm; when lm_head and the embedding train (full fine-tune) lm_head's input and
+    the embedding's int64 token ids."""
+    tokens = setup.batch_size * setup.seq_len
+    total = norm_saved_bytes(model, setup, tokens)
+    if setup.method == "full":
+        total += tokens * (model.hidden_size * matmul_input_bytes(setup) + 8)
+    return total
+
+
+def activation_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
+    """Saved activations of one micro-batch at the start of backward, by part.
+
+    HF gradient checkpointing (`GradientCheckpointingLayer`, torch.utils.checkpoint,
+    use_reentrant=False: transformers' default) keeps every layer's input (T·h·r) and
+    recomputes one layer at a time in backward."""
+    if setup.method == "inference":
+        return {"layers": 0, "recompute": 0, "head": 0}
+    tokens = setup.batch_size * setup.seq_len
+    num_moe = model.num_moe_layers
+    num_dense = model.num_layers - num_moe
+    kinds = [(moe, n) for moe, n in ((False, num_dense), (True, num_moe)) if n]
+    per = {moe: layer_saved_bytes(model, setup, moe_layer=moe) for moe, _ in kinds}
+    head = round(head_saved_bytes(model, setup))
+    if setup.checkpointing:
+        block_input = tokens * model.hidden_size * residual_bytes(setup)
+        return {"layers": block_input * model.num_layers, "recompute": round(max(per.values())),
+                "head": head}
+    first_moe = kinds[0][0]
+    first = layer_saved_bytes(model, setup, moe_layer=first_moe, first=True)
+    layers = sum(per[moe] * n for moe, n in kinds) - per[first_moe] + first
+    return {"layers": round(layers) + rope_table_bytes(model, setup), "recompute": 0,
+            "head": head}
+
+
+def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """The loss head at its peak, log_softmax's backward: its saved fp32 output, the incoming
+    gradient (nll_loss's backward, dense) and the fp32 gradient it forms — 12 B per logit,
+    whatever the compute dtype (ForCausalLMLoss upcasts the logits first). The forward's
+    lm_head output (c) + fp32 upcast (4) + log_softmax output (4) is below it."""
+    if setup.method == "inference":
+        return setup.batch_size * model.vocab_size * FP32_BYTES
+    return setup.batch_size * setup.seq_len * model.vocab_size * 3 * FP32_BYTES
+
+
+def attention_names(model: ModelSpec) -> list[str]:
+    """PEFT names of one attention block's linears."""
+    return [lin.name for lin in attention_linears(model)]
