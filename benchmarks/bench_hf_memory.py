@@ -110,6 +110,21 @@ def vm_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
+def heap_mib() -> list[int]:
+    """glibc's heap: [arena bytes, bytes in use] in MiB (mallinfo2, every arena)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return [info.arena >> 20, info.uordblks >> 20]
+
+
 def worker(row: dict, ckpt: Path, steps: int) -> dict:
     start_kib = vm_kib("VmRSS")
     import torch
@@ -146,6 +161,7 @@ def worker(row: dict, ckpt: Path, steps: int) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             peaks[f"step{state.global_step}_kib"] = vm_kib("VmHWM")
+            peaks[f"step{state.global_step}_heap_mib"] = heap_mib()
 
     args = transformers.TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=row["batch_size"],

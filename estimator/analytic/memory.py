@@ -279,8 +279,8 @@ def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Devic
     the foreach list is the largest tensor's."""
     if params.trainable == 0 or setup.optimizer in ("sgd", "sgd_momentum", "adafactor"):
         return 0
-    if setup.framework == "hf":
-        return 0  # HF Trainer: fused AdamW (adamw_torch_fused), bitsandbytes' in-place 8-bit
+    if setup.framework == "hf":  # fused AdamW (adamw_torch_fused), in-place 8-bit AdamW
+        return hf.tied_gradient_bytes(model, setup) * trainable_bytes_per_param(setup)
     if device.backend != "cpu" and setup.optimizer in ("adamw", "lion"):
         if setup.optimizer_in_backward:
             return backward_step_gradient_bytes(model, setup, params)

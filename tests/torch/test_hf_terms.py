@@ -25,6 +25,7 @@ DENSE = ModelSpec(name="t", num_layers=3, hidden_size=128, intermediate_size=320
 SPECS = {
     "llama": DENSE,
     "qwen2": DENSE.model_copy(update={"qkv_bias": True}),
+    "tied": DENSE.model_copy(update={"tied_embeddings": True, "vocab_size": 32000}),
     "qwen3": DENSE.model_copy(update={"qk_norm": True}),
     "mixtral": DENSE.model_copy(update={"moe": MoESpec(
         num_experts=4, num_experts_per_token=2, expert_intermediate_size=96)}),
@@ -50,6 +51,7 @@ CASES = {
     "mixtral-lora-fp32": ("mixtral", {"method": "lora", "compute_dtype": "fp32",
                                           "weight_bits": 32}),
     "llama-qlora-bf16": ("llama", {"method": "qlora", "weight_bits": 4}),
+    "tied-full-fp32": ("tied", {"method": "full", "compute_dtype": "fp32", "weight_bits": 32}),
 }
 
 

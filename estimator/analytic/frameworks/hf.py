@@ -293,6 +293,18 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     return setup.batch_size * setup.seq_len * model.vocab_size * 3 * FP32_BYTES
 
 
+def tied_gradient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """Elements of the transient gradients a tied embedding adds at the end of backward (times
+    the gradient's bytes): lm_head's gradient is already the weight's .grad when the
+    embedding's backward forms its own dense V×h gradient (`embedding_dense_backward`, zeros +
+    index add) and autograd's AccumulateGrad adds the two out of place — two V×h tensors beside
+    the .grad (recorded: 3.5·V·h·4 B peak over a tied lm_head + embedding backward, torch 2.13
+    CPU; tests/torch/test_hf_terms.py). Only when the embedding trains (full fine-tune)."""
+    if setup.method != "full" or not model.tied_embeddings:
+        return 0
+    return 2 * model.vocab_size * model.hidden_size
+
+
 def attention_names(model: ModelSpec) -> list[str]:
     """PEFT names of one attention block's linears."""
     return [lin.name for lin in attention_linears(model)]
