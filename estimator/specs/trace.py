@@ -62,7 +62,8 @@ class TraceResult(Spec):
     phase_peaks: dict[str, int]
     """Phase → the most tensor bytes live during that phase (bytes)."""
     top_modules: list[ModulePeak]
-    """Modules with the highest peaks, highest first (the root excluded)."""
+    """Modules with the highest peaks, highest first; ancestors that share a listed module's
+    peak are left out (the root and PEFT's wrappers are never listed)."""
     num_parameters: int = Field(ge=0)
     """Parameter elements of the traced model, quantized weights counted as stored (count)."""
     num_trainable_parameters: int = Field(ge=0)

@@ -131,15 +131,14 @@ def _result(name: str, hf_config, setup: TrainSetup, run, counts, modules, *, fa
     """The TraceResult of a finished step."""
     from estimator.trace.hf import PEFT_PREFIX
     from estimator.trace.notes import assumptions
-    from estimator.trace.tracker import peak_bytes, peak_components, top_modules
+    from estimator.trace.tracker import display_name, peak_bytes, peak_components, top_modules
 
     tracker = run.tracker
     prefix = PEFT_PREFIX if setup.trains_adapters else ""
     return TraceResult(
         model_name=name, model_type=hf_config.model_type, framework="hf", setup=setup,
         fake=fake, peak_bytes=peak_bytes(tracker), peak_phase=tracker.peak_phase,
-        peak_module=tracker.peak_module.split(".", 1)[-1].removeprefix(prefix)
-        if "." in tracker.peak_module else "",
+        peak_module=display_name(tracker.peak_module, prefix),
         peak_components=peak_components(tracker), phase_peaks=dict(tracker.phase_peaks),
         top_modules=top_modules(modules, TOP_MODULES),
         num_parameters=counts[0], num_trainable_parameters=counts[1],

@@ -86,9 +86,15 @@ def build_model(hf_config, setup: TrainSetup, *, fake: bool, experts: str) -> nn
 
 
 def keep_fp32_modules(model: nn.Module) -> None:
-    """from_pretrained keeps `_keep_in_fp32_modules` in fp32 (LongCat's router); from_config
-    does not, so do it here."""
-    names = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    """from_pretrained's dtype plan (transformers modeling_utils `_get_dtype_plan`): modules in
+    `_keep_in_fp32_modules` stay fp32 when loading in fp16, those in
+    `_keep_in_fp32_modules_strict` when loading in fp16 or bf16. from_config skips the plan."""
+    names = set()
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     for name, param in model.named_parameters():
         if any(key in name for key in names) and param.is_floating_point():
             param.data = param.data.float()

@@ -76,6 +76,7 @@ def longcat_fields(spec: ModelSpec) -> dict[str, Any]:
             "expert_ffn_hidden_size": moe.expert_intermediate_size,
             "n_routed_experts": moe.num_experts, "zero_expert_num": moe.num_zero_experts,
             "moe_topk": moe.num_experts_per_token, "max_position_embeddings": spec.max_seq_len,
+            "head_dim": spec.mla.qk_rope_head_dim if spec.mla else 64,  # rotary width
             **mla_fields(spec)}
 
 

@@ -6,6 +6,8 @@ CUDA run of the same code does, explicitly and by name.
   value head width (MLA: 192 vs 128). On CUDA the same call runs the memory-efficient kernel,
   which saves only output + logsumexp. `CudaAttentionPin` sends exactly those calls to
   aten._scaled_dot_product_efficient_attention (its autograd formula saves what CUDA saves).
+  Other SDPA calls are left alone: CPU flash attention saves what CUDA flash saves (output +
+  logsumexp).
   Only on fake tensors: the CPU has no kernel for it.
 - bitsandbytes 4-bit matmul: `Dequant4bitPin` runs bitsandbytes::gemm_4bit as the CUDA backend
   does for training-size inputs (> 1536 rows, bitsandbytes/backends/cuda/ops.py
@@ -22,27 +24,41 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 BALANCED_EXPERTS = "nvfree_balanced"
 """Name under which balanced_experts_forward is registered in transformers' ExpertsInterface."""
 
 
-class CudaAttentionPin(TorchFunctionMode):
-    """F.scaled_dot_product_attention with q/k width ≠ v width → CUDA's memory-efficient
-    kernel (saves output + logsumexp, no s×s probabilities). Counts the calls it pinned."""
+class CudaAttentionPin:
+    """While entered, torch.nn.functional.scaled_dot_product_attention (which transformers'
+    sdpa_attention_forward looks up at each call) sends q/k width ≠ v width to CUDA's
+    memory-efficient kernel (saves output + logsumexp, no s×s probabilities); other calls go
+    to SDPA unchanged. A patched attribute rather than a TorchFunctionMode: the autograd engine
+    runs checkpointed recomputation without the caller's function modes. Counts what it pinned."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.num_pinned = 0
+        self._patch = None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and args[0].shape[-1] != args[2].shape[-1]:
+    def __call__(self, query, key, value, *args, **kwargs):
+        if query.shape[-1] != value.shape[-1]:
             self.num_pinned += 1
-            return efficient_attention(*args, **kwargs)
-        return func(*args, **kwargs)
+            return efficient_attention(query, key, value, *args, **kwargs)
+        return ORIGINAL_SDPA(query, key, value, *args, **kwargs)
+
+    def __enter__(self) -> CudaAttentionPin:
+        from unittest import mock
+
+        self._patch = mock.patch.object(F, "scaled_dot_product_attention", self)
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._patch.__exit__(*exc)
+
+
+ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
 def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -40,20 +40,31 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bo
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-    from transformers.quantizers.base import get_keys_to_not_convert
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=double_quant,
                                 bnb_4bit_compute_dtype=compute_dtype)
     originals = linear_layers(model)
     with unset_fake_temporarily():  # the new modules are built on meta: no FakeTensor inside
-        replace_with_bnb_linear(model, modules_to_not_convert=get_keys_to_not_convert(model),
+        replace_with_bnb_linear(model, modules_to_not_convert=skipped_modules(model),
                                 quantization_config=config)
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             load_4bit(module, originals[name], compute_dtype, double_quant, fake)
     model.is_loaded_in_4bit = True
     model.is_quantized = True
+
+
+def skipped_modules(model: nn.Module) -> list[str]:
+    """transformers' modules_to_not_convert: output embedding, tied and last modules, and
+    `_keep_in_fp32_modules`. transformers 5.25 passes the latter as written ('classifier.weight'
+    for LongCat's router), which matches no module name: its router would be quantized and its
+    fp32 router matmul (classifier.weight.type(float32)) would fail. Here the '.weight' suffix is
+    dropped, so those modules stay unquantized, as their models intend."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return [*get_keys_to_not_convert(model), *(k.removesuffix(".weight") for k in keep)]
 
 
 def load_4bit(module, original: nn.Module, compute_dtype: torch.dtype, double_quant: bool,

@@ -113,17 +113,28 @@ def peak_bytes(tracker: PeakTracker) -> int:
 
 
 def module_peaks(tracker: PeakTracker, prefix: str) -> list[ModulePeak]:
-    """Every module's forward and backward peaks, names without the root's class name."""
+    """Every module's forward and backward peaks (root, wrappers and PEFT's adapter internals
+    left out: an adapted linear is listed under its own name)."""
     peaks = []
     for stats in tracker.memory_tracking.values():
-        name = stats.mod_fqn.split(".", 1)[1] if "." in stats.mod_fqn else ""
-        if not name:
+        name = display_name(stats.mod_fqn, prefix)
+        if not name or any(part.startswith("lora_") or part == "base_layer"
+                           for part in name.split(".")):
             continue
         peaks.append(ModulePeak(
-            name=name.removeprefix(prefix),
+            name=name,
             forward_peak_bytes=state_peak(stats, _ModState.PEAK_FW),
             backward_peak_bytes=state_peak(stats, _ModState.PEAK_BW)))
     return peaks
+
+
+def display_name(fqn: str, prefix: str) -> str:
+    """A MemTracker module path without the root's class name and the wrapper prefix (PEFT's
+    'base_model.model.'); '' for the root and the wrappers themselves."""
+    name = fqn.split(".", 1)[1] if "." in fqn else ""
+    if not name or prefix.startswith(name + "."):
+        return ""
+    return name.removeprefix(prefix)
 
 
 def state_peak(stats, state) -> int:
@@ -134,6 +145,16 @@ def state_peak(stats, state) -> int:
 
 
 def top_modules(peaks: list[ModulePeak], count: int) -> list[ModulePeak]:
-    """The `count` modules with the highest peaks; among equal peaks the shallower first."""
-    ranked = sorted(peaks, key=lambda p: (-p.peak_bytes, p.name.count("."), p.name))
-    return ranked[:count]
+    """The `count` modules with the highest peaks, deepest first among equal peaks; a module
+    whose peak equals that of a listed descendant is left out (its whole ancestor chain shares
+    the peak of the innermost module running at that moment)."""
+    ranked = sorted(peaks, key=lambda p: (-p.peak_bytes, -p.name.count("."), p.name))
+    chosen: list[ModulePeak] = []
+    for peak in ranked:
+        if any(c.name.startswith(peak.name + ".") and c.peak_bytes == peak.peak_bytes
+               for c in chosen):
+            continue
+        chosen.append(peak)
+        if len(chosen) == count:
+            break
+    return chosen
