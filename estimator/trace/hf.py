@@ -144,7 +144,21 @@ def make_optimizer(params: list[nn.Parameter], name: str) -> torch.optim.Optimiz
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-5, fused=True)
     if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=1e-5)
+        return adamw8bit(params)
     return torch.optim.SGD(params, lr=1e-5, momentum=0.9 if name == "sgd_momentum" else 0.0)
+
+
+def adamw8bit(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """bitsandbytes AdamW8bit. Its quantization maps are built from Python lists (no values on
+    fake tensors): build them for real, then hand the optimizer fake copies."""
+    import bitsandbytes as bnb
+    from torch._guards import active_fake_mode
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    mode = active_fake_mode()
+    if mode is None:
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    with unset_fake_temporarily():
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
+    optimizer.name2qmap = {k: mode.from_tensor(v) for k, v in optimizer.name2qmap.items()}
+    return optimizer

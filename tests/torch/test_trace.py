@@ -56,6 +56,7 @@ CASES = [
     ("qwen2", setup_of("qlora", "bf16", checkpointing=True), "grouped_mm"),
     ("mixtral", setup_of("lora", "bf16"), "grouped_mm"),
     ("mixtral", setup_of("full", "fp32"), "eager"),
+    ("llama", setup_of("full", "fp32", optimizer="adamw8bit"), "grouped_mm"),
 ]
 
 
@@ -63,6 +64,7 @@ CASES = [
                          ids=[f"{k}-{s.method}-{s.compute_dtype}"
                               f"{'-mixed' if s.mixed_precision else ''}"
                               f"{'-ckpt' if s.checkpointing else ''}-{s.attention}-{e}"
+                              f"-{s.optimizer}"
                               for k, s, e in CASES])
 def test_fake_peak_equals_real_run(kind, setup, experts, tmp_path):
     config = write_config(tmp_path, kind)
