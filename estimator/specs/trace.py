@@ -10,7 +10,7 @@ from estimator.specs.base import Spec
 from estimator.specs.setup import TrainSetup
 
 TracePhase = Literal["setup", "forward", "backward", "recompute", "optimizer"]
-TraceFramework = Literal["hf", "nvfree"]
+TraceFramework = Literal["hf"]
 
 NON_TENSOR_TERMS = ("runtime_overhead", "kernel_caches", "allocator_retention",
                     "expert_kernel_caches")
