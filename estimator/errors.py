@@ -24,3 +24,7 @@ class SetupError(NvfreeError):
 
 class ProfileError(NvfreeError):
     """A calibration profile that is corrupt, stale or from another machine."""
+
+
+class MissingDependencyError(NvfreeError):
+    """An optional dependency (an extra such as nvfree[trace]) that is not installed."""

@@ -12,6 +12,7 @@ from estimator.cli import (
     hardware,
     plan,
     run,
+    trace,
     train,
     validate,
 )
@@ -28,6 +29,7 @@ compare.register(app)
 plan.register(app)
 run.register(app)
 validate.register(app)
+trace.register(app)
 
 EXIT_USAGE = 2
 
