@@ -16,8 +16,8 @@ from estimator.specs.plan import Plan
 @pytest.fixture
 def plan(tiny_dense: ModelSpec) -> Plan:
     device = load_device("xeon-platinum-8480plus")
-    result = search(tiny_dense, TrainSetup(framework="nvfree", seq_len=64, num_tokens=4096), device, None,
-                    Constraints(global_batch=4))
+    base = TrainSetup(framework="nvfree", seq_len=64, num_tokens=4096)
+    result = search(tiny_dense, base, device, None, Constraints(global_batch=4))
     return make_plan(result, model=tiny_dense, model_source="tiny", data=None,
                      text_field="text", device=device, device_key="local", torch_device="cpu",
                      fingerprint="abc", profile=None, num_tokens=4096, objective="time")
