@@ -143,6 +143,10 @@ def worker(row: dict, ckpt: Path, steps: int) -> dict:
     if row["method"] != "full":
         import peft
 
+        if row["method"] == "qlora":  # the QLoRA recipe PEFT documents
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(row.get("checkpointing")),
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=16, lora_alpha=32, lora_dropout=row.get("lora_dropout", 0.0),
             target_modules=list(row["lora_targets"]), task_type="CAUSAL_LM"))

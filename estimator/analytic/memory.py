@@ -130,7 +130,8 @@ def weight_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> di
         storage = FP32_BYTES if setup.weight_bits == 32 else 2
         return {"weights": base * storage + copies, "quant_scales": 0}
     quantized, rows = quantized_linear_params(model)
-    rest = (base - quantized) * 2
+    rest = (base - quantized) * (hf.unquantized_param_bytes(setup) if setup.framework == "hf"
+                                 else 2)
     if setup.weight_bits == 4:
         parts = nf4_bytes(quantized, double_quant=setup.double_quant)
     else:
@@ -167,8 +168,11 @@ def autocast_copy_params(model: ModelSpec, setup: TrainSetup, params: ParamCount
     each linear saves its cast weight for the input gradient (torch.autocast caches the casts of
     leaf weights). With checkpointing only the recomputing block's casts are alive; lm_head's
     only with full logits (the fused loss casts it transiently). 0 unless the weights are fp32
-    under autocast (a mixed-precision full fine-tune or a 32-bit LoRA base)."""
+    under autocast (a mixed-precision full fine-tune or a 32-bit LoRA base) — or, for a
+    k-bit base prepared for HF training (hf.kbit_prepared), lm_head's fp32 weight alone."""
     fp32_weights = setup.method == "full" or setup.weight_bits == 32
+    if setup.framework == "hf" and hf.kbit_prepared(setup) and autocasting(setup):
+        return model.vocab_size * model.hidden_size
     if not (autocasting(setup) and fp32_weights):
         return 0
     blocks = largest_layer_params(model) if setup.checkpointing else (
@@ -433,6 +437,8 @@ def runtime_overhead_bytes(device: Device, setup: TrainSetup | None = None) -> i
     (MODEL_BUILD_RESIDUE_BYTES) — what a run report's `runtime` row measures."""
     if device.backend != "cpu":
         return RUNTIME_OVERHEAD_BYTES[device.backend]
+    if setup is not None and setup.framework == "hf":
+        return hf.PROCESS_BYTES
     return (RUNTIME_OVERHEAD_BYTES["cpu"] + training_data_bytes(device, setup)
             + MODEL_BUILD_RESIDUE_BYTES)
 

@@ -189,11 +189,11 @@ def lora_params(model: ModelSpec, setup: TrainSetup, *, b_only: bool = False) ->
     A for its k linears (fused_lora_a_overlap). Targets are canonical names
     (resolve_lora_targets); experts count once per expert. With the hf framework routed
     experts get none: transformers 5 keeps them as fused 3-D tensors that PEFT's module names
-    do not reach (frameworks/hf.py experts_train)."""
+    do not reach unless all seven are targeted (frameworks/hf.py adapts_experts)."""
     if not setup.trains_adapters:
         return 0
     targets = set(setup.lora_targets)
-    skip_routed = setup.framework == "hf"
+    skip_routed = setup.framework == "hf" and not set(LINEAR_TARGETS) <= targets
     total = 0.0
     for linears, num_layers in layer_groups(model, routed_all=True):
         for lin in linears:

@@ -59,6 +59,10 @@ def build(spec: ModelSpec, setup: TrainSetup):
     if setup.trains_adapters:
         import peft
 
+        if setup.weight_bits <= 8:  # the QLoRA recipe PEFT documents
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=setup.checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=setup.lora_rank, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
             target_modules=list(setup.lora_targets), task_type="CAUSAL_LM"))

@@ -33,8 +33,16 @@ torch.autograd.graph.saved_tensors_hooks on tiny models (tests/torch/test_hf_par
 from estimator.analytic.params import attention_linears
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
+from estimator.specs.setup import LINEAR_TARGETS
 
 FP32_BYTES = 4
+
+PROCESS_BYTES = 432 * 1024**2
+"""Resident set of an HF Trainer process on a CPU before its first step, beyond the model's
+tensors: Python + torch + transformers + accelerate (+ peft, bitsandbytes) and what building
+the model and the Trainer leaves. measured (VmRSS at `on_train_begin`, fp32 runs whose
+weights were still unloaded mmap pages): 425–426 MiB for full fine-tunes, 438–441 MiB with
+peft imported; benchmarks/bench_hf_memory.py, torch 2.13 CPU, transformers 5.25."""
 
 
 def autocast_on(setup: TrainSetup) -> bool:
@@ -42,13 +50,27 @@ def autocast_on(setup: TrainSetup) -> bool:
     return setup.mixed_precision and setup.compute_dtype != "fp32"
 
 
+def kbit_prepared(setup: TrainSetup) -> bool:
+    """A 4/8-bit bitsandbytes base prepared as PEFT documents it for QLoRA:
+    `prepare_model_for_kbit_training` (peft 0.21 utils/other.py) casts every parameter that
+    is not quantised — embeddings, norms, lm_head — from 16 bits to fp32, so the residual
+    stream is fp32."""
+    return setup.weight_bits <= 8 and setup.trains_adapters
+
+
+def unquantized_param_bytes(setup: TrainSetup) -> int:
+    """Bytes per parameter of the weights a 4/8-bit base leaves unquantised (embeddings,
+    norms, lm_head, router): fp32 after prepare_model_for_kbit_training."""
+    return FP32_BYTES if kbit_prepared(setup) else 2
+
+
 def residual_bytes(setup: TrainSetup) -> int:
-    """Bytes per element of the residual stream = the dtype the weights are stored in: fp32
-    for a full fine-tune of an fp32 model (mixed precision or fp32) or a 32-bit base, else the
-    16-bit dtype the model was loaded in (`from_pretrained(dtype=torch.bfloat16)`, 4/8-bit
-    bases keep their other weights in it)."""
+    """Bytes per element of the residual stream = the dtype the embedding is stored in: fp32
+    for a full fine-tune of an fp32 model (mixed precision or fp32), a 32-bit base or a
+    k-bit base after prepare_model_for_kbit_training, else the 16-bit dtype the model was
+    loaded in (`from_pretrained(dtype=torch.bfloat16)`)."""
     c = dtype_bytes(setup.compute_dtype)
-    if c == FP32_BYTES or setup.weight_bits == 32:
+    if c == FP32_BYTES or setup.weight_bits == 32 or kbit_prepared(setup):
         return FP32_BYTES
     if setup.method == "full" and setup.mixed_precision:
         return FP32_BYTES
@@ -59,6 +81,16 @@ def matmul_input_bytes(setup: TrainSetup) -> int:
     """Bytes of the tensor a base linear saves as its input: the compute dtype (autocast casts
     fp32 activations; pure training computes in the storage dtype)."""
     return dtype_bytes(setup.compute_dtype) if autocast_on(setup) else residual_bytes(setup)
+
+
+def linear_output_bytes(setup: TrainSetup) -> int:
+    """Bytes of a base linear's output: the compute dtype under autocast; a bitsandbytes 4/8-bit
+    linear casts its output back to its input's dtype (`Linear4bit.forward`:
+    `matmul_4bit(...).to(inp_dtype)`, bitsandbytes 0.50), the fp32 residual stream of a
+    prepared k-bit base."""
+    if setup.weight_bits <= 8:
+        return residual_bytes(setup)
+    return matmul_input_bytes(setup)
 
 
 def linear_inputs_bytes(setup: TrainSetup, names: list[str], width: int,
@@ -131,7 +163,7 @@ def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int,
         for name, num_heads in (("q_proj", heads), ("k_proj", model.num_kv_heads)):
             grad = input_grad or setup.method == "full" or name in setup.lora_targets
             total += norm_saved_bytes(model, setup, num_tokens * num_heads, d,
-                                      input_grad=grad, input_bytes=c)
+                                      input_grad=grad, input_bytes=linear_output_bytes(setup))
     if setup.attention == "eager":
         total += num_tokens * q_w * c * 3  # q, repeated k, repeated v
         total += batch * heads * seq * seq * (FP32_BYTES + (c if c != FP32_BYTES else 0))
@@ -149,13 +181,13 @@ def ffn_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float, widt
                     *, with_norm: bool = True) -> float:
     """One HF FFN: its norm, gate/up inputs, g (SiLU), silu(g) and u (the product), the
     down_proj input (GELU MLP: fc input, GELU input, fc2 input), adapters."""
-    c = dtype_bytes(setup.compute_dtype)
+    out = linear_output_bytes(setup)
     total = norm_saved_bytes(model, setup, num_tokens) if with_norm else 0.0
     first = ["gate_proj", "up_proj"] if model.mlp == "swiglu" else ["up_proj"]
     total += linear_inputs_bytes(setup, first, model.hidden_size, num_tokens)
-    total += (3 if model.mlp == "swiglu" else 1) * num_tokens * width * c
+    total += (3 if model.mlp == "swiglu" else 1) * num_tokens * width * out
     if setup.method == "full":
-        total += num_tokens * width * c
+        total += num_tokens * width * out
     else:
         total += lora_input_bytes(setup, ["down_proj"], width, num_tokens)
     return total
@@ -181,12 +213,18 @@ def mla_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> flo
     return total
 
 
+def adapts_experts(setup: TrainSetup) -> bool:
+    """PEFT adapts transformers 5's fused 3-D expert tensors (`gate_up_proj`, `down_proj`)
+    only with target_modules='all-linear' (peft 0.21 wraps them in a ParamWrapper); module
+    names (gate_proj, up_proj, down_proj) do not reach them. An nvfree setup listing all
+    seven Llama linears is what `--lora-targets all-linear` expands to."""
+    return setup.trains_adapters and set(LINEAR_TARGETS) <= set(setup.lora_targets)
+
+
 def experts_train(setup: TrainSetup) -> bool:
-    """Routed experts need weight gradients: a full fine-tune. transformers 5 stores the
-    experts as fused 3-D tensors (`gate_up_proj`, `down_proj`) that PEFT's module names
-    (gate_proj, up_proj, down_proj) do not reach, so LoRA leaves them frozen (PEFT's
-    `all-linear` / `target_parameters` path that adapts them is not modelled)."""
-    return setup.method == "full"
+    """Routed experts need weight gradients: a full fine-tune, or LoRA on them
+    (adapts_experts)."""
+    return setup.method == "full" or adapts_experts(setup)
 
 
 def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> float:
@@ -209,6 +247,8 @@ def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> flo
     if trains:
         total += num_tokens * h * matmul_input_bytes(setup)  # router input
         total += pairs * (h + i) * e  # gathered input, down input
+    if adapts_experts(setup):  # ParamWrapper's merged W + BA, kept for the input gradient
+        total += moe.num_experts * 3 * h * i * e
     total += pairs * ((h + 3 * i) * e + FP32_BYTES + 3 * 8)
     shared = moe.shared_expert_intermediate_size or i
     total += moe.num_shared_experts * ffn_saved_bytes(model, setup, num_tokens, shared,
