@@ -195,7 +195,9 @@ def save_checkpoint(root: Path, arch: str) -> Path:
     config_cls, kwargs = ARCHS[arch]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**kwargs, max_position_embeddings=4096)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    # in bf16, as models are published: from_pretrained converts it where the run needs fp32
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
     return path
 
 
@@ -230,7 +232,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated config names")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--ckpt-dir", default=str(Path(tempfile.gettempdir()) / "nvfree-hf-ckpt"))
+    ap.add_argument("--ckpt-dir",
+                    default=str(Path(tempfile.gettempdir()) / "nvfree-hf-ckpt-bf16"))
     ap.add_argument("--json", default="", help="write the rows to this file")
     ap.add_argument("--measured", default="",
                     help="re-predict the measurements saved by an earlier --json run "

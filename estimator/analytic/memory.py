@@ -502,8 +502,19 @@ def step_runtime_bytes(setup: TrainSetup, device: Device, gradient_bytes: int) -
     (ALLOCATOR_RETENTION_BYTES + GRADIENT_RETENTION_FRACTION × gradient_bytes)."""
     if device.backend != "cpu" or setup.method == "inference":
         return {"kernel_caches": 0, "allocator_retention": 0}
+    if setup.framework == "hf":  # its glibc heap: heap_retention_bytes
+        return {"kernel_caches": KERNEL_CACHE_BYTES, "allocator_retention": 0}
     retained = ALLOCATOR_RETENTION_BYTES + round(GRADIENT_RETENTION_FRACTION * gradient_bytes)
     return {"kernel_caches": KERNEL_CACHE_BYTES, "allocator_retention": retained}
+
+
+def heap_retention_bytes(model: ModelSpec, setup: TrainSetup, device: Device) -> int:
+    """What glibc's heap keeps resident of memory the training code freed, on a CPU (the
+    bundled trainer trims its heap and runs under tcmalloc where it can: 0 there; its
+    within-step retention is step_runtime_bytes'). HF: hf.heap_retention_bytes."""
+    if device.backend != "cpu" or setup.framework != "hf" or setup.method == "inference":
+        return 0
+    return hf.heap_retention_bytes(model, setup)
 
 
 def os_reserve_bytes(device: Device) -> int:
@@ -748,6 +759,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
         "runtime_overhead": runtime_overhead_bytes(device, setup),
         **step_runtime_bytes(setup, device, grads),
         "expert_kernel_caches": expert_kernel_cache_bytes(model, setup, device.backend),
+        "heap_retention": heap_retention_bytes(model, setup, device),
     }
     notes = {"peak_phase": "optimizer step" if peak_in_opt else "start of backward"}
     notes.update(sharding_notes(setup))

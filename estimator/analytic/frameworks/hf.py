@@ -345,6 +345,43 @@ def tied_gradient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     return 2 * model.vocab_size * model.hidden_size
 
 
+HEAP_RETENTION_FRACTION = 0.6
+"""Share of one step's activation traffic that glibc's heap keeps resident beyond the live
+tensors on a CPU. Under glibc's dynamic mmap threshold every tensor below 32 MiB comes from
+the heap after the first frees, and the holes HF's eager code leaves (the forward's transients
+— fp32 norm upcasts, RoPE halves, casts — between the tensors it keeps) are only partly
+reused: the heap stays above the live bytes (measured with mallinfo2: 1346–1396 MiB of heap
+against 666 MiB of peak live small tensors, LoRA, 1024 tokens). measured, not derived (a
+property of the allocator): (peak RSS − the predicted tensors − PROCESS_BYTES − kernel caches)
+/ the activations the layers allocate per step (without checkpointing: recomputation
+allocates them too) is 0.27–0.93 over eight fp32 HF runs, median 0.6
+(benchmarks/bench_hf_memory.py; docs/accuracy.md). A fixed mmap threshold
+(MALLOC_MMAP_THRESHOLD_=131072) or tcmalloc removes it: the same LoRA run peaked at 1956
+instead of 2490 MiB, 15 MiB above the tensor prediction + PROCESS_BYTES."""
+
+
+def heap_retention_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """glibc's retained heap of an HF run on a CPU: HEAP_RETENTION_FRACTION × the activation
+    bytes one step allocates (activation_bytes without checkpointing) + what loading left
+    (load_residue_bytes)."""
+    traffic = activation_bytes(model, setup.model_copy(update={"checkpointing": False}))
+    return round(HEAP_RETENTION_FRACTION * sum(traffic.values())) + load_residue_bytes(
+        model, setup)
+
+
+def load_residue_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """Heap that `from_pretrained` leaves on a CPU when it converts weights instead of mapping
+    them: bitsandbytes quantises each linear from a materialised 16-bit copy (the checkpoint's
+    dtype; published checkpoints are 16-bit), and glibc keeps those copies' memory (measured:
+    4437 MiB more RSS after building a 1.1B 4-bit model from an fp32 checkpoint than after the
+    fp32 LoRA build, whose 4.0 GiB of linears were mapped)."""
+    if setup.weight_bits > 8:
+        return 0
+    from estimator.analytic.memory import quantized_linear_params
+
+    return quantized_linear_params(model)[0] * 2
+
+
 def attention_names(model: ModelSpec) -> list[str]:
     """PEFT names of one attention block's linears."""
     return [lin.name for lin in attention_linears(model)]
