@@ -51,7 +51,8 @@ CASES = {
     "mixtral-lora-fp32": ("mixtral", {"method": "lora", "compute_dtype": "fp32",
                                           "weight_bits": 32}),
     "llama-qlora-bf16": ("llama", {"method": "qlora", "weight_bits": 4}),
-    "llama-qlora-bf16-ckpt": ("llama", {"method": "qlora", "weight_bits": 4, "checkpointing": True}),
+    "llama-qlora-bf16-ckpt": ("llama", {"method": "qlora", "weight_bits": 4,
+                                        "checkpointing": True}),
     "tied-full-fp32": ("tied", {"method": "full", "compute_dtype": "fp32", "weight_bits": 32}),
 }
 
