@@ -1,11 +1,11 @@
 """The one-call library API: estimate(model, setup, device, profile) → Estimate."""
 
-from estimator.analytic.advice import advise, devices_needed
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
 from estimator.analytic.params import count_params, resolve_lora_targets
 from estimator.analytic.throughput import throughput
 from estimator.errors import SetupError
+from estimator.planner.advice import advise, devices_needed
 from estimator.specs import (
     Advice,
     CalibrationProfile,
@@ -117,7 +117,7 @@ def assumptions_for(model: ModelSpec, setup: TrainSetup, device: Device,
 
 def combined_update(advice: list[Advice], setup: TrainSetup) -> dict:
     """The setup update of the smallest advised change (for sharding on top of it)."""
-    from estimator.analytic.advice import candidate_changes
+    from estimator.planner.advice import candidate_changes
 
     best = min(advice, key=lambda a: a.total_bytes)
     update: dict = {}

@@ -62,8 +62,8 @@ def compare(
     """Compare every catalogue device (or --devices): fits on one? how many? hours, cost, and
     the recommended method; smaller models and free tiers when it does not fit."""
     from estimator.cli.options import resolve_model, resolve_setup
-    from estimator.compare import AUTO_METHODS, resolve_devices
-    from estimator.compare import compare as run_compare
+    from estimator.planner.compare import AUTO_METHODS, resolve_devices
+    from estimator.planner.compare import compare as run_compare
 
     spec = resolve_model(model, params, active_params, active_ratio)
     names = [n.strip() for n in devices.split(",") if n.strip()] if devices is not None else None

@@ -1,6 +1,6 @@
 """advise(): the greedy combination drops earlier changes that later ones make unneeded."""
 
-from estimator.analytic.advice import advise
+from estimator.planner.advice import advise
 from estimator.specs import MemoryBreakdown, TrainSetup
 
 GIB = 2**30

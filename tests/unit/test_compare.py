@@ -1,4 +1,4 @@
-"""estimator.compare: sorting, devices needed, cost, alternatives, free tiers, inference rates."""
+"""planner.compare: sorting, devices needed, cost, alternatives, free tiers, inference rates."""
 
 import pytest
 
@@ -10,8 +10,8 @@ from estimator.analytic.inference import (
 )
 from estimator.api import estimate
 from estimator.catalog import load_device, load_model
-from estimator.compare import AUTO_METHODS, SECONDS_PER_HOUR, compare, smallest_fit
 from estimator.errors import SetupError, UnknownDeviceError
+from estimator.planner.compare import AUTO_METHODS, SECONDS_PER_HOUR, compare, smallest_fit
 from estimator.specs import TrainSetup
 
 QLORA = TrainSetup(method="qlora", weight_bits=4, num_tokens=10**8)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from estimator.analytic.advice import devices_needed
 from estimator.analytic.memory import memory_breakdown, zero_model_state_bytes
 from estimator.analytic.params import count_params
 from estimator.catalog import load_device, load_model
 from estimator.cli.app import main
 from estimator.errors import SetupError
+from estimator.planner.advice import devices_needed
 from estimator.specs import TrainSetup
 
 MODEL_STATES = ("weights", "master_weights", "gradients", "optimizer_states")
