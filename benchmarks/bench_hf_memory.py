@@ -204,14 +204,14 @@ def save_checkpoint(root: Path, arch: str) -> Path:
 def predict(row: dict, ckpt: Path) -> dict:
     """nvfree's estimate for the row: framework hf, this machine's CPU."""
     from estimator.api import estimate
-    from estimator.catalog import load_device, load_model
+    from estimator.catalog import load_model
     from estimator.specs import TrainSetup
 
     spec = load_model(str(ckpt / "config.json"))
     fields = {k: row[k] for k in SETUP_FIELDS if k in row}
     fields["mixed_precision"] = row["compute_dtype"] != "fp32"
     setup = TrainSetup(framework="hf", lora_rank=16, lora_alpha=32, **fields)
-    est = estimate(spec, setup, load_device("local"))
+    est = estimate(spec, setup, "local")
     return {"total_bytes": est.memory.total_bytes, "components": est.memory.components,
             "band": getattr(est.memory, "band", None)}
 

@@ -179,9 +179,13 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
     """Predict parameters, peak memory, step time, cost and a verdict with advice. LoRA
     targets may be the model's own PEFT names (resolve_setup); the Estimate's setup carries
     the canonical names they mean."""
-    from estimator.catalog import load_device
+    if isinstance(device, str):
+        from estimator.hardware import resolve_device
 
-    dev = load_device(device) if isinstance(device, str) else device
+        dev, found, _ = resolve_device(device)
+        profile = profile if profile is not None else found
+    else:
+        dev = device
     setup = resolve_setup(model, setup)
     check_setup(model, setup)
 

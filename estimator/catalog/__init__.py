@@ -78,12 +78,12 @@ def list_devices() -> list[Device]:
 
 
 def load_device(name: str) -> Device:
-    """A catalogue device by key (case-insensitive), or 'local' for this machine's CPU."""
+    """A catalogue device by key (case-insensitive). This machine ('local') is detected, not
+    catalogued: estimator.hardware.resolve_device resolves every name, 'local' included."""
     key = name.strip().lower()
     if key == "local":
-        from estimator.hardware import detect, local_device
-
-        return local_device(detect())
+        raise UnknownDeviceError("'local' is this machine, not a catalogue device: resolve it "
+                                 "with estimator.hardware.resolve_device")
     entries = read_toml("devices.toml")["devices"]
     if key not in entries:
         raise UnknownDeviceError(

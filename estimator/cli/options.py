@@ -169,16 +169,8 @@ def with_memory(device, memory_gib: float | None):
 
 
 def resolve_device(name: str, *, use_profile: bool = True):
-    """(Device, CalibrationProfile | None, one-line note about calibration) for --device."""
-    from estimator.catalog import load_device
+    """(Device, CalibrationProfile | None, one-line note about calibration) for --device:
+    estimator.hardware.resolve_device."""
+    from estimator.hardware import resolve_device as resolve
 
-    if name.strip().lower() != "local":
-        return load_device(name), None, "catalogue device: uncalibrated"
-    from estimator.hardware import detect, local_device
-    from estimator.profiles import lookup_profile
-
-    machine = detect()
-    found = lookup_profile(machine) if use_profile else None
-    profile = found.profile if found else None
-    note = found.reason if found else "calibration profile not used (--no-profile)"
-    return local_device(machine, profile), profile, note
+    return resolve(name, use_profile=use_profile)

@@ -38,19 +38,22 @@ The best candidates are re-scored exactly with the functions `estimator.api.esti
 records; if they differ from the array scores, the whole space is scored exactly.
 """
 
-from estimator.planner.scoring import memory_totals, score, score_groups, step_seconds
-from estimator.planner.search import plan_setup, search
-from estimator.planner.space import (
-    Constraints,
-    SearchResult,
-    devices_up_to,
-    micro_batches,
-    nodes_for,
-    search_space,
-    setups_at_device_counts,
-    structural_setups,
-)
+_PUBLIC = {
+    "memory_totals": "scoring", "score": "scoring", "score_groups": "scoring",
+    "step_seconds": "scoring", "plan_setup": "ranking", "search": "ranking",
+    "Constraints": "space", "SearchResult": "space", "devices_up_to": "space",
+    "micro_batches": "space", "nodes_for": "space", "search_space": "space",
+    "setups_at_device_counts": "space", "structural_setups": "space",
+}
+"""Public name → submodule. Loaded on first use, so that `estimator.planner.advice` (which
+`estimate` imports) does not import numpy: `nvfree estimate` never needs it."""
 
-__all__ = ["Constraints", "SearchResult", "devices_up_to", "memory_totals", "micro_batches",
-           "nodes_for", "plan_setup", "score", "score_groups", "search", "search_space",
-           "setups_at_device_counts", "step_seconds", "structural_setups"]
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f"estimator.planner.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module 'estimator.planner' has no attribute {name!r}")

@@ -15,13 +15,14 @@ def analytic_side(model: str, setup: TrainSetup, device: str) -> tuple[AnalyticS
     cannot read the model's config. HF computes full b·s·V logits, so the estimate is made with
     fused_loss=False."""
     from estimator.api import estimate
-    from estimator.catalog import load_device, load_model
+    from estimator.catalog import load_model
+    from estimator.hardware import resolve_device
 
     try:
         spec = load_model(model)
     except ConfigError as exc:
         return None, f"no analytic estimate: {exc}"
-    dev = load_device(device).model_copy(update={"memory_bytes": UNLIMITED_BYTES})
+    dev = resolve_device(device)[0].model_copy(update={"memory_bytes": UNLIMITED_BYTES})
     est = estimate(spec, setup.model_copy(update={"fused_loss": False}), dev)
     components = dict(est.memory.components)
     non_tensor = sum(components.get(term, 0) for term in NON_TENSOR_TERMS)

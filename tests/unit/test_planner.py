@@ -25,8 +25,8 @@ from estimator.planner import (
     step_seconds,
     structural_setups,
 )
+from estimator.planner.ranking import _search
 from estimator.planner.scoring import _exact_scores
-from estimator.planner.search import _search
 from estimator.planner.timing import _exact_seconds
 from estimator.specs import CalibrationProfile, EfficiencyCurve, ModelSpec, TrainSetup
 
@@ -302,7 +302,7 @@ def test_collective_times_over_layouts_equal_the_scalar_ones() -> None:
 def test_exact_rows_are_the_numbers_of_estimate(tiny_moe: ModelSpec) -> None:
     """The re-score composes estimate()'s own memory and step time (without its advice)."""
     from estimator.api import estimate
-    from estimator.planner.search import _exact
+    from estimator.planner.ranking import _exact
 
     device = load_device("h100-sxm")
     setups = [TrainSetup(seq_len=64, num_devices=4, zero_stage=3, expert_parallel=2,
