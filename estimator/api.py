@@ -174,18 +174,36 @@ def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
             for f in FRAMEWORKS if f != setup.framework}
 
 
-def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local",
-             profile: CalibrationProfile | None = None) -> Estimate:
-    """Predict parameters, peak memory, step time, cost and a verdict with advice. LoRA
-    targets may be the model's own PEFT names (resolve_setup); the Estimate's setup carries
-    the canonical names they mean."""
+def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = None,
+             device: Device | str = "local", profile: CalibrationProfile | None = None, *,
+             params: float | None = None, active_params: float | None = None,
+             active_ratio: float | None = None, use_profile: bool = True,
+             device_memory: float | None = None, **flags) -> Estimate:
+    """Predict parameters, peak memory, step time, cost and a verdict with advice.
+
+    Takes specs (a ModelSpec, a TrainSetup, a Device) or what `nvfree estimate` takes, by its
+    flag names: a preset / config path / --params, a device name ('local' is this machine
+    with its calibration profile), and the setup flags (request.SETUP_DEFAULTS: method,
+    bits, dtype='auto', …) — `estimate("qwen2.5-7b", method="qlora", seq_len=4096,
+    device="m4-max")` returns what the command prints. LoRA targets may be the model's own
+    PEFT names (resolve_setup); the Estimate's setup carries the canonical names they mean."""
+    from estimator.request import build_setup, resolve_model
+
+    model = resolve_model(model, params, active_params, active_ratio)
+    note = None
     if isinstance(device, str):
         from estimator.hardware import resolve_device
 
-        dev, found, _ = resolve_device(device)
+        dev, found, note = resolve_device(device, use_profile=use_profile,
+                                          memory_gib=device_memory)
         profile = profile if profile is not None else found
+        note = note if dev.name == "local" else None  # catalogue: 'uncalibrated' says it
     else:
         dev = device
+    if setup is None:
+        setup = build_setup(dev, profile, **flags)
+    elif flags:
+        raise SetupError(f"give a TrainSetup or setup options, not both ({', '.join(flags)})")
     setup = resolve_setup(model, setup)
     check_setup(model, setup)
 
@@ -221,15 +239,6 @@ def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local"
                     throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
                     other_frameworks=other_framework_peaks(setup, memory_of),
-                    assumptions=assumptions_for(model, setup, dev, profile))
+                    assumptions=assumptions_for(model, setup, dev, profile)
+                    + ([f"calibration: {note}"] if note else []))
 
-
-def auto_dtype(device: Device, profile: CalibrationProfile | None) -> str:
-    """The compute dtype `--dtype auto` picks: what calibration measured fastest, else bf16
-    where the device has a bf16 rate, fp16 where it has only fp16, else fp32."""
-    if profile is not None:
-        return profile.preferred_dtype
-    for dtype in ("bf16", "fp16"):
-        if device.peak_for(dtype) and device.peak_for(dtype) > (device.peak_for("fp32") or 0):
-            return dtype
-    return "fp32"

@@ -5,29 +5,12 @@ from typing import Annotated, Literal
 import typer
 
 from estimator.cli.options import (
-    AccumOpt,
     ActiveParamsOpt,
     ActiveRatioOpt,
-    AttentionOpt,
-    BackwardStepOpt,
-    BatchOpt,
-    BitsOpt,
-    CkptOpt,
-    DoubleQuantOpt,
-    DtypeOpt,
-    FrameworkOpt,
-    FusedLossOpt,
     JsonOpt,
-    LoraAlphaOpt,
-    LoraRankOpt,
-    LoraTargetsOpt,
-    MethodOpt,
-    MixedOpt,
     ModelOpt,
-    OptimizerOpt,
     ParamsOpt,
-    SeqOpt,
-    TokensOpt,
+    with_setup_options,
 )
 
 DevicesOpt = Annotated[str | None, typer.Option(
@@ -45,42 +28,26 @@ PlotOpt = Annotated[str | None, typer.Option(
                    "(needs matplotlib: pip install 'nvfree[plot]').")]
 
 
+@with_setup_options("method", "bits", "dtype", "framework", "lora_rank", "lora_alpha",
+                    "lora_targets", "lora_dropout", "batch_size", "seq_len", "grad_accum",
+                    "checkpointing", "optimizer_in_backward", "optimizer", "mixed_precision",
+                    "attention", "double_quant", "fused_loss", "tokens")
 def compare(
     model: ModelOpt = None, params: ParamsOpt = None, active_params: ActiveParamsOpt = None,
-    active_ratio: ActiveRatioOpt = None, method: MethodOpt = None, bits: BitsOpt = None,
-    dtype: DtypeOpt = "auto", lora_rank: LoraRankOpt = 16, lora_alpha: LoraAlphaOpt = 32.0,
-    lora_targets: LoraTargetsOpt = "all-linear", batch_size: BatchOpt = 1,
-    seq_len: SeqOpt = 2048, grad_accum: AccumOpt = 1, checkpointing: CkptOpt = False,
-    optimizer_in_backward: BackwardStepOpt = False,
-    optimizer: OptimizerOpt = "adamw", mixed_precision: MixedOpt = True,
-    attention: AttentionOpt = "sdpa", double_quant: DoubleQuantOpt = True,
-    fused_loss: FusedLossOpt = True, framework: FrameworkOpt = "hf", tokens: TokensOpt = None,
-    devices: DevicesOpt = None, objective: ObjectiveOpt = "time", max_hours: MaxHoursOpt = None,
+    active_ratio: ActiveRatioOpt = None, devices: DevicesOpt = None,
+    objective: ObjectiveOpt = "time", max_hours: MaxHoursOpt = None,
     max_cost: MaxCostOpt = None, max_devices: MaxDevicesOpt = 1024, json: JsonOpt = False,
-    plot: PlotOpt = None,
+    plot: PlotOpt = None, setup_flags: dict | None = None,
 ) -> None:
     """Compare every catalogue device (or --devices): fits on one? how many? hours, cost, and
     the recommended method; smaller models and free tiers when it does not fit."""
-    from estimator.cli.options import resolve_model, resolve_setup
-    from estimator.planner.compare import AUTO_METHODS, resolve_devices
-    from estimator.planner.compare import compare as run_compare
+    from estimator.planner.compare import compare_request
 
-    spec = resolve_model(model, params, active_params, active_ratio)
     names = [n.strip() for n in devices.split(",") if n.strip()] if devices is not None else None
-    first = resolve_devices(names)[0]
-    setup = resolve_setup(method=method, bits=bits, dtype="bf16" if dtype == "auto" else dtype,
-                          device=first, profile=None, lora_targets=lora_targets, tokens=tokens,
-                          mixed_precision=mixed_precision, lora_rank=lora_rank,
-                          lora_alpha=lora_alpha, batch_size=batch_size, seq_len=seq_len,
-                          grad_accum=grad_accum, checkpointing=checkpointing,
-                          optimizer_in_backward=optimizer_in_backward,
-                          optimizer=optimizer, attention=attention, double_quant=double_quant,
-                          fused_loss=fused_loss, framework=framework)
-    auto_methods = method is None and bits is None
-    result = run_compare(spec, setup, names, None,
-                         methods=AUTO_METHODS if auto_methods else None,
-                         auto_dtype_per_device=dtype == "auto", objective=objective,
-                         max_hours=max_hours, max_cost_usd=max_cost, max_devices=max_devices)
+    result = compare_request(model, params=params, active_params=active_params,
+                             active_ratio=active_ratio, devices=names, objective=objective,
+                             max_hours=max_hours, max_cost_usd=max_cost,
+                             max_devices=max_devices, **(setup_flags or {}))
     if plot is not None:
         from estimator.report.compare import plot_compare
 

@@ -79,8 +79,8 @@ NumDevicesOpt = Annotated[int, typer.Option(
 NodesOpt = Annotated[int, typer.Option(
     "--nodes", min=1, rich_help_panel=PARALLEL_PANEL,
     help="Machines the devices are spread over evenly (inter-node traffic uses the network).")]
-ZeroOpt = Annotated[Literal["0", "1", "2", "3"], typer.Option(
-    "--zero", rich_help_panel=PARALLEL_PANEL,
+ZeroOpt = Annotated[int, typer.Option(
+    "--zero", min=0, max=3, rich_help_panel=PARALLEL_PANEL,
     help="ZeRO stage: 0 = DDP, 1 = shard optimizer states, 2 = + gradients, 3 = + parameters "
          "(FSDP).")]
 OffloadOpt = Annotated[Literal["none", "optimizer", "optimizer_and_params"], typer.Option(
@@ -98,67 +98,83 @@ DeviceMemoryOpt = Annotated[float | None, typer.Option(
 TokensOpt = Annotated[float | None, typer.Option(
     "--tokens", help="Training token budget for wall time and cost, e.g. 1e8.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+LoraDropoutOpt = Annotated[float, typer.Option(
+    "--lora-dropout", min=0.0, max=0.99, rich_help_panel=SETUP_PANEL,
+    help="Dropout on the adapters' input (PEFT lora_dropout).")]
+
+SETUP_OPTIONS = {
+    "method": MethodOpt, "bits": BitsOpt, "dtype": DtypeOpt, "framework": FrameworkOpt,
+    "lora_rank": LoraRankOpt, "lora_alpha": LoraAlphaOpt, "lora_targets": LoraTargetsOpt,
+    "lora_dropout": LoraDropoutOpt, "batch_size": BatchOpt, "seq_len": SeqOpt,
+    "grad_accum": AccumOpt, "checkpointing": CkptOpt, "optimizer_in_backward": BackwardStepOpt,
+    "optimizer": OptimizerOpt, "mixed_precision": MixedOpt, "attention": AttentionOpt,
+    "double_quant": DoubleQuantOpt, "fused_loss": FusedLossOpt, "num_devices": NumDevicesOpt,
+    "nodes": NodesOpt, "zero": ZeroOpt, "offload": OffloadOpt,
+    "expert_parallel": ExpertParallelOpt, "tokens": TokensOpt,
+}
+"""The option of each setup flag, declared once; defaults from request.SETUP_DEFAULTS."""
+
+
+def with_setup_options(*names: str):
+    """Give a command the shared setup options `names` (all when none are named) with the one
+    set of defaults (request.SETUP_DEFAULTS); the command receives them as one dict,
+    `setup_flags`, to pass to the library unchanged."""
+    import functools
+    import inspect
+
+    from estimator.request import SETUP_DEFAULTS
+
+    chosen = names or tuple(SETUP_OPTIONS)
+
+    def decorate(command):
+        sig = inspect.signature(command)
+        own = [p for p in sig.parameters.values() if p.name != "setup_flags"]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
+                                    default=SETUP_DEFAULTS[n], annotation=SETUP_OPTIONS[n])
+                  for n in chosen]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            flags = {n: kwargs.pop(n) for n in chosen}
+            return command(**kwargs, setup_flags=flags)
+
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        wrapper.__signature__ = sig.replace(parameters=keyword + shared)
+        wrapper.__annotations__ = {**{p.name: p.annotation for p in keyword},
+                                   **{p.name: p.annotation for p in shared}}
+        del wrapper.__wrapped__
+        return wrapper
+
+    return decorate
 
 
 def resolve_model(model: str | None, params: float | None, active_params: float | None,
                   active_ratio: float | None):
-    """The ModelSpec from --model, or inferred from --params."""
-    from estimator.analytic.infer import infer_model
-    from estimator.catalog import load_model
+    """The ModelSpec from --model, or inferred from --params (request.resolve_model)."""
+    from estimator.request import resolve_model as resolve
 
-    if model is not None and params is not None:
-        raise SetupError("give either --model or --params, not both")
-    if active_params is not None and active_ratio is not None:
-        raise SetupError("give either --active-params or --active-ratio, not both")
-    if model is not None:
-        return load_model(model)
-    if params is None:
-        raise SetupError("say which model: --model NAME (see `nvfree models`) or --params N")
-    if active_ratio is not None:
-        if not 0 < active_ratio <= 1:
-            raise SetupError(f"--active-ratio must be in (0, 1], got {active_ratio:g}")
-        active_params = active_ratio * params
-    return infer_model(params, active_params=active_params)
+    return resolve(model, params, active_params, active_ratio)
 
 
-def resolve_setup(*, method: str | None, bits: str | None, dtype: str, device, profile,
-                  lora_targets: str, tokens: float | None, mixed_precision: bool, **rest):
-    """A TrainSetup from the flags, filling the defaults the help text states."""
-    from estimator.api import auto_dtype
-    from estimator.specs import TrainSetup
+def resolve_setup(*, device, profile, **flags):
+    """A TrainSetup from the flags (request.build_setup: the defaults the help texts state)."""
+    from estimator.request import build_setup
 
-    num_bits = int(bits) if bits else None
-    if method is None:
-        method = {4: "qlora", 8: "lora"}.get(num_bits or 16, "full")
-    compute = auto_dtype(device, profile) if dtype == "auto" else dtype
-    if num_bits is None:  # fp32 compute stores fp32 weights (as the executor builds them)
-        num_bits = 4 if method == "qlora" else (32 if compute == "fp32" else 16)
-    targets = parse_targets(lora_targets)
-    if tokens is not None and tokens <= 0:
-        raise SetupError(f"--tokens must be positive, got {tokens:g}")
-    try:
-        return TrainSetup(method=method, weight_bits=num_bits, compute_dtype=compute,
-                          mixed_precision=mixed_precision and compute != "fp32",
-                          lora_targets=targets, num_tokens=round(tokens) if tokens else None,
-                          **rest)
-    except ValueError as exc:
-        raise setup_error(exc) from None
+    return build_setup(device, profile, **flags)
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
     """--lora-targets: comma-separated PEFT module names, or all-linear."""
-    from estimator.specs import LINEAR_TARGETS
+    from estimator.request import parse_targets as parse
 
-    if text.strip() == "all-linear":
-        return LINEAR_TARGETS
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+    return parse(text)
 
 
 def setup_error(exc: ValueError) -> SetupError:
-    """A TrainSetup validation error as one line (pydantic's first message)."""
-    errors = getattr(exc, "errors", None)
-    message = errors()[0]["msg"] if errors else str(exc)
-    return SetupError(message.removeprefix("Value error, "))
+    """A TrainSetup validation error as one line naming the field."""
+    from estimator.request import setup_error as one_line
+
+    return one_line(exc)
 
 
 def with_memory(device, memory_gib: float | None):

@@ -27,9 +27,10 @@ from typing import Any
 from estimator.analytic.inference import decode_step_seconds
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.params import count_params
-from estimator.api import auto_dtype, estimate
+from estimator.api import estimate
 from estimator.catalog import GB, GIB, TERA, list_devices, list_models, load_device, read_toml
 from estimator.errors import SetupError
+from estimator.request import auto_dtype
 from estimator.specs import (
     CalibrationProfile,
     Comparison,
@@ -446,3 +447,23 @@ def free_tiers(model: ModelSpec, setup: TrainSetup, profile: CalibrationProfile 
             sources=tuple(entry.get("sources", ())), read_on=entry["read_on"],
             notes=entry.get("notes")))
     return out
+
+
+def compare_request(model: ModelSpec | str | None = None, *, params: float | None = None,
+                    active_params: float | None = None, active_ratio: float | None = None,
+                    devices: list[str] | None = None, objective: str = "time",
+                    max_hours: float | None = None, max_cost_usd: float | None = None,
+                    max_devices: int = DEFAULT_MAX_DEVICES, **flags) -> Comparison:
+    """compare() from what `nvfree compare` takes, by its flag names (request.SETUP_DEFAULTS):
+    no --method or --bits lets each device pick full, LoRA or QLoRA; --dtype auto picks the
+    dtype per device."""
+    from estimator.request import SETUP_DEFAULTS, build_setup, resolve_model
+
+    spec = resolve_model(model, params, active_params, active_ratio)
+    first = resolve_devices(devices)[0]
+    dtype = flags.get("dtype", SETUP_DEFAULTS["dtype"])
+    setup = build_setup(first, None, **{**flags, "dtype": "bf16" if dtype == "auto" else dtype})
+    auto_methods = flags.get("method") is None and flags.get("bits") is None
+    return compare(spec, setup, devices, None, methods=AUTO_METHODS if auto_methods else None,
+                   auto_dtype_per_device=dtype == "auto", objective=objective,
+                   max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices)
