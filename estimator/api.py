@@ -2,8 +2,9 @@
 
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
-from estimator.analytic.params import count_params, resolve_lora_targets
+from estimator.analytic.params import count_params
 from estimator.analytic.throughput import throughput
+from estimator.checks import check, trainer_limits
 from estimator.errors import SetupError
 from estimator.planner.advice import advise, devices_needed
 from estimator.specs import (
@@ -16,50 +17,6 @@ from estimator.specs import (
     Throughput,
     TrainSetup,
 )
-
-
-def lora_target_names(model: ModelSpec) -> str:
-    """The --lora-targets names a model takes, for messages: canonical, then its own."""
-    from estimator.specs.setup import LINEAR_TARGETS
-
-    return ", ".join([*LINEAR_TARGETS, *(n for n in model.lora_module_names
-                                         if n not in LINEAR_TARGETS)])
-
-
-def resolve_setup(model: ModelSpec, setup: TrainSetup) -> TrainSetup:
-    """The setup with its LoRA targets in the canonical names the analytic model counts
-    (analytic.params.resolve_lora_targets: Qwen-1's c_attn → q_proj, k_proj, v_proj; a fused
-    module's members all together); the same object when nothing changes. Callers that take
-    a user's setup resolve it before check_setup (estimate does)."""
-    if not setup.trains_adapters:
-        return setup
-    targets, unknown = resolve_lora_targets(model, setup.lora_targets)
-    if unknown:
-        raise SetupError(f"unknown LoRA target(s) {', '.join(unknown)} for {model.name}; use "
-                         f"PEFT names: {lora_target_names(model)} or all-linear")
-    if targets == setup.lora_targets:
-        return setup
-    return setup.model_copy(update={"lora_targets": targets})
-
-
-def check_setup(model: ModelSpec, setup: TrainSetup) -> None:
-    """Reject setups the model cannot have (one line each). LoRA targets must be canonical
-    names (resolve_setup turns a model's own names into them)."""
-    if setup.trains_adapters and setup.lora_rank > model.hidden_size:
-        raise SetupError(
-            f"LoRA rank {setup.lora_rank} exceeds the hidden size {model.hidden_size}")
-    from estimator.specs.setup import LINEAR_TARGETS
-
-    unknown = [t for t in setup.lora_targets if t not in LINEAR_TARGETS]
-    if setup.trains_adapters and unknown:
-        raise SetupError(f"unknown LoRA target(s) {', '.join(unknown)}; use PEFT names: "
-                         f"{', '.join(LINEAR_TARGETS)} or all-linear")
-    if setup.expert_parallel > 1 and model.moe is None:
-        raise SetupError(f"--expert-parallel {setup.expert_parallel} needs an MoE model; "
-                         f"{model.name} is dense")
-    if model.moe is not None and setup.expert_parallel > model.moe.num_experts:
-        raise SetupError(f"--expert-parallel {setup.expert_parallel} exceeds the "
-                         f"{model.moe.num_experts} experts of {model.name}")
 
 
 def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
@@ -166,6 +123,13 @@ def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
     return compose_throughput(model, setup, rank, params, profile, perf)
 
 
+def trainer_note(model: ModelSpec, setup: TrainSetup) -> list[str]:
+    """'the bundled trainer cannot run this: …' when checks.trainer_limits finds something."""
+    limits = trainer_limits(model, setup) if setup.method != "inference" else []
+    return [f"the bundled trainer (nvfree train) cannot run this: {'; '.join(limits)}"
+            ] if limits else []
+
+
 def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
     """The peak memory of the same setup under each other framework nvfree models."""
     from estimator.analytic.frameworks import FRAMEWORKS
@@ -204,8 +168,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
         setup = build_setup(dev, profile, **flags)
     elif flags:
         raise SetupError(f"give a TrainSetup or setup options, not both ({', '.join(flags)})")
-    setup = resolve_setup(model, setup)
-    check_setup(model, setup)
+    setup = check(model, setup, dev)
 
     def memory_of(s: TrainSetup) -> MemoryBreakdown:
         return memory_breakdown(model, s, rank_device(dev, s), count_params(model, s))
@@ -240,5 +203,6 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
                     minimum_memory_bytes=minimum,
                     other_frameworks=other_framework_peaks(setup, memory_of),
                     assumptions=assumptions_for(model, setup, dev, profile)
-                    + ([f"calibration: {note}"] if note else []))
+                    + ([f"calibration: {note}"] if note else [])
+                    + trainer_note(model, setup))
 

@@ -21,7 +21,6 @@ from estimator.analytic.frameworks import hf
 from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
 from estimator.analytic.uncertainty import band_fractions, lower_bytes, upper_bytes
-from estimator.errors import SetupError
 from estimator.specs import Device, MemoryBreakdown, ModelSpec, ParamCounts, TrainSetup
 
 GIB = 1024**3
@@ -646,18 +645,6 @@ fp32 master copy (the optimizer step runs on the CPU); ZeRO-Infinity parameter o
 the (sharded) parameters. Gradients stay on the device until they are shipped per step."""
 
 
-def check_offload(setup: TrainSetup, device: Device) -> None:
-    """A CPU has no separate host memory to offload to; offload needs a training optimizer."""
-    if setup.offload == "none":
-        return
-    if device.kind == "cpu" or device.unified_memory:
-        raise SetupError(f"--offload moves states to host memory, but {device.display_name} "
-                         "already uses host memory: use --offload none")
-    if setup.method == "inference":
-        raise SetupError("--offload applies to training (optimizer states); use --offload none")
-    if setup.offload == "optimizer_and_params" and setup.zero_stage != 3:
-        raise SetupError("--offload optimizer_and_params streams sharded parameters "
-                         "(ZeRO-Infinity): use --zero 3")
 
 
 def sixteen_bit_params(setup: TrainSetup) -> bool:
@@ -726,7 +713,6 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     """Peak memory of one device, by term (see the module docstring for the phases); on
     several devices the model states are sharded (model_state_terms) and offloaded terms are
     reported as host memory."""
-    check_offload(setup, device)
     state = model_state_terms(model, setup, device, params)
     host = {k: state.pop(k) for k in HOST_TERMS.get(setup.offload, ())}
     acts = activation_bytes(model, setup,

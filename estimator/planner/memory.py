@@ -6,7 +6,6 @@ import numpy as np
 
 from estimator.analytic.memory import (
     HOST_TERMS,
-    check_offload,
     memory_breakdown,
     micro_batch_bytes,
     model_state_terms,
@@ -32,7 +31,6 @@ def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
     bytes, held through forward/backward when accumulating; the optimizer-step phase:
     gradients + optimizer transients). `num_devices`: an array of device counts on the same
     side of 1 as the setup's (model_state_terms), each term then an array."""
-    check_offload(setup, device)
     state = model_state_terms(model, setup, device, params, num_devices=num_devices)
     for name in HOST_TERMS.get(setup.offload, ()):
         state.pop(name)

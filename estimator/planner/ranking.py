@@ -13,6 +13,7 @@ from estimator.analytic.parallel import (
 )
 from estimator.analytic.params import count_params
 from estimator.analytic.uncertainty import upper_bytes
+from estimator.checks import check, trainer_limits
 from estimator.errors import SetupError
 from estimator.planner.scoring import score
 from estimator.planner.space import AFFINE_TOLERANCE, SECONDS_PER_HOUR, Constraints, SearchResult
@@ -38,6 +39,11 @@ def search(model: ModelSpec, base: TrainSetup, device: Device,
     `c.top` exactly with estimate(), and say why each lost."""
     if base.num_tokens is None:
         raise SetupError("the planner needs a token budget (--tokens, or --data to count)")
+    base = check(model, base, device)
+    limits = trainer_limits(model, base) if base.framework == "nvfree" else []
+    if limits:
+        raise SetupError(f"the bundled trainer (what a plan runs) cannot run this: "
+                         f"{'; '.join(limits)}")
     started = time.perf_counter()
     result = _search(model, base, device, profile, c, exact=False)
     if not result[1]:  # the array scores disagreed with estimate(): score exactly
@@ -91,11 +97,12 @@ def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
     """The memory and step time estimate() reports for the setups, in their order, by the
     functions it composes (check_setup, memory_breakdown on the rank device, step_throughput;
     not its advice, which the plan does not use). Verdicts are filled in by the caller."""
-    from estimator.api import check_setup, step_throughput
+    from estimator.api import step_throughput
+    from estimator.checks import check
 
     rows = []
     for setup in setups:
-        check_setup(model, setup)
+        setup = check(model, setup)
         peak = memory_breakdown(model, setup, rank_device(device, setup),
                                 count_params(model, setup))
         seconds = step_throughput(model, setup.model_copy(update={"num_tokens": None}), device,

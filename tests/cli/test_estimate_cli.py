@@ -87,7 +87,7 @@ def test_config_json_directory(tmp_path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_device_memory_override(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "estimate", "--model", "gpt2", "--device",
+    code, out, _ = run(capsys, "estimate", "--model", "gpt2", "--seq-len", "1024", "--device",
                        "xeon-platinum-8480plus", "--device-memory", "64", "--json")
     data = json.loads(out)
     assert code == 0 and data["device"]["memory_bytes"] == 64 * 1024**3
@@ -111,3 +111,19 @@ def test_estimate_never_imports_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_estimate_refuses_what_train_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    """One setup check: a sequence longer than GPT-2's learned positions is refused by
+    estimate as by train, not called FITS."""
+    code, _, err = run(capsys, "estimate", "--model", "gpt2", "--seq-len", "4096", "--device",
+                       "h100-sxm")
+    assert code == 2 and "1024 learned positions" in err
+
+
+def test_estimate_says_what_the_trainer_cannot_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """estimate keeps its answer and names what `nvfree train` could not run."""
+    code, out, _ = run(capsys, "estimate", "--model", "longcat-flash", "--method", "qlora",
+                       "--device", "mi300x", "--json")
+    assumptions = json.loads(out)["assumptions"]
+    assert code == 0 and any("bundled trainer" in a and "MLA" in a for a in assumptions)

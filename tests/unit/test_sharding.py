@@ -77,8 +77,11 @@ def test_offload_reports_host_bytes_not_device_bytes() -> None:
 
 
 def test_cpu_offloading_to_itself_is_an_error() -> None:
+    from estimator.checks import check
+
     with pytest.raises(SetupError, match="host memory"):
-        breakdown("gpt2", "xeon-platinum-8480plus", offload="optimizer")
+        check(load_model("gpt2"), TrainSetup(offload="optimizer", seq_len=1024),
+              load_device("xeon-platinum-8480plus"))
 
 
 def test_devices_needed_is_the_smallest_that_fits() -> None:
