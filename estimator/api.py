@@ -6,7 +6,7 @@ from estimator.analytic.params import count_params
 from estimator.analytic.throughput import throughput
 from estimator.checks import check, trainer_limits
 from estimator.errors import SetupError
-from estimator.planner.advice import advise, devices_needed
+from estimator.planner.advice import advise, devices_needed, flags_for
 from estimator.specs import (
     Advice,
     CalibrationProfile,
@@ -72,40 +72,25 @@ def assumptions_for(model: ModelSpec, setup: TrainSetup, device: Device,
     return out + multi_device_assumptions(setup, device)
 
 
-def combined_update(advice: list[Advice], setup: TrainSetup) -> dict:
-    """The setup update of the smallest advised change (for sharding on top of it)."""
-    from estimator.planner.advice import candidate_changes
-
-    best = min(advice, key=lambda a: a.total_bytes)
-    update: dict = {}
-    for flag, change in candidate_changes(setup):
-        if flag in best.change:
-            update.update(change)
-    return update
-
-
 def sharding_advice(setup: TrainSetup, memory_of, time_of, one_per_node: bool,
-                    prefix: str = "") -> list[Advice]:
-    """'--num-devices N --zero S': the fewest devices (and lowest ZeRO stage) whose per-device
-    memory fits (advice.devices_needed over the sharded memory model), with its step time.
-    The optimizer step in backward runs on one device only: the sharded setup goes without it
-    (and says so when the user's setup had it)."""
-    suffix = ""
-    if setup.optimizer_in_backward:
-        flag = "--optimizer-in-backward"
-        suffix = "" if flag in prefix else f" (without {flag})"
-        prefix = " ".join(f for f in prefix.split() if f != flag)
-        setup = setup.model_copy(update={"optimizer_in_backward": False})
-    found = devices_needed(setup, memory_of, one_per_node=one_per_node)
+                    first: dict | None = None) -> list[Advice]:
+    """The fewest devices (and lowest ZeRO stage) whose per-device memory fits
+    (advice.devices_needed over the sharded memory model), on top of the change `first`, with
+    its step time. The optimizer step in backward runs on one device only: the sharded setup
+    goes without it."""
+    update = dict(first or {})
+    if setup.model_copy(update=update).optimizer_in_backward:
+        update["optimizer_in_backward"] = False
+    changed = setup.model_copy(update=update)
+    found = devices_needed(changed, memory_of, one_per_node=one_per_node)
     if found is None:
         return []
     n, stage, total = found
     if n == setup.num_devices and stage == setup.zero_stage:
         return []
-    update = {"num_devices": n, "zero_stage": stage} | ({"num_nodes": n} if one_per_node else {})
-    nodes = f" --nodes {n}" if one_per_node and n > 1 else ""
-    change = f"{prefix + ' ' if prefix else ''}--num-devices {n}{nodes} --zero {stage}{suffix}"
-    return [Advice(change=change, total_bytes=total, fits=True,
+    update |= {"num_devices": n, "zero_stage": stage} | (
+        {"num_nodes": n} if one_per_node else {})
+    return [Advice(change=flags_for(update), update=update, total_bytes=total, fits=True,
                    step_seconds=time_of(setup.model_copy(update=update)))]
 
 
@@ -186,11 +171,10 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
 
         cpu = dev.kind == "cpu"
         advice += sharding_advice(setup, memory_of, time_of, cpu)
-        single = [a for a in advice if "--num-devices" not in a.change]
+        single = [a for a in advice if "num_devices" not in a.update]
         best = min(single, key=lambda a: a.total_bytes) if single else None
         if best is not None and not best.fits:
-            combined = setup.model_copy(update=combined_update(single, setup))
-            advice += sharding_advice(combined, memory_of, time_of, cpu, best.change)
+            advice += sharding_advice(setup, memory_of, time_of, cpu, best.update)
     if fits:
         verdict = "fits"
     elif memory.total_bytes <= memory.capacity_bytes:

@@ -18,8 +18,38 @@ from estimator.cli import (
 )
 
 app = typer.Typer(name="nvfree", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Can I train or fine-tune this LLM on my hardware? Memory, time, cost.")
+"""rich_markup_mode=None: help texts are plain text, so '[default: …]' and 'nvfree[plot]' show
+as written instead of being read as rich markup."""
+
+
+def _flag_type(self, ctx):
+    """On/off flags show no value type (typer 0.29 prints '<bool>' for them)."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"nvfree {version('nvfree')}")
+        except PackageNotFoundError:  # a source checkout without an install
+            typer.echo("nvfree (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print nvfree's version and exit.")) -> None:
+    """Can I train or fine-tune this LLM on my hardware? Memory, time, cost."""
+
+
 estimate.register(app)
 catalog_cmds.register(app)
 hardware.register(app)

@@ -14,63 +14,98 @@ from estimator.specs import Advice, MemoryBreakdown, TrainSetup
 MemoryFn = Callable[[TrainSetup], MemoryBreakdown]
 
 
-def candidate_changes(setup: TrainSetup) -> list[tuple[str, dict]]:
-    """(flag text, TrainSetup update) for every change that could reduce memory."""
+FLAG_OF = {"fused_loss": "--fused-loss", "checkpointing": "--checkpointing",
+           "optimizer_in_backward": "--optimizer-in-backward", "batch_size": "--batch-size",
+           "grad_accum": "--grad-accum", "optimizer": "--optimizer", "method": "--method",
+           "weight_bits": "--bits", "num_devices": "--num-devices", "num_nodes": "--nodes",
+           "zero_stage": "--zero"}
+"""The nvfree flag of each TrainSetup field an advised change sets."""
+
+
+def flags_for(update: dict) -> str:
+    """An advised TrainSetup change as the flags a user types, each field once: on/off fields
+    as the bare flag, others as '--flag value' (no '--bits' where --method qlora implies 4;
+    no '--nodes 1')."""
+    parts, without = [], []
+    for field, value in update.items():
+        if field == "weight_bits" and update.get("method") in ("qlora", "lora", "full") and (
+                value == {"qlora": 4}.get(update["method"], 16)):
+            continue
+        if field == "num_nodes" and value == 1:
+            continue
+        flag = FLAG_OF[field]
+        if value is False:
+            without.append(flag)
+        else:
+            parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts + [f"(without {flag})" for flag in without])
+
+
+def candidate_changes(setup: TrainSetup) -> list[dict]:
+    """Every TrainSetup change that could reduce memory, in the order a practitioner tries
+    them. The optimizer step in backward is the bundled trainer's (HF Trainer has none)."""
     if setup.method == "inference":
-        out = []
-        if setup.batch_size > 1:
-            out.append(("--batch-size 1", {"batch_size": 1}))
-        for bits in (8, 4):
-            if setup.weight_bits > bits:
-                out.append((f"--bits {bits}", {"weight_bits": bits}))
-        return out
-    changes: list[tuple[str, dict]] = []
+        out: list[dict] = [{"batch_size": 1}] if setup.batch_size > 1 else []
+        return out + [{"weight_bits": bits} for bits in (8, 4) if setup.weight_bits > bits]
+    changes: list[dict] = []
     if setup.framework == "nvfree" and not setup.fused_loss:
-        changes.append(("--fused-loss", {"fused_loss": True}))
+        changes.append({"fused_loss": True})
     if not setup.checkpointing:
-        changes.append(("--checkpointing", {"checkpointing": True}))
+        changes.append({"checkpointing": True})
     if setup.batch_size > 1:
-        accum = setup.grad_accum * setup.batch_size
-        changes.append((f"--batch-size 1 --grad-accum {accum}",
-                        {"batch_size": 1, "grad_accum": accum}))
-    if not setup.optimizer_in_backward:  # advise() drops it where the setup cannot take it
-        changes.append(("--optimizer-in-backward", {"optimizer_in_backward": True}))
+        changes.append({"batch_size": 1, "grad_accum": setup.grad_accum * setup.batch_size})
+    if setup.framework == "nvfree" and not setup.optimizer_in_backward:
+        changes.append({"optimizer_in_backward": True})  # advise() drops it where invalid
     if setup.optimizer == "adamw" and setup.method == "full":
-        changes.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+        changes.append({"optimizer": "adamw8bit"})
     if setup.method == "full":
-        changes.append(("--method lora", {"method": "lora", "weight_bits": 16}))
+        changes.append({"method": "lora", "weight_bits": 16})
     if setup.method in ("full", "lora"):
-        changes.append(("--method qlora --bits 4", {"method": "qlora", "weight_bits": 4}))
+        changes.append({"method": "qlora", "weight_bits": 4})
     return changes
 
 
 def advise(setup: TrainSetup, memory_of: MemoryFn) -> list[Advice]:
-    """Single changes, then a greedy combination in the practitioner's order until it fits
-    (the band's upper end: MemoryBreakdown.fits) if it does not already, without the earlier
-    changes the later ones make unneeded; shown when it needs more than one change."""
+    """Single changes that lower the peak, then a greedy combination in the practitioner's
+    order until it fits (the band's upper end: MemoryBreakdown.fits) if it does not already,
+    without the earlier changes the later ones make unneeded; shown when it needs more than
+    one change. Each Advice carries its TrainSetup change (`update`) and the flags for it."""
+    current = memory_of(setup).total_bytes
     advice = []
     changes = [c for c in candidate_changes(setup) if _valid(_apply(setup, [c]))]
-    for flag, update in changes:
+    for update in changes:
         memory = memory_of(setup.model_copy(update=update))
-        advice.append(Advice(change=flag, total_bytes=memory.total_bytes, fits=memory.fits))
+        if memory.total_bytes < current:
+            advice.append(_advice(update, memory))
     advice.sort(key=lambda a: a.total_bytes)
-    chosen: list[tuple[str, dict]] = []
-    for flag, update in changes:
+    chosen: list[dict] = []
+    for update in changes:
         if memory_of(_apply(setup, chosen)).fits:
             break
-        if _valid(_apply(setup, [*chosen, (flag, update)])):  # skip what conflicts
-            chosen.append((flag, update))
+        if _valid(_apply(setup, [*chosen, update])):  # skip what conflicts
+            chosen.append(update)
     for change in list(chosen[:-1]):  # drop an earlier change the later ones make unneeded
         rest = [c for c in chosen if c is not change]
         if memory_of(_apply(setup, rest)).fits:
             chosen = rest
-    flags = [flag for flag, _ in chosen]
-    combined = _apply(setup, chosen)
-    if len(flags) > 1:
-        memory = memory_of(combined)
-        advice.insert(0, Advice(change=" ".join(flags), total_bytes=memory.total_bytes,
-                                fits=memory.fits))
+    if len(chosen) > 1:
+        merged = _merged(chosen)
+        advice.insert(0, _advice(merged, memory_of(setup.model_copy(update=merged))))
     return advice
+
+
+def _advice(update: dict, memory: MemoryBreakdown, step_seconds: float | None = None
+            ) -> Advice:
+    return Advice(change=flags_for(update), update=update, total_bytes=memory.total_bytes,
+                  fits=memory.fits, step_seconds=step_seconds)
+
+
+def _merged(changes: list[dict]) -> dict:
+    """Several changes as one TrainSetup update (a later value of a field wins)."""
+    out: dict = {}
+    for update in changes:
+        out.update(update)
+    return out
 
 
 def _valid(setup: TrainSetup) -> bool:
@@ -83,10 +118,8 @@ def _valid(setup: TrainSetup) -> bool:
     return True
 
 
-def _apply(setup: TrainSetup, changes: list[tuple[str, dict]]) -> TrainSetup:
-    for _, update in changes:
-        setup = setup.model_copy(update=update)
-    return setup
+def _apply(setup: TrainSetup, changes: list[dict]) -> TrainSetup:
+    return setup.model_copy(update=_merged(changes))
 
 
 def fewest_devices(setup: TrainSetup, memory_of: MemoryFn, stage: int, max_devices: int,

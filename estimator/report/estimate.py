@@ -103,8 +103,10 @@ def time_table(est: Estimate) -> Table:
         table.add_row("decode tokens/s", f"{t.decode_tokens_per_second:,.1f}")
     achieved = t.model_flops_per_token * t.tokens_per_second / t.num_devices
     peak = est.device.peak_for(t.compute_dtype) or est.device.peak_for("fp32")
+    ceiling = f"of {fmt_rate(peak)}" if peak and achieved <= peak else (
+        "(above the catalogue peak: the measured rates are the ceiling)" if peak else "")
     table.add_row("model FLOP/s" + (" per device" if t.num_devices > 1 else ""),
-                  f"{fmt_rate(achieved)} of {fmt_rate(peak)}")
+                  f"{fmt_rate(achieved)} {ceiling}".strip())
     if t.total_seconds is not None:
         tokens = fmt_count(est.setup.num_tokens or 0)
         table.add_row(f"{tokens} tokens", fmt_seconds(t.total_seconds))

@@ -111,6 +111,8 @@ class Advice(Spec):
 
     change: str
     """What to change, as the user would type it (e.g. '--checkpointing')."""
+    update: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    """The same change as TrainSetup fields (apply with setup.model_copy(update=...))."""
     total_bytes: int
     """Peak memory after the change (bytes)."""
     fits: bool

@@ -8,11 +8,12 @@ GIB = 2**30
 
 def toy(capacity_gib: int):
     """A toy memory model on a device of `capacity_gib`: 100 GiB, checkpointing −10, 8-bit
-    AdamW −50, LoRA −60; its band's upper end is the estimate itself."""
+    AdamW −50, LoRA −60, the optimizer step in backward −5, a micro-batch above 1 +1; its
+    band's upper end is the estimate itself."""
 
     def memory_of(setup: TrainSetup) -> MemoryBreakdown:
         total = 100 - 10 * setup.checkpointing - 50 * (setup.optimizer == "adamw8bit") - 60 * (
-            setup.method != "full")
+            setup.method != "full") - 5 * setup.optimizer_in_backward - (setup.batch_size > 1)
         return MemoryBreakdown(components={"weights": total * GIB}, total_bytes=total * GIB,
                                capacity_bytes=capacity_gib * GIB, notes={},
                                upper_bytes=total * GIB)
@@ -35,12 +36,13 @@ def test_a_needed_combination_is_kept():
 def test_the_optimizer_step_in_backward_is_advised_only_where_the_setup_can_take_it():
     """It cannot accumulate micro-batches: not offered with --grad-accum 2, and never combined
     with the smaller micro-batch that adds accumulation."""
-    flags = [a.change for a in advise(TrainSetup(method="full", batch_size=4), toy(5))]
+    nvfree = {"framework": "nvfree", "method": "full"}
+    flags = [a.change for a in advise(TrainSetup(**nvfree, batch_size=4), toy(5))]
     assert "--optimizer-in-backward" in flags
     assert not any("--optimizer-in-backward" in f and "--grad-accum" in f for f in flags)
-    accumulating = advise(TrainSetup(method="full", grad_accum=2), toy(80))
+    accumulating = advise(TrainSetup(**nvfree, grad_accum=2), toy(80))
     assert all("--optimizer-in-backward" not in a.change for a in accumulating)
-    inside = TrainSetup(method="full", batch_size=4, optimizer_in_backward=True)
+    inside = TrainSetup(**nvfree, batch_size=4, optimizer_in_backward=True)
     assert all("--grad-accum" not in a.change for a in advise(inside, toy(80)))
 
 
@@ -50,10 +52,20 @@ def test_device_advice_never_keeps_the_optimizer_step_in_backward():
     from estimator.catalog import load_model
 
     model = load_model("llama-3.1-8b")
-    for setup in (TrainSetup(method="full", seq_len=512),
-                  TrainSetup(method="full", seq_len=512, optimizer_in_backward=True)):
+    for setup in (TrainSetup(framework="nvfree", method="full", seq_len=512),
+                  TrainSetup(framework="nvfree", method="full", seq_len=512,
+                             optimizer_in_backward=True)):
         advice = [a.change for a in estimate(model, setup, "rtx-4090").advice]
         sharded = [a for a in advice if "--num-devices" in a]
         assert sharded
         assert not any("--optimizer-in-backward --num-devices" in a for a in sharded)
     assert any(a.endswith("(without --optimizer-in-backward)") for a in sharded)
+
+
+def test_advice_is_a_setup_change_without_rows_that_save_nothing():
+    """Each Advice carries its TrainSetup update; a change that does not lower the peak (here
+    the optimizer step in backward, which HF Trainer does not have) is not shown."""
+    advice = advise(TrainSetup(method="full"), toy(45))
+    assert advice[0].update == {"checkpointing": True, "optimizer": "adamw8bit"}
+    assert all("--optimizer-in-backward" not in a.change for a in advice)
+    assert all(a.total_bytes < 100 * GIB for a in advice)
