@@ -143,13 +143,16 @@ def worker(row: dict, ckpt: Path, steps: int) -> dict:
     if row["method"] != "full":
         import peft
 
+        from estimator.specs.setup import LINEAR_TARGETS
+
         if row["method"] == "qlora":  # the QLoRA recipe PEFT documents
             model = peft.prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=bool(row.get("checkpointing")),
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=16, lora_alpha=32, lora_dropout=row.get("lora_dropout", 0.0),
-            target_modules=list(row["lora_targets"]), task_type="CAUSAL_LM"))
+            target_modules=("all-linear" if set(LINEAR_TARGETS) <= set(row["lora_targets"])
+                            else list(row["lora_targets"])), task_type="CAUSAL_LM"))
     built_kib = vm_kib("VmRSS")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)

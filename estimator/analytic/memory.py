@@ -22,8 +22,8 @@ from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
 from estimator.analytic.uncertainty import band_fractions, lower_bytes, upper_bytes
 from estimator.specs import Device, MemoryBreakdown, ModelSpec, ParamCounts, TrainSetup
+from estimator.units import GIB
 
-GIB = 1024**3
 FP32_BYTES = 4
 ADAM8BIT_BLOCK = 256
 """bitsandbytes blockwise 8-bit optimizer: one fp32 absmax per 256 values (Dettmers et al. 2022,

@@ -26,8 +26,7 @@ from estimator.specs import (
     Throughput,
     TrainSetup,
 )
-
-SECONDS_PER_HOUR = 3600
+from estimator.units import SECONDS_PER_HOUR
 
 
 def ranks_per_node(setup: TrainSetup) -> int:

@@ -23,8 +23,8 @@ from estimator.specs import (
     Throughput,
     TrainSetup,
 )
+from estimator.units import SECONDS_PER_HOUR
 
-SECONDS_PER_HOUR = 3600
 DTYPED_CLASSES = ("matmul", "matmul_cold", "matmul_wgrad", "attention", "lora", "elementwise")
 """Op classes whose calibrated curve depends on the compute dtype (memory-bound work in the
 compute dtype's kernels for 'elementwise'; a profile without 'elementwise.<dtype>' falls back

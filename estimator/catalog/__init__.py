@@ -26,9 +26,7 @@ __all__ = [
     "model_from_hf_config", "read_hf_config", "read_toml", "suggestion",
 ]
 
-GIB = 1024**3
-GB = 1000**3
-TERA = 1e12
+from estimator.units import GB, GIB, TERA
 
 
 def data_dir() -> Path:

@@ -13,6 +13,7 @@ import platform
 import psutil
 
 from estimator.specs.machine import AcceleratorInfo, MachineInfo
+from estimator.units import GIB
 
 # Flags we report, as /proc/cpuinfo spells them (x86 'flags', aarch64 'Features').
 X86_FLAGS = (
@@ -21,7 +22,6 @@ X86_FLAGS = (
 )
 ARM_FLAGS = ("asimd", "asimdhp", "sve", "sve2", "sme", "sme2", "bf16", "i8mm")
 
-GIB = 1024**3
 
 # Memory bandwidth without a catalogue match: nobody can read DIMM channels × speed from inside
 # a VM or without root (dmidecode). We assume what one core can pull from DRAM on a current

@@ -10,8 +10,8 @@ from estimator.hardware.match import accelerator_device
 from estimator.specs.calibration import CalibrationProfile
 from estimator.specs.device import Device
 from estimator.specs.machine import MachineInfo
+from estimator.units import GIB
 
-GIB = 1024**3
 CATALOGUE_NOTE = "catalogue device: uncalibrated"
 
 

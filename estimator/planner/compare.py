@@ -42,10 +42,10 @@ from estimator.specs import (
     SmallerModel,
     TrainSetup,
 )
+from estimator.units import SECONDS_PER_HOUR
 
 AUTO_METHODS = ("full", "lora", "qlora")
 DEFAULT_MAX_DEVICES = 1024
-SECONDS_PER_HOUR = 3600
 MAX_SMALLER_MODELS = 3
 FALLBACK_SHARDED_TERMS = ("weights", "quant_scales", "master_weights", "adapter_weights",
                           "gradients", "optimizer_states")

@@ -16,7 +16,7 @@ from estimator.analytic.uncertainty import upper_bytes
 from estimator.checks import check, trainer_limits
 from estimator.errors import SetupError
 from estimator.planner.scoring import score
-from estimator.planner.space import AFFINE_TOLERANCE, SECONDS_PER_HOUR, Constraints, SearchResult
+from estimator.planner.space import AFFINE_TOLERANCE, Constraints, SearchResult
 from estimator.specs import (
     CalibrationProfile,
     Device,
@@ -24,6 +24,7 @@ from estimator.specs import (
     TrainSetup,
 )
 from estimator.specs.plan import Candidate
+from estimator.units import SECONDS_PER_HOUR
 
 # ------------------------------------------------------------------ ranking
 

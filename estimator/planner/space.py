@@ -24,7 +24,6 @@ Precision = tuple[str, bool]
 AFFINE_TOLERANCE = 1e-6
 """Relative mismatch between an array score and estimate() above which the space is scored
 exactly."""
-SECONDS_PER_HOUR = 3600
 PROBES = ((1, 1), (2, 1), (1, 2))
 """(micro-batch, accumulation) at which the analytic model is evaluated per structure."""
 

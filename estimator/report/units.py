@@ -1,8 +1,7 @@
 """Display units. Memory in binary GiB/MiB (what `free -g` and torch report); vendor rates in
 decimal GB/s and TFLOP/s (what datasheets print)."""
 
-GIB = 1024**3
-MIB = 1024**2
+from estimator.units import GIB, MIB
 
 
 def fmt_bytes(num_bytes: float) -> str:

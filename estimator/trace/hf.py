@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from estimator.analytic.frameworks.hf import peft_target_modules
 from estimator.errors import SetupError
 from estimator.specs import TrainSetup
 
@@ -126,7 +127,7 @@ def add_lora(model: nn.Module, setup: TrainSetup) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=setup.lora_rank, lora_alpha=setup.lora_alpha,
-                        target_modules=list(setup.lora_targets), task_type="CAUSAL_LM")
+                        target_modules=peft_target_modules(setup), task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

@@ -9,6 +9,7 @@ import tempfile
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from estimator.analytic.frameworks.hf import peft_target_modules
 from estimator.specs import ModelSpec, TrainSetup
 
 
@@ -65,7 +66,7 @@ def build(spec: ModelSpec, setup: TrainSetup):
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=setup.lora_rank, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
-            target_modules=list(setup.lora_targets), task_type="CAUSAL_LM"))
+            target_modules=peft_target_modules(setup), task_type="CAUSAL_LM"))
     if setup.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if setup.trains_adapters:

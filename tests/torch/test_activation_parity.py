@@ -59,7 +59,8 @@ def analytic_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     return total
 
 
-CASES = [(spec, TrainSetup(method=method, weight_bits=4 if method == "qlora" else 16,
+NVFREE = {"framework": "nvfree"}  # the bundled trainer's saved tensors
+CASES = [(spec, TrainSetup(**NVFREE, method=method, weight_bits=4 if method == "qlora" else 16,
                            mixed_precision=mixed, compute_dtype="bf16", batch_size=2,
                            seq_len=40, checkpointing=ckpt))
          for spec in (DENSE, MOE) for method in ("full", "lora", "qlora")
@@ -67,10 +68,10 @@ CASES = [(spec, TrainSetup(method=method, weight_bits=4 if method == "qlora" els
 VARIANTS = {"mha": {"num_kv_heads": 4}, "window": {"sliding_window": 16},
             "qknorm": {"qk_norm": True}}  # attention layouts: K→H repeat, masked SDPA, q/k norms
 CASES += [(DENSE.model_copy(update={"name": name, **update}),
-           TrainSetup(method=method, compute_dtype="bf16", batch_size=2, seq_len=40))
+           TrainSetup(**NVFREE, method=method, compute_dtype="bf16", batch_size=2, seq_len=40))
           for name, update in VARIANTS.items() for method in ("full", "lora")]
-CASES += [(DENSE, TrainSetup(method="full", compute_dtype="fp32", weight_bits=32, batch_size=2,
-                             seq_len=40))]
+CASES += [(DENSE, TrainSetup(**NVFREE, method="full", compute_dtype="fp32", weight_bits=32,
+                             batch_size=2, seq_len=40))]
 
 
 @pytest.mark.parametrize("spec,setup", CASES, ids=[

@@ -99,7 +99,7 @@ def allocation_peak(model, spec: ModelSpec, setup: TrainSetup, steps: int = 2) -
 
 
 NOT_TENSORS = ("runtime_overhead", "kernel_caches", "allocator_retention",
-               "expert_kernel_caches")
+               "expert_kernel_caches", "heap_retention")
 BEFORE_THE_STEPS = ("weights", "quant_scales", "master_weights")
 
 

@@ -36,6 +36,7 @@ from estimator.specs import ModelSpec, TrainSetup
 from estimator.specs.setup import LINEAR_TARGETS
 
 FP32_BYTES = 4
+INT32_BYTES = 4
 
 PROCESS_BYTES = 432 * 1024**2
 """Resident set of an HF Trainer process on a CPU before its first step, beyond the model's
@@ -221,6 +222,13 @@ def adapts_experts(setup: TrainSetup) -> bool:
     return setup.trains_adapters and set(LINEAR_TARGETS) <= set(setup.lora_targets)
 
 
+def peft_target_modules(setup: TrainSetup) -> str | list[str]:
+    """What a user passes to `peft.LoraConfig(target_modules=…)` for this setup: 'all-linear'
+    when the setup lists every Llama linear (the expansion of `--lora-targets all-linear`, which
+    also reaches fused experts: adapts_experts), else the module names."""
+    return "all-linear" if adapts_experts(setup) else list(setup.lora_targets)
+
+
 def experts_train(setup: TrainSetup) -> bool:
     """Routed experts need weight gradients: a full fine-tune, or LoRA on them
     (adapts_experts)."""
@@ -247,8 +255,10 @@ def moe_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> flo
     if trains:
         total += num_tokens * h * matmul_input_bytes(setup)  # router input
         total += pairs * (h + i) * e  # gathered input, down input
+        total += moe.num_experts * INT32_BYTES  # grouped_mm's expert offsets (weight grads)
     if adapts_experts(setup):  # ParamWrapper's merged W + BA, kept for the input gradient
         total += moe.num_experts * 3 * h * i * e
+        total += num_tokens * width * FP32_BYTES  # the adapted router's logits (recorded)
     total += pairs * ((h + 3 * i) * e + FP32_BYTES + 3 * 8)
     shared = moe.shared_expert_intermediate_size or i
     total += moe.num_shared_experts * ffn_saved_bytes(model, setup, num_tokens, shared,
