@@ -98,15 +98,16 @@ def quantized_input(setup: TrainSetup, input_grad: bool) -> bool:
 def adapter_side_bytes(setup: TrainSetup, count: int, width: int, num_tokens: float,
                        in_bytes: int, *, input_grad: bool) -> float:
     """`count` LoRA modules reading one tensor of `width` (element bytes `in_bytes`), beyond
-    the tensor itself: with dropout each module's dropped-out copy and, when the input needs a
-    gradient, its noise (CPU: in the input's dtype; CUDA's 1-byte mask counted as that, an
-    upper bound); under autocast each module's c-byte cast of what A reads."""
-    total = 0.0
+    the tensor itself: what each module's A matmul keeps — under bf16-mixed autocast's c-byte
+    cast of its input, else the dropped-out copy when there is a dropout — and, when the
+    input needs a gradient, each dropout's noise (CPU: in the input's dtype; CUDA's 1-byte mask
+    counted as that, an upper bound)."""
     if setup.lora_dropout > 0:
-        total += count * num_tokens * width * in_bytes * (2 if input_grad else 1)
+        kept = act_bytes(setup) if cast_copies(setup) else in_bytes
+        return count * num_tokens * width * (kept + (in_bytes if input_grad else 0))
     if cast_copies(setup):
-        total += count * num_tokens * width * act_bytes(setup)
-    return total
+        return count * num_tokens * width * act_bytes(setup)
+    return 0.0
 
 
 def reads_bytes(setup: TrainSetup, modules: list[list[str]], width: int, num_tokens: float,
@@ -148,17 +149,40 @@ def norm_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: float,
 def attention_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int,
                           *, input_grad: bool = True) -> float:
     """One CausalSelfAttention with its norm_1: the qkv module's input and adapters, SDPA's
-    q, k, v (expanded), output and logsumexp, the reshaped output copy for `proj`."""
+    q, k, v, output and logsumexp, the reshaped output copy for `proj`."""
     c, w, ada = act_bytes(setup), weight_bytes_per(setup), adapted(setup)
     h, heads, d = model.hidden_size, model.num_heads, model.head_dim
     total = norm_saved_bytes(model, setup, num_tokens, input_grad=input_grad)
     total += reads_bytes(setup, [list(QKV)], h, num_tokens, w, input_grad=input_grad)
+    total += zero_pad_bytes(model, setup, num_tokens)
     if input_grad or setup.method == "full" or any(n in ada for n in QKV):
-        total += num_tokens * heads * d * c * 4
-        total += setup.batch_size * heads * setup.seq_len * FP32_BYTES
+        total += sdpa_saved_bytes(model, setup, num_tokens)
         return total + reads_bytes(setup, [["o_proj"]], heads * d, num_tokens, c)
     return total + reads_bytes(setup, [["o_proj"]], heads * d, num_tokens, c,
                                input_grad=False)
+
+
+def sdpa_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> float:
+    """SDPA's q and k (the roped `torch.cat` outputs), v, output (T·H·d·c each) and fp32
+    logsumexp. With grouped queries v is expanded, a copy; with one key/value head per query
+    head (MHA) `v.reshape` is a view of the fused qkv output, which SDPA's saved v then keeps
+    whole: T·(H + 2·KV)·d·c."""
+    c, heads, d = act_bytes(setup), model.num_heads, model.head_dim
+    v_width = heads + 2 * model.num_kv_heads if model.num_kv_heads == heads else heads
+    return (num_tokens * (3 * heads + v_width) * d * c
+            + setup.batch_size * heads * setup.seq_len * FP32_BYTES)
+
+
+def zero_pad_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int) -> float:
+    """LoRAQKVLinear with some but not all of q, k, v enabled: `zero_pad` index_copy_s the
+    B output (T × enabled widths) into zeros, and autograd's index_copy formula keeps that
+    source (it reads `source.dim()` and `expand_as(source)`)."""
+    on = [n for n in QKV if n in adapted(setup)]
+    if not on or len(on) == len(QKV):
+        return 0.0
+    width = {"q_proj": model.num_heads, "k_proj": model.num_kv_heads,
+             "v_proj": model.num_kv_heads}
+    return num_tokens * sum(width[n] for n in on) * model.head_dim * act_bytes(setup)
 
 
 def mlp_saved_bytes(model: ModelSpec, setup: TrainSetup, num_tokens: int,
@@ -209,12 +233,21 @@ def activation_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
     if setup.checkpointing:
         w = weight_bytes_per(setup)
         block_input = setup.batch_size * setup.seq_len * model.hidden_size * w
-        recompute = per - (block_input if w == FP32_BYTES else 0)
+        recompute = per - (block_input if w == FP32_BYTES else 0) + backward_working_bytes(
+            model, setup)
         return {"layers": block_input * model.num_layers, "recompute": round(recompute),
                 "head": head}
     first = layer_saved_bytes(model, setup, first=True)
     return {"layers": round(per * (model.num_layers - 1) + first), "recompute": 0,
             "head": head}
+
+
+def backward_working_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """What a recomputed block's backward forms beside its saved tensors, at its largest: the
+    product's gradient splits into SiLU's and fc_2's ([T, I] each, beside ∂product): 2·T·I·c
+    net (measured 2.0 with q/v adapters; 1.0 with adapted MLP linears, 3.0 in a full
+    fine-tune, whose down-projection and lm_head gradients also exist by then)."""
+    return 2 * setup.batch_size * setup.seq_len * model.intermediate_size * act_bytes(setup)
 
 
 def num_chunks(setup: TrainSetup) -> int:
@@ -223,33 +256,37 @@ def num_chunks(setup: TrainSetup) -> int:
 
 
 def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
-    """The loss head at its peak, N = b·s·V logits in chunks of 128 tokens (n chunks).
+    """The loss head at its peak, N = b·s·V logits in the logits' dtype (c bytes).
 
-    The loop keeps the c-byte logit chunks (c·N) while log_softmax saves its output per chunk
-    (l·N: the logits' dtype; fp32 under bf16-mixed, where autocast runs cross_entropy in fp32
-    from a per-chunk cast); backward starts at the last chunk: nll_loss's and log_softmax's
-    gradients of one chunk, 2·l·N/n. A full fine-tune then runs lm_head's backward chunk by
-    chunk beside the logits and their remaining gradients, accumulating ∂L/∂W_head in place:
-    the accumulated gradient and one chunk's, 2·V·h·w."""
-    c, n = act_bytes(setup), num_chunks(setup)
+    finetune/lora.py: lm_head in chunks of 128 tokens (n chunks); the loop keeps the chunk
+    list (c·N) while log_softmax saves its output per chunk (l·N: c, or fp32 under bf16-mixed,
+    where autocast runs cross_entropy in fp32 from a per-chunk cast); backward starts at the
+    last chunk: nll_loss's and log_softmax's gradients of one chunk, 2·l·N/n.
+    finetune/full.py: whole logits (kept by the loop), `logits[..., :-1, :]` reshaped (a copy
+    for b > 1) and split into 128-row chunks; backward gathers the chunks' gradients, cats them
+    and scatters them into zeros of the logits' shape for the slice: 3·c·N (the logits, the
+    chunk gradients and their cat, or the cat and the slice's gradient)."""
+    c = act_bytes(setup)
     logits = setup.batch_size * setup.seq_len * model.vocab_size
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
+    if setup.method == "full":  # bf16-mixed: fp32 casts of the chunks, fp32 log_softmax
+        copy = 2 if setup.batch_size > 1 else 1
+        mixed = (copy * c + FP32_BYTES * (1 + 1 / num_chunks(setup))) if cast_copies(setup) else 0
+        return math.ceil(logits * max(3 * c, mixed))
     lsm = FP32_BYTES if cast_copies(setup) else c
-    peak = logits * (c + lsm + 2 * lsm / n)
-    if setup.method == "full":  # n > 1: a later chunk's ∂L/∂W beside the accumulated one
-        grad = model.vocab_size * model.hidden_size * weight_bytes_per(setup)
-        later = logits * c * (2 - 1 / n) + 2 * grad if n > 1 else 2 * logits * c + grad
-        peak = max(peak, later)
-    return math.ceil(peak)
+    return math.ceil(logits * (c + lsm + 2 * lsm / num_chunks(setup)))
 
 
 def loss_residue_bytes(model: ModelSpec, setup: TrainSetup) -> int:
-    """While the blocks run backward: ∂L/∂h (T·h·c) and the logit chunks the loop still holds
-    (c·N, freed only when the next step's logits replace them)."""
+    """While the blocks run backward: ∂L/∂h (T·h·c), the logits the loop still holds (c·N,
+    freed only when the next step's logits replace them) and, in a full fine-tune, lm_head's
+    weight gradient (V·h·w)."""
     tokens = setup.batch_size * setup.seq_len
     c = act_bytes(setup)
-    return tokens * model.hidden_size * c + tokens * model.vocab_size * c
+    head = model.vocab_size * model.hidden_size * weight_bytes_per(setup) if (
+        setup.method == "full") else 0
+    return tokens * model.hidden_size * c + tokens * model.vocab_size * c + head
 
 
 def block_linears(model: ModelSpec) -> list[tuple[str, int, int, float]]:

@@ -6,6 +6,7 @@ Kept apart from the term modules so that analytic/params.py can ask without an i
 from estimator.specs import TrainSetup
 
 MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj"})
+ATTENTION_NAMES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
 LM_HEAD = "lm_head"
 """LoRA on the output projection: torchtune's `apply_lora_to_output`, LitGPT's `lora_head`."""
 HEAD_TARGET_FRAMEWORKS = ("torchtune", "litgpt")
