@@ -50,7 +50,10 @@ def check_setup(model: ModelSpec, setup: TrainSetup) -> None:
             f"LoRA rank {setup.lora_rank} exceeds the hidden size {model.hidden_size}")
     from estimator.specs.setup import LINEAR_TARGETS
 
-    unknown = [t for t in setup.lora_targets if t not in LINEAR_TARGETS]
+    from estimator.analytic.frameworks.targets import head_target_ok
+
+    unknown = [t for t in setup.lora_targets
+               if t not in LINEAR_TARGETS and not head_target_ok(setup, t)]
     if setup.trains_adapters and unknown:
         raise SetupError(f"unknown LoRA target(s) {', '.join(unknown)}; use PEFT names: "
                          f"{', '.join(LINEAR_TARGETS)} or all-linear")
@@ -167,11 +170,18 @@ def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
 
 
 def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
-    """The peak memory of the same setup under each other framework nvfree models."""
+    """The peak memory of the same setup under each other framework nvfree models (those
+    whose terms cannot describe the model, e.g. torchtune for an MoE, are left out)."""
     from estimator.analytic.frameworks import FRAMEWORKS
 
-    return {f: memory_of(setup.model_copy(update={"framework": f})).total_bytes
-            for f in FRAMEWORKS if f != setup.framework}
+    peaks = {}
+    for f in FRAMEWORKS:
+        if f != setup.framework:
+            try:
+                peaks[f] = memory_of(setup.model_copy(update={"framework": f})).total_bytes
+            except SetupError:
+                continue
+    return peaks
 
 
 def estimate(model: ModelSpec, setup: TrainSetup, device: Device | str = "local",

@@ -161,7 +161,7 @@ def resolve_lora_targets(model: ModelSpec, targets: Iterable[str]
     for name in targets:
         if name in model.lora_module_names:
             resolved += model.lora_module_names[name]
-        elif name in LINEAR_TARGETS:
+        elif name in LINEAR_TARGETS or name == LM_HEAD:  # lm_head: api.check_setup per framework
             resolved.append(name)
         else:
             unknown.append(name)

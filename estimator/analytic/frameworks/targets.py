@@ -25,3 +25,8 @@ def adapted(setup: TrainSetup) -> frozenset[str]:
     if setup.framework in HEAD_TARGET_FRAMEWORKS and names & MLP_NAMES:
         names |= MLP_NAMES
     return frozenset(names)
+
+
+def head_target_ok(setup: TrainSetup, name: str) -> bool:
+    """Whether `name` is 'lm_head' and the setup's framework models an adapter on it."""
+    return name == LM_HEAD and setup.framework in HEAD_TARGET_FRAMEWORKS
