@@ -48,9 +48,8 @@ def check_setup(model: ModelSpec, setup: TrainSetup) -> None:
     if setup.trains_adapters and setup.lora_rank > model.hidden_size:
         raise SetupError(
             f"LoRA rank {setup.lora_rank} exceeds the hidden size {model.hidden_size}")
-    from estimator.specs.setup import LINEAR_TARGETS
-
     from estimator.analytic.frameworks.targets import head_target_ok
+    from estimator.specs.setup import LINEAR_TARGETS
 
     unknown = [t for t in setup.lora_targets
                if t not in LINEAR_TARGETS and not head_target_ok(setup, t)]
