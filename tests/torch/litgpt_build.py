@@ -109,13 +109,20 @@ def forward_loss(model, setup: TrainSetup, ids: torch.Tensor, held: dict):
 
 class WeightCasts(hf_build.ParamCasts):
     """Autocast's 16-bit copies of parameters (counted by memory.autocast_copy_params and
-    adapter_bytes); a norm's `weight.float()` stays an activation."""
+    adapter_bytes); a norm's `weight.float()` stays an activation. Keeps each copy alive while
+    recording, so that no later activation reuses its address."""
+
+    def __init__(self, params: set[int]):
+        super().__init__(params)
+        self.kept: list[torch.Tensor] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         before = set(self.casts)
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
             self.casts = before
+        elif self.casts != before:
+            self.kept.append(out)
         return out
 
 
