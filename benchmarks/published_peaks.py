@@ -7,15 +7,17 @@ fields, prints a summary per project, and maps a row to the inputs of `estimator
     model, setup_kwargs, device = row_to_inputs(row)
     setup = TrainSetup(**{k: v for k, v in setup_kwargs.items() if k != "framework"})
 
-`setup_kwargs["framework"]` names the framework the run used (hf, torchtune, litgpt, unsloth);
-TrainSetup.framework is being added in parallel, hence the key is kept apart above. Features a run
-used that TrainSetup cannot express are listed by `unmodelled(row)`; they are not folded into the
-kwargs. This module computes no estimates and no errors.
+`setup_kwargs["framework"]` names the framework the run used (hf, torchtune, litgpt, unsloth),
+a TrainSetup.framework value. Features a run used that TrainSetup cannot express are listed by
+`unmodelled(row)`; they are not folded into the kwargs. `--compare` estimates the rows
+(benchmarks/published_compare.py).
 
-Usage: python benchmarks/published_peaks.py [--check] [--file PATH]
+Usage: python benchmarks/published_peaks.py [--check] [--compare [FRAMEWORK ...]] [--file PATH]
   (no flag) validate the fields and print the per-project summary;
   --check   also map every usable row (model preset or [models.*] table, device key, TrainSetup
-            kwargs) and check the device key of every other row; exit 1 on any problem.
+            kwargs) and check the device key of every other row; exit 1 on any problem;
+  --compare estimate every usable row and print published vs predicted, per framework
+            (benchmarks/published_compare.py).
 """
 
 import argparse
@@ -130,9 +132,12 @@ def setup_kwargs(row: dict[str, Any]) -> dict[str, Any]:
         kw.update(lora_rank=row["lora_rank"], lora_targets=lora_targets(row))
         if known(row["lora_alpha"]):
             kw["lora_alpha"] = float(row["lora_alpha"])
-    for field in ("double_quant", "optimizer_in_backward", "fused_loss"):
+    for field in ("double_quant", "optimizer_in_backward", "fused_loss", "compile",
+                  "activation_offloading"):
         if isinstance(row.get(field), bool):
             kw[field] = row[field]
+    if row["method"] != "full" and isinstance(row.get("lora_dropout"), float):
+        kw["lora_dropout"] = row["lora_dropout"]
     if row.get("num_nodes"):
         kw["num_nodes"] = row["num_nodes"]
     if known(row.get("offload", "none")):
@@ -225,8 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="map every row to nvfree inputs")
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    parser.add_argument("--compare", nargs="*", metavar="FRAMEWORK",
+                        help="estimate every usable row and print published vs predicted per "
+                             "framework (all when none is named)")
     args = parser.parse_args(argv)
     rows, models = load(args.file)
+    if args.compare is not None:
+        from published_compare import report
+
+        print(report(rows, models, args.compare or None))
+        return 0
     problems = validate(rows)
     if not problems:
         print(summary(rows))

@@ -116,11 +116,18 @@ def trainer_note(model: ModelSpec, setup: TrainSetup) -> list[str]:
 
 
 def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
-    """The peak memory of the same setup under each other framework nvfree models."""
+    """The peak memory of the same setup under each other framework nvfree models (those
+    whose terms cannot describe the model, e.g. torchtune for an MoE, are left out)."""
     from estimator.analytic.frameworks import FRAMEWORKS
 
-    return {f: memory_of(setup.model_copy(update={"framework": f})).total_bytes
-            for f in FRAMEWORKS if f != setup.framework}
+    peaks = {}
+    for f in FRAMEWORKS:
+        if f != setup.framework:
+            try:
+                peaks[f] = memory_of(setup.model_copy(update={"framework": f})).total_bytes
+            except SetupError:
+                continue
+    return peaks
 
 
 def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = None,

@@ -54,7 +54,10 @@ def _adapter_problem(model: ModelSpec, setup: TrainSetup) -> str | None:
         return None
     if setup.lora_rank > model.hidden_size:
         return f"LoRA rank {setup.lora_rank} exceeds the hidden size {model.hidden_size}"
-    unknown = [t for t in setup.lora_targets if t not in LINEAR_TARGETS]
+    from estimator.analytic.frameworks.targets import head_target_ok
+
+    unknown = [t for t in setup.lora_targets
+               if t not in LINEAR_TARGETS and not head_target_ok(setup, t)]
     if unknown:
         return (f"unknown LoRA target(s) {', '.join(unknown)}; use PEFT names: "
                 f"{', '.join(LINEAR_TARGETS)} or all-linear")

@@ -13,7 +13,7 @@ _RMSNormFunction). Measured against torch.autograd.graph.saved_tensors_hooks:
 tests/torch/test_activation_parity.py.
 """
 
-from estimator.analytic.frameworks import hf
+from estimator.analytic.frameworks import OWN_TERMS, hf, terms
 from estimator.analytic.params import attention_linears, norms_per_layer
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
@@ -214,6 +214,8 @@ def activation_bytes(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
     2016; Korthikanti et al. 2022 §4 "full recomputation")."""
     if setup.framework == "hf":
         return hf.activation_bytes(model, setup)
+    if setup.framework in OWN_TERMS:
+        return terms(setup.framework).activation_bytes(model, setup)
     if setup.method == "inference":
         return {"layers": 0, "recompute": 0, "head": 0}
     num_moe = model.num_moe_layers

@@ -17,7 +17,7 @@ import math
 from collections.abc import Collection
 
 from estimator.analytic.activations import EXPERT_ROW_GRANULE, activation_bytes
-from estimator.analytic.frameworks import hf
+from estimator.analytic.frameworks import OWN_TERMS, as_run, hf, terms
 from estimator.analytic.params import layer_groups, lora_params
 from estimator.analytic.precision import dtype_bytes, int8_bytes, nf4_bytes
 from estimator.analytic.uncertainty import band_fractions, lower_bytes, upper_bytes
@@ -129,6 +129,8 @@ def weight_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> di
         storage = FP32_BYTES if setup.weight_bits == 32 else 2
         return {"weights": base * storage + copies, "quant_scales": 0}
     quantized, rows = quantized_linear_params(model)
+    if setup.framework in OWN_TERMS:  # which linears the framework quantises
+        quantized, rows = terms(setup.framework).quantized_linear_params(model)
     rest = (base - quantized) * (hf.unquantized_param_bytes(setup) if setup.framework == "hf"
                                  else 2)
     if setup.weight_bits == 4:
@@ -180,6 +182,8 @@ def autocast_copy_params(model: ModelSpec, setup: TrainSetup, params: ParamCount
         blocks -= routed_expert_params(model) // (model.num_layers if setup.checkpointing
                                                   else 1)
     lm_head = 0 if setup.fuses_loss else model.vocab_size * model.hidden_size
+    if setup.framework in OWN_TERMS:  # lm_head's casts per logit chunk
+        lm_head = terms(setup.framework).lm_head_cast_params(model, setup)
     return blocks + lm_head
 
 
@@ -211,6 +215,8 @@ def adapter_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> i
     copies = 0
     if setup.framework == "hf" and not autocasting(setup):
         pass  # fp32 adapters used as they are (hf.lora_input_bytes casts the input instead)
+    elif setup.framework in OWN_TERMS:
+        copies = terms(setup.framework).adapter_copy_bytes(model, setup, params)
     elif not setup.checkpointing:
         copied = params.trainable if autocasting(setup) else lora_params(model, setup,
                                                                           b_only=True)
@@ -243,6 +249,10 @@ def optimizer_state_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCoun
     no first moment (Shazeer & Stern 2018; HF default beta1=None)."""
     n = params.trainable
     state = trainable_bytes_per_param(setup)
+    if setup.framework in OWN_TERMS:  # paged bitsandbytes states live in unified memory
+        paged = terms(setup.framework).paged_state_bytes(model, setup)
+        if paged is not None:
+            return paged
     if setup.optimizer == "adamw":
         return 2 * n * state
     if setup.optimizer == "adamw8bit":
@@ -284,6 +294,8 @@ def optimizer_transient_bytes(model: ModelSpec, setup: TrainSetup, device: Devic
         return 0
     if setup.framework == "hf":  # fused AdamW (adamw_torch_fused), in-place 8-bit AdamW
         return hf.tied_gradient_bytes(model, setup) * trainable_bytes_per_param(setup)
+    if setup.framework in OWN_TERMS:
+        return terms(setup.framework).optimizer_transient_bytes(model, setup, device, params)
     if device.backend != "cpu" and setup.optimizer in ("adamw", "lion"):
         if setup.optimizer_in_backward:
             return backward_step_gradient_bytes(model, setup, params)
@@ -353,6 +365,8 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     Inference keeps only the last position's fp32 logits: b·V·4."""
     if setup.framework == "hf":
         return hf.logits_bytes(model, setup)
+    if setup.framework in OWN_TERMS:
+        return terms(setup.framework).logits_bytes(model, setup)
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
     c = dtype_bytes(setup.compute_dtype)
@@ -381,6 +395,8 @@ def loss_residue_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     their gradients are freed once lm_head's backward has run."""
     if setup.fuses_loss:
         return logits_bytes(model, setup)
+    if setup.framework in OWN_TERMS:
+        return terms(setup.framework).loss_residue_bytes(model, setup)
     return setup.batch_size * setup.seq_len * model.hidden_size * dtype_bytes(
         setup.compute_dtype)
 
@@ -401,6 +417,7 @@ def micro_batch_bytes(model: ModelSpec, setup: TrainSetup, backend: str) -> int:
     """Forward/backward bytes of one micro-batch (the phase terms that grow with it): kept
     activations, the larger loss-head or recompute moment (loss_phase_terms), the dequantised
     weight — what memory_breakdown's forward/backward phase holds besides the model states."""
+    setup = as_run(setup)
     acts = activation_bytes(model, setup, pad_experts=pads_expert_rows(model, setup, backend))
     return (acts["layers"] + acts["head"] + sum(loss_phase_terms(model, setup, acts).values())
             + dequant_transient_bytes(model, setup))
@@ -411,6 +428,8 @@ def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     matmul runs (the executor dequantises one weight at a time, forward and backward)."""
     if setup.weight_bits > 8:
         return 0
+    if setup.framework in OWN_TERMS:  # LitGPT quantises lm_head too
+        return terms(setup.framework).dequant_transient_bytes(model, setup)
     return largest_block_weight(model) * dtype_bytes(setup.compute_dtype)
 
 
@@ -713,6 +732,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     """Peak memory of one device, by term (see the module docstring for the phases); on
     several devices the model states are sharded (model_state_terms) and offloaded terms are
     reported as host memory."""
+    setup = as_run(setup)
     state = model_state_terms(model, setup, device, params)
     host = {k: state.pop(k) for k in HOST_TERMS.get(setup.offload, ())}
     acts = activation_bytes(model, setup,

@@ -10,6 +10,7 @@ import functools
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from estimator.analytic.frameworks.targets import HEAD_TARGET_FRAMEWORKS, LM_HEAD, adapted
 from estimator.specs import LINEAR_TARGETS, ModelSpec, ParamCounts, TrainSetup
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -160,7 +161,7 @@ def resolve_lora_targets(model: ModelSpec, targets: Iterable[str]
     for name in targets:
         if name in model.lora_module_names:
             resolved += model.lora_module_names[name]
-        elif name in LINEAR_TARGETS:
+        elif name in LINEAR_TARGETS or name == LM_HEAD:  # lm_head: checks.check per framework
             resolved.append(name)
         else:
             unknown.append(name)
@@ -192,7 +193,7 @@ def lora_params(model: ModelSpec, setup: TrainSetup, *, b_only: bool = False) ->
     do not reach unless all seven are targeted (frameworks/hf.py adapts_experts)."""
     if not setup.trains_adapters:
         return 0
-    targets = set(setup.lora_targets)
+    targets = set(adapted(setup))
     skip_routed = setup.framework == "hf" and not set(LINEAR_TARGETS) <= targets
     total = 0.0
     for linears, num_layers in layer_groups(model, routed_all=True):
@@ -200,8 +201,10 @@ def lora_params(model: ModelSpec, setup: TrainSetup, *, b_only: bool = False) ->
             if lin.name in targets and not (skip_routed and lin.routed):
                 width = lin.out_features + (0 if b_only else lin.in_features)
                 total += setup.lora_rank * width * lin.count * num_layers
-        if not b_only:
+        if not b_only and setup.framework not in HEAD_TARGET_FRAMEWORKS:  # their own A per part
             total -= setup.lora_rank * fused_lora_a_overlap(model, linears, targets) * num_layers
+    if LM_HEAD in targets:  # torchtune apply_lora_to_output, LitGPT lora_head
+        total += setup.lora_rank * (model.vocab_size + (0 if b_only else model.hidden_size))
     return round(total)
 
 
@@ -233,7 +236,8 @@ def count_params(model: ModelSpec, setup: TrainSetup | None = None) -> ParamCoun
     setup = setup or TrainSetup()
     h, num_layers = model.hidden_size, model.num_layers
     embedding = model.vocab_size * h + (model.max_seq_len * h if model.position == "learned" else 0)
-    lm_head = (0 if model.tied_embeddings else model.vocab_size * h) + (
+    tied = model.tied_embeddings and setup.framework != "litgpt"  # LitGPT fine-tunes untied
+    lm_head = (0 if tied else model.vocab_size * h) + (
         model.vocab_size if model.lm_head_bias else 0)
     attn_one = linears_params(attention_linears(model)) + attention_extra_params(model)
     attention = attn_one * model.attentions_per_layer * num_layers

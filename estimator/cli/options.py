@@ -68,10 +68,11 @@ BackwardStepOpt = Annotated[bool, typer.Option(
     "--optimizer-in-backward", rich_help_panel=SETUP_PANEL,
     help="Apply the optimizer to each parameter as soon as its gradient exists and free the "
          "gradient (one device, --grad-accum 1, no gradient clipping).")]
-FrameworkOpt = Annotated[Literal["hf", "nvfree"], typer.Option(
+FrameworkOpt = Annotated[Literal["hf", "nvfree", "torchtune", "litgpt"], typer.Option(
     "--framework", "-f", rich_help_panel=SETUP_PANEL,
     help="The training code the estimate describes: hf (Transformers Trainer + PEFT + "
-         "bitsandbytes) or nvfree (the bundled trainer, what `nvfree train` runs).")]
+         "bitsandbytes), torchtune, litgpt, or nvfree (the bundled trainer, what "
+         "`nvfree train` runs).")]
 PARALLEL_PANEL = "Devices and sharding"
 NumDevicesOpt = Annotated[int, typer.Option(
     "--num-devices", min=1, rich_help_panel=PARALLEL_PANEL,

@@ -96,7 +96,7 @@ def _capacity(model: ModelSpec, base: TrainSetup, device: Device) -> int:
 def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
            profile: CalibrationProfile | None, steps: int, limit: int) -> list[Candidate]:
     """The memory and step time estimate() reports for the setups, in their order, by the
-    functions it composes (check_setup, memory_breakdown on the rank device, step_throughput;
+    functions it composes (checks.check, memory_breakdown on the rank device, step_throughput;
     not its advice, which the plan does not use). Verdicts are filled in by the caller."""
     from estimator.api import step_throughput
     from estimator.checks import check

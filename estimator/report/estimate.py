@@ -30,7 +30,8 @@ def model_line(est: Estimate) -> str:
             f"{', checkpointing' if s.checkpointing else ''}{parallel_text(est)}")
 
 
-FRAMEWORK_NAMES = {"hf": "HF Transformers + PEFT", "nvfree": "nvfree's trainer"}
+FRAMEWORK_NAMES = {"hf": "HF Transformers + PEFT", "nvfree": "nvfree's trainer",
+                   "torchtune": "torchtune", "litgpt": "LitGPT"}
 
 
 def framework_line(est: Estimate) -> str:

@@ -11,9 +11,11 @@ Optimizer = Literal["adamw", "adamw8bit", "sgd", "sgd_momentum", "adafactor", "l
 ComputeDtype = Literal["fp32", "bf16", "fp16"]
 AttentionKernel = Literal["sdpa", "eager"]
 Offload = Literal["none", "optimizer", "optimizer_and_params"]
-Framework = Literal["nvfree", "hf"]
+Framework = Literal["nvfree", "hf", "torchtune", "litgpt"]
 """The training code whose memory and time an estimate describes: the bundled trainer
-(`nvfree train`), or Hugging Face Transformers' Trainer + PEFT (+ bitsandbytes for 4/8-bit)."""
+(`nvfree train`), Hugging Face Transformers' Trainer + PEFT (+ bitsandbytes for 4/8-bit),
+torchtune's single-device/distributed recipes, or LitGPT's finetune scripts
+(docs/frameworks.md)."""
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """PEFT module names of the linears in a Llama-style block; 'all-linear' expands to these."""
@@ -24,9 +26,9 @@ class TrainSetup(Spec):
 
     framework: Framework = "hf"
     """The code that runs the training: 'hf' (Transformers Trainer + PEFT + bitsandbytes, what
-    most users run; the default of estimate and compare) or 'nvfree' (the bundled trainer, which
-    `nvfree train`, `plan` and `run` always use). Memory and time terms follow its code
-    (docs/frameworks.md)."""
+    most users run; the default of estimate and compare), 'torchtune', 'litgpt', or 'nvfree'
+    (the bundled trainer, which `nvfree train`, `plan` and `run` always use). Memory and time
+    terms follow its code (docs/frameworks.md)."""
     method: Method = "full"
     """full fine-tune, LoRA, QLoRA (4-bit NF4 frozen base + LoRA), or inference only."""
     weight_bits: Literal[4, 8, 16, 32] = 16
@@ -67,7 +69,17 @@ class TrainSetup(Spec):
     fused_loss: bool = True
     """lm_head + cross-entropy fused in row chunks, gradients formed in the forward pass (the
     bundled trainer; Liger-Kernel style): only [chunk, V] logits exist. False = full b·s·V
-    logits as `F.cross_entropy(model(x).float())` (HF Trainer's default)."""
+    logits as `F.cross_entropy(model(x).float())` (HF Trainer's default). torchtune: its
+    chunked loss (`CEWithChunkedOutputLoss`, 8 chunks upcast one at a time) when True, else
+    `torch.nn.CrossEntropyLoss`; LitGPT always chunks (`lm_head_chunk_size=128`)."""
+    compile: bool = False
+    """torch.compile of the decoder blocks (torchtune's `compile: True`: every
+    TransformerSelfAttentionLayer, and the chunked loss's upcast + cross-entropy). Read by the
+    torchtune terms (inductor saves fewer tensors); the other frameworks' terms ignore it."""
+    activation_offloading: bool = False
+    """torchtune's `enable_activation_offloading`: what the forward saves outside the loss head
+    (with checkpointing: each block's input) is copied to host memory and brought back in
+    backward. Needs checkpointing; only the torchtune terms model it."""
     num_tokens: int | None = Field(default=None, gt=0)
     """Training token budget for the wall-time and cost estimate (tokens)."""
     num_devices: int = Field(default=1, gt=0)
@@ -102,6 +114,9 @@ class TrainSetup(Spec):
         if self.optimizer_in_backward and (self.num_devices > 1 or self.offload != "none"):
             raise ValueError("the optimizer step in backward runs on one device without "
                              "offload (data parallelism averages gradients after backward)")
+        if self.activation_offloading and not self.checkpointing:
+            raise ValueError("activation offloading moves the checkpointed block inputs to host "
+                             "memory: use it with --checkpointing")
         if self.num_devices % self.expert_parallel:
             raise ValueError(f"expert-parallel degree {self.expert_parallel} must divide "
                              f"the {self.num_devices} devices")
