@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from estimator.errors import SetupError
+from estimator.executor.checks import check_parallelism
 from estimator.specs.model import ModelSpec
 from estimator.specs.setup import TrainSetup
 
@@ -111,13 +112,7 @@ def rank_device(device: str, ctx: DistContext) -> str:
 
 def check_setup(setup: TrainSetup, ctx: DistContext) -> None:
     """Refuse, with one line, what this executor would not run as the setup says."""
-    if setup.zero_stage > 0:
-        raise SetupError(f"zero_stage {setup.zero_stage}: the executor runs DDP only (every rank "
-                         "holds all states); use zero_stage 0 (sharded modes are unproven here)")
-    if setup.offload != "none":
-        raise SetupError(f"offload {setup.offload}: the executor has no CPU offload; use 'none'")
-    if setup.expert_parallel > 1:
-        raise SetupError("expert_parallel > 1: the executor has no expert parallelism; use 1")
+    check_parallelism(setup)
     if setup.num_devices != ctx.world_size:
         how = "launch with nvfree train --nproc N (torchrun)" if ctx.world_size == 1 else \
             "pass --nproc/--nnodes matching the processes torchrun starts"
