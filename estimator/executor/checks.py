@@ -2,9 +2,16 @@
 runner, the plan re-check and (through the library) `nvfree estimate` can ask without loading
 it. Each check raises SetupError with one line that names the flag to change."""
 
+import math
+
+from estimator.analytic.memory import optimizer_state_bytes, trainable_bytes_per_param
+from estimator.analytic.params import count_params
 from estimator.errors import SetupError
 from estimator.specs.model import ModelSpec
 from estimator.specs.setup import TrainSetup
+
+CHECKPOINT_OVERHEAD_BYTES = 1 << 20
+"""state.json, the adapter's config and safetensors headers, rounded up (bytes)."""
 
 
 def check_architecture(spec: ModelSpec) -> None:
@@ -65,6 +72,30 @@ def check_backward_step(setup: TrainSetup, max_grad_norm: float | None) -> None:
                          "after backward; with --optimizer-in-backward use --dtype bf16 or fp32")
 
 
+MAX_SEED = 2**32 - 1
+"""Largest --seed (torch seeds the data order with seed · 1,000,003 + epoch, in 64 bits)."""
+
+
+def check_options(*, max_steps: int, seed: int, lr: float | None, warmup_steps: int | None,
+                  max_grad_norm: float | None, lora_dropout: float,
+                  checkpoint_every: int | None) -> None:
+    """The run options besides the setup: counts positive, numbers finite and in range."""
+    if max_steps < 1:
+        raise SetupError(f"--max-steps {max_steps}: must be at least 1")
+    if not 0 <= seed <= MAX_SEED:
+        raise SetupError(f"--seed {seed}: must be in [0, {MAX_SEED}]")
+    for flag, value in (("--lr", lr), ("--max-grad-norm", max_grad_norm),
+                        ("--lora-dropout", lora_dropout)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise SetupError(f"{flag} {value}: must be a finite number ≥ 0")
+    if lora_dropout > 1:
+        raise SetupError(f"--lora-dropout {lora_dropout}: must be at most 1")
+    if warmup_steps is not None and warmup_steps < 0:
+        raise SetupError(f"--warmup-steps {warmup_steps}: must be ≥ 0")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise SetupError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
+
+
 def check_runnable(spec: ModelSpec, setup: TrainSetup, *, max_grad_norm: float | None = None
                    ) -> None:
     """Every check above: the setup is one the bundled trainer runs as written."""
@@ -72,3 +103,15 @@ def check_runnable(spec: ModelSpec, setup: TrainSetup, *, max_grad_norm: float |
     check_method(spec, setup)
     check_parallelism(setup)
     check_backward_step(setup, max_grad_norm)
+
+
+def checkpoint_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes one checkpoint takes on disk (executor/checkpoint.py): the trainable parameters in
+    their stored dtype (fp32 under mixed precision), a second copy for LoRA (the PEFT adapter
+    beside model.safetensors), the optimizer states, and CHECKPOINT_OVERHEAD_BYTES."""
+    nvfree = setup.model_copy(update={"framework": "nvfree"})
+    params = count_params(spec, nvfree)
+    weights = params.trainable * trainable_bytes_per_param(nvfree)
+    copies = 2 if nvfree.trains_adapters else 1
+    return (weights * copies + optimizer_state_bytes(spec, nvfree, params)
+            + CHECKPOINT_OVERHEAD_BYTES)

@@ -51,6 +51,11 @@ class TrainConfig:
     text_field: str = "text"
     model_path: Path | None = None
     resume: bool = False
+    """Continue from the newest checkpoint in output_dir that loads (older ones when newer ones
+    do not load, said in the report's message); ConfigError when checkpoints exist and none
+    loads."""
+    restart: bool = False
+    """Delete output_dir's checkpoints and report first and start at step 0 on purpose."""
     device: str = "cpu"
     seed: int = 0
     lr: float | None = None

@@ -32,6 +32,7 @@ value on any rank stops all of them after the same step); only rank 0 writes che
 the report.
 """
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from estimator.errors import ConfigError, SetupError
+from estimator.errors import SetupError
 from estimator.executor import checkpoint as ckpt
 from estimator.executor import distributed, measure
 from estimator.executor.build import (
@@ -51,12 +52,12 @@ from estimator.executor.build import (
     storage_dtype,
     trim_heap_before_loss_head,
 )
-from estimator.executor.checks import check_runnable
+from estimator.executor.checks import check_options, check_runnable
 from estimator.executor.config import DEFAULT_LR, REPORT_FILE, Run, StepProgress, TrainConfig
 from estimator.executor.data import check_vocab, describe_source, load_dataset
 from estimator.executor.loop import Outcome, final_message, run_loop
 from estimator.executor.optim import BackwardStep, build_optimizer
-from estimator.executor.resume import checkpoint_root, resume_run
+from estimator.executor.resume import checkpoint_root, prepared_output, resume_run
 from estimator.executor.step import clip_norm, train_step
 from estimator.specs.model import ModelSpec
 from estimator.specs.run import RunReport
@@ -124,21 +125,21 @@ def train_with_config(model_spec: ModelSpec, setup: TrainSetup, config: TrainCon
     """train() with the options gathered in a TrainConfig. Under torchrun (see
     estimator/executor/distributed.py) every rank calls this; setup.num_devices must equal the
     number of processes. Every rank returns the report; only rank 0 writes it."""
-    if config.max_steps <= 0:
-        raise SetupError("--max-steps must be positive")
+    check_options(max_steps=config.max_steps, seed=config.seed, lr=config.lr,
+                  warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
+                  lora_dropout=config.lora_dropout, checkpoint_every=config.checkpoint_every)
     with distributed.process_group(config.device) as (ctx, device_name):
         distributed.check_setup(setup, ctx)
         config = dataclasses.replace(config, device=device_name,
                                      predict=config.predict and ctx.is_main)
-        root = checkpoint_root(config)
-        if not config.resume and ckpt.list_checkpoints(root):
-            raise ConfigError(f"{config.output_dir} already holds checkpoints; pass --resume "
-                              "to continue that run or choose another --output")
-        peak = measure.PeakMemory(resolve_device(config.device))
-        try:
-            return _train(model_spec, setup, config, peak, on_progress, ctx)
-        finally:
-            peak.close()
+        outputs = prepared_output(model_spec, setup, config) if ctx.is_main else \
+            contextlib.nullcontext()
+        with outputs:
+            peak = measure.PeakMemory(resolve_device(config.device))
+            try:
+                return _train(model_spec, setup, config, peak, on_progress, ctx)
+            finally:
+                peak.close()
 
 
 def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
@@ -152,9 +153,12 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
     if run.start_step >= config.max_steps and previous.is_file():
         # nothing to train: keep the finished run's measurement instead of comparing the
         # prediction with a peak that no training step produced
-        report = RunReport.model_validate_json(previous.read_text())
-        return report.model_copy(update={"message": final_message(
-            Outcome(), run, report.checkpoint_dir, resume_note)})
+        report = _previous_report(previous)
+        if report is not None:
+            latest = ckpt.latest_checkpoint(checkpoint_root(config))
+            where = str(latest.path) if latest else None  # the report names what exists now
+            return report.model_copy(update={"checkpoint_dir": where, "message": final_message(
+                Outcome(), run, where, resume_note)})
     weights_bytes = measure.weights_bytes(run.model)
     if ctx.is_distributed:
         run.ddp, run.allreduce = distributed.wrap_ddp(run.model, run.spec, setup, ctx, run.device)
@@ -184,6 +188,14 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         _write_report(report, config.output_dir / REPORT_FILE)
     distributed.barrier(ctx)
     return report
+
+
+def _previous_report(path: Path) -> RunReport | None:
+    """The finished run's report in the output directory, or None when it does not read."""
+    try:
+        return RunReport.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def _label_compiled(report: RunReport, timer: measure.StepTimer) -> RunReport:
