@@ -85,6 +85,8 @@ def check_data_path(path: Path, flag: str = "--data") -> Path:
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot be read ({os.strerror(exc.errno or 0).lower()})"
                           ) from None
+    except ValueError:  # a NUL in the name
+        raise ConfigError(f"{flag} {str(path)!r}: not a valid path") from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or \
             stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"

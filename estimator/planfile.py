@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from estimator.errors import ConfigError
-from estimator.planner import SearchResult, num_steps, plan_setup
+from estimator.planner import SearchResult, plan_setup
 from estimator.specs import CalibrationProfile, Device, Estimate, ModelSpec
 from estimator.specs.plan import PLAN_SCHEMA_VERSION, Plan
 
@@ -77,7 +77,7 @@ def load_plan(path: Path) -> Plan:
     raw = _plan_json(Path(path))
     version = raw.get("schema_version")
     if version != PLAN_SCHEMA_VERSION:
-        raise ConfigError(f"{path}: plan schema version {str(version)[:40]!r}; this nvfree "
+        raise ConfigError(f"{path}: plan schema version {repr(version)[:40]}; this nvfree "
                           f"reads version {PLAN_SCHEMA_VERSION} (re-run `nvfree plan`)")
     try:
         return Plan.model_validate(raw)
@@ -155,8 +155,7 @@ def prediction_problems(plan: Plan, estimate: Estimate, *, same_device: bool
                       "nvfree (re-plan)")
     tokens = plan.setup.num_tokens
     if tokens is not None:
-        setup = plan.setup
-        steps = num_steps(tokens, setup.global_tokens_per_step // setup.seq_len, setup.seq_len)
+        steps = max(1, -(-tokens // plan.setup.global_tokens_per_step))  # planner.num_steps
         if steps != plan.max_steps:
             refuse.append(f"max_steps {plan.max_steps} does not cover its token budget "
                           f"({steps} steps do): the plan was edited (re-plan)")

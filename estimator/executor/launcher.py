@@ -1,10 +1,12 @@
 """The launcher: `launch(argv, nproc, …)` re-executes `python -m estimator ARGV` under
-`python -m torch.distributed.run` and owns what it started. SIGINT, SIGTERM and SIGHUP to the
-launcher are forwarded to torchrun (which stops every rank with the same signal: each finishes
-its step and rank 0 saves a checkpoint); torchrun dies with the launcher (PR_SET_PDEATHSIG) and
-every worker with torchrun (die_with_parent, called by the worker); and when torchrun has exited,
-any process it started that is still alive is stopped (SIGTERM, then SIGKILL after a grace
-period), so no rank is left training as an orphan.
+`python -m torch.distributed.run` and owns what it started. torchrun runs in its own session
+(a terminal's Ctrl-C reaches the launcher only; torchrun starts each rank in a session of its
+own). SIGINT, SIGTERM and SIGHUP to the launcher are passed on to every rank (each finishes its
+step, rank 0 saves a checkpoint, the ranks agree on the stop, exit 0, and torchrun ends
+cleanly); a second signal goes to torchrun, which stops the ranks itself. torchrun dies with
+the launcher (PR_SET_PDEATHSIG) and every rank with torchrun (die_with_parent, called by the
+worker); and when torchrun has exited, any process it started that is still alive is stopped
+(SIGTERM, then SIGKILL after a grace period), so no rank is left training as an orphan.
 """
 
 import contextlib
@@ -78,16 +80,33 @@ def die_with_parent() -> None:
         raise SystemExit(128 + signal.SIGTERM)
 
 
+def _ranks(pid: int) -> list[int]:
+    """The processes torchrun started directly: the ranks of this machine."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return [child.pid for child in psutil.Process(pid).children()]
+    return []
+
+
 @contextlib.contextmanager
 def _forwarding(process: subprocess.Popen) -> Iterator[None]:
-    """While the block runs, SIGINT/SIGTERM/SIGHUP to this process go to `process` instead
-    (torchrun turns them into a stop of every rank); the launcher keeps waiting."""
+    """While the block runs, SIGINT/SIGTERM/SIGHUP to this process are passed on: the first to
+    every rank (each finishes its step, rank 0 saves, the ranks agree on the stop and exit 0,
+    so torchrun ends cleanly), a second one (or one before the ranks exist) to torchrun, which
+    stops them itself. The launcher keeps waiting."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
-        if process.poll() is None:
+        received.append(signum)
+        ranks = _ranks(process.pid) if len(received) == 1 else []
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not ranks and process.poll() is None:
             process.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
@@ -160,7 +179,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, *, node_rank: int | Non
                                rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
     environment = {**os.environ, **(env or {})}
     environment.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
-    process = subprocess.Popen(command, env=environment,
+    process = subprocess.Popen(command, env=environment, start_new_session=True,
                                preexec_fn=lambda: _set_parent_death_signal(signal.SIGTERM))
     with _forwarding(process):
         return _wait(process)

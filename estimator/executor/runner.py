@@ -18,7 +18,7 @@ is prepared (resume.prepared_output), so library callers of executor.train get t
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,13 +208,31 @@ def train(spec: ModelSpec, setup: TrainSetup, config: TrainConfig, *,
             return _launch(config, launch, argv)
     from estimator.executor.train import train_with_config
 
-    bar = progress(config.max_steps) if progress is not None and who.shows_output else \
-        contextlib.nullcontext(None)
-    with bar as on_progress:
+    show = progress if who.shows_output else None
+    with started_at_first_step(show, config.max_steps) as on_progress:
         report = train_with_config(spec, setup, config, on_progress=on_progress)
     return Outcome(report=report, report_path=config.output_dir / REPORT_FILE,
                    exit_code=0 if who.worker else exit_code(report.stop_reason, report.message),
                    worker=who.worker)
+
+
+@contextlib.contextmanager
+def started_at_first_step(progress: Progress | None, max_steps: int
+                          ) -> Iterator[Callable[[StepProgress], None] | None]:
+    """The progress callback, its display entered at the first step (so an error while the
+    data and model are prepared is the only line shown) and left at the end."""
+    if progress is None:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        shown: list[Callable[[StepProgress], None]] = []
+
+        def on_progress(step: StepProgress) -> None:
+            if not shown:
+                shown.append(stack.enter_context(progress(max_steps)))
+            shown[0](step)
+
+        yield on_progress
 
 
 def _launch(config: TrainConfig, launch: Launch, argv: Sequence[str]) -> Outcome:
@@ -272,6 +290,18 @@ def check_plan(plan: Plan, path: Path) -> tuple[list[str], list[str], Estimate]:
     return refuse + more, notes + extra, here
 
 
+def checked_plan(plan: Plan, path: Path) -> tuple[list[str], list[str], Estimate]:
+    """check_plan, with any arithmetic the plan's values break reported as the plan's error
+    (a plan file is user input: one line, never a traceback; --debug shows the cause)."""
+    try:
+        return check_plan(plan, path)
+    except NvfreeError:
+        raise
+    except (ArithmeticError, TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: the plan's values cannot be checked ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:120]})") from exc
+
+
 def plan_output(path: Path, output: Path | None) -> Path:
     """The run directory of a plan: --output, else runs/<plan file name>."""
     return output if output is not None else Path("runs") / Path(path).stem
@@ -300,7 +330,7 @@ def run_plan(path: Path, *, output: Path | None = None, force: bool = False,
     who = role()
     note = on_note if on_note is not None and who.shows_output else (lambda line: None)
     if not who.worker:
-        refuse, notes, _ = check_plan(plan, Path(path))
+        refuse, notes, _ = checked_plan(plan, Path(path))
         if refuse and not force:
             raise SetupError(f"{path}: {'; '.join(refuse)} (--force runs it anyway)")
         for line in [*notes, *(f"forced: {r}" for r in refuse)]:
