@@ -3,7 +3,7 @@
 Pure (no torch). The file is the Plan spec as JSON; unknown or corrupted fields are refused with
 one line that names the field."""
 
-import json
+import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from estimator.errors import ConfigError
 from estimator.planner import SearchResult, plan_setup
-from estimator.specs import CalibrationProfile, Device, ModelSpec
+from estimator.specs import CalibrationProfile, Device, Estimate, ModelSpec
 from estimator.specs.plan import PLAN_SCHEMA_VERSION, Plan
 
 
@@ -37,35 +37,75 @@ def make_plan(result: SearchResult, *, model: ModelSpec, model_source: str, data
 
 
 def save_plan(plan: Plan, path: Path) -> Path:
-    """Write the plan as JSON (to a temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the plan as JSON (to a temp file, then rename); ConfigError (one line) when the
+    destination cannot take it (check_writable tells before the search)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(plan.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(plan.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--output {path}: cannot write the plan "
+                          f"({(exc.strerror or str(exc)).lower()})") from None
     return path
 
 
-def load_plan(path: Path) -> Plan:
-    """Read a plan file; ConfigError (one line) when missing, not JSON, of another schema
-    version, or with an unknown, missing or invalid field."""
+MAX_PLAN_BYTES = 16 * 2**20
+"""Largest plan file read (bytes); a plan is tens of kilobytes."""
+
+
+def _plan_json(path: Path) -> dict:
+    """The plan file as a JSON object; ConfigError (one line) for anything else."""
+    from estimator.inputs import read_json
+
     try:
-        raw = json.loads(Path(path).read_text())
+        return read_json(path, max_bytes=MAX_PLAN_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such plan file (make one with `nvfree plan`)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not a plan file ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: not a plan file (a JSON object is expected)")
+    except ConfigError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise ConfigError(f"{path}: not a plan file ({reason})") from None
+
+
+def load_plan(path: Path) -> Plan:
+    """Read a plan file; ConfigError (one line) when missing, not UTF-8 JSON (nesting and size
+    bounded: estimator.inputs), of another schema version, or with an unknown, missing or
+    invalid field (named with its path)."""
+    raw = _plan_json(Path(path))
     version = raw.get("schema_version")
     if version != PLAN_SCHEMA_VERSION:
-        raise ConfigError(f"{path}: plan schema version {version!r}; this nvfree reads "
-                          f"version {PLAN_SCHEMA_VERSION} (re-run `nvfree plan`)")
+        raise ConfigError(f"{path}: plan schema version {repr(version)[:40]}; this nvfree "
+                          f"reads version {PLAN_SCHEMA_VERSION} (re-run `nvfree plan`)")
     try:
         return Plan.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: field '{where}': {err['msg']}") from None
+        message = " ".join(str(err["msg"]).split())[:200]
+        raise ConfigError(f"{path}: field '{where}': {message}") from None
+    except (ArithmeticError, TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not a valid plan ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:160]})") from None
+
+
+def looks_like_plan(head: bytes) -> bool:
+    """Whether a file's first bytes are a plan file's (or the file is empty)."""
+    text = head.lstrip()
+    return not text or (text.startswith(b"{") and b'"schema_version"' in head)
+
+
+def check_writable(path: Path, flag: str = "--output") -> Path:
+    """Check, before any search, that a plan can be written to `path`: not a directory or
+    special file, its directory writable (created), an existing file only if it is a plan
+    (never someone's other file), and 1 MiB free on its disk. ConfigError, one line."""
+    from estimator.outputs import check_free_space, check_writable_file
+
+    path = check_writable_file(Path(path), flag, accept=looks_like_plan)
+    check_free_space(path.parent, 2**20, "the plan file", flag)
+    return path
 
 
 def machine_problems(plan: Plan, *, fingerprint: str | None, available_bytes: int,
@@ -90,6 +130,42 @@ def machine_problems(plan: Plan, *, fingerprint: str | None, available_bytes: in
     return refuse, notes
 
 
+PEAK_TOLERANCE = 0.10
+"""How far (fraction) the peak recomputed from a plan's setup may differ from the peak the file
+records before `nvfree run` calls the file edited (or made by a different nvfree)."""
+
+
+def prediction_problems(plan: Plan, estimate: Estimate, *, same_device: bool
+                        ) -> tuple[list[str], list[str]]:
+    """(reasons to refuse, notes) from the plan's prediction recomputed from its own model and
+    setup on this machine (`estimate`): it must fit here (its upper end within the plan's
+    memory limit and the device's capacity), agree with the peak the file records
+    (same_device: the file's number was made for this device) and with its step count."""
+    refuse, notes = [], []
+    memory = estimate.memory
+    limit = min(plan.memory_limit_bytes, memory.capacity_bytes)
+    if memory.upper_bytes > limit:
+        refuse.append(f"recomputed from its setup, the plan does not fit here: up to "
+                      f"{_gib(memory.upper_bytes)} > {_gib(limit)}")
+    recorded = plan.predicted_peak_bytes
+    if same_device and abs(memory.total_bytes - recorded) > PEAK_TOLERANCE * max(
+            memory.total_bytes, recorded, 1):
+        refuse.append(f"the file says peak {_gib(recorded)}, its model and setup give "
+                      f"{_gib(memory.total_bytes)}: the plan was edited or made by another "
+                      "nvfree (re-plan)")
+    tokens = plan.setup.num_tokens
+    if tokens is not None:
+        steps = max(1, -(-tokens // plan.setup.global_tokens_per_step))  # planner.num_steps
+        if steps != plan.max_steps:
+            refuse.append(f"max_steps {plan.max_steps} does not cover its token budget "
+                          f"({steps} steps do): the plan was edited (re-plan)")
+    seconds = estimate.throughput.step_seconds
+    if not same_device or abs(seconds - plan.predicted_step_seconds) > 0.5 * seconds:
+        notes.append(f"predicted step time here: {seconds:.3g} s (the plan says "
+                     f"{plan.predicted_step_seconds:.3g} s)")
+    return refuse, notes
+
+
 def _gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB"
 
@@ -97,17 +173,16 @@ def _gib(num_bytes: int) -> str:
 def count_data_tokens(path: Path, text_field: str = "text") -> int:
     """Tokens in one pass over the data with the byte-level tokenizer (UTF-8 bytes + one EOS
     per document); an upper bound for a model's own BPE tokenizer (~4 bytes per token).
-    Directories count their text files, JSONL its `text_field`."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"--data {path}: no such file or directory")
+    Directories count their regular text files, JSONL its `text_field` (UTF-8 lines; a FIFO
+    or device is refused, not read)."""
+    from estimator.inputs import check_data_path
+
+    path = check_data_path(Path(path))
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     total = 0
     for f in files:
         if f.suffix == ".jsonl":
-            for number, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    total += len(_jsonl_text(line, text_field, f, number).encode()) + 1
+            total += _jsonl_bytes(f, text_field)
         elif f.suffix in TEXT_SUFFIXES:
             total += f.stat().st_size + 1
     if total == 0:
@@ -115,14 +190,24 @@ def count_data_tokens(path: Path, text_field: str = "text") -> int:
     return total
 
 
-def _jsonl_text(line: str, text_field: str, path: Path, number: int) -> str:
+def _jsonl_bytes(path: Path, text_field: str) -> int:
+    """UTF-8 bytes + 1 EOS of every document of a JSONL file."""
+    from estimator.inputs import jsonl_object
+
+    total = 0
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise ConfigError(f"--data {path}:{number}: not a JSON object") from None
-    if not isinstance(record, dict) or text_field not in record:
-        raise ConfigError(f"--data {path}:{number}: no '{text_field}' field (see --text-field)")
-    return str(record[text_field])
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                record = jsonl_object(raw, f"--data {path}:{number}")
+                if record is None:
+                    continue
+                if text_field not in record:
+                    raise ConfigError(f"--data {path}:{number}: no '{text_field}' field (see "
+                                      "--text-field)")
+                total += len(str(record[text_field]).encode()) + 1
+    except OSError as exc:
+        raise ConfigError(f"--data {path}: cannot be read ({exc.strerror or exc})") from None
+    return total
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".json")

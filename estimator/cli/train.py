@@ -1,12 +1,11 @@
 """`nvfree train`: run the training an estimate describes on this machine, and measure it.
 
-With --nproc N (and --nnodes) this process is the launcher: it re-executes the same command
-under torchrun (estimator.executor.distributed.launch), waits, then renders the report rank 0
-wrote. Inside torchrun (a worker) the same command trains one rank; rank 0 draws the progress
-bar on stderr; workers exit 0 after a handled stop and the launcher sets the exit code."""
+Parse → estimator.executor.runner.train → render. The runner checks everything before any
+work, launches torchrun for --nproc/--nnodes (this process then renders the report rank 0
+wrote), resumes or restarts, and sets the exit code. Inside torchrun (a worker) the same
+command trains one rank; rank 0 draws the progress bar on stderr."""
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -37,8 +36,6 @@ from estimator.cli.options import (
 )
 
 RUN_PANEL = "Run"
-EXIT_CODES = {"max_steps": 0, "nonfinite_loss": 1}
-"""Exit code per stop reason; interrupted runs exit 128 + the signal (130 SIGINT, 143 SIGTERM)."""
 
 DataOpt = Annotated[Path | None, typer.Option(
     "--data", rich_help_panel=RUN_PANEL,
@@ -52,8 +49,13 @@ MaxStepsOpt = Annotated[int, typer.Option("--max-steps", min=1, rich_help_panel=
 OutputOpt = Annotated[Path, typer.Option(
     "--output", "-o", rich_help_panel=RUN_PANEL,
     help="Directory for checkpoints/ and run_report.json.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", rich_help_panel=RUN_PANEL,
-                                         help="Continue from the latest checkpoint in --output.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", rich_help_panel=RUN_PANEL,
+    help="Continue from the newest checkpoint in --output that loads (stops, naming them, "
+         "when none does).")]
+RestartOpt = Annotated[bool, typer.Option(
+    "--restart", rich_help_panel=RUN_PANEL,
+    help="Delete the checkpoints and report in --output and start over at step 0.")]
 TorchDeviceOpt = Annotated[str, typer.Option(
     "--device", "-d", rich_help_panel=RUN_PANEL,
     help="torch device to train on: cpu, cuda, cuda:1, mps, xpu.")]
@@ -94,14 +96,6 @@ CkptEveryOpt = Annotated[int | None, typer.Option(
     help="Save every N steps  [default: at the end, and when interrupted]")]
 
 
-def _model_dir(model: str | None) -> Path | None:
-    """--model as a Hugging Face directory with weights (trained from them), else None."""
-    if model is None:
-        return None
-    path = Path(model)
-    return path if path.is_dir() and any(path.glob("*.safetensors")) else None
-
-
 def train(
     model: ModelOpt = None, params: ParamsOpt = None, active_params: ActiveParamsOpt = None,
     active_ratio: ActiveRatioOpt = None, method: MethodOpt = None, bits: BitsOpt = None,
@@ -114,6 +108,7 @@ def train(
     fused_loss: FusedLossOpt = True, data: DataOpt = None, text_field: TextFieldOpt = "text",
     max_steps: MaxStepsOpt = 100,
     output: OutputOpt = Path("runs/train"), resume: ResumeOpt = False,
+    restart: RestartOpt = False,
     device: TorchDeviceOpt = "cpu", seed: SeedOpt = 0, lr: LrOpt = None,
     warmup_steps: WarmupOpt = None, max_grad_norm: ClipOpt = None,
     lora_dropout: DropoutOpt = 0.0, checkpoint_every: CkptEveryOpt = None,
@@ -125,8 +120,8 @@ def train(
     Hugging Face --model directory); checkpoint, measure, and compare with the estimate.
     --nproc N trains data-parallel (DDP) in N processes launched by torchrun."""
     from estimator.cli.options import resolve_device, resolve_model, resolve_setup
-    from estimator.executor.distributed import context_from_env, in_worker
-
+    from estimator.executor import runner
+    from estimator.executor.config import TrainConfig
 
     spec = resolve_model(model, params, active_params, active_ratio)
     local, profile, _ = resolve_device("local")
@@ -138,64 +133,64 @@ def train(
                           optimizer_in_backward=optimizer_in_backward,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
                           fused_loss=fused_loss, framework="nvfree")
-    setup = type(setup).model_validate({**setup.model_dump(), "num_devices": nproc * nnodes,
-                                        "num_nodes": nnodes})
-    if nproc * nnodes > 1 and not in_worker():  # errors above are shown once, here
-        _launch_and_report(nproc, nnodes, node_rank, rdzv_endpoint, output, json)
-    from rich.console import Console
-
-    from estimator.executor.train import TrainConfig, train_with_config
-    from estimator.report.train import TrainProgress, render_run_report
-
+    setup = setup.model_copy(update={"num_devices": nproc * nnodes, "num_nodes": nnodes})
     config = TrainConfig(max_steps=max_steps, output_dir=output, data=data,
-                         text_field=text_field, model_path=_model_dir(model), resume=resume,
-                         device=device, seed=seed, lr=lr, warmup_steps=warmup_steps,
-                         max_grad_norm=max_grad_norm, lora_dropout=lora_dropout,
-                         checkpoint_every=checkpoint_every, compile=compiled)
-    worker = in_worker()
-    console = Console(stderr=json or worker, quiet=worker and context_from_env().rank > 0)
-    with TrainProgress(console, max_steps=max_steps) as bar:
-        report = train_with_config(spec, setup, config, on_progress=bar.update)
-    if worker:  # the launcher renders rank 0's report and sets the exit code
-        raise typer.Exit(0)
-    if json:
-        typer.echo(report.model_dump_json(indent=2))
-    else:
-        render_run_report(report, console, report_path=str(output / "run_report.json"))
-    raise typer.Exit(_exit_code(report.stop_reason, report.message))
+                         text_field=text_field, model_path=runner.model_directory(model),
+                         resume=resume, restart=restart, device=device, seed=seed, lr=lr,
+                         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                         lora_dropout=lora_dropout, checkpoint_every=checkpoint_every,
+                         compile=compiled)
+    launch = runner.Launch(nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                           rdzv_endpoint=rdzv_endpoint)
+    console = run_console(json)
+    outcome = runner.train(spec, setup, config, launch=launch, argv=sys.argv[1:],
+                           progress=progress_bars(console))
+    render_outcome(outcome, console, json)
 
 
-def _launch_and_report(nproc: int, nnodes: int, node_rank: int | None,
-                       rdzv_endpoint: str | None, output: Path, json: bool) -> None:
-    """Run this same command under torchrun, then render the report rank 0 wrote (if it
-    was written on this machine) and exit with its code; else exit with torchrun's."""
+def run_console(json: bool):
+    """The console of this process: stderr under --json or in a torchrun worker; silent in
+    every worker but rank 0."""
     from rich.console import Console
 
-    from estimator.executor.distributed import launch
-    from estimator.report.train import render_run_report
-    from estimator.specs.run import RunReport
+    from estimator.executor.runner import role
 
-    started = time.time()
-    code = launch(sys.argv[1:], nproc, nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
-    path = output / "run_report.json"
-    fresh = path.is_file() and path.stat().st_mtime >= started
-    if not fresh and not (code == 0 and path.is_file()):  # (a finished run resumed: its report)
-        if code == 0:
-            typer.echo(f"the run finished; its report is where rank 0 ran ({path})", err=True)
-        raise typer.Exit(code)
-    report = RunReport.model_validate_json(path.read_text())
+    who = role()
+    return Console(stderr=json or who.worker, quiet=not who.shows_output)
+
+
+def progress_bars(console):
+    """runner.Progress drawing a rich progress bar on `console`."""
+    import contextlib
+
+    from estimator.report.train import TrainProgress
+
+    @contextlib.contextmanager
+    def bar(max_steps: int):
+        with TrainProgress(console, max_steps=max_steps) as progress:
+            yield progress.update
+
+    return bar
+
+
+def render_outcome(outcome, console, json: bool, extra=None) -> None:
+    """Show the run's report (rank 0's, read by the launcher) and exit with its code; a
+    worker exits 0 (the launcher sets the code)."""
+    if outcome.worker:
+        raise typer.Exit(0)
+    if outcome.report is None:
+        if outcome.message:
+            typer.echo(outcome.message, err=True)
+        raise typer.Exit(outcome.exit_code)
     if json:
-        typer.echo(report.model_dump_json(indent=2))
+        typer.echo(outcome.report.model_dump_json(indent=2))
     else:
-        render_run_report(report, Console(), report_path=str(path))
-    raise typer.Exit(_exit_code(report.stop_reason, report.message))
+        from estimator.report.train import render_run_report
 
-
-def _exit_code(stop_reason: str, message: str) -> int:
-    """0 done, 1 non-finite loss, 130 SIGINT, 143 SIGTERM (128 + signal number)."""
-    if stop_reason == "interrupted":
-        return 143 if "SIGTERM" in message else 130
-    return EXIT_CODES[stop_reason]
+        render_run_report(outcome.report, console, report_path=str(outcome.report_path))
+        if extra is not None:
+            extra(outcome.report)
+    raise typer.Exit(outcome.exit_code)
 
 
 def register(app: typer.Typer) -> None:

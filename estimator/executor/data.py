@@ -12,7 +12,6 @@ what comes next, so a run resumes by storing p in its checkpoint.
 Legend: B = batch, T = sequence length.
 """
 
-import json
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from estimator.errors import ConfigError, SetupError
 from estimator.executor.tokenizer import TokenizerLike as Tokenizer
+from estimator.inputs import check_data_path, jsonl_object
 
 DEFAULT_CORPUS_MAX_BYTES = 4 * 1024 * 1024
 """Cap of the embedded corpus (bytes of source text): a few MB, seconds to tokenise."""
@@ -56,15 +56,13 @@ def stdlib_corpus_files(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> list[Path]
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
+    """One document per JSONL line (its `field`); lines must be UTF-8 JSON objects."""
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            record = jsonl_object(raw, f"{path}:{line_number}")
+            if record is None:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            if not isinstance(record.get(field), str):
                 raise ConfigError(f"{path}:{line_number}: no string field {field!r}")
             yield record[field]
 
@@ -85,8 +83,7 @@ def iter_documents(source: Path | None, *, text_field: str = "text",
         for path in stdlib_corpus_files(max_bytes):
             yield path.read_text(encoding="utf-8", errors="replace")
         return
-    if not source.exists():
-        raise ConfigError(f"--data {source}: no such file or directory")
+    check_data_path(source)
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:

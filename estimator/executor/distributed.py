@@ -13,15 +13,12 @@ CPU offload and expert parallelism are refused: FSDP2 on gloo had a silent gradi
 bug (pytorch#162338), and a sharded mode is only accepted once a test proves its gradients
 equal a single process's.
 
-Outside a worker: `launch(argv, nproc, …)` re-executes `python -m estimator ARGV` under
-`python -m torch.distributed.run`.
+Outside a worker, estimator/executor/launcher.py starts the workers under torchrun.
 """
 
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from estimator.errors import SetupError
+from estimator.executor.checks import check_parallelism
 from estimator.specs.model import ModelSpec
 from estimator.specs.setup import TrainSetup
 
@@ -111,13 +109,7 @@ def rank_device(device: str, ctx: DistContext) -> str:
 
 def check_setup(setup: TrainSetup, ctx: DistContext) -> None:
     """Refuse, with one line, what this executor would not run as the setup says."""
-    if setup.zero_stage > 0:
-        raise SetupError(f"zero_stage {setup.zero_stage}: the executor runs DDP only (every rank "
-                         "holds all states); use zero_stage 0 (sharded modes are unproven here)")
-    if setup.offload != "none":
-        raise SetupError(f"offload {setup.offload}: the executor has no CPU offload; use 'none'")
-    if setup.expert_parallel > 1:
-        raise SetupError("expert_parallel > 1: the executor has no expert parallelism; use 1")
+    check_parallelism(setup)
     if setup.num_devices != ctx.world_size:
         how = "launch with nvfree train --nproc N (torchrun)" if ctx.world_size == 1 else \
             "pass --nproc/--nnodes matching the processes torchrun starts"
@@ -263,52 +255,3 @@ def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op for a single process)."""
     if ctx.is_distributed:
         dist.barrier()
-
-
-def torchrun_command(argv: list[str], nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
-                     rdzv_endpoint: str | None = None, rdzv_id: str = "nvfree") -> list[str]:
-    """`python -m torch.distributed.run … -m estimator ARGV`: standalone on one machine, a c10d
-    rendezvous at rdzv_endpoint (host:port) over nnodes machines."""
-    if nproc < 1 or nnodes < 1:
-        raise SetupError("--nproc and --nnodes must be at least 1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if nnodes == 1 and rdzv_endpoint is None:
-        command.append("--standalone")
-    else:
-        if rdzv_endpoint is None:
-            raise SetupError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (a machine all "
-                             "nodes reach; run the same command on every node)")
-        command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
-        if node_rank is not None:
-            command.append(f"--node-rank={node_rank}")
-    return [*command, "-m", "estimator", *[_unambiguous(arg) for arg in argv]]
-
-
-def _unambiguous(arg: str) -> str:
-    """torchrun's argparse rejects, even after the script name, an option that abbreviates two
-    of its own ('--nproc' → --nproc-per-node / --nproc_per_node): pass the full spelling,
-    which the nvfree command accepts as an alias."""
-    name, sep, value = arg.partition("=")
-    return f"--nproc-per-node{sep}{value}" if name == "--nproc" else arg
-
-
-def launch(argv: list[str], nproc: int, nnodes: int = 1, *, node_rank: int | None = None,
-           rdzv_endpoint: str | None = None, rdzv_id: str = "nvfree",
-           env: dict[str, str] | None = None) -> int:
-    """Run `nvfree ARGV` in nproc processes per node under torchrun and wait; returns
-    torchrun's exit code. ARGV reaches the workers unchanged except '--nproc', spelled
-    '--nproc-per-node' (see _unambiguous: the command must accept both).
-    OMP_NUM_THREADS is set to cores // nproc (the workers set torch's threads the same way).
-    SIGINT is left to torchrun, which stops the workers; this process keeps waiting so the
-    caller can read what they wrote."""
-    command = torchrun_command(argv, nproc, nnodes=nnodes, node_rank=node_rank,
-                               rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
-    environment = {**os.environ, **(env or {})}
-    environment.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
-    process = subprocess.Popen(command, env=environment)
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
-            continue

@@ -2,6 +2,8 @@
 
 gpt-fast / torchtitan style: one file, no parallelism, no LoRA, no quantisation (those are
 transforms in lora.py, nf4.py, checkpointing.py that take a built model and return it changed).
+The custom autograd functions it calls (norm, SwiGLU and loss kernels that keep fewer tensors
+for backward) live in kernels/; rotary embeddings in rope.py.
 Module names follow Hugging Face's Llama/Qwen naming without the leading ``model.`` so that LoRA
 targets and weight loading are direct (hf.py adds the prefix): ``embed_tokens``,
 ``layers.{i}.self_attn.{q,k,v,o}_proj``, ``layers.{i}.mlp.{gate,up,down}_proj``,
@@ -16,7 +18,6 @@ Shape-suffix legend:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimator.analytic.activations import EXPERT_ROW_GRANULE
-from estimator.analytic.memory import FUSED_LOSS_CHUNK_ELEMENTS
-from estimator.errors import SetupError
+from estimator.executor.checks import check_architecture
+from estimator.executor.kernels import (
+    TiedGradient,
+    _EmbeddingIntoTiedGradient,
+    _NormLinears,
+    _RMSNormFunction,
+    _SiLUMul,
+    _SwiGLUDown,
+    fused_linear_cross_entropy,
+)
+from estimator.executor.rope import apply_rope, rope_inv_freq, rope_scaling_items
 from estimator.specs.model import ModelSpec
 
 SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -67,21 +77,8 @@ class ModelArgs:
 
 def model_args(spec: ModelSpec, **overrides) -> ModelArgs:
     """Flatten a ModelSpec into ModelArgs; raises SetupError for what the executor cannot run."""
-    unsupported = {
-        "MLA": spec.mla is not None,
-        "attention sinks": spec.attention_sinks,
-        f"{spec.attentions_per_layer} attentions per layer": spec.attentions_per_layer > 1,
-    }
+    check_architecture(spec)
     moe = spec.moe
-    if moe is not None:
-        unsupported["zero-computation experts"] = moe.num_zero_experts > 0
-        unsupported["dense FFNs beside the MoE"] = moe.dense_mlps_per_layer > 0
-    bad = [name for name, flag in unsupported.items() if flag]
-    if bad:
-        raise SetupError(
-            f"{spec.name}: {', '.join(bad)} models can be estimated but not trained by the "
-            "bundled executor"
-        )
     shared = 0
     if moe is not None and moe.num_shared_experts:
         width = moe.shared_expert_intermediate_size or moe.expert_intermediate_size
@@ -103,103 +100,6 @@ def model_args(spec: ModelSpec, **overrides) -> ModelArgs:
         expert_bias=moe.expert_bias if moe else False,
         **overrides,
     )
-
-
-def _rms_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _rms_apply(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    x32 = x.to(rstd.dtype)
-    if weight.dtype in (torch.float32, torch.float64):  # HF: fp32 product (autocast) …
-        y = (weight * (x32 * rstd)).to(out_dtype)
-    else:  # … or weight · x̂ cast to the input dtype first
-        y = weight * (x32 * rstd).to(weight.dtype)
-    return y.to(out_dtype)
-
-
-def _rms_backward(ctx, x, weight, rstd, grad_y):
-    """(∂x, ∂w) of RMSNorm: ∂w = Σ g⊙x̂, ∂x = rstd·(g⊙w − x̂·mean(g⊙w⊙x̂)), x̂ = x·rstd
-    recomputed; ctx.needs_input_grad[0] / [1] say which are wanted."""
-    x_hat = x.to(rstd.dtype) * rstd
-    g = grad_y.to(rstd.dtype)
-    grad_w = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype) \
-        if ctx.needs_input_grad[1] else None
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        gw = g * weight.to(rstd.dtype)
-        grad_x = (rstd * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))).to(x.dtype)
-    return grad_x, grad_w
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm that saves only its input and the fp32 rstd for backward (the composite HF
-    version saves an fp32 copy of x and the fp32 normalised x as well: 8 more bytes per element).
-    Backward recomputes x̂ = x·rstd: ∂w = Σ g⊙x̂, ∂x = rstd·(g⊙w − x̂·mean(g⊙w⊙x̂))."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
-        rstd = _rms_rstd(x, eps)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            ctx.save_for_backward(x, weight, rstd)
-        return _rms_apply(x, weight, rstd, out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, rstd = ctx.saved_tensors
-        return *_rms_backward(ctx, x, weight, rstd, grad_y), None, None
-
-
-def _linear_grads(ctx, index: int, dy_NO: torch.Tensor, x_NK: torch.Tensor, w_c: torch.Tensor,
-                  dtypes: tuple[torch.dtype, torch.dtype | None]):
-    """(∂W, ∂b, ∂x) of y = x·W_cᵀ + b for the weight and bias at ctx inputs `index`, `index`+1
-    (None where not needed): ∂W = dyᵀ·x, autograd's order for a transposed weight (so
-    bit-identical to it), cast to the weight's dtype; ∂b = Σ dy; ∂x = dy·W_c."""
-    w_dtype, b_dtype = dtypes
-    grad_w = dy_NO.t().mm(x_NK).to(w_dtype) if ctx.needs_input_grad[index] else None
-    grad_b = dy_NO.sum(0).to(b_dtype) \
-        if b_dtype is not None and ctx.needs_input_grad[index + 1] else None
-    return grad_w, grad_b, dy_NO.mm(w_c)
-
-
-class _NormLinears(torch.autograd.Function):
-    """[linear_i(RMSNorm(x))] for trained plain linears that read one norm's output (q/k/v,
-    gate/up): keeps x, the fp32 rstd and the weights, not the normalised y the linears would
-    each keep for ∂W: y is recomputed in backward from x and rstd (one elementwise pass; the
-    norm-plus-matmul recompute of Liger-Kernel's and Unsloth's fused kernels, done here in
-    PyTorch). One [tokens, hidden] tensor less per norm in a full fine-tune. Under autocast the
-    weights are cast once and those copies kept, as autograd keeps autocast's. Arguments: x,
-    norm weight, eps, out dtype, then weight, bias (or None) of each linear."""
-
-    @staticmethod
-    def forward(ctx, x, norm_w, eps: float, out_dtype: torch.dtype, *weights_biases):
-        rstd = _rms_rstd(x, eps)
-        y = _rms_apply(x, norm_w, rstd, out_dtype)
-        ws, bs = weights_biases[0::2], weights_biases[1::2]
-        w_c = [w.to(y.dtype) for w in ws]
-        ctx.save_for_backward(x, norm_w, rstd, *w_c)
-        ctx.out_dtype = out_dtype
-        ctx.dtypes = [(w.dtype, None if b is None else b.dtype)
-                      for w, b in zip(ws, bs, strict=True)]
-        return tuple(F.linear(y, w, None if b is None else b.to(y.dtype))
-                     for w, b in zip(w_c, bs, strict=True))
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        x, norm_w, rstd, *w_c = ctx.saved_tensors
-        y_NK = _rms_apply(x, norm_w, rstd, ctx.out_dtype).reshape(-1, x.shape[-1])
-        grads_wb: list[torch.Tensor | None] = []
-        grad_y = None
-        for i in range(len(w_c)):
-            dy_NO = grad_outs[i].reshape(-1, grad_outs[i].shape[-1])
-            grad_w, grad_b, part = _linear_grads(ctx, 4 + 2 * i, dy_NO, y_NK, w_c[i],
-                                                 ctx.dtypes[i])
-            grads_wb += [grad_w, grad_b]
-            grad_y = part if grad_y is None else grad_y + part
-        grad_x, grad_w = _rms_backward(ctx, x, norm_w, rstd, grad_y.view(x.shape))
-        return grad_x, grad_w, None, None, *grads_wb
 
 
 def project_normed(norm: nn.Module | None, linears: list[nn.Module], x: torch.Tensor
@@ -241,37 +141,6 @@ def make_norm(args: ModelArgs, dim: int) -> nn.Module:
     if args.norm == "rmsnorm":
         return RMSNorm(dim, args.norm_eps)
     return nn.LayerNorm(dim, eps=args.norm_eps)
-
-
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """inv_freq_j = theta^(-2j/C) (Su et al. 2021), with Llama-3 frequency scaling if configured."""
-    exponent_C2 = torch.arange(0, args.head_dim, 2).float() / args.head_dim
-    inv_freq = 1.0 / (args.rope_theta**exponent_C2)
-    scaling = dict(args.rope_scaling or ())
-    if scaling.get("rope_type") == 3.0:  # "llama3", encoded by hf.py as 3.0
-        inv_freq = _llama3_scaling(inv_freq, scaling)
-    return inv_freq.float()
-
-
-def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    """Llama 3.1 RoPE scaling (HF modeling_rope_utils._compute_llama3_parameters)."""
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    mid = (1 - smooth) * scaled / factor + smooth * scaled
-    is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(is_mid, mid, scaled)
-
-
-def apply_rope(x_BTHC: torch.Tensor, cos_TC2: torch.Tensor, sin_TC2: torch.Tensor) -> torch.Tensor:
-    """Rotate halves (HF rotate_half convention): [x1, x2] → [x1·cos − x2·sin, x2·cos + x1·sin],
-    on [batch, seq, heads, head_dim] (the projection's layout)."""
-    x1, x2 = x_BTHC.chunk(2, dim=-1)
-    cos_T1C2 = cos_TC2.to(x_BTHC.dtype)[:, None]
-    sin_T1C2 = sin_TC2.to(x_BTHC.dtype)[:, None]
-    return torch.cat((x1 * cos_T1C2 - x2 * sin_T1C2, x2 * cos_T1C2 + x1 * sin_T1C2), dim=-1)
 
 
 class Attention(nn.Module):
@@ -341,55 +210,6 @@ class MLP(nn.Module):
         if type(down) is nn.Linear and down.weight.requires_grad:  # trained plain linear
             return _SwiGLUDown.apply(g, u, down.weight, down.bias)
         return down(_SiLUMul.apply(g, u))
-
-
-class _SiLUMul(torch.autograd.Function):
-    """silu(g) ⊙ u that saves only g and u and recomputes silu(g) in backward (Liger-Kernel's
-    LigerSiLUMulFunction, Hsu et al. 2024): `F.silu(g) * u` saves g (for silu's backward),
-    silu(g) and u (for the product's), one [tokens, width] tensor more. The backward calls the
-    kernels autograd would (mul, silu_backward, and silu again), so gradients are identical."""
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        g, u = ctx.saved_tensors
-        grad_g = torch.ops.aten.silu_backward(grad_y * u, g) if ctx.needs_input_grad[0] else None
-        grad_u = grad_y * F.silu(g) if ctx.needs_input_grad[1] else None
-        return grad_g, grad_u
-
-
-class _SwiGLUDown(torch.autograd.Function):
-    """down(silu(g) ⊙ u) for a trained plain down_proj that saves g and u only: the product
-    h = silu(g) ⊙ u, which the linear would save for ∂W, is recomputed in backward from the g
-    and u that _SiLUMul keeps anyway (one [tokens, width] tensor less per FFN, one more multiply
-    in backward; Liger-Kernel's fused SwiGLU keeps g and u the same way). Under autocast the
-    weight is cast once and that copy kept, as autograd keeps autocast's copy. The backward
-    calls the kernels autograd would, in its order, so gradients are identical."""
-
-    @staticmethod
-    def forward(ctx, g, u, weight, bias):
-        h = F.silu(g) * u
-        w_c = weight.to(h.dtype)
-        b_c = None if bias is None else bias.to(h.dtype)
-        ctx.save_for_backward(g, u, w_c)
-        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
-        return F.linear(h, w_c, b_c)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        g, u, w_c = ctx.saved_tensors
-        dy_NO = grad_y.reshape(-1, grad_y.shape[-1])
-        s = F.silu(g)
-        h_NI = (s * u).reshape(-1, g.shape[-1]) if ctx.needs_input_grad[2] else None
-        grad_w, grad_b, grad_h = _linear_grads(ctx, 2, dy_NO, h_NI, w_c, ctx.dtypes)
-        grad_h = grad_h.view(g.shape)
-        grad_g = torch.ops.aten.silu_backward(grad_h * u, g) if ctx.needs_input_grad[0] else None
-        grad_u = grad_h * s if ctx.needs_input_grad[1] else None
-        return grad_g, grad_u, grad_w, grad_b
 
 
 class MoE(nn.Module):
@@ -516,7 +336,8 @@ class Transformer(nn.Module):
             return None
         key = (T, str(device))
         if key not in self._rope_cache:
-            inv_freq_C2 = rope_inv_freq(self.args).to(device)
+            inv_freq_C2 = rope_inv_freq(self.args.head_dim, self.args.rope_theta,
+                                        self.args.rope_scaling).to(device)
             angle_TC2 = torch.outer(torch.arange(T, device=device).float(), inv_freq_C2)
             self._rope_cache = {key: (angle_TC2.cos(), angle_TC2.sin())}
         return self._rope_cache[key]
@@ -564,152 +385,6 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
 
 
-MIXED_ADD_BLOCK_ELEMENTS = 2**18
-"""Elements per call when adding a 16-bit tensor into an fp32 one: the mixed-dtype kernel
-casts its operand into a temporary as large as the call, and a large temporary comes back
-from the kernel with fresh pages on every call. In the trainer (V = 151,936, D = 256, bf16):
-one call per chunk ran at 4.8 GB/s (38 k page faults per call); blocks of 2^22 elements still
-faulted 110 MB per step (their 16 MiB temporaries returned by glibc's heap trim); blocks of
-2^18 (1 MiB of fp32) ran at 13 GB/s with none."""
-
-
-def _add_in_blocks_(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc += x row block by row block (MIXED_ADD_BLOCK_ELEMENTS per call)."""
-    rows = max(1, MIXED_ADD_BLOCK_ELEMENTS // max(1, acc[0].numel()))
-    for start in range(0, acc.shape[0], rows):
-        acc[start:start + rows].add_(x[start:start + rows])
-
-
-def _softmax_minus_onehot(z_CV: torch.Tensor, t_C: torch.Tensor, scale_C1: torch.Tensor):
-    """The cross-entropy's gradient and loss for one chunk of logits: (softmax(z) −
-    onehot(t))·s, −log softmax(z)[t] per row, and the row scale s (= valid / num_valid) still to
-    apply, or None when it is in the gradient already.
-
-    fp32 logits: e^(z − max), normalised and scaled in the same in-place pass (amax, sub_,
-    exp_, sum, mul_). 16-bit logits: one torch.softmax call, which reads the row once, computes
-    in fp32 and writes 16 bits; s is left for the GEMMs' small operands. On a CPU this replaces
-    an fp32 upcast, five fp32 passes and the gradient's downcast (a [1024, 32000] bf16 chunk
-    with its two GEMMs: 280–290 ms against 390–400, 1 thread; docs/executor.md "Round 6"). The
-    loss is then −log of the 16-bit p_t, within 2⁻⁹ relative of p_t, so within 0.002 nats per
-    token of the fp32 loss — below the rounding of the bf16 logits themselves. Rows whose p_t
-    is below the dtype's smallest normal (loss > 87 nats in bf16, > 9.7 in fp16) take the
-    exact fp32 logsumexp."""
-    t_C1 = t_C[:, None]
-    if z_CV.dtype == torch.float32:
-        max_C1 = z_CV.amax(dim=-1, keepdim=True)
-        target_C = z_CV.gather(1, t_C1)[:, 0]
-        p_CV = z_CV.sub_(max_C1).exp_()  # in place: e^(z − max)
-        sum_C = p_CV.sum(dim=-1)
-        p_CV.mul_(scale_C1 / sum_C[:, None])
-        p_CV.scatter_add_(1, t_C1, -scale_C1)
-        return p_CV, sum_C.log() + max_C1[:, 0] - target_C, None
-    p_CV = torch.softmax(z_CV, dim=-1)
-    p_t = p_CV.gather(1, t_C1)[:, 0]
-    loss_C = -p_t.float().log()
-    tiny = p_t < torch.finfo(z_CV.dtype).tiny
-    if tiny.any():
-        z_tiny = z_CV[tiny].float()
-        loss_C[tiny] = z_tiny.logsumexp(dim=-1) - z_tiny.gather(1, t_C1[tiny])[:, 0]
-    # index_put_, not scatter_add_: in 16 bits that runs 80 ms on a [1024, 32000] chunk
-    p_CV.index_put_((torch.arange(t_C.shape[0], device=t_C.device), t_C), p_t - 1)
-    return p_CV, loss_C, scale_C1
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """loss = mean CE(h·Wᵀ, t). The gradients are formed chunk by chunk in the forward pass
-    (softmax − onehot is known there), so only [chunk, V] logits ever exist and backward is a
-    scale: the Liger-Kernel "fused linear cross-entropy" idea (Hsu et al. 2024, arXiv 2410.10989).
-    In 16 bits the 1/num_valid row scale s (0 for ignored rows) goes on the GEMMs' small
-    operands, not on the [chunk, V] gradient: ∂L/∂h = (g·W)·s, ∂L/∂W = gᵀ·(h·s).
-    """
-
-    @staticmethod
-    def forward(ctx, h_ND, w_VD, t_N, chunk_rows: int, tied: TiedGradient | None):
-        dtype = torch.get_autocast_dtype(h_ND.device.type) \
-            if torch.is_autocast_enabled(h_ND.device.type) else h_ND.dtype
-        h, w = h_ND.detach().to(dtype), w_VD.detach().to(dtype)
-        valid_N = t_N != -100
-        num_valid = valid_N.sum().clamp_min(1)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            t_C, valid_C = t_N[rows].clamp_min(0), valid_N[rows]
-            g_CV, loss_C, scale_C1 = _softmax_minus_onehot(
-                h[rows] @ w.T, t_C, (valid_C / num_valid)[:, None])
-            loss += torch.where(valid_C, loss_C, 0.0).sum()
-            if grad_h is not None:
-                grad_h[rows] = g_CV @ w if scale_C1 is None else (g_CV @ w).mul_(scale_C1)
-            if ctx.needs_input_grad[1]:  # fp32: accumulate in place, no [V, D] temporary
-                h_C = h[rows] if scale_C1 is None else (h[rows] * scale_C1).to(dtype)
-                if grad_w is None:
-                    grad_w = (g_CV.T @ h_C).float()
-                elif g_CV.dtype == torch.float32:
-                    grad_w.addmm_(g_CV.T, h_C)
-                else:
-                    _add_in_blocks_(grad_w, g_CV.T @ h_C)
-            del g_CV  # the chunk's logits buffer: free it before the next GEMM
-        ctx.tied = tied
-        if tied is not None:  # the embedding's backward adds its rows and returns it
-            tied.grad, grad_w = grad_w, None
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (h_ND.dtype, w_VD.dtype)
-        return loss / num_valid
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        unit = grad_loss.numel() == 1 and float(grad_loss) == 1.0  # the usual loss.backward()
-        if ctx.tied is not None and not unit:
-            ctx.tied.grad.mul_(grad_loss)
-        h = None if grad_h is None else (grad_h if unit else grad_h * grad_loss).to(ctx.dtypes[0])
-        w = None if grad_w is None else (grad_w if unit else grad_w * grad_loss).to(ctx.dtypes[1])
-        return h, w, None, None, None
-
-
-class TiedGradient:
-    """The gradient of a tied embedding / lm_head weight, formed once. The fused loss forms
-    ∂L/∂W in its forward pass and leaves it here instead of returning it; the embedding's
-    backward (_EmbeddingIntoTiedGradient, the last node of backward) adds its rows into it in
-    place and returns it. Returned from both, autograd would sum the two [V, D] gradients out
-    of place: the embedding's dense gradient and the sum are two [V, D] transients at the end
-    of backward (smollm2-135m fp32: +216 MiB over the end of backward, measured)."""
-
-    grad: torch.Tensor | None = None
-
-
-class _EmbeddingIntoTiedGradient(torch.autograd.Function):
-    """F.embedding whose backward index-adds ∂out into TiedGradient.grad (no [V, D] temporary)
-    and returns it as the weight's whole gradient."""
-
-    @staticmethod
-    def forward(ctx, tokens, weight, tied: TiedGradient):
-        ctx.save_for_backward(tokens)
-        ctx.tied, ctx.dtype = tied, weight.dtype
-        return F.embedding(tokens, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (tokens,) = ctx.saved_tensors
-        grad_w, ctx.tied.grad = ctx.tied.grad, None
-        grad_w.index_add_(0, tokens.flatten(),
-                          grad_out.reshape(-1, grad_out.shape[-1]).to(grad_w.dtype))
-        return None, grad_w.to(ctx.dtype), None
-
-
-def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
-                               *, chunk_rows: int | None = None,
-                               tied: TiedGradient | None = None) -> torch.Tensor:
-    """mean over non-ignored rows of CE(h·Wᵀ, targets), chunked; see _LinearCrossEntropy.
-    Default chunk: 2^25 fp32 logits (128 MiB, memory.FUSED_LOSS_CHUNK_ELEMENTS), at least 64
-    rows. `tied`: ∂L/∂W goes there instead of being returned (TiedGradient)."""
-    chunk_rows = chunk_rows or max(64, FUSED_LOSS_CHUNK_ELEMENTS // w_VD.shape[0])
-    if not torch.is_grad_enabled():  # evaluation: no gradients formed in the forward pass
-        h_ND, w_VD = h_ND.detach(), w_VD.detach()
-    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, chunk_rows, tied)
-
-
 def build_model(
     spec: ModelSpec,
     *,
@@ -727,7 +402,7 @@ def build_model(
     weights uninitialised (for loading a checkpoint); ``device="meta"`` only counts parameters.
     ``rope_scaling``: HF's dict; only ``rope_type: llama3`` (or none/default) is supported.
     """
-    scaling = _rope_scaling_items(rope_scaling)
+    scaling = rope_scaling_items(rope_scaling)
     args = model_args(
         spec, rope_theta=rope_theta, rope_scaling=scaling, norm_eps=norm_eps,
         norm_topk_prob=norm_topk_prob,
@@ -742,16 +417,3 @@ def build_model(
     if init:
         model.init_weights()
     return model
-
-
-def _rope_scaling_items(rope_scaling: dict | None) -> tuple[tuple[str, float], ...] | None:
-    """HF rope_scaling dict → hashable items; raises SetupError for unsupported scaling types."""
-    if not rope_scaling:
-        return None
-    kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-    if kind == "default":
-        return None
-    if kind != "llama3":
-        raise SetupError(f"RoPE scaling type {kind!r} is not supported by the bundled executor")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return (("rope_type", 3.0), *((k, float(rope_scaling[k])) for k in keys))

@@ -12,7 +12,7 @@ import torch
 from estimator.analytic import memory as M
 from estimator.analytic.activations import activation_bytes, moe_saved_bytes
 from estimator.analytic.params import count_params
-from estimator.executor.model import _RMSNormFunction
+from estimator.executor.kernels import _RMSNormFunction
 from estimator.executor.train import TrainConfig, autocast_context, build_training_model
 from estimator.specs import ModelSpec, MoESpec, TrainSetup
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from estimator.errors import SetupError
-from estimator.executor import distributed
+from estimator.executor import distributed, launcher
 from estimator.executor.data import stream_position
 from estimator.executor.train import train
 from estimator.specs import ModelSpec, TrainSetup
@@ -160,13 +160,13 @@ def test_threads_and_backends():
     assert distributed.backend_for("cpu") == "gloo" and distributed.backend_for("cuda") == "nccl"
     with pytest.raises(SetupError):
         distributed.backend_for("mps")
-    command = distributed.torchrun_command(["train", "--nproc", "2"], 2, nnodes=2, node_rank=1,
+    command = launcher.torchrun_command(["train", "--nproc", "2"], 2, nnodes=2, node_rank=1,
                                            rdzv_endpoint="10.0.0.1:29500")
     assert "--nnodes=2" in command and "--rdzv-endpoint=10.0.0.1:29500" in command
     assert command[command.index("-m", 3):] == ["-m", "estimator", "train", "--nproc-per-node",
                                                 "2"]
     with pytest.raises(SetupError, match="rdzv-endpoint"):
-        distributed.torchrun_command([], 2, nnodes=2)
+        launcher.torchrun_command([], 2, nnodes=2)
 
 
 def test_collective_bench_fits_a_curve():

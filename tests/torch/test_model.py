@@ -160,9 +160,9 @@ def test_fused_loss_equals_cross_entropy_of_logits(tied, autocast):
 def test_fused_loss_in_chunks_sums_the_lm_head_gradient_in_row_blocks(monkeypatch):
     """Several chunks under bf16 autocast: each later chunk's product is added into the fp32
     lm_head gradient in row blocks (here of 64 elements); the gradients equal one chunk's."""
-    import estimator.executor.model as executor_model
+    import estimator.executor.kernels.loss as loss_kernels
 
-    monkeypatch.setattr(executor_model, "MIXED_ADD_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(loss_kernels, "MIXED_ADD_BLOCK_ELEMENTS", 64)
     torch.manual_seed(0)
     h = torch.randn(50, 16, requires_grad=True)
     w = torch.randn(300, 16, requires_grad=True)
@@ -170,7 +170,7 @@ def test_fused_loss_in_chunks_sums_the_lm_head_gradient_in_row_blocks(monkeypatc
     grads = []
     for chunk_rows in (7, 50):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = executor_model.fused_linear_cross_entropy(h, w, targets, chunk_rows=chunk_rows)
+            loss = loss_kernels.fused_linear_cross_entropy(h, w, targets, chunk_rows=chunk_rows)
         loss.backward()
         grads.append((float(loss.detach()), h.grad.clone(), w.grad.clone()))
         h.grad = w.grad = None
@@ -187,7 +187,7 @@ def test_fused_loss_in_16_bits_keeps_far_off_targets_exact(dtype):
     probability is below the dtype's smallest normal (here 100 nats off) takes the exact fp32
     logsumexp instead of log(0) = inf. Loss and gradients against F.cross_entropy of the same
     16-bit logits upcast to fp32."""
-    import estimator.executor.model as executor_model
+    from estimator.executor.kernels import fused_linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(6, 8, dtype=dtype)
@@ -197,7 +197,7 @@ def test_fused_loss_in_16_bits_keeps_far_off_targets_exact(dtype):
     targets = torch.tensor([2, 3, 4, -100, 5, 6])
     h.requires_grad_(True)
     w.requires_grad_(True)
-    loss = executor_model.fused_linear_cross_entropy(h, w, targets)
+    loss = fused_linear_cross_entropy(h, w, targets)
     loss.backward()
     gh, gw = h.grad, w.grad
     h.grad = w.grad = None
@@ -352,7 +352,8 @@ def test_fused_ffn_and_norm_linears_match_the_composite(dtype, autocast, bias):
     gradients sum three products in another order (last-bit differences in 16-bit)."""
     from torch import nn
 
-    from estimator.executor.model import RMSNorm, _SiLUMul, _SwiGLUDown, project_normed
+    from estimator.executor.kernels import _SiLUMul, _SwiGLUDown
+    from estimator.executor.model import RMSNorm, project_normed
 
     torch.manual_seed(0)
     act = torch.bfloat16 if autocast else dtype

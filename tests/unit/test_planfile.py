@@ -78,3 +78,49 @@ def test_count_data_tokens(tmp_path: Path) -> None:
         count_data_tokens(tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
         count_data_tokens(tmp_path / "nope")
+
+
+def test_check_writable_refuses_directories_foreign_files_and_full_disks(
+        plan: Plan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan --output` is checked before the search (issue 21): a directory, an existing file
+    that is not a plan, an unwritable place or a full disk give one line; a plan is replaced."""
+    import shutil
+
+    import estimator.outputs as outputs
+    from estimator.planfile import check_writable
+
+    with pytest.raises(ConfigError, match="a directory; give a file name"):
+        check_writable(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(ConfigError, match="not one nvfree wrote"):
+        check_writable(notes)
+    with pytest.raises(ConfigError, match="cannot write there"):
+        check_writable(Path("/proc/nvfree-test/plan.json"))
+    existing = save_plan(plan, tmp_path / "p.json")
+    assert check_writable(existing) == existing
+    assert check_writable(tmp_path / "new" / "p.json").parent.is_dir()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: usage._replace(free=10))
+    with pytest.raises(ConfigError, match="free on its disk"):
+        check_writable(tmp_path / "q.json")
+
+
+def test_plan_files_that_are_not_utf8_deep_or_special_are_one_line(tmp_path: Path) -> None:
+    import os
+
+    cases = {"bytes.json": b"\xff\xfe{}", "deep.json": b"[" * 5000 + b"]" * 5000,
+             "deep2.json": b'{"a": ' + b"[" * 100 + b"]" * 100 + b"}"}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError, match="not a plan file") as err:
+            load_plan(tmp_path / name)
+        assert "\n" not in str(err.value)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_plan(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match="a FIFO"):
+        count_data_tokens(tmp_path / "fifo")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:1: not UTF-8"):
+        count_data_tokens(tmp_path / "bad.jsonl")
