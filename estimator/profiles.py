@@ -28,7 +28,11 @@ from pydantic import ValidationError
 from estimator.allocator import SYSTEM, active_allocator
 from estimator.errors import ProfileError
 from estimator.hardware import fingerprint, training_threads
-from estimator.specs.calibration import CALIBRATION_SCHEMA_VERSION, CalibrationProfile
+from estimator.specs.calibration import (
+    CALIBRATION_SCHEMA_VERSION,
+    CalibrationProfile,
+    ProfileQuality,
+)
 from estimator.specs.machine import MachineInfo
 
 RECALIBRATE = "rerun `nvfree calibrate`"
@@ -202,3 +206,29 @@ def find_profile(
     if found.profile is None and found.path is not None:
         raise ProfileError(found.reason)
     return found.profile
+
+
+def quality_note(quality: ProfileQuality) -> str:
+    """One line: how trustworthy a profile with this quality is."""
+    share = f"other processes used {quality.mean_others_fraction:.0%} of the CPUs on average"
+    if quality.level == "quiet":
+        return (f"calibration quiet: none of its {quality.num_points} timings was disturbed by "
+                "other processes")
+    if quality.level == "merged":
+        return (f"calibration quiet after merging: {quality.num_from_previous} of "
+                f"{quality.num_points} timings kept from the previous calibration because this "
+                f"run's were disturbed ({share})")
+    return (f"calibration DISTURBED: {quality.num_disturbed} of {quality.num_points} timings "
+            f"were slowed by other processes ({share}); step times may be too long — rerun "
+            "`nvfree calibrate` on a quiet machine")
+
+
+def profile_quality_note(profile: CalibrationProfile | None) -> str | None:
+    """The line an estimate states about its profile's trustworthiness; None without a
+    profile. Profiles stored before disturbance checks say that their quality is unknown."""
+    if profile is None:
+        return None
+    if profile.quality is None:
+        return ("calibration quality unknown (profile stored before disturbance checks); "
+                "rerun `nvfree calibrate` on a quiet machine to check it")
+    return profile.quality.note or quality_note(profile.quality)

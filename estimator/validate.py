@@ -1,6 +1,11 @@
 """`nvfree validate`: run a suite of configurations through the bundled trainer, each in a fresh
 process, and compare measured peak memory and step time with the calibrated prediction.
 
+`validate(...)` is the whole workflow (the command only parses and renders): resolve this
+machine and its profile, build the suite (fixed, or drawn at random within a memory and time
+budget: estimator/validation_suites.py), run every case, summarise the errors (median, max,
+quartiles), and optionally fit and store per-op-class corrections.
+
 Pure orchestration (no torch here): every case is `python -m estimator train … --json` in a
 subprocess, whose RunReport carries both the measurement and the prediction for the same config
 (estimator.executor.measure). Small models are written as Hugging Face config.json files so the
@@ -12,104 +17,52 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from estimator.errors import ConfigError
-from estimator.specs import RunReport
+from estimator.errors import ProfileError
+from estimator.specs import CalibrationProfile, Device, RunReport
 from estimator.specs.validation import CaseResult, ValidationReport
+from estimator.validation_suites import (  # noqa: F401  (re-exported)
+    MOE_STEPS,
+    TINY_MODELS,
+    Budget,
+    Case,
+    fixed_suite,
+    random_suite,
+)
 
 CASE_TIMEOUT_SECONDS = 900
 GOALS = {"memory_median": 0.05, "memory_max": 0.10, "step_median": 0.10, "step_max": 0.25}
 """Accuracy goals (|relative error|) of issue 5."""
+RANDOM_GOALS = {"memory_median": 0.03, "memory_max": 0.10, "step_median": 0.08,
+                "step_max": 0.25}
+"""Goals of the random suite (issue 19)."""
+MEMORY_SHARE = 0.25
+"""The random suite's memory budget: this share of the machine's memory (the runs share it
+with whatever else runs here)."""
 
-TINY_MODELS: dict[str, dict] = {
-    "small-vocab": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1408,
-                    "num_hidden_layers": 8, "num_attention_heads": 8,
-                    "num_key_value_heads": 4, "vocab_size": 8192,
-                    "tie_word_embeddings": True},
-    "large-vocab": {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704,
-                    "num_hidden_layers": 4, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "vocab_size": 151936,
-                    "tie_word_embeddings": True},
-    "tiny-moe": {"model_type": "mixtral", "hidden_size": 384, "intermediate_size": 768,
-                 "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 2,
-                 "vocab_size": 8192, "num_local_experts": 8, "num_experts_per_tok": 2,
-                 "tie_word_embeddings": False},
-}
-"""Models written as config.json for the suite: small and large vocabularies, and an MoE."""
-
-
-MOE_STEPS = 12
-"""MoE runs take more steps: oneDNN compiles a kernel the first time an expert receives a new
-(padded or cut) row count, which happens through the first ~6 steps (all 16 row counts of the
-tiny MoE appeared within 6 steps); the median of 10 measured steps is then a steady step.
-Measured: tiny-moe LoRA bf16 0.29–0.32 s per step after 4 warm-up steps, 0.47 s as the median
-of steps 3–5."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One validation run: a model and the `nvfree train` flags of its setup."""
-
-    case_id: str
-    model: str
-    """Preset name or a TINY_MODELS key."""
-    flags: tuple[str, ...]
-    max_steps: int = 6
-
-
-def _case(model: str, method: str, dtype: str, *extra: str, steps: int = 6,
-          batch: int = 2, seq: int = 256) -> Case:
-    flags = ("--method", method, "--dtype", dtype, "-b", str(batch), "-s", str(seq), *extra)
-    name = "-".join([model, method, dtype, f"b{batch}s{seq}",
-                     *(e.strip("-") for e in extra)])
-    return Case(name, model, flags, steps)
+Progress = Callable[[int, int, str], None]
 
 
 def suite(name: str) -> list[Case]:
-    """The quick suite (3 small runs, about a minute) or the full one (dense and MoE; full,
-    LoRA, QLoRA; fp32, bf16 mixed and pure; checkpointing; vocabularies; batch/sequence)."""
-    quick = [_case("small-vocab", "full", "fp32", steps=5),
-             _case("small-vocab", "lora", "bf16", steps=5),
-             _case("tiny-moe", "lora", "bf16", steps=MOE_STEPS)]
-    if name == "quick":
-        return quick
-    if name != "full":
-        raise ConfigError(f"unknown suite '{name}': quick or full")
-    dense = "smollm2-135m"
-    return [
-        *quick,
-        _case(dense, "full", "fp32"),
-        _case(dense, "full", "bf16"),
-        _case(dense, "full", "bf16", "--no-mixed-precision"),
-        _case(dense, "full", "bf16", "--checkpointing"),
-        _case(dense, "full", "bf16", "--optimizer-in-backward"),
-        _case(dense, "lora", "fp32"),
-        _case(dense, "lora", "bf16"),
-        _case(dense, "lora", "bf16", "--checkpointing"),
-        _case(dense, "lora", "bf16", batch=4, seq=128),
-        _case(dense, "lora", "bf16", batch=1, seq=512),
-        _case(dense, "qlora", "bf16"),
-        _case("small-vocab", "full", "bf16", "--optimizer", "adamw8bit"),
-        _case("large-vocab", "full", "bf16"),
-        _case("large-vocab", "lora", "fp32"),
-        _case("tiny-moe", "full", "fp32", steps=MOE_STEPS),
-        _case("tiny-moe", "full", "bf16", steps=MOE_STEPS),
-        _case("tiny-moe", "qlora", "bf16", steps=MOE_STEPS),
-    ]
+    """A fixed suite by name (quick, full)."""
+    return fixed_suite(name)
 
 
-def model_argument(model: str, workdir: Path) -> str:
-    """--model for a case: the preset name, or a config.json written under workdir."""
-    if model not in TINY_MODELS:
-        return model
-    path = workdir / "models" / model / "config.json"
+def model_argument(case: Case | str, workdir: Path) -> str:
+    """--model for a case: the preset name, or a config.json written under workdir (the
+    suite's small models and the random suite's drawn ones)."""
+    case = case if isinstance(case, Case) else Case(case, case, ())
+    config = case.config or TINY_MODELS.get(case.model)
+    if config is None:
+        return case.model
+    path = workdir / "models" / case.model / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"_name_or_path": model, **TINY_MODELS[model]}, indent=1))
+    path.write_text(json.dumps({"_name_or_path": case.model, **config}, indent=1))
     return str(path)
 
 
@@ -117,7 +70,7 @@ def run_case(case: Case, workdir: Path) -> RunReport | str:
     """Train the case in a fresh process; its RunReport, or the error line it died with."""
     out = workdir / "runs" / case.case_id
     cmd = [sys.executable, "-m", "estimator", "train", "--model",
-           model_argument(case.model, workdir), *case.flags, "--max-steps",
+           model_argument(case, workdir), *case.flags, "--max-steps",
            str(case.max_steps), "--output", str(out), "--json"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True,
@@ -134,7 +87,8 @@ def case_result(case: Case, outcome: RunReport | str,
                 predicted_by_class: Callable[[RunReport], dict[str, float]]) -> CaseResult:
     """One row of the error table from a run's report (or its failure)."""
     if isinstance(outcome, str):
-        return CaseResult(case_id=case.case_id, error=outcome)
+        return CaseResult(case_id=case.case_id, error=outcome, flags=case.flags,
+                          hf_config=case.config)
     total = next(t for t in outcome.memory_terms if t.name == "total_peak")
     return CaseResult(
         case_id=case.case_id, predicted_peak_bytes=total.predicted_bytes,
@@ -142,13 +96,24 @@ def case_result(case: Case, outcome: RunReport | str,
         predicted_step_seconds=outcome.predicted_step_seconds,
         measured_step_seconds=outcome.step_seconds,
         step_error=outcome.step_seconds_relative_error, memory_terms=outcome.memory_terms,
-        predicted_seconds_by_class=predicted_by_class(outcome))
+        predicted_seconds_by_class=predicted_by_class(outcome), flags=case.flags,
+        hf_config=case.config)
 
 
-def summarize(rows: list[CaseResult], suite_name: str, profile_id: str | None) -> ValidationReport:
-    """Median and max |error| of memory and step time over the cases that ran."""
-    mem = [abs(r.peak_error) for r in rows if r.peak_error is not None]
-    step = [abs(r.step_error) for r in rows if r.step_error is not None]
+def _quartiles(values: list[float]) -> tuple[float, float, float] | None:
+    if not values:
+        return None
+    q = np.percentile(np.array(values), [25, 50, 75])
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def summarize(rows: list[CaseResult], suite_name: str, profile_id: str | None,
+              goals: dict[str, float] | None = None) -> ValidationReport:
+    """Median, max and quartiles of |error| (and the signed medians) of memory and step time
+    over the cases that ran."""
+    mem_signed = [r.peak_error for r in rows if r.peak_error is not None]
+    step_signed = [r.step_error for r in rows if r.step_error is not None]
+    mem, step = [abs(e) for e in mem_signed], [abs(e) for e in step_signed]
 
     def stat(values: list[float], f: Callable) -> float | None:
         return float(f(values)) if values else None
@@ -157,7 +122,93 @@ def summarize(rows: list[CaseResult], suite_name: str, profile_id: str | None) -
         suite=suite_name, profile_id=profile_id, cases=tuple(rows),
         memory_median_error=stat(mem, statistics.median), memory_max_error=stat(mem, max),
         step_median_error=stat(step, statistics.median), step_max_error=stat(step, max),
-        goals=GOALS)
+        goals=goals or GOALS, memory_quartiles=_quartiles(mem), step_quartiles=_quartiles(step),
+        memory_median_signed_error=stat(mem_signed, statistics.median),
+        step_median_signed_error=stat(step_signed, statistics.median))
+
+
+def predicted_by_class(device: Device, profile: CalibrationProfile | None,
+                       ) -> Callable[[RunReport], dict[str, float]]:
+    """Predicted step seconds per op class for a run's model and setup (without the profile's
+    own corrections, so a refit starts from the uncorrected model)."""
+    from estimator.api import estimate
+
+    base = profile.model_copy(update={"corrections": {}}) if profile else None
+
+    def by_class(report: RunReport) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for op in estimate(report.model, report.setup, device, base).throughput.ops:
+            out[op.op_class] = out.get(op.op_class, 0.0) + op.seconds
+        return out
+
+    return by_class
+
+
+def predictor(device: Device, profile: CalibrationProfile | None):
+    """(predicted peak bytes, predicted step seconds) of a configuration here: what the random
+    suite's budget is checked with (the trainer's own prediction: framework nvfree)."""
+    from estimator.api import estimate
+
+    def predict(model, setup) -> tuple[int, float]:
+        result = estimate(model, setup, device, profile)
+        return result.memory.total_bytes, result.throughput.step_seconds
+
+    return predict
+
+
+def build_suite(name: str, *, seed: int, count: int, budget: Budget, device: Device,
+                profile: CalibrationProfile | None) -> tuple[list[Case], list[str]]:
+    """The cases of a suite and (random suite) the draws it skipped."""
+    if name == "random":
+        return random_suite(seed, count, budget, predictor(device, profile))
+    return suite(name), []
+
+
+def validate(suite_name: str = "quick", *, seed: int = 0, count: int = 10,
+             case_seconds: float = 60.0, workdir: Path | None = None,
+             update_profile: bool = False, progress: Progress | None = None,
+             ) -> ValidationReport:
+    """Run a suite through the bundled trainer on this machine and compare measured peak
+    memory and step time with the calibrated prediction: what `nvfree validate` prints.
+
+    suite_name: quick, full or random (`count` configurations drawn from `seed` whose own
+    prediction fits MEMORY_SHARE of this machine's memory and `case_seconds` per run).
+    update_profile: fit one correction per op class from these runs and store it in this
+    machine's profile (ProfileError without a profile)."""
+    from estimator.hardware import detect, local_device
+    from estimator.profiles import lookup_profile, profile_quality_note, save_profile
+
+    machine = detect()
+    profile = lookup_profile(machine).profile
+    if update_profile and profile is None:
+        raise ProfileError("--update-profile needs a calibration profile: run `nvfree calibrate`")
+    device = local_device(machine, profile)
+    budget = Budget(memory_bytes=round(MEMORY_SHARE * machine.memory_total_bytes),
+                    case_seconds=case_seconds)
+    cases, skipped = build_suite(suite_name, seed=seed, count=count, budget=budget,
+                                 device=device, profile=profile)
+    with tempfile.TemporaryDirectory(prefix="nvfree-validate-") as tmp:
+        root = workdir or Path(tmp)
+        rows = []
+        for i, case in enumerate(cases):
+            if progress is not None:
+                progress(i, len(cases), case.case_id)
+            rows.append(case_result(case, run_case(case, root),
+                                    predicted_by_class(device, profile)))
+    report = summarize(rows, suite_name, profile.profile_id if profile else None,
+                       RANDOM_GOALS if suite_name == "random" else GOALS)
+    report = report.model_copy(update={
+        "seed": seed if suite_name == "random" else None, "skipped_draws": tuple(skipped),
+        "profile_quality": profile_quality_note(profile)})
+    if update_profile and profile is not None:
+        corrections = fit_corrections(rows)
+        loo = [abs(e) for e in leave_one_out_errors(rows)]
+        report = report.model_copy(update={
+            "corrections": corrections,
+            "corrected_step_median_error": statistics.median(loo) if loo else None,
+            "corrected_step_max_error": max(loo) if loo else None})
+        save_profile(profile.model_copy(update={"corrections": corrections}))
+    return report
 
 
 RIDGE = 0.1

@@ -25,11 +25,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
+from estimator.calibrate.aten_ops import (  # noqa: F401  (re-exported: the recording API)
+    ATTENTION_OPS,
+    GEMM_OPS,
+    INDEXED_ARGUMENTS,
+    TIMED_ELSEWHERE,
+    aten_call_bytes,
+    count_aten_calls,
+    memory_bound_call,
+    record_op_bytes,
+    record_train_step_bytes,
+    record_train_steps,
+)
+from estimator.calibrate.pools import (  # noqa: F401  (re-exported)
+    _POOLS,
+    _rotating,
+    cold_pool_bytes,
+    last_level_cache_bytes,
+    operand_pool,
+    private_cache_bytes,
+    release_pools,
+)
 from estimator.specs import ModelSpec, TrainSetup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,7 +77,9 @@ class Case:
 
 
 def _rand(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
-    return torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
+    """Uniform values in [-1, 1) (an RNG pass cheaper than randn's; GEMM and elementwise
+    times do not depend on the values)."""
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(-1, 1)
 
 
 def gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str) -> list[Case]:
@@ -169,16 +191,18 @@ def attention_cases(dtype: str, shapes: list[tuple[int, int, int]]) -> list[Case
 
 
 def memory_cases(sizes: list[int]) -> list[Case]:
-    """STREAM-style copy (dst ← src) and triad (a ← b + 2·c) over fp32 arrays of n elements."""
+    """STREAM-style copy (dst ← src) and triad (a ← b + 2·c) over fp32 arrays of n elements
+    (constant values: a memset-speed fill instead of an RNG pass; the time does not depend on
+    them)."""
     cases = []
     for n in sizes:
 
         def copy(device: str, n=n) -> Callable[[], object]:
-            src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+            src, dst = torch.full((n,), 0.5, device=device), torch.empty(n, device=device)
             return lambda: dst.copy_(src)
 
         def triad(device: str, n=n) -> Callable[[], object]:
-            b, c, a = (torch.randn(n, device=device) for _ in range(3))
+            b, c, a = (torch.full((n,), 0.5, device=device) for _ in range(3))
             return lambda: torch.add(b, c, alpha=2.0, out=a)
 
         tiny = n <= 64
@@ -308,108 +332,6 @@ def dispatch_case() -> Case:
 
 # ----------------------------------------------------------------------------- cold GEMMs
 
-FALLBACK_POOL_BYTES = 256 * 2**20
-"""Operand pool when the last-level cache size is unknown (bytes)."""
-MAX_POOL_BYTES = 1024 * 2**20
-
-
-def last_level_cache_bytes() -> int | None:
-    """Size of the largest CPU cache (bytes): Linux /sys (index*/size of cpu0, largest
-    level), else py-cpuinfo's l3/l2 cache size; None when neither says."""
-    from pathlib import Path
-
-    best = None
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip().upper()
-            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-            size = int(text.rstrip("KMG")) * unit
-        except (OSError, ValueError):
-            continue
-        best = max(best or 0, size)
-    if best:
-        return best
-    try:
-        import cpuinfo
-
-        info = cpuinfo.get_cpu_info()
-        size = info.get("l3_cache_size") or info.get("l2_cache_size")
-        return int(size) if size else None
-    except Exception:  # py-cpuinfo raises assorted errors on exotic platforms
-        return None
-
-
-def private_cache_bytes(num_cores: int) -> int | None:
-    """Per-core cache (the largest level not shared with other cores: L2 here) × cores."""
-    from pathlib import Path
-
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            shared = (index / "shared_cpu_list").read_text().strip()
-            text = (index / "size").read_text().strip().upper()
-            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-            if shared in ("0", "0-0"):
-                sizes.append(int(text.rstrip("KMG")) * unit)
-        except (OSError, ValueError):
-            continue
-    return max(sizes) * num_cores if sizes else None
-
-
-def cold_pool_bytes() -> int:
-    """Operand pool of the cold GEMMs: the next power of two ≥ the last-level cache, at least
-    256 MiB (fallback when unknown), at most 1 GiB."""
-    llc = last_level_cache_bytes() or FALLBACK_POOL_BYTES
-    size = FALLBACK_POOL_BYTES
-    while size < llc and size < MAX_POOL_BYTES:
-        size *= 2
-    return size
-
-
-_POOLS: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
-
-
-def operand_pool(device: str, dtype: torch.dtype, num_bytes: int) -> torch.Tensor:
-    """One shared buffer per (device, dtype, size), allocated and written once per process
-    (uniform values; a cold GEMM case carves its operands from it, so it costs no extra
-    allocation time)."""
-    key = (device, dtype, num_bytes)
-    if key not in _POOLS:
-        _POOLS.clear()  # keep at most one pool alive
-        _POOLS[key] = torch.empty(num_bytes // dtype.itemsize, dtype=dtype,
-                                  device=device).uniform_(-1, 1)
-    return _POOLS[key]
-
-
-def release_pools() -> None:
-    """Free the cold-GEMM operand pool."""
-    _POOLS.clear()
-
-
-def _rotating(pool: torch.Tensor, shapes: tuple[tuple[int, int], ...],
-              op: Callable[..., object]) -> Callable[[], object]:
-    """A callable that runs `op` on the next slot's operands each call: slots of the given
-    shapes laid back to back through the pool, so consecutive calls never reuse an operand
-    until the whole pool has been read."""
-    per_slot = sum(r * c for r, c in shapes)
-    num_slots = max(1, pool.numel() // per_slot)
-    slots = []
-    for i in range(num_slots):
-        offset, operands = i * per_slot, []
-        for r, c in shapes:
-            operands.append(pool[offset:offset + r * c].view(r, c))
-            offset += r * c
-        slots.append(operands)
-    state = {"i": 0}
-
-    def call() -> object:
-        i = state["i"]
-        state["i"] = (i + 1) % num_slots
-        return op(*slots[i])
-
-    return call
-
-
 def cold_gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str,
                     wgrad_class: str, pool_bytes: int) -> list[Case]:
     """gemm_cases with cold operands: every call reads operands (x and W, dy and W, dy and x)
@@ -448,22 +370,6 @@ def cold_gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: st
 
 AUTOGRAD_CHAIN = 32
 """Ops in the dispatch.autograd chain."""
-
-
-def count_aten_calls(fn: Callable[[], object]) -> int:
-    """aten calls one run of `fn` dispatches (TorchDispatchMode; backward included)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Count(TorchDispatchMode):
-        num_calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Count.num_calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with _Count():
-        fn()
-    return _Count.num_calls
 
 
 def autograd_dispatch_case() -> Case:
@@ -528,144 +434,3 @@ def executor_dispatch_case() -> Case:
     calls = dispatch_op_count(spec, setup, num_trainable_tensors(spec, setup))
     return Case("dispatch.autograd", f"tiny executor LoRA step ({calls:.0f} aten calls)",
                 float(calls), build, tiny=True)
-
-
-# ----------------------------------------------------------------------------- op bytes
-
-GEMM_OPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "addmv", "mv", "dot")
-"""aten ops the matmul/lora curves time (excluded from the memory-bound record)."""
-ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
-                 "_scaled_dot_product_flash_attention_for_cpu_backward",
-                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_flash_attention_forward", "_flash_attention_backward",
-                 "_scaled_dot_product_flash_attention_backward",
-                 "_scaled_dot_product_efficient_attention_backward")
-"""Fused attention kernels (timed by the attention curve; excluded)."""
-TIMED_ELSEWHERE = frozenset(GEMM_OPS + ATTENTION_OPS)
-T = TypeVar("T")
-
-
-def _tensor_bytes(value: object) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-INDEXED_ARGUMENTS = {"gather": ("self", "index"), "scatter": ("self", "index"),
-                     "scatter_": ("self", "index"), "scatter_add": ("self", "index"),
-                     "scatter_add_": ("self", "index"), "embedding": ("weight", "indices"),
-                     "nll_loss_forward": ("self", "target"), "index_put_": ("self", "values")}
-"""aten ops that touch only the elements an index selects of one large argument: (that
-argument, the index argument; index_put_ writes one element per value). The loss head's
-gather/scatter_add_/index_put_ into [C, V] logits touch C elements, an embedding lookup reads
-b·s rows of the V·D table; counting the whole tensor charged the 151,936-vocabulary loss head
-107 ms per step of work that takes 0.5 ms."""
-
-
-def _selected_bytes(name: str, value: torch.Tensor, index: torch.Tensor) -> int:
-    """Bytes of `value` an indexed op touches: one element per index entry (gather, scatter),
-    one row per index entry (embedding)."""
-    row = value.shape[-1] if name == "embedding" else 1
-    return index.numel() * row * value.element_size()
-
-
-def aten_call_bytes(func, args: tuple, kwargs: dict, out: object) -> int:
-    """Bytes one aten call reads + writes: every tensor argument read once, every tensor it
-    returns written once; an argument the schema marks as written (in-place `copy_`, `out=`) is
-    counted as written only, and a returned alias of an input is not counted again. View ops
-    move nothing (0). An indexed op's large argument counts only the elements its index
-    selects (INDEXED_ARGUMENTS)."""
-    if func.is_view:
-        return 0
-    schema = func._schema
-    values = {arg.name: args[i] if i < len(args) else kwargs.get(arg.name)
-              for i, arg in enumerate(schema.arguments)}
-    indexed = INDEXED_ARGUMENTS.get(func.overloadpacket.__name__)
-    total = 0
-    written_ids: set[int] = set()
-    for arg in schema.arguments:
-        value = values[arg.name]
-        if value is None:
-            continue
-        size = _tensor_bytes(value)
-        if indexed is not None and arg.name == indexed[0]:
-            size = _selected_bytes(func.overloadpacket.__name__, value, values[indexed[1]])
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            total += size  # written
-            if isinstance(value, torch.Tensor):
-                written_ids.add(id(value))
-            continue
-        total += size
-    outs = out if isinstance(out, (list, tuple)) else (out,)
-    for value in outs:
-        if isinstance(value, torch.Tensor) and id(value) not in written_ids:
-            total += _tensor_bytes(value)
-    return total
-
-
-def memory_bound_call(func) -> bool:
-    """Whether an aten call is memory-bound work the `elementwise` term covers: not a GEMM,
-    not fused attention (their own curves time them), not a view (moves nothing)."""
-    return not (func.is_view or func.overloadpacket.__name__ in TIMED_ELSEWHERE)
-
-
-def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
-    """Run `fn` under a TorchDispatchMode and sum, per phase, the bytes read + written and the
-    number of aten calls that no GEMM or attention curve times (views excluded).
-
-    Phases: 'forward' until the autograd engine runs its first node, 'backward' while it runs
-    nodes (a checkpointed block's recompute included), 'after' from then on (clipping,
-    optimizer, zero_grad). Returns {phase: {"bytes": …, "calls": …, "gemm_calls": …}}."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    phases = {p: {"bytes": 0.0, "calls": 0.0, "gemm_calls": 0.0}
-              for p in ("forward", "backward", "after")}
-    state = {"phase": "forward"}
-
-    class _Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            in_backward = torch._C._current_autograd_node() is not None
-            if in_backward:
-                state["phase"] = "backward"
-            elif state["phase"] == "backward":
-                state["phase"] = "after"
-            rec = phases[state["phase"]]
-            if func.overloadpacket.__name__ in TIMED_ELSEWHERE:
-                rec["gemm_calls"] += 1
-            elif memory_bound_call(func):
-                rec["bytes"] += aten_call_bytes(func, args, kwargs, out)
-                rec["calls"] += 1
-            return out
-
-    with _Record():
-        fn()
-    return phases
-
-
-def record_train_steps(spec: ModelSpec, setup: TrainSetup, recorder: Callable[[Callable], T],
-                       *, steps: int = 1, lr: float = 1e-3) -> list[T]:
-    """`recorder(step)` for each of `steps` train_steps of a fresh executor run of spec/setup
-    (seed 0) in a temporary directory, after one unrecorded step (it builds the optimizer
-    states and kernel caches)."""
-    import tempfile
-    from pathlib import Path
-
-    from estimator.executor.train import TrainConfig, prepare_run, train_step
-
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as out:
-        run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=steps + 1,
-                                                        output_dir=Path(out), predict=False))
-        train_step(run, 0, lr)
-        return [recorder(lambda step=step: train_step(run, step, lr))
-                for step in range(1, steps + 1)]
-
-
-def record_train_step_bytes(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float]]:
-    """record_op_bytes of the second train_step of a fresh executor run of spec/setup (the
-    first step builds states and caches; seed 0)."""
-    return record_train_steps(spec, setup, record_op_bytes)[0]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from estimator.calibrate.benches import aten_call_bytes, memory_bound_call, record_train_steps
+from estimator.calibrate.aten_ops import aten_call_bytes, memory_bound_call, record_train_steps
 from estimator.calibrate.fit import fit_curve
 from estimator.specs import EfficiencyCurve, ModelSpec, TrainSetup
 
@@ -46,6 +46,12 @@ REGIMES: dict[str, dict[str, object]] = {
 }
 TOKENS = (256, 1024, 4096)
 """Tokens per micro-batch (batch 1): activation tensors from 0.3 to 36 MiB."""
+QUICK_TOKENS = (1024,)
+"""The quick run's one recording (2 timed steps): the plan's micro-batches are 256–2048
+tokens, and the curve is constant beyond its end bins."""
+QUICK_PROBE_MODEL = PROBE_MODEL.model_copy(update={"name": "elementwise-probe-1",
+                                                   "num_layers": 1})
+"""One block (the quick run): the same calls per block at half the GEMM time."""
 BINS_PER_DECADE = 4
 
 
@@ -53,12 +59,12 @@ def time_calls(fn: Callable[[], object]) -> list[tuple[float, float]]:
     """(bytes, seconds) of every aten call of the forward and backward passes `fn` makes that
     no GEMM or attention curve times (views excluded; after backward, clipping and the
     optimizer step have their own terms), phases as in benches.record_op_bytes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from estimator.calibrate.aten_ops import dispatch_mode
 
     points: list[tuple[float, float]] = []
     state = {"backward_seen": False}
 
-    class _Timed(TorchDispatchMode):
+    class _Timed(dispatch_mode()):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             in_backward = torch._C._current_autograd_node() is not None
@@ -77,34 +83,53 @@ def time_calls(fn: Callable[[], object]) -> list[tuple[float, float]]:
     return points
 
 
-def step_points(dtype: str, tokens: int, steps: int = 3) -> list[tuple[float, float]]:
+def step_points(dtype: str, tokens: int, steps: int = 3,
+                model: ModelSpec = PROBE_MODEL) -> list[tuple[float, float]]:
     """time_calls over `steps` executor training steps of PROBE_MODEL in the dtype's regime,
     after one untimed step that builds the optimizer states and kernel caches. The steps make
     the same calls in the same order, so each call keeps its median time over the steps (the
     statistic a run's step time is): one call that another process or a late OpenMP thread
     delayed does not set the rate."""
     setup = TrainSetup(framework="nvfree", batch_size=1, seq_len=tokens, **REGIMES[dtype])  # type: ignore[arg-type]
-    runs = record_train_steps(PROBE_MODEL, setup, time_calls, steps=steps, lr=1e-4)
+    runs = record_train_steps(model, setup, time_calls, steps=steps, lr=1e-4,
+                              synthetic_data=True)
     if any(len(r) != len(runs[0]) for r in runs):
         return [p for r in runs for p in r]
     return [(calls[0][0], statistics.median(t for _, t in calls))
             for calls in zip(*runs, strict=True)]
 
 
-def binned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Mean (bytes, seconds) per quarter decade of bytes (zero-byte calls dropped)."""
+def binned_counts(points: list[tuple[float, float, int]]) -> list[tuple[int, float, float, int]]:
+    """(bin, mean bytes, mean seconds, calls) per quarter decade of bytes from (bytes, seconds,
+    calls) means (zero-byte calls dropped): bins of several recordings pool by their calls."""
     bins: dict[int, list[float]] = {}
-    for work, seconds in points:
+    for work, seconds, calls in points:
         if work > 0 and seconds > 0:
             acc = bins.setdefault(math.floor(math.log10(work) * BINS_PER_DECADE), [0.0, 0.0, 0])
-            acc[0] += work
-            acc[1] += seconds
-            acc[2] += 1
-    return [(w / n, t / n) for _, (w, t, n) in sorted(bins.items())]
+            acc[0] += work * calls
+            acc[1] += seconds * calls
+            acc[2] += calls
+    return [(k, w / n, t / n, int(n)) for k, (w, t, n) in sorted(bins.items())]
+
+
+def binned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Mean (bytes, seconds) per quarter decade of bytes (zero-byte calls dropped)."""
+    return [(w, t) for _, w, t, _ in binned_counts([(w, t, 1) for w, t in points])]
+
+
+def recorded_points(dtype: str, tokens: int, steps: int = 3, model: ModelSpec = PROBE_MODEL,
+                    ) -> list[tuple[str, float, float, int]]:
+    """One recording as calibration points: (label, mean bytes, mean seconds, calls) per bin
+    of step_points(dtype, tokens, steps); the label names the recording and the bin, so a
+    later calibration's recording of the same bin replaces it point by point."""
+    bins = binned_counts([(w, t, 1) for w, t in step_points(dtype, tokens, steps, model)])
+    return [(f"elementwise.{dtype} executor t={tokens} bin {k}", w, t, n)
+            for k, w, t, n in bins]
 
 
 def elementwise_curves() -> dict[str, EfficiencyCurve]:
-    """'elementwise.fp32' and 'elementwise.bf16' from the executor's own memory-bound calls."""
+    """'elementwise.fp32' and 'elementwise.bf16' from the executor's own memory-bound calls
+    (no disturbance checks: `calibrate.run` records through `recorded_points`)."""
     curves = {}
     for dtype in REGIMES:
         points = [p for tokens in TOKENS for p in step_points(dtype, tokens)]

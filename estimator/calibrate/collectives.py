@@ -111,5 +111,13 @@ def collective_curves(quick: bool, sizes: list[int] | None = None,
     return {OP_CLASS: fit_curve(OP_CLASS, "bytes", points, overhead_seconds=probe)}
 
 
+def collective_points(quick: bool) -> list[tuple[str, float, float, bool]]:
+    """The benchmark as calibration points: (label, bytes, seconds, is the probe)."""
+    probe, points = measure_all_reduce(QUICK_SIZES if quick else FULL_SIZES,
+                                       3 if quick else 5)
+    return [(f"all_reduce {PROBE_BYTES} B", float(PROBE_BYTES), probe, True)] + [
+        (f"all_reduce {w} B", float(w), t, False) for w, t in points]
+
+
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]), int(sys.argv[2]))

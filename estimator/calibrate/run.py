@@ -1,151 +1,45 @@
-"""Run the calibration suite on one device, fit the curves and store the profile.
+"""Run the calibration suite on one device, fit the curves and store the profile — unless the
+run was disturbed by other processes.
 
-Modes: 'full' (≤ 90 s on a 2-core CPU), 'quick' (≤ 10 s), 'tiny' (tests only: toy sizes).
+Every timed point is bracketed by contention checks (calibrate/contention.py: other processes'
+CPU time and steal from /proc/stat, and a reference GEMM before and after it); a disturbed
+point is re-timed after waiting for idle CPUs, then merged with the previous profile point by
+point (calibrate/merge.py: a quiet old timing beats a disturbed new one). A profile that still
+holds disturbed points is not stored (one-line `refusal`) unless `force=True`.
+
 Cases of one op class run from small to large work; a case whose projected time per call
-(work / best rate measured so far in its class) exceeds the mode's limit is skipped, so a slow
-path (bf16 on an AVX2-only CPU is 40×+ slower than fp32) cannot stall the run.
+(work / the rate its kind last measured) exceeds the mode's limit is skipped, and a case that
+runs far slower than projected is cut at `max_case_seconds`, so a slow path (bf16 on an
+AVX2-only CPU is 40×+ slower than fp32) cannot stall the run.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
-import psutil
 import torch
 
 from estimator.allocator import active_allocator
-from estimator.calibrate import benches
-from estimator.calibrate.benches import Case
+from estimator.calibrate import benches, suite
+from estimator.calibrate.contention import ReferenceKernel, load_average
 from estimator.calibrate.fit import fit_curve, overhead_curve
-from estimator.calibrate.timing import (
-    Timing,
-    cpu_snapshot,
-    others_busy_fraction,
-    time_call,
-    wait_until_idle,
-)
-from estimator.errors import NvfreeError
+from estimator.calibrate.merge import merge_points, quality_of, refusal
+from estimator.calibrate.runner import Progress, Runner
+from estimator.calibrate.suite import BYTES_CLASSES, SETTINGS, Mode, ModeSettings
+from estimator.errors import NvfreeError, ProfileError
 from estimator.hardware import detect, fingerprint, training_threads
-from estimator.profiles import save_profile
-from estimator.specs.calibration import CalibrationProfile
+from estimator.profiles import load_profile, profile_path, save_profile
+from estimator.specs import ModelSpec
+from estimator.specs.calibration import CalibrationPoint, CalibrationProfile
 from estimator.specs.machine import MachineInfo
 
-Mode = Literal["full", "quick", "tiny"]
-Progress = Callable[[int, int, str], None]
-
-BYTES_CLASSES = ("memory", "alloc", "elementwise", "norm", "optimizer", "optimizer.adamw8bit",
-                 "dequant.nf4")
-"""Memory-bound op classes (work in bytes; per-dtype variants such as 'elementwise.bf16'
-included): their curves keep the measured rates (fit.fit_curve monotone=False)."""
-
-
-@dataclass(frozen=True)
-class ModeSettings:
-    """Timing effort of a mode."""
-
-    warmup_seconds: float
-    min_run_seconds: float
-    min_samples: int
-    max_samples: int
-    max_call_seconds: float
-    """Skip a case projected to take longer than this per call (seconds)."""
-    max_retries: int = 0
-    """Re-time a case disturbed by other processes up to this many times (count)."""
-    max_wait_seconds: float = 0.0
-    """Total time the run may wait for other processes to go idle before retrying (seconds)."""
-    retry_until_seconds: float = 0.0
-    """No retries once the run has taken this long, so load cannot blow the time budget."""
-    wait_first: bool = False
-    """Wait for idle CPUs before the first timing of every case too (patient mode)."""
-    cpu_clock: bool = False
-    """Time samples with process CPU time instead of wall time (single-threaded CPU only)."""
-
-
-DISTURBED_FRACTION = 0.2
-"""A case during which other processes used more than this share of all CPUs is disturbed."""
-
-SETTINGS: dict[str, ModeSettings] = {
-    "full": ModeSettings(0.03, 0.12, 3, 30, 1.0, max_retries=2, max_wait_seconds=15.0,
-                         retry_until_seconds=60.0),
-    "quick": ModeSettings(0.01, 0.02, 3, 10, 0.3, max_retries=1, max_wait_seconds=0.5,
-                          retry_until_seconds=3.0),
-    "tiny": ModeSettings(0.001, 0.003, 2, 5, 0.05),
-}
-
-GEMM_SHAPES = {  # (tokens, hidden, out): 2·T·h·o from ~1e6 to ~7e10 FLOPs on CPU
-    "full": [(32, 128, 128), (128, 256, 256), (256, 512, 512), (512, 512, 1408),
-             (512, 1024, 1024), (1024, 1024, 2816), (2048, 1024, 1024), (1024, 2048, 2048),
-             (2048, 2048, 5632), (2048, 4096, 4096)],
-    "quick": [(64, 256, 256), (256, 512, 1024), (512, 1024, 2816), (512, 2048, 2048)],
-    "tiny": [(16, 32, 32), (32, 64, 64)],
-}
-COLD_GEMM_SHAPES = {  # the hot shapes up to ~1e10 FLOPs: above that GEMMs are compute-bound
-    "full": GEMM_SHAPES["full"][:8],
-    "quick": [(256, 512, 1024), (512, 1024, 2816)],
-    "tiny": [(16, 32, 32)],
-}
-COLD_POOL_TINY_BYTES = 4 * 2**20
-"""Operand pool of the tiny (test) mode: no cold guarantee, just the code path (bytes)."""
-GPU_EXTRA_GEMM_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (8192, 8192, 28672)]
-LORA_SHAPES = {  # (tokens, hidden, rank)
-    "full": [(512, 1024, 8), (512, 1024, 64), (2048, 4096, 8), (2048, 4096, 16),
-             (2048, 4096, 64)],
-    "quick": [(512, 2048, 16)],
-    "tiny": [(32, 64, 8)],
-}
-ATTENTION_SHAPES = {  # (heads, seq, head_dim); the first (seq ≤ 8) is the overhead probe
-    "full": [(1, 8, 8), (8, 128, 64), (8, 256, 64), (8, 512, 64), (8, 1024, 64), (8, 2048, 64),
-             (8, 512, 128), (8, 1024, 128)],
-    "quick": [(1, 8, 8), (8, 256, 64), (8, 1024, 64)],
-    "tiny": [(1, 8, 8), (2, 32, 16)],
-}
-MEMORY_SIZES = {  # fp32 elements; 2**26 = 256 MiB per array
-    "full": [16, 2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26],
-    "quick": [16, 2**14, 2**18, 2**22, 2**23],
-    "tiny": [16, 1024, 16384],
-}
-ALLOC_SIZES = {  # fp32 elements: 16 (overhead probe) … 256 MiB
-    "full": [16, 2**16, 2**20, 2**24, 2**26],
-    "quick": [16, 2**20, 2**24],
-    "tiny": [16, 4096],
-}
-"""No case at glibc's 32 MiB mmap ceiling itself: 2^23 fp32 elements came from the heap in
-one calibration (51.6 GB/s) and fresh from the kernel in the next (4.7 GB/s), and every loss-
-head buffer above the ceiling is charged at the rate interpolated next to it. 64 and 256 MiB
-are always fresh."""
-ELEMENTWISE_SHAPES = {
-    "full": [(1, 16), (64, 256), (256, 1024), (1024, 2048), (2048, 4096)],
-    "quick": [(1, 16), (256, 1024), (2048, 2048)],
-    "tiny": [(1, 16), (16, 64)],
-}
-OPTIMIZER_SIZES = {
-    "full": [16, 10_000, 100_000, 1_000_000, 4_000_000, 16_000_000],
-    "quick": [16, 100_000, 4_000_000],
-    "tiny": [16, 1000],
-}
-DEQUANT_SIZES = {
-    "full": [64, 65_536, 1_048_576, 16_777_216],
-    "quick": [64, 1_048_576],
-    "tiny": [64, 4096],
-}
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One timed case."""
-
-    op_class: str
-    label: str
-    work: float
-    timing: Timing
-    tiny: bool
-    disturbed_fraction: float = 0.0
-    """Share of all CPUs other processes used while it was timed (0…1)."""
+plan = suite.plan  # the case list of a mode (kept here for callers of run.plan)
+FAST_16BIT_RATIO = 2.0
+"""A 16-bit dtype whose GEMMs take more than this × the fp32 time is 'slow' (emulated: no
+AVX512_BF16/AMX): its elementwise curve comes from the synthetic cases, not from recording
+the executor's bf16 step (whose emulated GEMMs cost minutes on an AVX2-only CPU)."""
 
 
 @dataclass
@@ -153,18 +47,30 @@ class CalibrationResult:
     """What a calibration run produced."""
 
     profile: CalibrationProfile
+    """The profile of this run, merged with the previous one point by point."""
     path: Path | None
-    measurements: list[Measurement]
+    """Where it was stored; None when not (save=False, or refused)."""
+    measurements: list[CalibrationPoint]
+    """This run's own timings (after re-timing), before the merge."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(case label, reason) of cases not run."""
     wall_seconds: float = 0.0
     busy_percent: float = 0.0
-    """CPU use by all processes just before measuring (%); high = numbers depressed by load."""
+    """Mean CPU share other processes used while this run measured (%)."""
+    refusal: str | None = None
+    """Why the profile was not stored (one line); None when stored or not asked to."""
+    previous: CalibrationProfile | None = None
+    """The profile this run was merged with (the one it replaces)."""
 
     @property
     def num_disturbed(self) -> int:
-        """Measurements kept although other processes disturbed them (count)."""
-        return sum(m.disturbed_fraction > DISTURBED_FRACTION for m in self.measurements)
+        """Points of the profile kept although other processes disturbed them (count)."""
+        return self.profile.quality.num_disturbed if self.profile.quality else 0
+
+    @property
+    def stored(self) -> bool:
+        """Whether the profile was written to the profile store."""
+        return self.path is not None
 
 
 def torch_device(device: str) -> str:
@@ -193,165 +99,65 @@ def profile_backend(device: str) -> str:
     return device
 
 
-def executor_elementwise(mode: Mode, device: str) -> bool:
-    """Whether `elementwise.*` is measured on the executor's own calls (block_rates) rather
-    than on the generic elementwise cases: full and quick runs on a CPU (docs/calibration.md)."""
-    return mode in ("full", "quick") and device == "cpu"
+def fit_all(points: list[CalibrationPoint]) -> dict[str, object]:
+    """EfficiencyCurve per op class: knots from the sized points, overhead from the tiny
+    probe; executor-recorded elementwise bins pooled by their calls."""
+    from estimator.calibrate.block_rates import binned_counts
 
-
-def plan(mode: Mode, device: str) -> list[Case]:
-    """Every case of the suite for a mode and torch device type, each class small → large."""
-    # fp16 on a CPU is not a training dtype (CPU autocast uses bf16) and torch promotes its
-    # GEMMs to fp32: skipped by --quick there, and measured at the quick sizes by a full run.
-    dtypes = ["fp32", "bf16"] if device == "cpu" and mode == "quick" else ["fp32", "bf16", "fp16"]
-    # per-op framework cost: a tiny executor training step (full); the cheaper multiply chain
-    # (quick/tiny: ~3× lower, docs/calibration.md §5) where the step's start-up (2–7 s) would
-    # break the time budget
-    probe = benches.executor_dispatch_case() if mode == "full" else (
-        benches.autograd_dispatch_case())
-    cases: list[Case] = [benches.dispatch_case(), probe]
-    pool = COLD_POOL_TINY_BYTES if mode == "tiny" else benches.cold_pool_bytes()
-    for dtype in dtypes:
-        sizes: Mode = "quick" if device == "cpu" and dtype == "fp16" else mode
-        gemm = list(GEMM_SHAPES[sizes])
-        if device != "cpu" and sizes == "full":
-            gemm += GPU_EXTRA_GEMM_SHAPES
-        cases.append(benches.gemm_overhead_case(dtype, f"matmul.{dtype}"))
-        cases += benches.gemm_cases(dtype, gemm, f"matmul.{dtype}")
-        if dtype != "fp16":  # fp16 is not a CPU training dtype; on GPUs rare next to bf16
-            cases.append(benches.gemm_overhead_case(dtype, f"matmul_cold.{dtype}"))
-            cases.append(benches.gemm_overhead_case(dtype, f"matmul_wgrad.{dtype}"))
-            cases += benches.cold_gemm_cases(dtype, COLD_GEMM_SHAPES[mode],
-                                             f"matmul_cold.{dtype}", f"matmul_wgrad.{dtype}",
-                                             pool)
-        cases.append(benches.gemm_overhead_case(dtype, f"lora.{dtype}"))
-        cases += benches.lora_cases(dtype, LORA_SHAPES[sizes], pool)
-        cases += benches.attention_cases(dtype, ATTENTION_SHAPES[sizes])
-    cases += benches.memory_cases(MEMORY_SIZES[mode])
-    cases += benches.alloc_cases(ALLOC_SIZES[mode])
-    if not executor_elementwise(mode, device):  # else measured on the executor's step
-        cases += benches.elementwise_cases(ELEMENTWISE_SHAPES[mode], ["fp32", "bf16"])
-    cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode])
-    cases += benches.optimizer_cases(OPTIMIZER_SIZES[mode], "adamw8bit")
-    cases += benches.dequant_cases(DEQUANT_SIZES[mode])
-    return cases
-
-
-def _projected_seconds(case: Case, best_rate: dict[str, float]) -> float:
-    rate = best_rate.get(case.op_class)
-    return case.work / rate if rate else 0.0
-
-
-def _measure(case: Case, device: str, settings: ModeSettings, wait_left: float,
-             retries: int) -> tuple[Measurement, float]:
-    """Time a case; if other processes disturbed it, wait for idle CPUs (within the run's wait
-    budget) and re-time it, keeping the least disturbed timing. Returns it and the seconds
-    waited."""
-    fn = case.build(device)
-    best: Measurement | None = None
-    waited = 0.0
-    for attempt in range(retries + 1):
-        if attempt or (settings.wait_first and wait_left - waited > 0):
-            start_wait = time.perf_counter()
-            wait_until_idle(max(0.0, wait_left - waited))
-            waited += time.perf_counter() - start_wait
-        before = cpu_snapshot()
-        timing = time_call(
-            fn, device=device, warmup_seconds=settings.warmup_seconds,
-            min_run_seconds=settings.min_run_seconds, min_samples=settings.min_samples,
-            max_samples=settings.max_samples,
-            clock=time.process_time if settings.cpu_clock else time.perf_counter,
-        )
-        disturbed = 0.0 if settings.cpu_clock else others_busy_fraction(before, cpu_snapshot())
-        current = Measurement(case.op_class, case.label, case.work, timing, case.tiny, disturbed)
-        if best is None or disturbed < best.disturbed_fraction:
-            best = current
-        if disturbed <= DISTURBED_FRACTION:
-            break
-    assert best is not None
-    return best, waited
-
-
-def run_cases(
-    cases: list[Case], device: str, settings: ModeSettings, progress: Progress | None = None
-) -> tuple[list[Measurement], list[tuple[str, str]]]:
-    """Time every case (skipping ones projected too slow or failing); report progress."""
-    measured: list[Measurement] = []
-    skipped: list[tuple[str, str]] = []
-    best_rate: dict[str, float] = {}
-    wait_left = settings.max_wait_seconds
-    started = time.perf_counter()
-    for i, case in enumerate(cases):
-        if progress is not None:
-            progress(i, len(cases), case.label)
-        projected = _projected_seconds(case, best_rate)
-        if not case.tiny and projected > settings.max_call_seconds:
-            skipped.append((case.label, f"projected {projected:.2f} s per call"))
-            continue
-        try:
-            in_budget = wait_left > 0 and time.perf_counter() - started < (
-                settings.retry_until_seconds)
-            retries = settings.max_retries if in_budget else 0
-            measurement, waited = _measure(case, device, settings, wait_left, retries)
-        except (RuntimeError, NotImplementedError, TypeError) as exc:
-            skipped.append((case.label, str(exc).splitlines()[0][:120] if str(exc) else "error"))
-            continue
-        wait_left -= waited
-        timing = measurement.timing
-        measured.append(measurement)
-        if not case.tiny:
-            rate = case.work / timing.median_seconds
-            best_rate[case.op_class] = max(best_rate.get(case.op_class, 0.0), rate)
-    if progress is not None:
-        progress(len(cases), len(cases), "done")
-    return measured, skipped
-
-
-def fit_all(measured: list[Measurement]) -> dict[str, object]:
-    """EfficiencyCurve per op class: points from the sized cases, overhead from the tiny probe."""
-    classes = sorted({m.op_class for m in measured})
     curves = {}
-    for op_class in classes:
-        # overhead = the floor cost of a no-work call: p20, which resists scheduler spikes
-        tiny = [m.timing.p20_seconds for m in measured if m.op_class == op_class and m.tiny]
-        points = [(m.work, m.timing.median_seconds) for m in measured
-                  if m.op_class == op_class and not m.tiny]
+    for op_class in sorted({p.op_class for p in points}):
+        mine = [p for p in points if p.op_class == op_class]
+        tiny = [p.p20_seconds for p in mine if p.tiny]
+        recorded = [p for p in mine if " executor " in p.label]
         if op_class == "dispatch":
             curves[op_class] = overhead_curve(op_class, min(tiny))
         elif op_class == "dispatch.autograd":  # the probe's work = aten calls per run
-            per_call = min(m.timing.p20_seconds / m.work for m in measured
-                           if m.op_class == op_class)
-            curves[op_class] = overhead_curve(op_class, per_call)
-        elif points:
+            curves[op_class] = overhead_curve(op_class, min(p.p20_seconds / p.work
+                                                            for p in mine))
+        elif recorded:
+            bins = binned_counts([(p.work, p.seconds, p.num_calls) for p in recorded])
+            curves[op_class] = fit_curve(op_class, "bytes", [(w, t) for _, w, t, _ in bins],
+                                         monotone=False)
+        elif any(not p.tiny for p in mine):
+            sized = [(p.work, p.seconds) for p in mine if not p.tiny]
             memory_bound = op_class in BYTES_CLASSES or op_class.split(".")[0] in BYTES_CLASSES
-            curves[op_class] = fit_curve(op_class, "bytes" if memory_bound else "flops", points,
+            curves[op_class] = fit_curve(op_class, "bytes" if memory_bound else "flops", sized,
                                          min(tiny) if tiny else 0.0, monotone=not memory_bound)
     return curves
 
 
-def preferred_dtype(measured: list[Measurement]) -> str:
+def _gemm_seconds(points: list[CalibrationPoint]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{dtype: {shape label: (work, seconds)}} of the sized hot GEMM points."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for p in points:
+        if p.op_class.startswith("matmul.") and not p.tiny:
+            shape = p.label.split(" ", 1)[1]
+            out.setdefault(p.op_class.split(".")[1], {})[shape] = (p.work, p.seconds)
+    return out
+
+
+def dtype_time_ratios(points: list[CalibrationPoint]) -> dict[str, float]:
+    """Time of each dtype's largest GEMMs (≥ 1e9 FLOPs where possible, up to 3 shapes all
+    dtypes measured) relative to fp32's: 1 = as fast, 40 = emulated."""
+    seconds = _gemm_seconds(points)
+    if "fp32" not in seconds:
+        return {}
+    ratios = {}
+    for dtype, mine in seconds.items():
+        common = set(mine) & set(seconds["fp32"])
+        large = {s for s in common if mine[s][0] >= 1e9} or common
+        top = sorted(large, key=lambda s: mine[s][0])[-3:]
+        if top:
+            ratios[dtype] = sum(mine[s][1] for s in top) / sum(seconds["fp32"][s][1] for s in top)
+    return ratios
+
+
+def preferred_dtype(points: list[CalibrationPoint]) -> str:
     """Fastest of fp32/bf16/fp16 on the largest GEMM shapes all of them measured (≥ 1e9 FLOPs
     where possible); fp32 unless a 16-bit dtype measured faster."""
-    seconds: dict[str, dict[str, float]] = {}
-    for m in measured:
-        if m.op_class.startswith("matmul.") and not m.tiny:
-            shape = m.label.split(" ", 1)[1]
-            seconds.setdefault(m.op_class.split(".")[1], {})[shape] = m.timing.median_seconds
-    if "fp32" not in seconds:
-        return "fp32"
-    work = {m.label.split(" ", 1)[1]: m.work for m in measured if m.op_class == "matmul.fp32"}
-    best, best_time = "fp32", None
-    for dtype in ("fp32", "bf16", "fp16"):
-        common = set(seconds.get(dtype, {})) & set(seconds["fp32"])
-        large = {s for s in common if work.get(s, 0) >= 1e9} or common
-        top = sorted(large, key=lambda s: work.get(s, 0))[-3:]
-        if not top:
-            continue
-        fp32_time = sum(seconds["fp32"][s] for s in top)
-        ratio = sum(seconds[dtype][s] for s in top) / fp32_time
-        if best_time is None or ratio < best_time:
-            best, best_time = dtype, ratio
-    return best
+    ratios = dtype_time_ratios(points)
+    best = min(("fp32", "bf16", "fp16"), key=lambda d: ratios.get(d, float("inf")))
+    return best if ratios.get(best, float("inf")) < ratios.get("fp32", 1.0) else "fp32"
 
 
 def _device_name(machine: MachineInfo, backend: str) -> str:
@@ -359,6 +165,87 @@ def _device_name(machine: MachineInfo, backend: str) -> str:
         if acc.backend == backend:
             return acc.name
     return machine.cpu_brand
+
+
+def _previous(profile: CalibrationProfile) -> CalibrationProfile | None:
+    """The stored profile this one would replace (same machine, torch, threads, allocator)."""
+    path = profile_path(profile)
+    try:
+        return load_profile(path) if path.exists() else None
+    except ProfileError:
+        return None
+
+
+def _elementwise_points(runner: Runner, mode: Mode, ratios: dict[str, float],
+                        progress: Progress | None) -> tuple[list[CalibrationPoint],
+                                                           list[tuple[str, str]]]:
+    """elementwise.fp32/bf16 on the executor's own calls (block_rates), or — for a 16-bit
+    dtype whose GEMMs are emulated (FAST_16BIT_RATIO) — on the synthetic cases."""
+    from estimator.calibrate import block_rates
+
+    quick = mode == "quick"
+    tokens = block_rates.QUICK_TOKENS if quick else block_rates.TOKENS
+    steps = 2 if quick else 3
+    probe = block_rates.QUICK_PROBE_MODEL if quick else block_rates.PROBE_MODEL
+    points: list[CalibrationPoint] = []
+    skipped: list[tuple[str, str]] = []
+    for dtype in block_rates.REGIMES:
+        if ratios.get(dtype, 1.0) > FAST_16BIT_RATIO:
+            cases = [c for c in benches.elementwise_cases(suite.ELEMENTWISE_SHAPES[mode],
+                                                          [dtype])
+                     if c.op_class.startswith("elementwise.")]
+            more, why, _ = runner.run_cases(cases)
+            points, skipped = points + more, skipped + why
+            continue
+        for t in tokens:
+            if progress is not None:
+                progress(0, 1, f"elementwise.{dtype} executor step, {t} tokens")
+            points += runner.record(
+                lambda d=dtype, t=t: block_rates.recorded_points(d, t, steps, probe),
+                f"elementwise.{dtype}")
+    return points, skipped
+
+
+def _collective_points(runner: Runner) -> list[CalibrationPoint]:
+    """gloo all-reduce between 2 local processes (full CPU runs)."""
+    from estimator.calibrate.collectives import OP_CLASS, collective_points
+
+    return runner.record(lambda: [(label, w, t, 1) for label, w, t, _ in
+                                  collective_points(quick=False)], OP_CLASS, tiny_first=True)
+
+
+def measure(device: str, mode: Mode, settings: ModeSettings, model: ModelSpec | None,
+            progress: Progress | None) -> tuple[Runner, list[CalibrationPoint],
+                                                list[tuple[str, str]], bool]:
+    """Every point of a run: (runner, points, skipped, whether it gave up on a busy machine)."""
+    reference = None if settings.cpu_clock else ReferenceKernel(device)
+    runner = Runner(device, settings, reference)
+    cases = plan(mode, device, model)
+    points, skipped, aborted = runner.run_cases(cases, progress)
+    if aborted:
+        return runner, points, skipped, True
+    if suite.executor_elementwise(mode, device):
+        more, why = _elementwise_points(runner, mode, dtype_time_ratios(points), progress)
+        points, skipped = points + more, skipped + why
+    if mode == "full" and device == "cpu":
+        points += _collective_points(runner)
+    runner.second_pass(cases, points)
+    return runner, points, skipped, False
+
+
+def _settings(mode: Mode, cpu_clock: bool, patience_seconds: float | None) -> ModeSettings:
+    settings = SETTINGS[mode]
+    if cpu_clock:
+        settings = replace(settings, cpu_clock=True, max_retries=0, second_pass_seconds=0.0,
+                           abort_disturbed_share=1.1)
+    if patience_seconds is not None:
+        settings = replace(settings, max_retries=5, max_wait_seconds=patience_seconds,
+                           retry_until_seconds=float("inf"), wait_first=True)
+    return settings
+
+
+BUSY = ("machine busy: other processes slowed {n} of the first {k} timings (load average "
+        "{load}); calibration stopped, {kept} — rerun when the machine is quiet")
 
 
 def calibrate(
@@ -370,16 +257,19 @@ def calibrate(
     machine: MachineInfo | None = None,
     patience_seconds: float | None = None,
     cpu_clock: bool = False,
+    force: bool = False,
+    model: ModelSpec | None = None,
 ) -> CalibrationResult:
-    """Measure, fit and (by default) store a CalibrationProfile for `device`.
+    """Measure, fit and (by default) store a CalibrationProfile for `device`, merged point by
+    point with the stored one it replaces (a quiet old timing beats a disturbed new one).
 
-    patience_seconds: on a shared machine, wait up to this long in total for other processes
-    to go idle before (re-)timing disturbed cases (up to 5 tries each) instead of the mode's
-    bounded retries — slower, but the profile describes the machine, not its neighbours.
-    cpu_clock: time with process CPU time, immune to time-sharing with other processes; only
-    valid for a single-threaded CPU run (OMP_NUM_THREADS=1), NvfreeError otherwise."""
+    The profile is not stored when points stay disturbed after re-timing and merging
+    (`result.refusal` says why, one line) unless `force`; a quick run on a plainly busy
+    machine gives up after its first points. patience_seconds: wait up to this long in total
+    for other processes to go idle before (re-)timing (up to 5 tries per case). cpu_clock:
+    time with process CPU time (immune to time-sharing); single-threaded CPU runs only.
+    model: the model whose shapes a quick run measures (default: smollm2-135m)."""
     start = time.perf_counter()
-    busy = psutil.cpu_percent(interval=0.2)
     tdev = torch_device(device)
     backend = profile_backend(tdev)
     machine = machine or detect(probe_torch=tdev != "cpu")
@@ -390,39 +280,33 @@ def calibrate(
     torch.set_num_threads(threads)
     try:
         with torch.enable_grad():  # attention backward needs autograd
-            settings = SETTINGS[mode]
-            if cpu_clock:
-                settings = replace(settings, cpu_clock=True, max_retries=0)
-            if patience_seconds is not None:
-                settings = replace(settings, max_retries=5, max_wait_seconds=patience_seconds,
-                                   retry_until_seconds=float("inf"), wait_first=True)
-            measured, skipped = run_cases(plan(mode, tdev), tdev, settings, progress)
-            executor_curves = {}
-            if executor_elementwise(mode, tdev):  # the executor's own memory-bound calls
-                from estimator.calibrate.block_rates import elementwise_curves
-
-                executor_curves = elementwise_curves()
+            settings = _settings(mode, cpu_clock, patience_seconds)
+            runner, points, skipped, aborted = measure(tdev, mode, settings, model, progress)
     finally:
         torch.set_num_threads(old_threads)
         benches.release_pools()
-    curves = {**fit_all(measured), **executor_curves}
-    if mode == "full" and tdev == "cpu":  # gloo all-reduce between 2 local processes
-        from estimator.calibrate.collectives import collective_curves
-
-        curves.update(collective_curves(quick=False))
     profile = CalibrationProfile(
         fingerprint=fingerprint(machine, backend),
         torch_version=machine.torch_version or torch.__version__,
-        num_threads=threads,
-        allocator=active_allocator(),
-        backend=backend,
-        device_name=_device_name(machine, backend),
-        created_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        quick=mode != "full",
-        curves=curves,  # type: ignore[arg-type]
-        preferred_dtype=preferred_dtype(measured),  # type: ignore[arg-type]
-        private_cache_bytes=benches.private_cache_bytes(threads) if tdev == "cpu" else None,
-    )
-    path = save_profile(profile) if save else None
-    return CalibrationResult(profile, path, measured, skipped, time.perf_counter() - start, busy)
-
+        num_threads=threads, allocator=active_allocator(), backend=backend,
+        device_name=_device_name(machine, backend), created_at=runner.measured_at,
+        quick=mode != "full", curves={},
+        private_cache_bytes=benches.private_cache_bytes(threads) if tdev == "cpu" else None)
+    previous = _previous(profile)
+    merged, from_previous = merge_points(points, previous)
+    quality = quality_of(merged, num_retimed=runner.num_retimed, from_previous=from_previous,
+                         run_points=points, load=load_average())
+    profile = profile.model_copy(update={
+        "curves": fit_all(merged), "points": tuple(merged), "quality": quality,
+        "preferred_dtype": preferred_dtype(merged)})
+    refused = refusal(quality, has_previous=previous is not None) if not force else None
+    if aborted:
+        first = points[:suite.ABORT_AFTER]
+        refused = BUSY.format(n=sum(p.disturbed for p in first), k=len(first),
+                              load=f"{load_average() or 0:.1f}",
+                              kept="the previous profile is kept" if previous
+                              else "no profile stored")
+    path = save_profile(profile) if save and refused is None else None
+    busy = 100 * quality.mean_others_fraction
+    return CalibrationResult(profile, path, points, skipped, time.perf_counter() - start, busy,
+                             refused if save else None, previous)

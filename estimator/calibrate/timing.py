@@ -14,6 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from estimator.calibrate.contention import (  # noqa: F401  (re-exported)
+    CpuSnapshot,
+    cpu_snapshot,
+    others_busy_fraction,
+    wait_until_idle,
+)
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -56,12 +63,16 @@ def time_call(
     min_samples: int = 3,
     max_samples: int = 25,
     clock: Callable[[], float] = time.perf_counter,
+    max_seconds: float = float("inf"),
 ) -> Timing:
     """Time `fn`: warm up for warmup_seconds (at least one call), pick calls per sample so a
     sample lasts ≥ ~1 ms, then take samples until min_run_seconds and min_samples are reached.
 
     `clock` reads the time of a sample: wall time by default; `time.process_time` measures a
-    single-threaded CPU run without the time other processes took from it (shared machines)."""
+    single-threaded CPU run without the time other processes took from it (shared machines).
+    `max_seconds` caps the whole timing (warm-up included): once it is spent, sampling stops
+    after the first sample, so a case far slower than projected (bf16 GEMMs emulated on an
+    AVX2-only CPU: 4.5 s per 3-GFLOP call here) cannot stall the run."""
     start = time.perf_counter()
     num_warm = 0
     while num_warm == 0 or time.perf_counter() - start < warmup_seconds:
@@ -74,7 +85,7 @@ def time_call(
     run_start = time.perf_counter()
     while len(samples) < max_samples and (
         len(samples) < min_samples or time.perf_counter() - run_start < min_run_seconds
-    ):
+    ) and not (samples and time.perf_counter() - start > max_seconds):
         t0 = clock()
         for _ in range(inner):
             fn()
@@ -88,45 +99,3 @@ def time_call(
         num_samples=len(samples),
         num_calls=inner,
     )
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    """Wall clock, busy CPU seconds of the whole machine and of this process."""
-
-    wall_seconds: float
-    machine_busy_seconds: float
-    own_seconds: float
-
-
-def cpu_snapshot() -> CpuSnapshot:
-    """Snapshot for `others_busy_fraction` (psutil; ~50 µs)."""
-    import psutil
-
-    times = psutil.cpu_times()
-    busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
-    own = psutil.Process().cpu_times()
-    return CpuSnapshot(time.perf_counter(), busy, own.user + own.system)
-
-
-def others_busy_fraction(start: CpuSnapshot, end: CpuSnapshot) -> float:
-    """Share of all CPUs used by OTHER processes between two snapshots (0…1): how much a
-    measurement was disturbed. On a 2-core machine one busy neighbour is 0.5."""
-    import psutil
-
-    wall = max(end.wall_seconds - start.wall_seconds, 1e-9)
-    others = (end.machine_busy_seconds - start.machine_busy_seconds) - (
-        end.own_seconds - start.own_seconds)
-    return min(1.0, max(0.0, others / (wall * (psutil.cpu_count() or 1))))
-
-
-def wait_until_idle(max_wait_seconds: float, busy_fraction: float = 0.15) -> float:
-    """Sleep in 0.25 s steps (up to max_wait_seconds) while other processes keep more than
-    busy_fraction of the CPUs busy; returns the last measured fraction."""
-    deadline = time.perf_counter() + max_wait_seconds
-    while True:
-        start = cpu_snapshot()
-        time.sleep(0.25)
-        fraction = others_busy_fraction(start, cpu_snapshot())
-        if fraction <= busy_fraction or time.perf_counter() >= deadline:
-            return fraction

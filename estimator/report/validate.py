@@ -13,7 +13,8 @@ def _pct(value: float | None) -> str:
 
 def validation_table(report: ValidationReport) -> Table:
     """One row per run: peak memory and step time, predicted / measured / error."""
-    table = Table(title=f"nvfree validate --suite {report.suite}")
+    seed = f" --seed {report.seed}" if report.seed is not None else ""
+    table = Table(title=f"nvfree validate --suite {report.suite}{seed}")
     for col in ("case", "peak pred.", "peak meas.", "error", "step pred.", "step meas.",
                 "error"):
         table.add_column(col, justify="left" if col == "case" else "right")
@@ -32,17 +33,27 @@ def summary_lines(report: ValidationReport) -> list[str]:
     """Median and max |error| against the goals."""
     g = report.goals
     out = []
-    for label, med, mx, gm, gx in (
+    for label, med, mx, gm, gx, quartiles, signed in (
             ("peak memory", report.memory_median_error, report.memory_max_error,
-             g["memory_median"], g["memory_max"]),
+             g["memory_median"], g["memory_max"], report.memory_quartiles,
+             report.memory_median_signed_error),
             ("step time", report.step_median_error, report.step_max_error,
-             g["step_median"], g["step_max"])):
+             g["step_median"], g["step_max"], report.step_quartiles,
+             report.step_median_signed_error)):
         if med is None or mx is None:
             out.append(f"{label}: no measurements")
             continue
         ok = med <= gm and mx <= gx
-        out.append(f"{label}: median |error| {med:.1%}, max {mx:.1%} (goal ≤{gm:.0%} / "
-                   f"≤{gx:.0%}: {'[green]met[/]' if ok else '[red]not met[/]'})")
+        spread = "" if quartiles is None else (
+            f"; quartiles {quartiles[0]:.1%} / {quartiles[1]:.1%} / {quartiles[2]:.1%}")
+        bias = "" if signed is None else f", median signed {signed:+.1%}"
+        out.append(f"{label}: median |error| {med:.1%}, max {mx:.1%}{spread}{bias} (goal "
+                   f"≤{gm:.0%} / ≤{gx:.0%}: {'[green]met[/]' if ok else '[red]not met[/]'})")
+    if report.skipped_draws:
+        out.append(f"{len(report.skipped_draws)} drawn configurations not run (over this "
+                   "machine's memory or time budget by their own prediction; --json lists them)")
+    if report.profile_quality:
+        out.append(report.profile_quality)
     if report.corrections:
         factors = ", ".join(f"{k} ×{v:.2f}" for k, v in sorted(report.corrections.items()))
         out.append(f"fitted corrections per op class: {factors}")

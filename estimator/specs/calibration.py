@@ -45,6 +45,66 @@ class EfficiencyCurve(Spec):
         return self
 
 
+class CalibrationPoint(Spec):
+    """One timed case of a calibration run, kept in the profile so that a later run can
+    replace it point by point (estimator/calibrate/merge.py) and the curves can be refitted."""
+
+    op_class: str
+    """Curve the point feeds ('matmul.fp32', 'elementwise.bf16' …)."""
+    label: str
+    """The case (shape, orientation): points of two runs with equal class and label are the
+    same measurement."""
+    work: float = Field(gt=0)
+    """FLOPs or bytes of one call (count)."""
+    seconds: float = Field(ge=0)
+    """Median per-call time (seconds)."""
+    p20_seconds: float = Field(ge=0)
+    """20th percentile of the per-call time (seconds); the overhead probes use it."""
+    tiny: bool = False
+    """True for the class's overhead probe (not a curve knot)."""
+    num_calls: int = Field(default=1, ge=1)
+    """Calls pooled into this point (the executor-recorded bins of elementwise.*; count)."""
+    others_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Share of all CPUs other processes (and hypervisor steal) used while it was timed
+    (fraction)."""
+    reference_flops_per_second: float = Field(default=0.0, ge=0)
+    """Rate of the reference GEMM timed next to the point (FLOP/s; 0 = not sampled)."""
+    disturbed: bool = False
+    """Other processes disturbed the timing (calibrate/contention.py); kept only when no
+    quieter timing of the same point exists."""
+    measured_at: str = ""
+    """ISO-8601 UTC time of the calibration that measured it (a point kept from an earlier
+    calibration keeps that one's time)."""
+
+
+class ProfileQuality(Spec):
+    """How far a profile's timings can be trusted: were other processes using the CPUs?"""
+
+    level: Literal["quiet", "merged", "disturbed"]
+    """quiet: no kept point was disturbed; merged: no kept point was disturbed, but some came
+    from an earlier calibration because this run's timing of them was; disturbed: some kept
+    points were disturbed (stored only on request: `nvfree calibrate --force`)."""
+    num_points: int = Field(ge=0)
+    """Points of the profile (count)."""
+    num_disturbed: int = Field(default=0, ge=0)
+    """Kept points that other processes disturbed (count)."""
+    num_retimed: int = Field(default=0, ge=0)
+    """Timings repeated because the first was disturbed (count)."""
+    num_from_previous: int = Field(default=0, ge=0)
+    """Points taken from the previous profile because this run's timing was disturbed
+    (count)."""
+    mean_others_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Mean share of all CPUs other processes used while this run timed its points."""
+    max_others_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Largest such share of one point (fraction)."""
+    reference_flops_per_second: float = Field(default=0.0, ge=0)
+    """Best rate of the reference GEMM over the run: the quiet machine (FLOP/s)."""
+    load_average: float | None = None
+    """1-minute load average when the run ended (runnable tasks; None where unknown)."""
+    note: str = ""
+    """One line for estimates: how trustworthy the profile is."""
+
+
 class CalibrationProfile(Spec):
     """Microbenchmark results for one machine + torch + thread count."""
 
@@ -75,6 +135,10 @@ class CalibrationProfile(Spec):
     """Cache private to the training cores (largest per-core level × cores; bytes): matmul
     weight sets larger than this read cold operands (`matmul_cold` curves). None: unknown
     (older profiles, accelerators)."""
+    points: tuple[CalibrationPoint, ...] = ()
+    """Every timed case behind the curves (empty in profiles stored before 2026-12)."""
+    quality: ProfileQuality | None = None
+    """How trustworthy the timings are (None: stored before disturbance checks existed)."""
     corrections: dict[str, float] = Field(default_factory=dict)
     """Per-op-class time multipliers fitted by `nvfree validate --update-profile` from whole
     training runs (empty = none); each is applied to that class's predicted seconds."""

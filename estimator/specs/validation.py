@@ -1,5 +1,7 @@
 """The result of `nvfree validate`: predicted vs measured for every run of a suite."""
 
+from typing import Any
+
 from pydantic import Field
 
 from estimator.specs.base import Spec
@@ -29,13 +31,17 @@ class CaseResult(Spec):
     """Predicted vs measured memory, term by term."""
     predicted_seconds_by_class: dict[str, float] = Field(default_factory=dict)
     """Predicted step seconds per op class (matmul.bf16, memory, optimizer …) (seconds)."""
+    flags: tuple[str, ...] = ()
+    """The `nvfree train` flags of the run (with hf_config: enough to rerun it)."""
+    hf_config: dict[str, Any] | None = None
+    """The HF config.json of a drawn model (random suite); None for presets."""
 
 
 class ValidationReport(Spec):
     """Error table of a suite with its summary and the goals it is held to."""
 
     suite: str
-    """quick or full."""
+    """quick, full or random."""
     profile_id: str | None
     """Calibration profile the predictions used; None = uncalibrated."""
     cases: tuple[CaseResult, ...]
@@ -57,3 +63,18 @@ class ValidationReport(Spec):
     out, fraction); None when not fitted."""
     corrected_step_max_error: float | None = None
     """Max |step-time error| with leave-one-out corrections (fraction)."""
+    memory_quartiles: tuple[float, float, float] | None = None
+    """25th, 50th and 75th percentile of |peak-memory error| (fraction)."""
+    step_quartiles: tuple[float, float, float] | None = None
+    """25th, 50th and 75th percentile of |step-time error| (fraction)."""
+    memory_median_signed_error: float | None = None
+    """Median signed peak error: < 0 = under-predicted (fraction)."""
+    step_median_signed_error: float | None = None
+    """Median signed step-time error: < 0 = under-predicted (fraction)."""
+    seed: int | None = None
+    """Seed of the random suite (None for the fixed suites)."""
+    skipped_draws: tuple[str, ...] = ()
+    """Random suite: drawn configurations not run, and why (over the memory or time budget
+    by their own prediction, or not buildable), one line each."""
+    profile_quality: str | None = None
+    """The calibration profile's quality note (estimator.profiles.profile_quality_note)."""

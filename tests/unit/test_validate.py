@@ -4,7 +4,14 @@ import pytest
 
 from estimator.errors import ConfigError
 from estimator.specs.validation import CaseResult
-from estimator.validate import fit_corrections, leave_one_out_errors, suite, summarize
+from estimator.validate import (
+    Budget,
+    fit_corrections,
+    leave_one_out_errors,
+    random_suite,
+    suite,
+    summarize,
+)
 
 
 def test_full_suite_covers_the_issue_matrix() -> None:
@@ -45,3 +52,115 @@ def test_summary_median_and_max() -> None:
     assert report.memory_median_error == pytest.approx(0.04)
     assert report.memory_max_error == pytest.approx(0.06)
     assert report.step_max_error == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- random suite
+
+def _fake_predict(model, setup):
+    """Peak and step time that grow with the configuration (deterministic, no machine)."""
+    tokens = setup.batch_size * setup.seq_len
+    size = model.hidden_size * model.num_layers * (model.vocab_size / 1e4)
+    return int(size * tokens * 50), size * tokens * 2e-8
+
+
+BUDGET = Budget(memory_bytes=4 * 2**30, case_seconds=60.0)
+
+
+def test_random_suite_is_deterministic_per_seed() -> None:
+    first, skipped_first = random_suite(7, 6, BUDGET, _fake_predict)
+    again, skipped_again = random_suite(7, 6, BUDGET, _fake_predict)
+    other, _ = random_suite(8, 6, BUDGET, _fake_predict)
+    assert [c.case_id for c in first] == [c.case_id for c in again] and len(first) == 6
+    assert [c.config for c in first] == [c.config for c in again]
+    assert skipped_first == skipped_again
+    assert [c.case_id for c in first] != [c.case_id for c in other]
+
+
+def test_random_draws_stay_within_bounds() -> None:
+    import random
+
+    from estimator.catalog.hf import spec_from_hf_dict
+    from estimator.validation_suites import BOUNDS, draw_model, draw_setup
+
+    rng = random.Random(0)
+    kinds, methods, dtypes = set(), set(), set()
+    for _ in range(300):
+        config = draw_model(rng)
+        model = spec_from_hf_dict(config, source="test", name="t")
+        setup = draw_setup(rng, model)
+        assert BOUNDS.hidden[0] <= model.hidden_size <= BOUNDS.hidden[1]
+        assert model.hidden_size % 64 == 0 and model.intermediate_size % 64 == 0
+        assert BOUNDS.layers[0] <= model.num_layers <= BOUNDS.layers[1]
+        assert BOUNDS.vocab[0] <= model.vocab_size <= BOUNDS.vocab[1]
+        assert model.num_heads % model.num_kv_heads == 0
+        assert model.num_heads * model.head_dim == model.hidden_size
+        assert setup.batch_size in BOUNDS.batches and setup.seq_len in BOUNDS.seqs
+        assert setup.lora_targets and setup.lora_rank <= model.hidden_size
+        assert setup.weight_bits == (4 if setup.method == "qlora" else
+                                     32 if setup.compute_dtype == "fp32" else 16)
+        kinds.add((model.moe is not None, model.tied_embeddings))
+        methods.add(setup.method)
+        dtypes.add((setup.compute_dtype, setup.mixed_precision))
+    assert kinds == {(False, False), (False, True), (True, False), (True, True)}
+    assert methods == {"full", "lora", "qlora"}
+    assert dtypes == {("fp32", False), ("bf16", True), ("bf16", False)}
+
+
+def test_random_suite_skips_what_its_own_prediction_says_is_too_big_or_slow() -> None:
+    tight = Budget(memory_bytes=300 * 2**20, case_seconds=20.0)
+    cases, skipped = random_suite(3, 5, tight, _fake_predict)
+    assert len(cases) == 5 and skipped
+    for case in cases:
+        from estimator.catalog.hf import spec_from_hf_dict
+
+        model = spec_from_hf_dict(case.config, source="t", name="t")
+        batch, seq = int(case.flags[case.flags.index("-b") + 1]), int(
+            case.flags[case.flags.index("-s") + 1])
+        size = model.hidden_size * model.num_layers * model.vocab_size / 1e4
+        assert size * batch * seq * 50 <= tight.memory_bytes
+        assert tight.startup_seconds + case.max_steps * size * batch * seq * 2e-8 <= 20.0
+    assert any("over the budget" in line for line in skipped)
+
+
+def test_drawn_flags_build_the_drawn_setup() -> None:
+    """What `nvfree train` builds from a case's flags is the setup the budget was checked
+    on (cli/options.resolve_setup)."""
+    import random
+
+    from estimator.catalog.hf import spec_from_hf_dict
+    from estimator.cli.options import resolve_setup
+    from estimator.validation_suites import draw_model, draw_setup, setup_flags
+
+    rng = random.Random(11)
+    for _ in range(40):
+        model = spec_from_hf_dict(draw_model(rng), source="t", name="t")
+        setup = draw_setup(rng, model)
+        flags = dict(zip(setup_flags(setup)[::2], setup_flags(setup)[1::2], strict=False))
+        rebuilt = resolve_setup(
+            method=setup.method, bits=None, dtype=setup.compute_dtype, device=None,
+            profile=None, lora_targets=",".join(setup.lora_targets), tokens=None,
+            mixed_precision="--no-mixed-precision" not in setup_flags(setup),
+            framework="nvfree", optimizer=setup.optimizer, batch_size=setup.batch_size,
+            seq_len=setup.seq_len, checkpointing="--checkpointing" in setup_flags(setup),
+            lora_rank=setup.lora_rank, lora_alpha=setup.lora_alpha)
+        assert rebuilt == setup, flags
+
+
+def test_random_suite_with_the_real_estimate() -> None:
+    """Every draw is estimable on a catalogue CPU (kept or skipped with a reason)."""
+    from estimator.catalog import load_device
+    from estimator.validate import predictor
+
+    cases, skipped = random_suite(0, 4, BUDGET, predictor(load_device("epyc-9654"), None))
+    assert len(cases) == 4
+    assert all(" over the budget" in s or s.startswith("draw ") for s in skipped)
+
+
+def test_summary_quartiles_and_signed_median() -> None:
+    rows = [CaseResult(case_id=str(i), peak_error=e, step_error=-2 * e)
+            for i, e in enumerate([0.01, -0.02, 0.03, -0.04, 0.05])]
+    report = summarize(rows, "random", None)
+    assert report.memory_quartiles == pytest.approx((0.02, 0.03, 0.04))
+    assert report.step_quartiles == pytest.approx((0.04, 0.06, 0.08))
+    assert report.memory_median_signed_error == pytest.approx(0.01)
+    assert report.step_median_signed_error == pytest.approx(-0.02)

@@ -1,0 +1,120 @@
+"""Contention detection with a real busy neighbour: CPU-burning subprocesses (one per CPU,
+a few seconds) make the calibration see, re-time and refuse (calibrate/contention.py,
+runner.py, run.py)."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from estimator.calibrate import benches, run, suite  # noqa: E402
+from estimator.calibrate.contention import (  # noqa: E402
+    Monitor,
+    ReferenceKernel,
+    cpu_snapshot,
+    others_busy_fraction,
+)
+from estimator.calibrate.runner import Runner  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+BURN = "import time\nend = time.time() + {s}\nwhile time.time() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy_neighbours(seconds: float = 6.0):
+    """One CPU-burning process per CPU for at most `seconds`; stopped (by pid) on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", BURN.format(s=seconds)])
+             for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)  # let them start spinning
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_others_cpu_time_is_seen_while_a_neighbour_burns():
+    with busy_neighbours(3.0):
+        start = cpu_snapshot()
+        time.sleep(0.5)
+        fraction = others_busy_fraction(start, cpu_snapshot())
+    assert fraction > 0.5  # sleeping here, the burners had (nearly) every CPU
+
+
+def test_a_point_timed_next_to_a_burning_neighbour_is_disturbed():
+    case = benches.gemm_cases("fp32", [(64, 128, 128)], "matmul.fp32")[0]
+    settings = replace(suite.SETTINGS["tiny"], max_retries=1, max_wait_seconds=0.3,
+                       retry_until_seconds=60.0)
+    reference = ReferenceKernel("cpu")
+    runner = Runner("cpu", settings, reference)
+    with busy_neighbours(4.0):
+        point = runner.measure(case, runner.retries_left())
+    assert point.disturbed and point.others_fraction > 0.2
+    assert runner.num_retimed == 1  # re-timed once after waiting (in vain) for idle CPUs
+    with Monitor(reference) as monitor:
+        torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+    assert monitor.result().reference_rate > 0
+
+
+def _few_cases(mode, device, model=None):
+    """A three-case suite (a GEMM overhead probe and one shape) so the run takes a second."""
+    return [benches.gemm_overhead_case("fp32", "matmul.fp32"),
+            *benches.gemm_cases("fp32", [(64, 128, 128)], "matmul.fp32")]
+
+
+def test_a_disturbed_run_is_refused_and_keeps_the_previous_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVFREE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(run, "plan", _few_cases)
+    quiet = run.calibrate("cpu", "tiny", force=True)  # stored whatever the machine does
+    assert quiet.path is not None
+    before = quiet.path.read_text()
+    with busy_neighbours(6.0):
+        busy = run.calibrate("cpu", "tiny")
+    assert busy.measurements and all(p.disturbed for p in busy.measurements)
+    if quiet.profile.quality.level == "quiet":  # a quiet first run: its points are kept
+        assert busy.refusal is None and busy.profile.quality.level == "merged"
+        assert busy.profile.quality.num_from_previous == len(busy.measurements)
+        assert [p.seconds for p in busy.profile.points] == [
+            p.seconds for p in quiet.profile.points]
+    else:  # a busy CI machine: both disturbed, the new one is refused
+        assert busy.path is None and busy.refusal.startswith("calibration disturbed: ")
+        assert "the previous profile is kept" in busy.refusal
+        assert quiet.path.read_text() == before
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    from estimator.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def test_calibrate_cli_refuses_with_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    """`nvfree calibrate` on a busy machine: exit code 2, the reason as one line, nothing
+    stored; --force stores it marked disturbed."""
+    monkeypatch.setenv("NVFREE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(run, "plan", _few_cases)
+    monkeypatch.setattr(suite, "executor_elementwise", lambda mode, device: False)
+    monkeypatch.setattr(run, "SETTINGS", {**run.SETTINGS, "quick": run.SETTINGS["tiny"]})
+    with busy_neighbours(8.0):
+        code, out, err = _cli(capsys, "calibrate", "--quick", "--json")
+        forced_code, forced_out, _ = _cli(capsys, "calibrate", "--quick", "--json", "--force")
+    assert code == 2, err
+    payload = json.loads(out)
+    assert payload["stored"] is False and payload["refusal"].startswith("calibration disturbed")
+    assert payload["refusal"] in err and "Traceback" not in err
+    assert forced_code == 0
+    stored = json.loads(forced_out)
+    assert stored["stored"] and stored["profile"]["quality"]["level"] == "disturbed"
