@@ -216,7 +216,7 @@ def predict(row: dict, ckpt: Path) -> dict:
     setup = TrainSetup(framework="hf", lora_rank=16, lora_alpha=32, **fields)
     est = estimate(spec, setup, "local")
     return {"total_bytes": est.memory.total_bytes, "components": est.memory.components,
-            "band": getattr(est.memory, "band", None)}
+            "upper_bytes": est.memory.upper_bytes}
 
 
 def measure(row: dict, args: argparse.Namespace) -> dict | None:
@@ -231,6 +231,19 @@ def measure(row: dict, args: argparse.Namespace) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def markdown(results: list[dict]) -> str:
+    """The matrix as docs/accuracy.md shows it: measured VmHWM, predicted, error, and the
+    run's tensor terms vs the CPU process terms of the prediction."""
+    lines = ["| configuration | measured MiB | predicted MiB | error | heap term MiB |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        heap = r["predicted"]["components"].get("heap_retention", 0)
+        lines.append(f"| {r['config']} | {r['measured']['peak_kib'] / 1024:.0f} | "
+                     f"{r['predicted']['total_bytes'] / 2**20:.0f} | {r['error']:+.1%} | "
+                     f"{heap / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated config names")
@@ -243,6 +256,8 @@ def main() -> None:
                          "(no training)")
     ap.add_argument("--measure-missing", action="store_true",
                     help="with --measured: also run the configs the file lacks")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the table of docs/accuracy.md at the end")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rows = {r["name"]: r for r in MATRIX}
@@ -274,6 +289,8 @@ def main() -> None:
               f"{pred['total_bytes'] / 2**20:8.0f} MiB  {err:+7.1%}   imports "
               f"{measured['imports_kib'] / 1024:.0f} built {measured['built_kib'] / 1024:.0f} "
               f"MiB  {measured['seconds']:.0f} s", flush=True)
+    if results and args.markdown:
+        print(markdown(results))
     if results:
         errors = [abs(r["error"]) for r in results]
         print(f"\n{len(results)} configs: |error| median {statistics.median(errors):.1%}, max "
