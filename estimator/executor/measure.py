@@ -309,9 +309,9 @@ def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
     (parallel.rank_profile), as `nvfree plan` does."""
     try:
         from estimator.analytic.parallel import ranks_per_node
-        from estimator.api import estimate
         from estimator.hardware import cpu_device, detect, local_device
-        from estimator.profiles import lookup_profile
+        from estimator.hardware.profiles import lookup_profile
+        from estimator.planner.estimate import estimate
     except ImportError as e:
         return None, f"no analytic model in this build ({e})"
     try:
