@@ -16,8 +16,8 @@ the same formulas elementwise; with scalars the results are the scalar ones, bit
 from dataclasses import dataclass
 
 from estimator.analytic.efficiency import curve_seconds
-from estimator.analytic.memory import is_array
 from estimator.analytic.precision import dtype_bytes
+from estimator.analytic.sharding import is_array
 from estimator.specs import CalibrationProfile, Device, EfficiencyCurve, ModelSpec, TrainSetup
 
 GB = 1e9

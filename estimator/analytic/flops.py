@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from estimator.analytic.activations import padded_expert_rows
-from estimator.analytic.memory import (
+from estimator.analytic.micro_batch import fused_loss_chunk_rows
+from estimator.analytic.model_state import (
     autocasting,
     casts_fp32_weights,
-    fused_loss_chunk_rows,
     trainable_bytes_per_param,
 )
 from estimator.analytic.params import LinearShape, layer_groups

@@ -5,15 +5,15 @@ after another (eager execution on one device; no compute/communication overlap t
 from estimator.analytic import flops as F
 from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
 from estimator.analytic.inference import decode_tokens_per_second
-from estimator.analytic.memory import (
+from estimator.analytic.model_state import (
     autocasting,
     block_linear_params,
     casts_fp32_weights,
     gradient_bytes,
-    pads_expert_rows,
     quantized_linear_params,
 )
 from estimator.analytic.params import layer_groups
+from estimator.analytic.runtime import pads_expert_rows
 from estimator.specs import (
     CalibrationProfile,
     Device,

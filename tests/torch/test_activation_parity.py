@@ -9,7 +9,8 @@ activations (analytic/activations.py), autocast weight copies and LoRA adapter c
 import pytest
 import torch
 
-from estimator.analytic import memory as M
+from estimator.analytic import model_state as MS
+from estimator.analytic import runtime as RT
 from estimator.analytic.activations import activation_bytes, moe_saved_bytes
 from estimator.analytic.params import count_params
 from estimator.executor.kernels import _RMSNormFunction
@@ -52,10 +53,10 @@ def analytic_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     if setup.method == "full":
         total += spec.vocab_size * spec.hidden_size * 4  # fused loss: ∂L/∂W in fp32
     if not setup.checkpointing:  # casts inside a checkpointed block are recomputed, not kept
-        total += M.autocast_copy_params(spec, setup, params) * 2
+        total += MS.autocast_copy_params(spec, setup, params) * 2
     if setup.trains_adapters:  # the c-byte copies adapter matmuls keep (casts, or Bᵀ copies)
-        total += M.adapter_bytes(spec, setup, params) - params.trainable * (
-            M.trainable_bytes_per_param(setup))
+        total += MS.adapter_bytes(spec, setup, params) - params.trainable * (
+            MS.trainable_bytes_per_param(setup))
     return total
 
 
@@ -87,7 +88,7 @@ def test_saved_tensors_match_analytic(spec: ModelSpec, setup: TrainSetup, tmp_pa
     torch.manual_seed(0)
     _, model = build_training_model(spec, setup, TrainConfig(max_steps=1, output_dir=tmp_path),
                                     torch.device("cpu"))
-    pads = M.pads_expert_rows(spec, setup, "cpu")
+    pads = RT.pads_expert_rows(spec, setup, "cpu")
     added: list[int] = []
     if pads:
         pad_groups = model_module._pad_groups
