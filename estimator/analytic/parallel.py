@@ -7,7 +7,7 @@ DDP's bucketed all-reduce and FSDP prefetch hide part of it in practice). tokens
 counts all devices (global_tokens_per_step); cost = devices × price × hours."""
 
 from estimator.analytic import comms as C
-from estimator.analytic.flops import optimizer_bytes_per_param
+from estimator.analytic.loss_optim import optimizer_bytes_per_param
 from estimator.analytic.memory import device_gradient_bytes
 from estimator.analytic.model_state import (
     autocast_copy_params,
