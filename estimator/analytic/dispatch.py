@@ -95,7 +95,7 @@ def dispatch_op_count(model: ModelSpec, setup: TrainSetup, num_trainable_tensors
     if model.moe is not None and model.num_moe_layers:
         moe = model.moe
         hit = _expected_experts_hit(moe.num_experts, moe.routed_experts_per_token,
-                                    setup.batch_size * setup.seq_len) + moe.num_shared_experts
+                                    setup.tokens_per_micro_batch) + moe.num_shared_experts
         e_f = d.expert[0] + n_mlp * (d.expert_adapter[0] + q_f)
         e_b = d.expert[1] + n_mlp * (d.expert_adapter[1] + q_b)
         f_moe = f_dense + d.router[0] - n_mlp * (ad_f + q_f) + hit * e_f

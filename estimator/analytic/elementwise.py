@@ -137,7 +137,7 @@ def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
     MEMORY_BOUND_BYTES (measured on the executor), over `calls` kernels per block and pass;
     checkpointing adds the measured recompute pass; MoE routing and padded expert rows in
     moe_routing_ops."""
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     table = block_token_bytes(setup)
     rank_sum = 0.0
     if setup.trains_adapters:
@@ -186,7 +186,7 @@ def moe_routing_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
     if model.moe is None or not model.num_moe_layers:
         return []
     k = model.moe.routed_experts_per_token
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     pad_rows = padded_expert_rows(model) if pad_experts else 0.0
     table = block_token_bytes(setup) if pad_experts else {}
     ops = []

@@ -92,7 +92,7 @@ def block_linear_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
     """GEMMs of all transformer blocks for one micro-batch. `pad_experts`: each expert's rows
     are padded to a multiple of EXPERT_ROW_GRANULE (the executor on CPU with 16-bit matmuls,
     memory.pads_expert_rows), (granule − 1) / 2 rows more per expert call on average."""
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     mult = 2 if setup.checkpointing and setup.method != "inference" else 1
     trainable = setup.method == "full"
     adapted = setup.lora_targets if setup.trains_adapters else ()  # linears with adapters

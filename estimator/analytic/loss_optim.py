@@ -114,7 +114,7 @@ def lm_head_grad_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     if setup.method != "full":
         return []
     vd, w = model.vocab_size * model.hidden_size, trainable_bytes_per_param(setup)
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     c = dtype_bytes(setup.compute_dtype)
     ops = []
     if setup.fuses_loss and c != FP32_BYTES:
@@ -154,7 +154,7 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
     their own (no dispatch)."""
     if setup.method == "inference":
         return []
-    tokens, vocab = setup.batch_size * setup.seq_len, model.vocab_size
+    tokens, vocab = setup.tokens_per_micro_batch, model.vocab_size
     c, w = dtype_bytes(setup.compute_dtype), trainable_bytes_per_param(setup)
     half, vd = c != FP32_BYTES, vocab * model.hidden_size
     casts = [FP32_BYTES, c] if half else []

@@ -16,7 +16,7 @@ FUSED_LOSS_CHUNK_ELEMENTS = 2**25
 def fused_loss_chunk_rows(model: ModelSpec, setup: TrainSetup) -> int:
     """Rows of one fused-loss chunk: max(64, 2^25 // V), at most the b·s rows there are."""
     rows = max(64, FUSED_LOSS_CHUNK_ELEMENTS // model.vocab_size)
-    return min(rows, setup.batch_size * setup.seq_len)
+    return min(rows, setup.tokens_per_micro_batch)
 
 
 def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
@@ -46,7 +46,7 @@ def logits_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     if setup.method == "inference":
         return setup.batch_size * model.vocab_size * FP32_BYTES
     c = dtype_bytes(setup.compute_dtype)
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     if not setup.fuses_loss:
         return tokens * model.vocab_size * (c + 12)
     rows = fused_loss_chunk_rows(model, setup)
@@ -73,7 +73,7 @@ def loss_residue_bytes(model: ModelSpec, setup: TrainSetup) -> int:
         return logits_bytes(model, setup)
     if setup.framework in OWN_TERMS:
         return terms(setup.framework).loss_residue_bytes(model, setup)
-    return setup.batch_size * setup.seq_len * model.hidden_size * dtype_bytes(
+    return setup.tokens_per_micro_batch * model.hidden_size * dtype_bytes(
         setup.compute_dtype)
 
 
@@ -116,7 +116,7 @@ def kv_cache_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     if setup.method != "inference":
         return 0
     c = dtype_bytes(setup.compute_dtype)
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     if model.mla is not None:
         per_token = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
     else:

@@ -155,7 +155,7 @@ def expert_kernel_cache_bytes(model: ModelSpec, setup: TrainSetup, backend: str)
     plain = routed_expert_shapes(model) - adapted
     per_row_count = (len(adapted) * PRIMITIVES_PER_ADAPTED_SHAPE
                      + len(plain) * PRIMITIVES_PER_SHAPE[setup.method == "full"])
-    row_counts = math.ceil(setup.batch_size * setup.seq_len / EXPERT_ROW_GRANULE)
+    row_counts = math.ceil(setup.tokens_per_micro_batch / EXPERT_ROW_GRANULE)
     return min(row_counts * per_row_count, PRIMITIVE_CACHE_CAPACITY) * EXPERT_PRIMITIVE_BYTES
 
 

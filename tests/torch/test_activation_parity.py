@@ -48,7 +48,7 @@ def analytic_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     params = count_params(spec, setup)
     acts = activation_bytes(spec, setup)
     total = acts["layers"] + acts["head"]
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     total += tokens * spec.hidden_size * 2  # fused loss: ∂L/∂h in bf16
     if setup.method == "full":
         total += spec.vocab_size * spec.hidden_size * 4  # fused loss: ∂L/∂W in fp32
@@ -106,7 +106,7 @@ def test_saved_tensors_match_analytic(spec: ModelSpec, setup: TrainSetup, tmp_pa
     assert measured == pytest.approx(predicted, rel=0.03), (
         f"we see {measured:,} B saved, the analytic model expects {predicted:,}")
     if pads and not setup.checkpointing:  # checkpointed blocks keep their input only
-        tokens = setup.batch_size * setup.seq_len
+        tokens = setup.tokens_per_micro_batch
         per_row = moe_saved_bytes(spec, setup, tokens, 1.0) - moe_saved_bytes(spec, setup, tokens)
         assert len(added) == spec.num_moe_layers and sum(added) > 0
         assert padded - measured == pytest.approx(per_row * sum(added), rel=0.05)

@@ -58,7 +58,7 @@ def test_summary_median_and_max() -> None:
 
 def _fake_predict(model, setup):
     """Peak and step time that grow with the configuration (deterministic, no machine)."""
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     size = model.hidden_size * model.num_layers * (model.vocab_size / 1e4)
     return int(size * tokens * 50), size * tokens * 2e-8
 

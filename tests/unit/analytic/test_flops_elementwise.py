@@ -40,7 +40,7 @@ def test_checkpointing_adds_the_recompute_pass():
     plain = _bytes(EW.elementwise_ops(SPEC, setup))
     ckpt = _bytes(EW.elementwise_ops(SPEC, setup.model_copy(update={"checkpointing": True})))
     recompute = EW.block_token_bytes(setup)["recompute"].per_token(SPEC, 1536, 0)
-    assert ckpt - plain == pytest.approx(recompute * setup.batch_size * setup.seq_len * 4)
+    assert ckpt - plain == pytest.approx(recompute * setup.tokens_per_micro_batch * 4)
     assert recompute >= EW.block_token_bytes(setup)["forward"].per_token(SPEC, 1536, 0) * 0.5
 
 
@@ -63,7 +63,7 @@ def test_moe_layers_add_routing_bytes():
     routing = _bytes(ops, "moe.routing")
     per_hk, per_h, _ = EW.MOE_ROUTING_BYTES["forward"]
     per_hk_b, per_h_b, _ = EW.MOE_ROUTING_BYTES["backward"]
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     expected = ((per_hk + per_hk_b) * 576 * 2 + (per_h + per_h_b) * 576) * 4 * tokens
     assert routing == pytest.approx(expected)
 
