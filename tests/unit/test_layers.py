@@ -26,10 +26,10 @@ LAYERS: list[set[str]] = [
     {"hardware"},                               # this machine → Device, profile store
     {"planner", "planfile"},                    # estimate + advice, search, compare, plan files
     {"validation_suites", "validate"},          # the validate workflow
-    {"api"},                                    # the library entry points
     {"report"},                                 # formatting and rich tables
     {"trace", "executor"},                      # TORCH: fake-tensor traces, the trainer
     {"calibrate"},                              # TORCH: times the executor's kernels
+    {"api"},                                    # the entry points (plan may calibrate)
     {"cli"},                                    # typer: parse → library → report
     {"__main__"},
 ]
