@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import typer
 
 from estimator.cli.options import (
+    SETUP_PANEL,
     ActiveParamsOpt,
     ActiveRatioOpt,
     DeviceOpt,
@@ -19,7 +20,6 @@ from estimator.cli.options import (
     NumDevicesOpt,
     OffloadOpt,
     ParamsOpt,
-    SeqOpt,
     TokensOpt,
 )
 from estimator.request import PLAN_DEFAULTS  # why they differ from estimate's: there
@@ -62,6 +62,10 @@ FixedZeroOpt = Annotated[Literal["0", "1", "2", "3"] | None, typer.Option(
 MaxDevicesOpt = Annotated[int | None, typer.Option(
     "--max-devices", min=1, rich_help_panel=PLAN_PANEL,
     help="Search 1, 2, 4, … up to N devices (--nodes spreads N)  [default: --num-devices]")]
+PlanSeqOpt = Annotated[int, typer.Option(
+    "--seq-len", "-s", min=1, rich_help_panel=SETUP_PANEL,
+    help="Tokens per sequence (the default plans a short run of the default model here; "
+         "estimate assumes 2048: request.PLAN_DEFAULTS).")]
 TorchDeviceOpt = Annotated[str, typer.Option(
     "--torch-device", help="torch device `nvfree run` trains on: cpu, cuda, mps, xpu.")]
 
@@ -78,7 +82,7 @@ def plan(
     dtype: FixedDtypeOpt = None, optimizer: FixedOptimizerOpt = None,
     checkpointing: FixedCkptOpt = None, lora_rank: LoraRankOpt = 16,
     lora_alpha: LoraAlphaOpt = 32.0, lora_targets: LoraTargetsOpt = "all-linear",
-    seq_len: SeqOpt = PLAN_DEFAULTS["seq_len"],
+    seq_len: PlanSeqOpt = PLAN_DEFAULTS["seq_len"],
     global_batch: GlobalBatchOpt = PLAN_DEFAULTS["global_batch"], data: DataOpt = None,
     text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
     tokens: TokensOpt = None, device: DeviceOpt = "local", num_devices: NumDevicesOpt = 1,
