@@ -5,13 +5,18 @@ output), so that a notebook gets exactly what `nvfree <command>` prints
 validate.py); this module only names it, and is the one library module above the torch zone:
 plan's quick calibration of this machine imports calibrate/ (torch) when it runs."""
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from estimator.planner.estimate import estimate
-from estimator.specs import Comparison, ModelSpec
-from estimator.specs.plan import Plan
-from estimator.specs.validation import ValidationReport
+
+if TYPE_CHECKING:  # `nvfree estimate` imports this module: only what estimate needs at run time
+    from estimator.specs import Comparison, ModelSpec
+    from estimator.specs.plan import Plan
+    from estimator.specs.validation import ValidationReport
 
 __all__ = ["compare", "estimate", "plan", "quick_calibration", "validate"]
 
