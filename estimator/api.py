@@ -2,7 +2,7 @@
 the command takes, by its flag names, and returns the object the command renders (its --json
 output), so that a notebook gets exactly what `nvfree <command>` prints
 (tests/cli/test_library_equals_cli.py). The work lives below (planner/, planfile.py,
-validate.py); this module only names it, and is the one library module above the torch zone:
+validation.py); this module only names it, and is the one library module above the torch zone:
 plan's quick calibration of this machine imports calibrate/ (torch) when it runs."""
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def validate(suite: str = "quick", *, seed: int = 0, count: int = 10,
              case_seconds: float = 60.0, workdir: Path | str | None = None,
              update_profile: bool = False, progress=None) -> ValidationReport:
     """What `nvfree validate` prints: the suite run through the bundled trainer on this
-    machine (needs torch), measured against the calibrated prediction (validate.validate)."""
-    from estimator.validate import validate as run_validation
+    machine (needs torch), measured against the calibrated prediction (validation.validate)."""
+    from estimator.validation import validate as run_validation
 
     return run_validation(suite, seed=seed, count=count, case_seconds=case_seconds,
                           workdir=None if workdir is None else Path(workdir),

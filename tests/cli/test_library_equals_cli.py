@@ -139,3 +139,12 @@ def test_local_with_its_profile(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     planned = json.loads(estimator.plan(tokens=1e4).model_dump_json())
     assert planned["profile_id"] is not None
     assert {**planned, "created_at": 0} == {**printed, "created_at": 0}
+
+
+def test_public_names_are_not_shadowed_by_submodules() -> None:
+    """Importing a submodule sets it as an attribute of the package: a module named like a
+    public function (estimator/validate.py once) would replace `estimator.validate`."""
+    root = Path(estimator.__file__).parent
+    clashes = [n for n in estimator.__all__
+               if (root / f"{n}.py").exists() or (root / n / "__init__.py").exists()]
+    assert not clashes

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"checks", "request"},                      # one setup check; flags → TrainSetup
     {"hardware"},                               # this machine → Device, profile store
     {"planner", "planfile"},                    # estimate + advice, search, compare, plan files
-    {"validation_suites", "validate"},          # the validate workflow
+    {"validation_suites", "validation"},        # the validate workflow
     {"report"},                                 # formatting and rich tables
     {"trace", "executor"},                      # TORCH: fake-tensor traces, the trainer
     {"calibrate"},                              # TORCH: times the executor's kernels

@@ -4,7 +4,7 @@ import pytest
 
 from estimator.errors import ConfigError
 from estimator.specs.validation import CaseResult
-from estimator.validate import (
+from estimator.validation import (
     Budget,
     fit_corrections,
     leave_one_out_errors,
@@ -149,7 +149,7 @@ def test_drawn_flags_build_the_drawn_setup() -> None:
 def test_random_suite_with_the_real_estimate() -> None:
     """Every draw is estimable on a catalogue CPU (kept or skipped with a reason)."""
     from estimator.catalog import load_device
-    from estimator.validate import predictor
+    from estimator.validation import predictor
 
     cases, skipped = random_suite(0, 4, BUDGET, predictor(load_device("epyc-9654"), None))
     assert len(cases) == 4
