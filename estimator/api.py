@@ -33,7 +33,11 @@ def quick_calibration(say: Callable[[str], object] | None = None) -> None:
     say = say or (lambda _: None)
     say("no calibration profile for this machine: measuring one (calibrate --quick)")
     result = run_calibration("cpu", "quick")
-    say(f"stored {result.path} ({result.wall_seconds:.0f} s)")
+    if result.path is None:
+        say(f"calibration not stored ({result.wall_seconds:.0f} s): "
+            f"{result.refusal or 'not saved'}; planning uncalibrated")
+    else:
+        say(f"stored {result.path} ({result.wall_seconds:.0f} s)")
 
 
 def plan(model: str | ModelSpec | None = None, *, output: Path | str | None = None,
