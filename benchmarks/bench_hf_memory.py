@@ -241,6 +241,8 @@ def main() -> None:
     ap.add_argument("--measured", default="",
                     help="re-predict the measurements saved by an earlier --json run "
                          "(no training)")
+    ap.add_argument("--measure-missing", action="store_true",
+                    help="with --measured: also run the configs the file lacks")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rows = {r["name"]: r for r in MATRIX}
@@ -251,8 +253,10 @@ def main() -> None:
         print(json.dumps(worker(row, Path(args.ckpt_dir) / row["arch"], args.steps)))
         return
     chosen = [rows[n] for n in args.only.split(",")] if args.only else MATRIX
-    if saved:
+    if saved and not args.measure_missing:
         chosen = [r for r in chosen if r["name"] in saved]
+    # saved rows first, then fp32 before bf16 (bf16 GEMMs are slow on CPUs without AVX-512 BF16)
+    chosen.sort(key=lambda r: (r["name"] not in saved, r["compute_dtype"] != "fp32"))
     results = []
     for row in chosen:
         ckpt = save_checkpoint(Path(args.ckpt_dir), row["arch"])

@@ -21,9 +21,25 @@ def device_class(device: Device) -> str:
 
 def band_fractions(setup: TrainSetup, device: Device) -> tuple[float, float, str]:
     """(over, under, source): how far below and above the estimate measured peaks were seen
-    for this framework on this device class (fractions of the estimate)."""
-    entry = read_toml("uncertainty.toml")[setup.framework][device_class(device)]
+    for this framework on this device class (fractions of the estimate). A framework never
+    measured on this device class (configs = 0) gets the widest band measured for any
+    framework there (unmeasured_band), and says so."""
+    table = read_toml("uncertainty.toml")
+    entry = table[setup.framework][device_class(device)]
+    if int(entry["configs"]) == 0:
+        return unmeasured_band(table, device_class(device), setup.framework)
     return float(entry["over"]), float(entry["under"]), str(entry["source"])
+
+
+def unmeasured_band(table: dict, cls: str, framework: str) -> tuple[float, float, str]:
+    """The widest over and under fractions measured for any framework on device class `cls`:
+    no measurement of `framework` there, so no narrower claim."""
+    measured = {name: entry[cls] for name, entry in table.items()
+                if int(entry[cls]["configs"]) > 0}
+    over = max(float(e["over"]) for e in measured.values())
+    under = max(float(e["under"]) for e in measured.values())
+    return over, under, (f"{framework} unmeasured on a {cls}: the widest band measured there "
+                         f"({', '.join(sorted(measured))})")
 
 
 def upper_bytes(total_bytes, setup: TrainSetup, device: Device):

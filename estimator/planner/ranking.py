@@ -129,8 +129,9 @@ def _key(r: Candidate, c: Constraints) -> float:
 
 def replace_verdict(r: Candidate, best: Candidate, c: Constraints, limit: int) -> Candidate:
     """One line on why a candidate won or lost against the best."""
-    if r.peak_bytes > limit:
-        why = f"does not fit: {r.peak_bytes / 2**30:.2f} GiB > {limit / 2**30:.2f} GiB"
+    if not r.fits:  # the band's upper end is over the limit, maybe the estimate too
+        why = (f"does not fit: {r.peak_bytes / 2**30:.2f} GiB estimated, its measured band "
+               f"over the {limit / 2**30:.2f} GiB limit")
     elif c.max_seconds is not None and r.total_seconds > c.max_seconds:
         why = "over the time budget"
     elif c.max_cost_usd is not None and (r.cost_usd or 0) > c.max_cost_usd:

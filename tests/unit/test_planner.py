@@ -9,6 +9,7 @@ import pytest
 
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.params import count_params
+from estimator.analytic.uncertainty import upper_bytes
 from estimator.catalog import load_device
 from estimator.errors import SetupError
 from estimator.planner import (
@@ -87,13 +88,17 @@ def test_memory_limit_prunes_and_fixed_method_narrows(tiny_dense: ModelSpec) -> 
     base = TrainSetup(seq_len=64, num_tokens=10_000)
     free = search(tiny_dense, base, device, None, Constraints(methods=("full",)))
     assert {c.setup.method for c in free.candidates} == {"full"}
-    smallest = min(c.peak_bytes for c in free.candidates)
-    limit = (smallest + free.candidates[0].peak_bytes) // 2
+    def upper(c):  # what must fit: the band's upper end
+        return upper_bytes(c.peak_bytes, c.setup, device)
+
+    smallest = min(upper(c) for c in free.candidates)
+    limit = (smallest + upper(free.candidates[0])) // 2
     tight = search(tiny_dense, base, device, None,
-                   Constraints(methods=("full",), memory_limit_bytes=limit, top=50))
-    assert tight.candidates[0].peak_bytes <= limit
+                   Constraints(methods=("full",), memory_limit_bytes=limit, top=10_000))
+    assert tight.candidates[0].fits and upper(tight.candidates[0]) <= limit
     assert tight.num_fitting < tight.num_candidates
-    assert any(c.verdict.startswith("does not fit") for c in tight.candidates)
+    assert any(c.verdict.startswith("does not fit") for c in tight.candidates), {
+        c.verdict for c in tight.candidates if not c.fits}
 
 
 def test_nothing_fits_is_said(tiny_dense: ModelSpec) -> None:
