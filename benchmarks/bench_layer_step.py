@@ -32,7 +32,7 @@ from estimator.calibrate.timing import cpu_snapshot, others_busy_fraction, wait_
 from estimator.errors import ProfileError
 from estimator.executor.model import build_model
 from estimator.hardware import detect, local_device, training_threads
-from estimator.profiles import find_profile
+from estimator.hardware.profiles import find_profile
 from estimator.specs import CalibrationProfile, ModelSpec, TrainSetup
 
 # name: (hidden, intermediate, heads, kv_heads, head_dim, batch, seq)

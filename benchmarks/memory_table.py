@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from estimator.specs import RunReport
-from estimator.validate import model_argument
+from estimator.validation import model_argument
 
 MIB = 2**20
 CONFIGS = {

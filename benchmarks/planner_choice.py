@@ -16,7 +16,7 @@ from pathlib import Path
 
 from estimator.specs import RunReport
 from estimator.specs.plan import Plan
-from estimator.validate import model_argument
+from estimator.validation import model_argument
 
 CLOSE = 0.05
 """A chosen candidate within this fraction of the measured fastest counts as 'close': top

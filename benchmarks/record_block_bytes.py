@@ -71,7 +71,7 @@ def record_moe() -> None:
     moe_routing_ops' own term) and fit MOE_ROUTING_BYTES: the recording minus the dense
     coefficients at the activated width k·i_expert, least squares on (h·k, h) per phase."""
     import estimator.executor.model as model_module
-    from estimator.analytic.flops import block_token_bytes
+    from estimator.analytic.elementwise import block_token_bytes
 
     model_module._reuses_shapes = lambda x: False
     for name in ("lora-mixed", "full-mixed"):

@@ -1,7 +1,10 @@
 """nvfree: can this LLM be trained or fine-tuned on this hardware — memory, time, cost.
 
 Public API (lazy: importing `estimator` loads neither torch nor rich):
-    estimate(model, setup, device="local", profile=None) -> Estimate
+    estimate(model, setup, device="local", profile=None, **flags) -> Estimate
+    plan(model, **flags) -> Plan      compare(model, devices=None, **flags) -> Comparison
+    validate(suite="quick") -> ValidationReport
+    (each takes its command's flags by name and returns what the command's --json prints)
     load_model(name_or_path) -> ModelSpec     load_device(name) -> Device
     infer_model(num_params, active_params=None) -> ModelSpec
     count_params(model, setup=None) -> ParamCounts
@@ -15,6 +18,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "estimate": "estimator.api",
+    "plan": "estimator.api",
+    "compare": "estimator.api",
+    "validate": "estimator.api",
     "load_model": "estimator.catalog",
     "load_device": "estimator.catalog",
     "list_models": "estimator.catalog",
@@ -27,6 +33,8 @@ _EXPORTS = {
     "TrainSetup": "estimator.specs",
     "Device": "estimator.specs",
     "Estimate": "estimator.specs",
+    "Plan": "estimator.specs.plan",
+    "Comparison": "estimator.specs",
     "CalibrationProfile": "estimator.specs",
 }
 

@@ -1,199 +1,79 @@
-"""The one-call library API: estimate(model, setup, device, profile) → Estimate."""
+"""The library entry points, one per command: estimate, plan, compare, validate. Each takes what
+the command takes, by its flag names, and returns the object the command renders (its --json
+output), so that a notebook gets exactly what `nvfree <command>` prints
+(tests/cli/test_library_equals_cli.py). The work lives below (planner/, planfile.py,
+validation.py); this module only names it, and is the one library module above the torch zone:
+plan's quick calibration of this machine imports calibrate/ (torch) when it runs."""
 
-from estimator.analytic.memory import memory_breakdown
-from estimator.analytic.parallel import compose_throughput, rank_device, rank_profile
-from estimator.analytic.params import count_params
-from estimator.analytic.throughput import throughput
-from estimator.checks import check, trainer_limits
-from estimator.errors import SetupError
-from estimator.planner.advice import advise, devices_needed, flags_for
-from estimator.specs import (
-    Advice,
-    CalibrationProfile,
-    Device,
-    Estimate,
-    MemoryBreakdown,
-    ModelSpec,
-    Throughput,
-    TrainSetup,
-)
+from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
-    """The link numbers and the overlap assumption of a multi-device or offloaded estimate."""
-    from estimator.analytic import comms as C
+from estimator.planner.estimate import estimate
 
-    out = []
-    if setup.num_devices > 1:
-        intra = device.interconnect_bytes_per_second
-        if intra:
-            out.append(f"device interconnect {intra / 1e9:g} GB/s per direction (catalogue)")
-        elif device.kind != "cpu":
-            default = C.DEFAULT_INTERCONNECT_BYTES_PER_SECOND / 1e9
-            out.append(f"device interconnect unknown: {default:g} GB/s assumed (PCIe 4.0 x16)")
-        net = device.network_bytes_per_second
-        if setup.num_nodes > 1 or (device.kind == "cpu" and not intra):
-            default = C.DEFAULT_NETWORK_BYTES_PER_SECOND[device.kind] * 8 / 1e9
-            out.append(f"inter-node network {net / 1e9:g} GB/s per device (catalogue)" if net
-                       else f"inter-node network unknown: {default:g} Gb/s per device assumed")
-        out.append(f"collectives reach {C.LINK_EFFICIENCY:.0%} of the link peak and do NOT "
-                   "overlap compute (step time is an upper bound)")
-        per_node = setup.num_devices // setup.num_nodes
-        if device.kind == "cpu" and per_node > 1:
-            out.append(f"{per_node} processes share each CPU machine: each gets 1/{per_node} of "
-                       "its cores, memory and bandwidth (and of calibrated rates)")
-    if setup.offload != "none":
-        out.append(f"offload over PCIe at {C.DEFAULT_PCIE_BYTES_PER_SECOND / 1e9:g} GB/s; host "
-                   f"optimizer step at {C.DEFAULT_HOST_BANDWIDTH_BYTES_PER_SECOND / 1e9:g} GB/s "
-                   "host memory bandwidth shared by the node's devices")
-    return out
+if TYPE_CHECKING:  # `nvfree estimate` imports this module: only what estimate needs at run time
+    from estimator.specs import Comparison, ModelSpec
+    from estimator.specs.plan import Plan
+    from estimator.specs.validation import ValidationReport
+
+__all__ = ["compare", "estimate", "plan", "quick_calibration", "validate"]
 
 
-def assumptions_for(model: ModelSpec, setup: TrainSetup, device: Device,
-                    profile: CalibrationProfile | None) -> list[str]:
-    """What the estimate assumed that the user did not say."""
-    out = []
-    if model.inferred_from:
-        out.append(model.inferred_from)
-    if device.peak_for(setup.compute_dtype) is None:
-        out.append(f"{device.display_name} has no known {setup.compute_dtype} peak: its fp32 "
-                   "rate is used (on CPUs without AVX512_BF16/AMX, bf16 is far slower)")
-    if profile is None:
-        out.append("uncalibrated: catalogue peaks with default size-dependent efficiency "
-                   "(run `nvfree calibrate` on the target machine to measure it)")
-    if device.backend in ("mps", "xla", "hpu", "neuron"):
-        out.append(f"runtime overhead on {device.backend} is unknown and counted as 0")
-    if model.moe is not None and model.moe.mean_routed_experts_per_token is not None:
-        out.append(f"MoE: {model.moe.mean_routed_experts_per_token:.2f} real experts per token on "
-                   "average (published average active parameters)")
-    if setup.method in ("full", "lora", "qlora"):
-        out.append("batch of fully packed sequences; gradients freed between steps "
-                   "(zero_grad(set_to_none=True))")
-    return out + multi_device_assumptions(setup, device)
+def quick_calibration(say: Callable[[str], object] | None = None) -> None:
+    """`nvfree calibrate --quick` on the CPU (~25 s), its profile stored; nothing without torch.
+    `say` receives the progress lines."""
+    import importlib.util
 
+    if importlib.util.find_spec("torch") is None:
+        return
+    from estimator.calibrate.run import calibrate as run_calibration
 
-def sharding_advice(setup: TrainSetup, memory_of, time_of, one_per_node: bool,
-                    first: dict | None = None) -> list[Advice]:
-    """The fewest devices (and lowest ZeRO stage) whose per-device memory fits
-    (advice.devices_needed over the sharded memory model), on top of the change `first`, with
-    its step time. The optimizer step in backward runs on one device only: the sharded setup
-    goes without it."""
-    update = dict(first or {})
-    if setup.model_copy(update=update).optimizer_in_backward:
-        update["optimizer_in_backward"] = False
-    changed = setup.model_copy(update=update)
-    found = devices_needed(changed, memory_of, one_per_node=one_per_node)
-    if found is None:
-        return []
-    n, stage, total = found
-    if n == setup.num_devices and stage == setup.zero_stage:
-        return []
-    update |= {"num_devices": n, "zero_stage": stage} | (
-        {"num_nodes": n} if one_per_node else {})
-    return [Advice(change=flags_for(update), update=update, total_bytes=total, fits=True,
-                   step_seconds=time_of(setup.model_copy(update=update)))]
-
-
-def step_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
-                    profile: CalibrationProfile | None,
-                    memory: MemoryBreakdown | None = None) -> Throughput:
-    """Step time and rates: the compute of one rank (parallel.rank_device / rank_profile)
-    composed with communication (parallel.compose_throughput)."""
-    rank, params = rank_device(device, setup), count_params(model, setup)
-    memory = memory or memory_breakdown(model, setup, rank, params)
-    perf = throughput(model, setup, rank, params, rank_profile(profile, device, setup),
-                      weight_storage_bytes=memory.components["weights"]
-                      + memory.components["quant_scales"],
-                      kv_bytes=memory.components["kv_cache"])
-    return compose_throughput(model, setup, rank, params, profile, perf)
-
-
-def trainer_note(model: ModelSpec, setup: TrainSetup) -> list[str]:
-    """'the bundled trainer cannot run this: …' when checks.trainer_limits finds something."""
-    limits = trainer_limits(model, setup) if setup.method != "inference" else []
-    return [f"the bundled trainer (nvfree train) cannot run this: {'; '.join(limits)}"
-            ] if limits else []
-
-
-def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
-    """The peak memory of the same setup under each other framework nvfree models (those
-    whose terms cannot describe the model, e.g. torchtune for an MoE, are left out)."""
-    from estimator.analytic.frameworks import FRAMEWORKS
-
-    peaks = {}
-    for f in FRAMEWORKS:
-        if f != setup.framework:
-            try:
-                peaks[f] = memory_of(setup.model_copy(update={"framework": f})).total_bytes
-            except SetupError:
-                continue
-    return peaks
-
-
-def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = None,
-             device: Device | str = "local", profile: CalibrationProfile | None = None, *,
-             params: float | None = None, active_params: float | None = None,
-             active_ratio: float | None = None, use_profile: bool = True,
-             device_memory: float | None = None, **flags) -> Estimate:
-    """Predict parameters, peak memory, step time, cost and a verdict with advice.
-
-    Takes specs (a ModelSpec, a TrainSetup, a Device) or what `nvfree estimate` takes, by its
-    flag names: a preset / config path / --params, a device name ('local' is this machine
-    with its calibration profile), and the setup flags (request.SETUP_DEFAULTS: method,
-    bits, dtype='auto', …) — `estimate("qwen2.5-7b", method="qlora", seq_len=4096,
-    device="m4-max")` returns what the command prints. LoRA targets may be the model's own
-    PEFT names (resolve_setup); the Estimate's setup carries the canonical names they mean."""
-    from estimator.request import build_setup, resolve_model
-
-    model = resolve_model(model, params, active_params, active_ratio)
-    note = None
-    if isinstance(device, str):
-        from estimator.hardware import resolve_device
-
-        dev, found, note = resolve_device(device, use_profile=use_profile,
-                                          memory_gib=device_memory)
-        profile = profile if profile is not None else found
-        note = note if dev.name == "local" else None  # catalogue: 'uncalibrated' says it
+    say = say or (lambda _: None)
+    say("no calibration profile for this machine: measuring one (calibrate --quick)")
+    result = run_calibration("cpu", "quick")
+    if result.path is None:
+        say(f"calibration not stored ({result.wall_seconds:.0f} s): "
+            f"{result.refusal or 'not saved'}; planning uncalibrated")
     else:
-        dev = device
-    if setup is None:
-        setup = build_setup(dev, profile, **flags)
-    elif flags:
-        raise SetupError(f"give a TrainSetup or setup options, not both ({', '.join(flags)})")
-    setup = check(model, setup, dev)
+        say(f"stored {result.path} ({result.wall_seconds:.0f} s)")
 
-    def memory_of(s: TrainSetup) -> MemoryBreakdown:
-        return memory_breakdown(model, s, rank_device(dev, s), count_params(model, s))
 
-    def perf_of(s: TrainSetup, memory: MemoryBreakdown) -> Throughput:
-        return step_throughput(model, s, dev, profile, memory)
+def plan(model: str | ModelSpec | None = None, *, output: Path | str | None = None,
+         calibrate: bool = True, **flags) -> Plan:
+    """What `nvfree plan` writes: the setup that fits and finishes soonest (or cheapest), as a
+    Plan. Takes the command's flags by name (planfile.plan_request: method, dtype, seq_len,
+    global_batch, tokens, data, device='local', max_devices, memory_limit in GiB, max_hours,
+    max_cost, objective, top, …); request.PLAN_DEFAULTS for the model, sequence length, global
+    batch and token budget left out. Unlike the command it writes the plan file only when
+    `output` is given. `calibrate`: for device 'local' without a profile, measure one first."""
+    from estimator.planfile import plan_request
 
-    params = count_params(model, setup)
-    memory = memory_of(setup)
-    fits = memory.fits
-    advice = advise(setup, memory_of)
-    if not fits and setup.method != "inference":
-        def time_of(s: TrainSetup) -> float:
-            return perf_of(s, memory_of(s)).step_seconds
+    return plan_request(model, output=output,
+                        calibrate=quick_calibration if calibrate else None, **flags)[0]
 
-        cpu = dev.kind == "cpu"
-        advice += sharding_advice(setup, memory_of, time_of, cpu)
-        single = [a for a in advice if "num_devices" not in a.update]
-        best = min(single, key=lambda a: a.total_bytes) if single else None
-        if best is not None and not best.fits:
-            advice += sharding_advice(setup, memory_of, time_of, cpu, best.update)
-    if fits:
-        verdict = "fits"
-    elif memory.total_bytes <= memory.capacity_bytes:
-        verdict = "tight"
-    else:
-        verdict = "fits_with_changes" if any(a.fits for a in advice) else "does_not_fit"
-    minimum = min([memory.total_bytes, *(a.total_bytes for a in advice)])
-    return Estimate(model=model, setup=setup, device=dev, params=params, memory=memory,
-                    throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
-                    minimum_memory_bytes=minimum,
-                    other_frameworks=other_framework_peaks(setup, memory_of),
-                    assumptions=assumptions_for(model, setup, dev, profile)
-                    + ([f"calibration: {note}"] if note else [])
-                    + trainer_note(model, setup))
 
+def compare(model: str | ModelSpec | None = None, *, devices: str | list[str] | None = None,
+            max_cost: float | None = None, **flags) -> Comparison:
+    """What `nvfree compare` shows: one model + setup on every catalogue device (or `devices`,
+    a list or the command's comma-separated text). The other arguments are the command's flags
+    by name (params, objective, max_hours, max_devices, and the setup flags of
+    request.SETUP_DEFAULTS); no method or bits lets each device pick full, LoRA or QLoRA."""
+    from estimator.planner.compare import compare_request
+
+    if isinstance(devices, str):
+        devices = [n.strip() for n in devices.split(",") if n.strip()]
+    return compare_request(model, devices=devices, max_cost_usd=max_cost, **flags)
+
+
+def validate(suite: str = "quick", *, seed: int = 0, count: int = 10,
+             case_seconds: float = 60.0, workdir: Path | str | None = None,
+             update_profile: bool = False, progress=None) -> ValidationReport:
+    """What `nvfree validate` prints: the suite run through the bundled trainer on this
+    machine (needs torch), measured against the calibrated prediction (validation.validate)."""
+    from estimator.validation import validate as run_validation
+
+    return run_validation(suite, seed=seed, count=count, case_seconds=case_seconds,
+                          workdir=None if workdir is None else Path(workdir),
+                          update_profile=update_profile, progress=progress)

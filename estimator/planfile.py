@@ -4,12 +4,13 @@ Pure (no torch). The file is the Plan spec as JSON; unknown or corrupted fields 
 one line that names the field."""
 
 import contextlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from estimator.errors import ConfigError
+from estimator.errors import ConfigError, SetupError
 from estimator.planner import SearchResult, plan_setup
 from estimator.specs import CalibrationProfile, Device, Estimate, ModelSpec
 from estimator.specs.plan import PLAN_SCHEMA_VERSION, Plan
@@ -212,3 +213,110 @@ def _jsonl_bytes(path: Path, text_field: str) -> int:
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".json")
 """Text files a data directory is read from (as estimator.executor.data reads them)."""
+
+
+def constraints_from(*, method=None, dtype=None, optimizer=None, checkpointing=None,
+                     global_batch: int, memory_limit: float | None = None,
+                     max_hours: float | None = None, max_cost: float | None = None,
+                     objective: str = "time", top: int = 5, zero_stages=(0,),
+                     max_devices: int | None = None):
+    """planner.Constraints from `nvfree plan`'s flags (a fixed flag narrows that dimension to
+    one value; memory_limit in GiB, max_hours in hours)."""
+    from estimator.planner import Constraints, devices_up_to
+
+    precisions = () if dtype is None else (
+        ((dtype, False),) if dtype == "fp32" else ((dtype, True), (dtype, False)))
+    return Constraints(
+        global_batch=global_batch,
+        memory_limit_bytes=None if memory_limit is None else round(memory_limit * 2**30),
+        max_seconds=None if max_hours is None else max_hours * 3600,
+        max_cost_usd=max_cost, objective=objective, top=top,
+        methods=(method,) if method else ("full", "lora", "qlora"), precisions=precisions,
+        optimizers=(optimizer,) if optimizer else ("adamw", "adamw8bit"),
+        checkpointing=(checkpointing,) if checkpointing is not None else (False, True),
+        zero_stages=zero_stages,
+        device_counts=devices_up_to(max_devices) if max_devices else ())
+
+
+def token_budget(tokens: float | None, data: Path | str | None, text_field: str) -> int:
+    """--tokens, else the tokens of --data (once over it), else PLAN_DEFAULTS' budget."""
+    from estimator.request import PLAN_DEFAULTS
+
+    if tokens is not None:
+        if not tokens > 0:
+            raise SetupError(f"--tokens must be positive, got {tokens:g}")
+        return round(tokens)
+    return PLAN_DEFAULTS["tokens"] if data is None else count_data_tokens(Path(data), text_field)
+
+
+def plan_request(model: str | ModelSpec | None = None, *, params: float | None = None,
+                 active_params: float | None = None, active_ratio: float | None = None,
+                 method: str | None = None, dtype: str | None = None,
+                 optimizer: str | None = None, checkpointing: bool | None = None,
+                 lora_rank: int = 16, lora_alpha: float = 32.0,
+                 lora_targets: str = "all-linear", seq_len: int | None = None,
+                 global_batch: int | None = None, data: Path | str | None = None,
+                 text_field: str = "text", tokens: float | None = None,
+                 device: str = "local", num_devices: int = 1, nodes: int = 1,
+                 zero: str | int | None = None, offload: str = "none",
+                 max_devices: int | None = None, memory_limit: float | None = None,
+                 max_hours: float | None = None, max_cost: float | None = None,
+                 objective: str = "time", top: int = 5, torch_device: str = "cpu",
+                 seed: int = 0, output: Path | str | None = None,
+                 calibrate: Callable[[], object] | None = None) -> tuple[Plan, str | None]:
+    """`nvfree plan` without the rendering: (the Plan, the calibration note of the device).
+    Takes the command's flags by name (request.PLAN_DEFAULTS for the model, sequence length,
+    global batch and token budget left out); `calibrate` is called when --device local has no
+    profile (the CLI's quick calibration), then the device is resolved again; the plan is
+    written to `output` when given. SetupError when no candidate meets the constraints."""
+    from estimator.hardware import detect, fingerprint, resolve_device
+    from estimator.planner import search
+    from estimator.request import PLAN_DEFAULTS, parse_targets, resolve_model, setup_error
+    from estimator.specs import TrainSetup
+
+    if model is None and params is None:
+        model = PLAN_DEFAULTS["model"]
+    seq_len = PLAN_DEFAULTS["seq_len"] if seq_len is None else seq_len
+    global_batch = PLAN_DEFAULTS["global_batch"] if global_batch is None else global_batch
+    local = device.strip().lower() == "local"
+    if output is not None:
+        check_writable(Path(output))
+    spec = resolve_model(model, params, active_params, active_ratio)
+    dev, profile, note = resolve_device(device)
+    if calibrate is not None and profile is None and local:
+        calibrate()
+        dev, profile, note = resolve_device(device)
+    num_tokens = token_budget(tokens, data, text_field)
+    num_devices = max_devices or num_devices
+    try:
+        base = TrainSetup(framework="nvfree", seq_len=seq_len, lora_rank=lora_rank,
+                          lora_alpha=lora_alpha, lora_targets=parse_targets(lora_targets),
+                          num_tokens=num_tokens, num_devices=num_devices, num_nodes=nodes,
+                          offload=offload)
+    except ValueError as exc:
+        raise setup_error(exc) from None
+    if local and zero not in (None, "0", 0):
+        raise SetupError("the bundled trainer runs data parallel without sharding (--zero 0, "
+                         "DDP); plan ZeRO stages for a catalogue --device")
+    stages = (int(zero),) if zero is not None else ((0,) if local else (0, 1, 2, 3))
+    c = constraints_from(method=method, dtype=dtype, optimizer=optimizer,
+                         checkpointing=checkpointing, global_batch=global_batch,
+                         memory_limit=memory_limit, max_hours=max_hours, max_cost=max_cost,
+                         objective=objective, top=top, zero_stages=stages,
+                         max_devices=max_devices)
+    result = search(spec, base, dev, profile, c)
+    if not result.candidates[0].verdict.startswith("chosen"):
+        raise SetupError(f"no candidate meets the constraints; the closest: "
+                         f"{result.candidates[0].verdict} (see `nvfree estimate` advice)")
+    source = model if isinstance(model, str) else (
+        model.name if isinstance(model, ModelSpec) else f"--params {params:g}")
+    the_plan = make_plan(result, model=spec, model_source=source,
+                         data=None if data is None else str(data), text_field=text_field,
+                         device=dev, device_key=device.strip().lower(),
+                         torch_device=torch_device,
+                         fingerprint=fingerprint(detect()) if local else None,
+                         profile=profile, num_tokens=num_tokens, objective=objective,
+                         seed=seed)
+    if output is not None:
+        save_plan(the_plan, Path(output))
+    return the_plan, note

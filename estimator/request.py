@@ -18,6 +18,16 @@ SETUP_DEFAULTS: dict[str, object] = {
 """Every setup flag and its default, once: the CLI declares its options from these names and
 values (cli/options.py), the library fills what a call leaves out with them."""
 
+PLAN_DEFAULTS: dict[str, object] = {
+    "model": "smollm2-135m", "seq_len": 256, "global_batch": 8, "tokens": 32_768,
+}
+"""What `nvfree plan` (and estimator.plan) assumes where estimate would use SETUP_DEFAULTS,
+and why they differ: with no arguments, plan prepares a short training run of a small model on
+this machine that `nvfree run` then executes — 16 steps of 8 × 256 tokens (32,768 tokens), about
+two minutes of the default model on a 2-core CPU (docs/planning.md). Estimate's seq_len 2048
+describes a fine-tune of a named model; planning 2048-token sequences on a CPU would make the
+no-argument run take ten times as long. Name --seq-len to plan (or estimate) anything else."""
+
 
 def resolve_model(model: str | ModelSpec | None = None, params: float | None = None,
                   active_params: float | None = None, active_ratio: float | None = None

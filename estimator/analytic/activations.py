@@ -175,7 +175,7 @@ def layer_saved_bytes(model: ModelSpec, setup: TrainSetup, *, moe_layer: bool,
                       pad_experts: bool = False) -> int:
     """Everything one transformer block saves for backward (bytes); `pad_experts`: expert
     groups padded to EXPERT_ROW_GRANULE rows."""
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     total = model.attentions_per_layer * attention_saved_bytes(model, setup, tokens)
     total += norm_saved_bytes(model, setup, tokens) + norm_adjust_bytes(model, setup, tokens)
     if moe_layer:
@@ -192,7 +192,7 @@ def head_saved_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     """Final norm, and the lm_head input when lm_head trains and the loss is not fused (the
     fused loss keeps gradients instead: counted in memory.logits_bytes)."""
     c, _ = elem_bytes(setup)
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     head_input = tokens * model.hidden_size * c if (
         setup.method == "full" and not setup.fuses_loss) else 0
     return norm_saved_bytes(model, setup, tokens) + head_input
@@ -201,7 +201,7 @@ def head_saved_bytes(model: ModelSpec, setup: TrainSetup) -> int:
 def checkpointed_layer_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     """With full activation checkpointing a block keeps only its input (T·h·r)."""
     _, r = elem_bytes(setup)
-    return setup.batch_size * setup.seq_len * model.hidden_size * r
+    return setup.tokens_per_micro_batch * model.hidden_size * r
 
 
 def activation_bytes(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
@@ -227,7 +227,7 @@ def activation_bytes(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool =
     if setup.trains_adapters and not setup.checkpointing:
         # frozen embeddings: the first norm's input needs no gradient, so nothing is saved
         dense_or_moe = dense if num_dense else moe
-        first = dense_or_moe - norm_saved_bytes(model, setup, setup.batch_size * setup.seq_len)
+        first = dense_or_moe - norm_saved_bytes(model, setup, setup.tokens_per_micro_batch)
         return {"layers": dense * num_dense + moe * num_moe - dense_or_moe + first,
                 "recompute": 0, "head": head}
     if setup.checkpointing:

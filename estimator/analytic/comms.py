@@ -16,8 +16,8 @@ the same formulas elementwise; with scalars the results are the scalar ones, bit
 from dataclasses import dataclass
 
 from estimator.analytic.efficiency import curve_seconds
-from estimator.analytic.memory import is_array
 from estimator.analytic.precision import dtype_bytes
+from estimator.analytic.sharding import is_array
 from estimator.specs import CalibrationProfile, Device, EfficiencyCurve, ModelSpec, TrainSetup
 
 GB = 1e9
@@ -266,7 +266,7 @@ def expert_parallel_collectives(model: ModelSpec, setup: TrainSetup) -> list[Col
     2021; DeepSpeed-MoE). Payload per rank: b·s tokens × top-k × h × c bytes."""
     if setup.expert_parallel <= 1 or model.moe is None:
         return []
-    per_call = (setup.batch_size * setup.seq_len * model.moe.routed_experts_per_token
+    per_call = (setup.tokens_per_micro_batch * model.moe.routed_experts_per_token
                 * model.hidden_size * dtype_bytes(setup.compute_dtype))
     passes = 2 if setup.method == "inference" else 4
     calls = passes * model.num_moe_layers * setup.grad_accum

@@ -7,16 +7,15 @@ DDP's bucketed all-reduce and FSDP prefetch hide part of it in practice). tokens
 counts all devices (global_tokens_per_step); cost = devices × price × hours."""
 
 from estimator.analytic import comms as C
-from estimator.analytic.flops import optimizer_bytes_per_param
-from estimator.analytic.memory import (
+from estimator.analytic.loss_optim import optimizer_bytes_per_param
+from estimator.analytic.memory import device_gradient_bytes
+from estimator.analytic.model_state import (
     autocast_copy_params,
-    device_gradient_bytes,
-    routed_fractions,
-    sharded_bytes,
     trainable_bytes_per_param,
     weight_bytes,
 )
 from estimator.analytic.precision import dtype_bytes
+from estimator.analytic.sharding import routed_fractions, sharded_bytes
 from estimator.specs import (
     CalibrationProfile,
     Device,

@@ -2,18 +2,21 @@
 curves (efficiency.py): step_seconds = Σ_ops calls · (overhead + work / rate(work)), ops run one
 after another (eager execution on one device; no compute/communication overlap to model yet)."""
 
+from estimator.analytic import dispatch as DP
+from estimator.analytic import elementwise as EW
 from estimator.analytic import flops as F
+from estimator.analytic import loss_optim as SO
 from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
 from estimator.analytic.inference import decode_tokens_per_second
-from estimator.analytic.memory import (
+from estimator.analytic.model_state import (
     autocasting,
     block_linear_params,
     casts_fp32_weights,
     gradient_bytes,
-    pads_expert_rows,
     quantized_linear_params,
 )
 from estimator.analytic.params import layer_groups
+from estimator.analytic.runtime import pads_expert_rows
 from estimator.specs import (
     CalibrationProfile,
     Device,
@@ -57,19 +60,19 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
     `pad_experts` as in flops.block_linear_ops."""
     micro = [*F.block_linear_ops(model, setup, pad_experts=pad_experts),
              *F.attention_core_ops(model, setup),
-             *F.elementwise_ops(model, setup, pad_experts=pad_experts), *F.head_ops(model, setup),
-             *F.lm_head_grad_ops(model, setup)]
+             *EW.elementwise_ops(model, setup, pad_experts=pad_experts), *SO.head_ops(model, setup),
+             *SO.lm_head_grad_ops(model, setup)]
     if setup.weight_bits <= 8:
-        micro += F.dequant_ops(model, setup, quantized_linear_params(model)[0])
+        micro += SO.dequant_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)
-    micro += F.cast_ops(setup, casts, trainable=setup.method == "full")
+    micro += SO.cast_ops(setup, casts, trainable=setup.method == "full")
     tensors = num_trainable_tensors(model, setup)
     if setup.trains_adapters and autocasting(setup):
-        micro += F.adapter_cast_ops(setup, params.trainable, tensors)
+        micro += SO.adapter_cast_ops(setup, params.trainable, tensors)
     a = setup.grad_accum
     ops = micro if a == 1 else [op._replace(num_calls=op.num_calls * a) for op in micro]
-    return (ops + F.gradient_alloc_ops(setup, gradient_bytes(setup, params), tensors)
-            + F.optimizer_ops(setup, params.trainable, tensors))
+    return (ops + SO.gradient_alloc_ops(setup, gradient_bytes(setup, params), tensors)
+            + SO.optimizer_ops(setup, params.trainable, tensors))
 
 
 def autocast_copy_params_per_pass(model: ModelSpec, setup: TrainSetup,
@@ -98,11 +101,11 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     if device.kind == "cpu":
         timed = sum(op.num_calls for op in ops
                     if carries_dispatch(profile, op.op_class, setup.compute_dtype))
-        ops += F.dispatch_ops(model, setup, num_trainable_tensors(model, setup), timed)
-        ops = [F.fresh_gradient_op(op, setup) if op.name == "gradients.alloc" else op
+        ops += DP.dispatch_ops(model, setup, num_trainable_tensors(model, setup), timed)
+        ops = [SO.fresh_gradient_op(op, setup) if op.name == "gradients.alloc" else op
                for op in ops]
         ops += [op._replace(num_calls=op.num_calls * setup.grad_accum)  # no aten calls
-                for op in F.loss_head_fresh_ops(model, setup)]
+                for op in SO.loss_head_fresh_ops(model, setup)]
     return ops
 
 

@@ -180,7 +180,7 @@ def record_train_steps(spec: ModelSpec, setup: TrainSetup, recorder: Callable[[C
         data = None
         if synthetic_data:
             data = Path(out) / "synthetic.txt"
-            repeats = 1 + 4 * (steps + 1) * setup.batch_size * setup.seq_len // 4096
+            repeats = 1 + 4 * (steps + 1) * setup.tokens_per_micro_batch // 4096
             data.write_text(SYNTHETIC_TEXT * repeats)
         run, *_ = prepare_run(spec, setup, TrainConfig(max_steps=steps + 1, data=data,
                                                         output_dir=Path(out), predict=False))

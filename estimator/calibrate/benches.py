@@ -427,7 +427,7 @@ def executor_dispatch_case() -> Case:
         train_step(run, next(steps), 1e-4)  # optimizer state exists from the second step on
         return lambda: train_step(run, next(steps), 1e-4)
 
-    from estimator.analytic.flops import dispatch_op_count
+    from estimator.analytic.dispatch import dispatch_op_count
     from estimator.analytic.throughput import num_trainable_tensors
 
     # the analytic count equals a TorchDispatchMode count of this step (test_dispatch_count)

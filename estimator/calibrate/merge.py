@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 
 from estimator.calibrate.contention import DISTURBED_FRACTION, SLOWDOWN_LIMIT
-from estimator.profiles import quality_note
+from estimator.hardware.profiles import quality_note
 from estimator.specs.calibration import CalibrationPoint, CalibrationProfile, ProfileQuality
 
 

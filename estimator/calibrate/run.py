@@ -30,7 +30,7 @@ from estimator.calibrate.runner import Progress, Runner
 from estimator.calibrate.suite import BYTES_CLASSES, SETTINGS, Mode, ModeSettings
 from estimator.errors import NvfreeError, ProfileError
 from estimator.hardware import detect, fingerprint, training_threads
-from estimator.profiles import load_profile, profile_path, save_profile
+from estimator.hardware.profiles import load_profile, profile_path, save_profile
 from estimator.specs import ModelSpec
 from estimator.specs.calibration import CalibrationPoint, CalibrationProfile
 from estimator.specs.machine import MachineInfo

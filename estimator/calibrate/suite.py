@@ -123,7 +123,7 @@ DEQUANT_SIZES = {
 
 QUICK_MODEL = "smollm2-135m"
 """The model the quick run takes its shapes from unless told another: `nvfree plan`'s
-default model (cli/plan.DEFAULT_MODEL)."""
+default model (request.PLAN_DEFAULTS)."""
 QUICK_TOKENS = (256, 2048)
 """Tokens per micro-batch the quick run measures at: the plan's default sequence (256) at
 batch 1 and 8 (the plan's global batch)."""

@@ -16,7 +16,7 @@ def hardware(
 
     from estimator.allocator import active_allocator
     from estimator.hardware import detect, fingerprint, local_device
-    from estimator.profiles import lookup_profile
+    from estimator.hardware.profiles import lookup_profile
 
     machine = detect(probe_torch=probe_torch)
     lookup = lookup_profile(machine)

@@ -1,5 +1,5 @@
 """`nvfree validate`: run a suite of training configs, each in a fresh process, and print the
-predicted-vs-measured error table (the workflow is estimator.validate.validate)."""
+predicted-vs-measured error table (the workflow is estimator.validation.validate)."""
 
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,7 +32,7 @@ def validate(suite: SuiteOpt = "quick", seed: SeedOpt = 0, count: CountOpt = 10,
     """Check the calibrated prediction against real runs of the bundled trainer."""
     from rich.console import Console
 
-    from estimator.validate import validate as run_validation
+    from estimator.validation import validate as run_validation
 
     console = Console(stderr=True)
 

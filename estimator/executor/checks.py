@@ -4,7 +4,7 @@ it. Each check raises SetupError with one line that names the flag to change."""
 
 import math
 
-from estimator.analytic.memory import optimizer_state_bytes, trainable_bytes_per_param
+from estimator.analytic.model_state import optimizer_state_bytes, trainable_bytes_per_param
 from estimator.analytic.params import count_params
 from estimator.errors import SetupError
 from estimator.specs.model import ModelSpec

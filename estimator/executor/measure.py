@@ -309,9 +309,9 @@ def predict(spec: ModelSpec, setup: TrainSetup, device: torch.device
     (parallel.rank_profile), as `nvfree plan` does."""
     try:
         from estimator.analytic.parallel import ranks_per_node
-        from estimator.api import estimate
         from estimator.hardware import cpu_device, detect, local_device
-        from estimator.profiles import lookup_profile
+        from estimator.hardware.profiles import lookup_profile
+        from estimator.planner.estimate import estimate
     except ImportError as e:
         return None, f"no analytic model in this build ({e})"
     try:
@@ -379,12 +379,12 @@ def _full_gradient_bytes(estimate: Estimate | None) -> int | None:
     with the optimizer step in backward, the one tensor's gradient that exists at a time."""
     if estimate is None:
         return None
-    from estimator.analytic import memory
+    from estimator.analytic import model_state
 
     if estimate.setup.optimizer_in_backward:
-        return memory.backward_step_gradient_bytes(estimate.model, estimate.setup,
-                                                   estimate.params)
-    return memory.gradient_bytes(estimate.setup, estimate.params)
+        return model_state.backward_step_gradient_bytes(estimate.model, estimate.setup,
+                                                        estimate.params)
+    return model_state.gradient_bytes(estimate.setup, estimate.params)
 
 
 def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigLike,

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from estimator.analytic.memory import ADAMW8BIT_CHUNK_ELEMENTS
+from estimator.analytic.model_state import ADAMW8BIT_CHUNK_ELEMENTS
 from estimator.errors import SetupError
 from estimator.specs.setup import TrainSetup
 

@@ -118,7 +118,7 @@ def model_directory(model: str | None) -> Path | None:
 
 def _estimate(spec: ModelSpec, setup: TrainSetup, device, profile) -> Estimate:
     """api.estimate of the bundled trainer's setup; SetupError for input it cannot compute."""
-    from estimator.api import estimate
+    from estimator.planner.estimate import estimate
 
     try:
         return estimate(spec, setup.model_copy(update={"framework": "nvfree"}), device, profile)
@@ -273,8 +273,8 @@ def check_plan(plan: Plan, path: Path) -> tuple[list[str], list[str], Estimate]:
     import psutil
 
     from estimator.hardware import detect, fingerprint, local_device
+    from estimator.hardware.profiles import lookup_profile
     from estimator.planfile import machine_problems, prediction_problems
-    from estimator.profiles import lookup_profile
 
     check_runnable(plan.model, plan.setup)
     machine = detect()

@@ -45,7 +45,7 @@ def resolve_device(name: str = "local", *, use_profile: bool = True,
                                      "(see `nvfree devices` for the catalogue)")
         device, profile, note = load_device(key), None, CATALOGUE_NOTE
     else:
-        from estimator.profiles import lookup_profile
+        from estimator.hardware.profiles import lookup_profile
 
         machine = detect()
         found = lookup_profile(machine) if use_profile else None

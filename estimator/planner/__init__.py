@@ -33,7 +33,7 @@ assembled in one gather from per-sweep, per-structure × micro-batch and per-can
   memory_breakdown itself at the largest micro-batch of each structure for any term the phases
   leave out (KV cache, expert kernel caches, a term added later), per b where there is one.
 
-The best candidates are re-scored exactly with the functions `estimator.api.estimate` composes
+The best candidates are re-scored exactly with the functions `estimator.planner.estimate` composes
 (memory_breakdown, step_throughput; not its advice) and those numbers are what the plan
 records; if they differ from the array scores, the whole space is scored exactly.
 """

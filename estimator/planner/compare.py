@@ -27,9 +27,9 @@ from typing import Any
 from estimator.analytic.inference import decode_step_seconds
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.params import count_params
-from estimator.api import estimate
 from estimator.catalog import GB, GIB, TERA, list_devices, list_models, load_device, read_toml
 from estimator.errors import SetupError
+from estimator.planner.estimate import estimate
 from estimator.request import auto_dtype
 from estimator.specs import (
     CalibrationProfile,

@@ -4,14 +4,9 @@ micro_batch_bytes, memory_breakdown for what the phases leave out)."""
 
 import numpy as np
 
-from estimator.analytic.memory import (
-    HOST_TERMS,
-    memory_breakdown,
-    micro_batch_bytes,
-    model_state_terms,
-    runtime_overhead_bytes,
-    step_runtime_bytes,
-)
+from estimator.analytic.memory import HOST_TERMS, memory_breakdown, model_state_terms
+from estimator.analytic.micro_batch import micro_batch_bytes
+from estimator.analytic.runtime import runtime_overhead_bytes, step_runtime_bytes
 from estimator.planner.space import Group, Space, Sweep, _at
 from estimator.specs import (
     Device,

@@ -98,7 +98,7 @@ def _exact(model: ModelSpec, setups: list[TrainSetup], device: Device,
     """The memory and step time estimate() reports for the setups, in their order, by the
     functions it composes (checks.check, memory_breakdown on the rank device, step_throughput;
     not its advice, which the plan does not use). Verdicts are filled in by the caller."""
-    from estimator.api import step_throughput
+    from estimator.analytic.step import step_throughput
     from estimator.checks import check
 
     rows = []

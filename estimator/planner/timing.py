@@ -309,6 +309,6 @@ def _exact_steps(model: ModelSpec, g: Group, device: Device,
 
 def _exact_seconds(model: ModelSpec, setup: TrainSetup, device: Device,
                    profile: CalibrationProfile | None, batch: int, accum: int) -> float:
-    from estimator.api import step_throughput
+    from estimator.analytic.step import step_throughput
 
     return step_throughput(model, _at(setup, batch, accum), device, profile).step_seconds

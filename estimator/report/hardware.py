@@ -15,7 +15,7 @@ from estimator.specs import CalibrationProfile, Device, MachineInfo
 
 if TYPE_CHECKING:
     from estimator.calibrate.run import CalibrationResult
-    from estimator.profiles import ProfileLookup
+    from estimator.hardware.profiles import ProfileLookup
 
 FLOPS_CLASSES = ("matmul", "matmul_cold", "matmul_wgrad", "lora", "attention")
 

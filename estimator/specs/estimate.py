@@ -147,3 +147,28 @@ class Estimate(Spec):
     (bytes): what the user would need with the other training codes nvfree models."""
     assumptions: list[str]
     """Everything assumed that the user did not say."""
+
+    def summary(self) -> dict[str, str | int | float | bool | None]:
+        """The headline numbers as one flat dict (one row of a pandas DataFrame:
+        `pd.DataFrame([e.summary() for e in estimates])`). Units in the key names: bytes,
+        seconds, tokens per second, USD; the full breakdowns stay in the Estimate."""
+        s, m, t = self.setup, self.memory, self.throughput
+        return {
+            "model": self.model.name, "device": self.device.name,
+            "num_devices": s.num_devices, "framework": s.framework, "method": s.method,
+            "compute_dtype": s.compute_dtype, "weight_bits": s.weight_bits,
+            "optimizer": s.optimizer, "batch_size": s.batch_size, "seq_len": s.seq_len,
+            "grad_accum": s.grad_accum, "checkpointing": s.checkpointing,
+            "zero_stage": s.zero_stage,
+            "total_params": self.params.total, "active_params": self.params.active_per_token,
+            "trainable_params": self.params.trainable,
+            "peak_bytes": m.total_bytes, "peak_upper_bytes": m.upper_bytes,
+            "capacity_bytes": m.capacity_bytes, "host_bytes": m.host_total_bytes,
+            "fits": m.fits, "verdict": self.verdict,
+            "minimum_memory_bytes": self.minimum_memory_bytes,
+            "step_seconds": t.step_seconds, "tokens_per_second": t.tokens_per_second,
+            "communication_seconds": t.communication_seconds,
+            "total_seconds": t.total_seconds, "cost_usd": t.cost_usd,
+            "decode_tokens_per_second": t.decode_tokens_per_second,
+            "calibrated": t.calibrated,
+        }

@@ -177,6 +177,24 @@ class ModelSpec(Spec):
         return self.moe is not None
 
     @property
+    def num_params(self) -> int:
+        """Total parameters (count; embedding and LM head included, tied ones once). Computed
+        by analytic/params.py's count_params, the one parameter formula (imported when read:
+        specs hold no formulas); count_params(model, setup) gives the active and trainable
+        counts of a setup and the named groups."""
+        from estimator.analytic.params import count_params
+
+        return count_params(self).total
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters that one token passes through (count): num_params for a dense model,
+        the shared part + the routed experts per token for an MoE (analytic/params.py)."""
+        from estimator.analytic.params import count_params
+
+        return count_params(self).active_per_token
+
+    @property
     def num_moe_layers(self) -> int:
         """Layers whose FFN is a mixture of experts (count)."""
         return 0 if self.moe is None else self.num_layers - self.moe.num_dense_layers

@@ -134,9 +134,14 @@ class TrainSetup(Spec):
         return self.method in ("lora", "qlora")
 
     @property
+    def tokens_per_micro_batch(self) -> int:
+        """Tokens in one micro-batch on one device: batch_size × seq_len (tokens)."""
+        return self.batch_size * self.seq_len
+
+    @property
     def tokens_per_step(self) -> int:
         """Tokens processed per optimizer step on one device (tokens)."""
-        return self.batch_size * self.seq_len * self.grad_accum
+        return self.tokens_per_micro_batch * self.grad_accum
 
     @property
     def global_tokens_per_step(self) -> int:

@@ -77,4 +77,4 @@ class ValidationReport(Spec):
     """Random suite: drawn configurations not run, and why (over the memory or time budget
     by their own prediction, or not buildable), one line each."""
     profile_quality: str | None = None
-    """The calibration profile's quality note (estimator.profiles.profile_quality_note)."""
+    """The calibration profile's quality note (estimator.hardware.profiles.profile_quality_note)."""

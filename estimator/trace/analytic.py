@@ -14,9 +14,9 @@ def analytic_side(model: str, setup: TrainSetup, device: str) -> tuple[AnalyticS
     """(AnalyticSide, note) from estimator.api.estimate; (None, why) when the analytic model
     cannot read the model's config. HF computes full b·s·V logits, so the estimate is made with
     fused_loss=False."""
-    from estimator.api import estimate
     from estimator.catalog import load_model
     from estimator.hardware import resolve_device
+    from estimator.planner.estimate import estimate
 
     try:
         spec = load_model(model)

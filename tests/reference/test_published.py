@@ -2,7 +2,7 @@
 
 import pytest
 
-from estimator.analytic import memory as M
+from estimator.analytic import model_state as MS
 from estimator.analytic.activations import activation_bytes, korthikanti_layer_bytes
 from estimator.analytic.flops import model_flops_per_token
 from estimator.analytic.params import count_params
@@ -48,8 +48,8 @@ def test_mixed_precision_adamw_16_to_18_bytes_per_param() -> None:
     spec = load_model("llama-2-7b")
     setup = TrainSetup(method="full", compute_dtype="bf16", mixed_precision=True)
     p = count_params(spec, setup)
-    states = (M.weight_bytes(spec, setup, p)["weights"] + M.master_weight_bytes(setup, p)
-              + M.gradient_bytes(setup, p) + M.optimizer_state_bytes(spec, setup, p))
+    states = (MS.weight_bytes(spec, setup, p)["weights"] + MS.master_weight_bytes(setup, p)
+              + MS.gradient_bytes(setup, p) + MS.optimizer_state_bytes(spec, setup, p))
     assert 16 <= states / p.total <= 18
 
 
@@ -60,8 +60,8 @@ def test_qlora_nf4_double_quant_4_127_bits() -> None:
     assert nf4_bits_per_param(double_quant=True) == pytest.approx(4.127, abs=5e-4)
     spec = load_model("llama-2-7b")
     setup = TrainSetup(method="qlora", weight_bits=4, double_quant=True)
-    w = M.weight_bytes(spec, setup, count_params(spec, setup))
-    quantized, _ = M.quantized_linear_params(spec)
+    w = MS.weight_bytes(spec, setup, count_params(spec, setup))
+    quantized, _ = MS.quantized_linear_params(spec)
     rest = (count_params(spec).total - quantized) * 2
     bits = (w["weights"] - rest + w["quant_scales"]) * 8 / quantized
     assert bits == pytest.approx(4.127, abs=1e-3)

@@ -9,7 +9,8 @@ activations (analytic/activations.py), autocast weight copies and LoRA adapter c
 import pytest
 import torch
 
-from estimator.analytic import memory as M
+from estimator.analytic import model_state as MS
+from estimator.analytic import runtime as RT
 from estimator.analytic.activations import activation_bytes, moe_saved_bytes
 from estimator.analytic.params import count_params
 from estimator.executor.kernels import _RMSNormFunction
@@ -47,15 +48,15 @@ def analytic_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     params = count_params(spec, setup)
     acts = activation_bytes(spec, setup)
     total = acts["layers"] + acts["head"]
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     total += tokens * spec.hidden_size * 2  # fused loss: ∂L/∂h in bf16
     if setup.method == "full":
         total += spec.vocab_size * spec.hidden_size * 4  # fused loss: ∂L/∂W in fp32
     if not setup.checkpointing:  # casts inside a checkpointed block are recomputed, not kept
-        total += M.autocast_copy_params(spec, setup, params) * 2
+        total += MS.autocast_copy_params(spec, setup, params) * 2
     if setup.trains_adapters:  # the c-byte copies adapter matmuls keep (casts, or Bᵀ copies)
-        total += M.adapter_bytes(spec, setup, params) - params.trainable * (
-            M.trainable_bytes_per_param(setup))
+        total += MS.adapter_bytes(spec, setup, params) - params.trainable * (
+            MS.trainable_bytes_per_param(setup))
     return total
 
 
@@ -87,7 +88,7 @@ def test_saved_tensors_match_analytic(spec: ModelSpec, setup: TrainSetup, tmp_pa
     torch.manual_seed(0)
     _, model = build_training_model(spec, setup, TrainConfig(max_steps=1, output_dir=tmp_path),
                                     torch.device("cpu"))
-    pads = M.pads_expert_rows(spec, setup, "cpu")
+    pads = RT.pads_expert_rows(spec, setup, "cpu")
     added: list[int] = []
     if pads:
         pad_groups = model_module._pad_groups
@@ -105,7 +106,7 @@ def test_saved_tensors_match_analytic(spec: ModelSpec, setup: TrainSetup, tmp_pa
     assert measured == pytest.approx(predicted, rel=0.03), (
         f"we see {measured:,} B saved, the analytic model expects {predicted:,}")
     if pads and not setup.checkpointing:  # checkpointed blocks keep their input only
-        tokens = setup.batch_size * setup.seq_len
+        tokens = setup.tokens_per_micro_batch
         per_row = moe_saved_bytes(spec, setup, tokens, 1.0) - moe_saved_bytes(spec, setup, tokens)
         assert len(added) == spec.num_moe_layers and sum(added) > 0
         assert padded - measured == pytest.approx(per_row * sum(added), rel=0.05)

@@ -6,7 +6,7 @@ byte accounting of one aten call (calibrate.benches.aten_call_bytes)."""
 import pytest
 import torch
 
-from estimator.analytic.flops import MOE_ROUTING_BYTES, block_token_bytes, mlp_width
+from estimator.analytic.elementwise import MOE_ROUTING_BYTES, block_token_bytes, mlp_width
 from estimator.calibrate.benches import record_train_step_bytes
 from estimator.specs import ModelSpec, MoESpec, TrainSetup
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from estimator.calibrate.fit import curve_rate, curve_seconds, fit_curve, isotonic_rates
-from estimator.profiles import find_profile
+from estimator.hardware.profiles import find_profile
 
 REQUIRED_CLASSES = {
     "matmul.fp32", "matmul.bf16", "matmul.fp16", "attention.fp32", "attention.bf16",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from estimator.analytic.flops import dispatch_op_count
+from estimator.analytic.dispatch import dispatch_op_count
 from estimator.analytic.throughput import num_trainable_tensors
 from estimator.executor.train import TrainConfig, prepare_run, train_step
 from estimator.specs import ModelSpec, MoESpec, TrainSetup

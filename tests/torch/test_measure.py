@@ -90,7 +90,7 @@ def test_a_data_parallel_cpu_rank_is_predicted_from_the_machine_profile(tiny_den
     profile, split per rank by the estimate (parallel.rank_profile), not the catalogue."""
     from estimator.calibrate.fit import fit_curve
     from estimator.hardware import detect, fingerprint
-    from estimator.profiles import save_profile
+    from estimator.hardware.profiles import save_profile
     from estimator.specs import CalibrationProfile, TrainSetup
 
     machine = detect()

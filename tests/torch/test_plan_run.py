@@ -8,7 +8,7 @@ import pytest
 
 from estimator.cli.app import main
 from estimator.specs import RunReport
-from estimator.validate import Case, case_result, run_case
+from estimator.validation import Case, case_result, run_case
 
 pytestmark = pytest.mark.torch
 

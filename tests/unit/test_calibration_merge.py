@@ -4,7 +4,7 @@ the one-line refusal, and the note estimates state. Pure: no torch."""
 import pytest
 
 from estimator.calibrate.merge import merge_points, quality_of, refusal
-from estimator.profiles import profile_quality_note
+from estimator.hardware.profiles import profile_quality_note
 from estimator.specs.calibration import (
     CalibrationPoint,
     CalibrationProfile,

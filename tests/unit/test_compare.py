@@ -141,7 +141,7 @@ def test_prefill_counts_forward_flops_only() -> None:
     """The per-op prefill step (method inference) is forward only: 2·N per token + causal
     attention, less the lm_head of all but the last position."""
     est, _, _ = inference_estimate("llama-3.1-8b", "h100-sxm")
-    tokens = est.setup.batch_size * est.setup.seq_len
+    tokens = est.setup.tokens_per_micro_batch
     reference = prefill_flops_per_token(est.model, est.params, est.setup.seq_len) * tokens
     lm_head = 2 * est.params.lm_head * (tokens - est.setup.batch_size)
     assert est.throughput.step_flops == pytest.approx(reference - lm_head, rel=0.01)

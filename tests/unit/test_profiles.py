@@ -6,7 +6,7 @@ import pytest
 
 from estimator.errors import ProfileError
 from estimator.hardware import fingerprint
-from estimator.profiles import (
+from estimator.hardware.profiles import (
     cache_dir,
     find_profile,
     load_profile,
@@ -140,7 +140,7 @@ def test_newest_valid_profile_wins():
 def test_profiles_are_keyed_by_allocator(monkeypatch):
     """A profile measured under tcmalloc has its own file; each process finds the one for the
     malloc it runs, and a profile for another malloc alone is reported."""
-    import estimator.profiles as profiles
+    import estimator.hardware.profiles as profiles
 
     machine = _machine()
     system, tcmalloc = _profile(machine), _profile(machine, allocator="tcmalloc")

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from estimator.analytic.memory import memory_breakdown, zero_model_state_bytes
+from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.params import count_params
+from estimator.analytic.sharding import zero_model_state_bytes
 from estimator.catalog import load_device, load_model
 from estimator.cli.app import main
 from estimator.errors import SetupError

@@ -4,7 +4,7 @@ import pytest
 
 from estimator.errors import ConfigError
 from estimator.specs.validation import CaseResult
-from estimator.validate import (
+from estimator.validation import (
     Budget,
     fit_corrections,
     leave_one_out_errors,
@@ -58,7 +58,7 @@ def test_summary_median_and_max() -> None:
 
 def _fake_predict(model, setup):
     """Peak and step time that grow with the configuration (deterministic, no machine)."""
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.tokens_per_micro_batch
     size = model.hidden_size * model.num_layers * (model.vocab_size / 1e4)
     return int(size * tokens * 50), size * tokens * 2e-8
 
@@ -149,7 +149,7 @@ def test_drawn_flags_build_the_drawn_setup() -> None:
 def test_random_suite_with_the_real_estimate() -> None:
     """Every draw is estimable on a catalogue CPU (kept or skipped with a reason)."""
     from estimator.catalog import load_device
-    from estimator.validate import predictor
+    from estimator.validation import predictor
 
     cases, skipped = random_suite(0, 4, BUDGET, predictor(load_device("epyc-9654"), None))
     assert len(cases) == 4

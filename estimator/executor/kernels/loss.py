@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from estimator.analytic.memory import FUSED_LOSS_CHUNK_ELEMENTS
+from estimator.analytic.micro_batch import FUSED_LOSS_CHUNK_ELEMENTS
 
 MIXED_ADD_BLOCK_ELEMENTS = 2**18
 """Elements per call when adding a 16-bit tensor into an fp32 one: the mixed-dtype kernel

@@ -2,7 +2,7 @@
 
 import pytest
 
-from estimator.analytic import flops as F
+from estimator.analytic import dispatch as DP
 from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
 from estimator.analytic.params import count_params
 from estimator.analytic.throughput import ops_seconds, step_ops, timed_ops
@@ -88,22 +88,22 @@ def test_dispatch_term_on_cpu_only_and_net_of_timed_ops():
     timed = sum(op.num_calls for op in step_ops(model, setup, params))
     tensors = 30 * 7 * 2
     assert dispatch[0].num_calls == pytest.approx(
-        F.dispatch_op_count(model, setup, tensors) - timed)
+        DP.dispatch_op_count(model, setup, tensors) - timed)
     # ~10.4 k with fused AdamW and in-place adapters (+3.8 k with the per-tensor loop, 9 ops
     # per tensor: calibration.md)
-    assert 9_500 < F.dispatch_op_count(model, setup, tensors) < 11_500
+    assert 9_500 < DP.dispatch_op_count(model, setup, tensors) < 11_500
 
 
 def test_dispatch_count_grows_with_recompute_and_accumulation():
     model = load_model("smollm2-135m")
     base = TrainSetup(method="lora", compute_dtype="bf16", seq_len=256)
-    count = F.dispatch_op_count(model, base, 420)
-    assert F.dispatch_op_count(model, base.model_copy(update={"checkpointing": True}), 420) > count
-    twice = F.dispatch_op_count(model, base.model_copy(update={"grad_accum": 2}), 420)
-    assert twice == pytest.approx(2 * count - F.DISPATCH.fused_adamw)
+    count = DP.dispatch_op_count(model, base, 420)
+    assert DP.dispatch_op_count(model, base.model_copy(update={"checkpointing": True}), 420) > count
+    twice = DP.dispatch_op_count(model, base.model_copy(update={"grad_accum": 2}), 420)
+    assert twice == pytest.approx(2 * count - DP.DISPATCH.fused_adamw)
     eight = base.model_copy(update={"optimizer": "adamw8bit"})  # a per-tensor optimizer
-    assert F.dispatch_op_count(model, eight, 420) == pytest.approx(
-        count - F.DISPATCH.fused_adamw + 9 * 420 + F.DISPATCH.optimizer_fixed)
+    assert DP.dispatch_op_count(model, eight, 420) == pytest.approx(
+        count - DP.DISPATCH.fused_adamw + 9 * 420 + DP.DISPATCH.optimizer_fixed)
 
 
 def test_attention_rate_is_read_at_one_sequence_and_kept_under_accumulation():

@@ -3,6 +3,9 @@
 import pytest
 
 from estimator.analytic import memory as M
+from estimator.analytic import micro_batch as MB
+from estimator.analytic import model_state as MS
+from estimator.analytic import runtime as RT
 from estimator.analytic.activations import activation_bytes
 from estimator.analytic.params import count_params
 from estimator.catalog import load_device
@@ -24,18 +27,18 @@ def terms(model: ModelSpec, **setup):
 
 def test_full_mixed_adamw_is_18_bytes_per_linear_param(tiny_dense: ModelSpec) -> None:
     s, p = terms(tiny_dense, method="full", compute_dtype="bf16", mixed_precision=True)
-    cast = M.autocast_copy_params(tiny_dense, s, p)  # block matmul weights (fused loss)
+    cast = MS.autocast_copy_params(tiny_dense, s, p)  # block matmul weights (fused loss)
     assert cast == p.total - 2 * 100 * 64 - 5 * 64
-    assert M.weight_bytes(tiny_dense, s, p) == {"weights": 2 * cast, "quant_scales": 0}
-    assert M.master_weight_bytes(s, p) == 4 * p.total
-    assert M.gradient_bytes(s, p) == 4 * p.total
-    assert M.optimizer_state_bytes(tiny_dense, s, p) == 8 * p.total
+    assert MS.weight_bytes(tiny_dense, s, p) == {"weights": 2 * cast, "quant_scales": 0}
+    assert MS.master_weight_bytes(s, p) == 4 * p.total
+    assert MS.gradient_bytes(s, p) == 4 * p.total
+    assert MS.optimizer_state_bytes(tiny_dense, s, p) == 8 * p.total
 
 
 def test_pure_bf16_adamw_is_8_bytes_per_param(tiny_dense: ModelSpec) -> None:
     s, p = terms(tiny_dense, method="full", compute_dtype="bf16", mixed_precision=False)
-    states = (M.weight_bytes(tiny_dense, s, p)["weights"] + M.master_weight_bytes(s, p)
-              + M.gradient_bytes(s, p) + M.optimizer_state_bytes(tiny_dense, s, p))
+    states = (MS.weight_bytes(tiny_dense, s, p)["weights"] + MS.master_weight_bytes(s, p)
+              + MS.gradient_bytes(s, p) + MS.optimizer_state_bytes(tiny_dense, s, p))
     assert states == 8 * p.total
 
 
@@ -43,37 +46,37 @@ def test_pure_bf16_adamw_is_8_bytes_per_param(tiny_dense: ModelSpec) -> None:
     ("sgd", 0), ("sgd_momentum", 4), ("lion", 4), ("adamw", 8)])
 def test_optimizer_states_fp32(tiny_dense: ModelSpec, optimizer: str, per_param: int) -> None:
     s, p = terms(tiny_dense, optimizer=optimizer)
-    assert M.optimizer_state_bytes(tiny_dense, s, p) == per_param * p.total
+    assert MS.optimizer_state_bytes(tiny_dense, s, p) == per_param * p.total
 
 
 def test_adamw8bit_states(tiny_dense: ModelSpec) -> None:
     s, p = terms(tiny_dense, optimizer="adamw8bit")
     blocks = -(-p.total // 256)
-    assert M.optimizer_state_bytes(tiny_dense, s, p) == 2 * p.total + 8 * blocks
+    assert MS.optimizer_state_bytes(tiny_dense, s, p) == 2 * p.total + 8 * blocks
 
 
 def test_adafactor_factored_states(tiny_dense: ModelSpec) -> None:
     s, p = terms(tiny_dense, optimizer="adafactor")
     per_layer = (64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64)
     expected = 2 * per_layer + 2 * (100 + 64) + 5 * 64
-    assert M.optimizer_state_bytes(tiny_dense, s, p) == 4 * expected
+    assert MS.optimizer_state_bytes(tiny_dense, s, p) == 4 * expected
 
 
 def test_qlora_nf4_storage(tiny_dense: ModelSpec) -> None:
     s, p = terms(tiny_dense, method="qlora", weight_bits=4, double_quant=False)
-    quantized, _ = M.quantized_linear_params(tiny_dense)
+    quantized, _ = MS.quantized_linear_params(tiny_dense)
     assert quantized == p.total - 2 * 100 * 64 - 5 * 64
-    w = M.weight_bytes(tiny_dense, s, p)
+    w = MS.weight_bytes(tiny_dense, s, p)
     assert w["weights"] == quantized // 2 + (p.total - quantized) * 2
     assert w["quant_scales"] == 4 * (quantized // 64)
 
 
 def test_full_logits_buffers(tiny_dense: ModelSpec) -> None:
     s = TrainSetup(batch_size=2, seq_len=8, compute_dtype="bf16", fused_loss=False)
-    assert M.logits_bytes(tiny_dense, s) == 2 * 8 * 100 * (2 + 12)
+    assert MB.logits_bytes(tiny_dense, s) == 2 * 8 * 100 * (2 + 12)
     s32 = TrainSetup(batch_size=2, seq_len=8, compute_dtype="fp32", mixed_precision=False,
                      fused_loss=False)
-    assert M.logits_bytes(tiny_dense, s32) == 2 * 8 * 100 * 16
+    assert MB.logits_bytes(tiny_dense, s32) == 2 * 8 * 100 * 16
 
 
 def test_fused_loss_buffers(tiny_dense: ModelSpec) -> None:
@@ -81,25 +84,25 @@ def test_fused_loss_buffers(tiny_dense: ModelSpec) -> None:
     16-bit buffers peak apart from the chunk's softmax (16-bit logits and their 16-bit
     softmax: C·V·4)."""
     lora = TrainSetup(method="lora", batch_size=2, seq_len=8, compute_dtype="bf16")
-    assert M.logits_bytes(tiny_dense, lora) == 16 * 100 * (2 + 2) + 16 * 64 * 2
+    assert MB.logits_bytes(tiny_dense, lora) == 16 * 100 * (2 + 2) + 16 * 64 * 2
     full = lora.model_copy(update={"method": "full"})
     # one chunk: the softmax (C·V·4) or the chunk's gradient with W's product and fp32 sum
-    assert M.logits_bytes(tiny_dense, full) == 16 * 64 * 2 + max(16 * 100 * 4,
+    assert MB.logits_bytes(tiny_dense, full) == 16 * 64 * 2 + max(16 * 100 * 4,
                                                                  16 * 100 * 2 + 100 * 64 * 6)
     several = full.model_copy(update={"seq_len": 2**20})  # a later chunk sees the fp32 sum
     rows, tokens = 2**25 // 100, 2 * 2**20
-    assert M.logits_bytes(tiny_dense, several) == tokens * 64 * 2 + max(
+    assert MB.logits_bytes(tiny_dense, several) == tokens * 64 * 2 + max(
         rows * 100 * 4 + 100 * 64 * 4, rows * 100 * 2 + 100 * 64 * 6)
     fp32 = full.model_copy(update={"compute_dtype": "fp32", "weight_bits": 32,
                                    "mixed_precision": False})
-    assert M.logits_bytes(tiny_dense, fp32) == 16 * 100 * 4 + 16 * 64 * 4 + 100 * 64 * 4
+    assert MB.logits_bytes(tiny_dense, fp32) == 16 * 100 * 4 + 16 * 64 * 4 + 100 * 64 * 4
     long = lora.model_copy(update={"seq_len": 2**20})
-    assert M.fused_loss_chunk_rows(tiny_dense, long) == 2**25 // 100
+    assert MB.fused_loss_chunk_rows(tiny_dense, long) == 2**25 // 100
 
 
 def test_kv_cache_inference(tiny_dense: ModelSpec) -> None:
     s = TrainSetup(method="inference", batch_size=3, seq_len=10)
-    assert M.kv_cache_bytes(tiny_dense, s) == 3 * 10 * 2 * 2 * 16 * 2 * 2
+    assert MB.kv_cache_bytes(tiny_dense, s) == 3 * 10 * 2 * 2 * 16 * 2 * 2
 
 
 def test_checkpointing_keeps_layer_inputs(tiny_dense: ModelSpec) -> None:
@@ -131,9 +134,9 @@ def test_frozen_base_saves_less(tiny_dense: ModelSpec) -> None:
 
 def test_unified_memory_reserve() -> None:
     cpu = load_device("xeon-platinum-8480plus")
-    assert M.os_reserve_bytes(cpu) == max(2 * 1024**3, cpu.memory_bytes // 10)
-    assert M.os_reserve_bytes(H100) == 0
-    assert M.os_reserve_bytes(load_device("m4-max")) == load_device("m4-max").memory_bytes // 4
+    assert RT.os_reserve_bytes(cpu) == max(2 * 1024**3, cpu.memory_bytes // 10)
+    assert RT.os_reserve_bytes(H100) == 0
+    assert RT.os_reserve_bytes(load_device("m4-max")) == load_device("m4-max").memory_bytes // 4
 
 
 def test_breakdown_sums_and_peak_phase(tiny_dense: ModelSpec) -> None:
@@ -151,18 +154,18 @@ def test_cpu_process_baseline_terms(tiny_dense: ModelSpec) -> None:
     cpu = load_device("xeon-platinum-8480plus")
     s, p = terms(tiny_dense, seq_len=64)
     mem = M.memory_breakdown(tiny_dense, s, cpu, p).components
-    assert M.TRAINING_DATA_BYTES == 4 * 2**20 * 4  # 4 MiB corpus, 1 int32 id per byte
-    assert mem["runtime_overhead"] == (M.RUNTIME_OVERHEAD_BYTES["cpu"] + M.TRAINING_DATA_BYTES
-                                       + M.MODEL_BUILD_RESIDUE_BYTES)
-    assert mem["kernel_caches"] == M.KERNEL_CACHE_BYTES
-    assert mem["allocator_retention"] == M.ALLOCATOR_RETENTION_BYTES + round(
-        M.GRADIENT_RETENTION_FRACTION * M.gradient_bytes(s, p))
+    assert RT.TRAINING_DATA_BYTES == 4 * 2**20 * 4  # 4 MiB corpus, 1 int32 id per byte
+    assert mem["runtime_overhead"] == (RT.RUNTIME_OVERHEAD_BYTES["cpu"] + RT.TRAINING_DATA_BYTES
+                                       + RT.MODEL_BUILD_RESIDUE_BYTES)
+    assert mem["kernel_caches"] == RT.KERNEL_CACHE_BYTES
+    assert mem["allocator_retention"] == RT.ALLOCATOR_RETENTION_BYTES + round(
+        RT.GRADIENT_RETENTION_FRACTION * MS.gradient_bytes(s, p))
     gpu = M.memory_breakdown(tiny_dense, s, H100, p).components
-    assert gpu["runtime_overhead"] == M.RUNTIME_OVERHEAD_BYTES["cuda"]
+    assert gpu["runtime_overhead"] == RT.RUNTIME_OVERHEAD_BYTES["cuda"]
     assert gpu["kernel_caches"] == gpu["allocator_retention"] == 0
     infer, p_infer = terms(tiny_dense, method="inference", seq_len=64)
     mem_infer = M.memory_breakdown(tiny_dense, infer, cpu, p_infer).components
-    assert mem_infer["runtime_overhead"] == mem["runtime_overhead"] - M.TRAINING_DATA_BYTES
+    assert mem_infer["runtime_overhead"] == mem["runtime_overhead"] - RT.TRAINING_DATA_BYTES
     assert mem_infer["allocator_retention"] == 0
 
 
@@ -174,24 +177,24 @@ def test_expert_kernel_cache(tiny_moe: ModelSpec, tiny_dense: ModelSpec) -> None
     lora = {"method": "lora", "weight_bits": 16, "compute_dtype": "bf16", "batch_size": 2,
             "seq_len": 100}
     s, _ = terms(tiny_moe, **lora)
-    assert M.expert_kernel_cache_bytes(tiny_moe, s, "cpu") == 7 * 2 * 8 * M.EXPERT_PRIMITIVE_BYTES
+    assert RT.expert_kernel_cache_bytes(tiny_moe, s, "cpu") == 7 * 2 * 8 * RT.EXPERT_PRIMITIVE_BYTES
     big, _ = terms(tiny_moe, **{**lora, "seq_len": 4096})
-    assert M.expert_kernel_cache_bytes(tiny_moe, big, "cpu") == 1024 * M.EXPERT_PRIMITIVE_BYTES
+    assert RT.expert_kernel_cache_bytes(tiny_moe, big, "cpu") == 1024 * RT.EXPERT_PRIMITIVE_BYTES
     full, _ = terms(tiny_moe, **{**lora, "method": "full"})
-    assert (M.expert_kernel_cache_bytes(tiny_moe, full, "cpu")
-            == 7 * 2 * 3 * M.EXPERT_PRIMITIVE_BYTES)
+    assert (RT.expert_kernel_cache_bytes(tiny_moe, full, "cpu")
+            == 7 * 2 * 3 * RT.EXPERT_PRIMITIVE_BYTES)
     attention_only, _ = terms(tiny_moe, **{**lora, "lora_targets": ("q_proj", "v_proj")})
-    assert (M.expert_kernel_cache_bytes(tiny_moe, attention_only, "cpu")
-            == 7 * 2 * 2 * M.EXPERT_PRIMITIVE_BYTES)
+    assert (RT.expert_kernel_cache_bytes(tiny_moe, attention_only, "cpu")
+            == 7 * 2 * 2 * RT.EXPERT_PRIMITIVE_BYTES)
     fp32, _ = terms(tiny_moe, **{**lora, "compute_dtype": "fp32", "weight_bits": 32})
-    assert M.expert_kernel_cache_bytes(tiny_moe, fp32, "cpu") == 0
-    assert M.expert_kernel_cache_bytes(tiny_moe, s, "cuda") == 0
+    assert RT.expert_kernel_cache_bytes(tiny_moe, fp32, "cpu") == 0
+    assert RT.expert_kernel_cache_bytes(tiny_moe, s, "cuda") == 0
     s_dense, _ = terms(tiny_dense, **lora)
-    assert M.expert_kernel_cache_bytes(tiny_dense, s_dense, "cpu") == 0
+    assert RT.expert_kernel_cache_bytes(tiny_dense, s_dense, "cpu") == 0
     p = count_params(tiny_moe, s)
     cpu = load_device("xeon-platinum-8480plus")
     assert M.memory_breakdown(tiny_moe, s, cpu, p).components["expert_kernel_caches"] == (
-        M.expert_kernel_cache_bytes(tiny_moe, s, "cpu"))
+        RT.expert_kernel_cache_bytes(tiny_moe, s, "cpu"))
 
 
 def test_optimizer_in_backward_holds_one_gradient(tiny_dense: ModelSpec) -> None:
@@ -200,17 +203,17 @@ def test_optimizer_in_backward_holds_one_gradient(tiny_dense: ModelSpec) -> None
     it, and the heap retention scales with it instead of with every gradient."""
     plain, p = terms(tiny_dense, seq_len=8)
     inside, _ = terms(tiny_dense, seq_len=8, optimizer_in_backward=True)
-    assert M.largest_trainable_tensor(tiny_dense, inside, p) == 128 * 64
-    assert M.backward_step_gradient_bytes(tiny_dense, inside, p) == 128 * 64 * 4
+    assert MS.largest_trainable_tensor(tiny_dense, inside, p) == 128 * 64
+    assert MS.backward_step_gradient_bytes(tiny_dense, inside, p) == 128 * 64 * 4
     cpu = load_device("xeon-platinum-8480plus")
     state = M.model_state_terms(tiny_dense, inside, cpu, p)
     assert state["gradients"] == 128 * 64 * 4
     before = M.memory_breakdown(tiny_dense, plain, cpu, p)
     after = M.memory_breakdown(tiny_dense, inside, cpu, p)
     assert before.notes["peak_phase"] == "optimizer step"  # seq 8: the gradients set the peak
-    assert after.components["allocator_retention"] == M.ALLOCATOR_RETENTION_BYTES + round(
-        M.GRADIENT_RETENTION_FRACTION * 128 * 64 * 4)
+    assert after.components["allocator_retention"] == RT.ALLOCATOR_RETENTION_BYTES + round(
+        RT.GRADIENT_RETENTION_FRACTION * 128 * 64 * 4)
     assert after.total_bytes < before.total_bytes
     # on an accelerator the foreach AdamW list covers the one tensor each step sees
-    assert M.optimizer_transient_bytes(tiny_dense, plain, H100, p) == 4 * p.trainable
-    assert M.optimizer_transient_bytes(tiny_dense, inside, H100, p) == 128 * 64 * 4
+    assert MS.optimizer_transient_bytes(tiny_dense, plain, H100, p) == 4 * p.trainable
+    assert MS.optimizer_transient_bytes(tiny_dense, inside, H100, p) == 128 * 64 * 4

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from estimator.allocator import SYSTEM, active_allocator
 from estimator.errors import ProfileError
-from estimator.hardware import fingerprint, training_threads
+from estimator.hardware.detect import fingerprint, training_threads
 from estimator.specs.calibration import (
     CALIBRATION_SCHEMA_VERSION,
     CalibrationProfile,

@@ -131,7 +131,7 @@ def predicted_by_class(device: Device, profile: CalibrationProfile | None,
                        ) -> Callable[[RunReport], dict[str, float]]:
     """Predicted step seconds per op class for a run's model and setup (without the profile's
     own corrections, so a refit starts from the uncorrected model)."""
-    from estimator.api import estimate
+    from estimator.planner.estimate import estimate
 
     base = profile.model_copy(update={"corrections": {}}) if profile else None
 
@@ -147,7 +147,7 @@ def predicted_by_class(device: Device, profile: CalibrationProfile | None,
 def predictor(device: Device, profile: CalibrationProfile | None):
     """(predicted peak bytes, predicted step seconds) of a configuration here: what the random
     suite's budget is checked with (the trainer's own prediction: framework nvfree)."""
-    from estimator.api import estimate
+    from estimator.planner.estimate import estimate
 
     def predict(model, setup) -> tuple[int, float]:
         result = estimate(model, setup, device, profile)
@@ -176,7 +176,7 @@ def validate(suite_name: str = "quick", *, seed: int = 0, count: int = 10,
     update_profile: fit one correction per op class from these runs and store it in this
     machine's profile (ProfileError without a profile)."""
     from estimator.hardware import detect, local_device
-    from estimator.profiles import lookup_profile, profile_quality_note, save_profile
+    from estimator.hardware.profiles import lookup_profile, profile_quality_note, save_profile
 
     machine = detect()
     profile = lookup_profile(machine).profile
