@@ -36,7 +36,9 @@ def test_plan_then_run_then_resume(capsys: pytest.CaptureFixture[str], tmp_path:
     assert "measuring one (calibrate --quick)" in err  # no profile yet: the plan calibrates
     data = json.loads(plan.read_text())
     steps = data["max_steps"]
-    assert steps == 4 and data["profile_id"] is not None
+    # a busy machine (other jobs on the cores) refuses the disturbed profile, and says so
+    stored = "calibration not stored" not in err
+    assert steps == 4 and (data["profile_id"] is not None) == stored
     out_dir = tmp_path / "run"
     code, out, err = cli(capsys, "run", str(plan), "-o", str(out_dir), "--json")
     assert code == 0, err
