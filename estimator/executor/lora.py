@@ -195,4 +195,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if module.bias is not None:
             linear.bias = module.bias
         _set_module(model, name, linear)
+    frozen = {n: m for n, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+    for name, module in frozen.items():  # QLoRA's non-adapted NF4 bases: plain linears again
+        weight = module.dequantized_weight()
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = module.bias
+        _set_module(model, name, linear)
     return model

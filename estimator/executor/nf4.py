@@ -167,18 +167,18 @@ def _as_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.view(torch.float32)
 
 
-class NF4LoRALinear(nn.Module):
-    """A LoRALinear whose frozen base weight is stored in NF4 (the adapters stay as they were)."""
+class NF4Frozen(nn.Module):
+    """A frozen linear whose weight is stored in NF4: codes, block scales (double-quantised or
+    not), the bias as it was. QLoRA stores every base linear of the blocks so, adapted or not
+    (Dettmers et al. 2023 §3; bitsandbytes replaces each nn.Linear but lm_head)."""
 
-    def __init__(self, lora: nn.Module, *, double_quant: bool,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, double_quant: bool,
                  compute_dtype: torch.dtype | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = lora.in_features, lora.out_features
-        self.rank, self.alpha, self.scaling = lora.rank, lora.alpha, lora.scaling
-        self.lora_A, self.lora_B, self.lora_dropout = lora.lora_A, lora.lora_B, lora.lora_dropout
-        self.bias = lora.bias
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
         self.compute_dtype = compute_dtype
-        nf4 = quantize_nf4(lora.weight, double_quant=double_quant)
+        nf4 = quantize_nf4(weight, double_quant=double_quant)
         self.shape, self.block_size = nf4.shape, nf4.block_size
         self.register_buffer("weight_packed", nf4.packed)
         self.register_buffer("weight_absmax", _as_int32(nf4.absmax))
@@ -209,25 +209,36 @@ class NF4LoRALinear(nn.Module):
         return y if self.compute_dtype is None else y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_forward(x)
+
+
+class NF4LoRALinear(NF4Frozen):
+    """A LoRALinear whose frozen base weight is stored in NF4 (the adapters stay as they were)."""
+
+    def __init__(self, lora: nn.Module, *, double_quant: bool,
+                 compute_dtype: torch.dtype | None) -> None:
+        super().__init__(lora.weight, lora.bias, double_quant=double_quant,
+                         compute_dtype=compute_dtype)
+        self.rank, self.alpha, self.scaling = lora.rank, lora.alpha, lora.scaling
+        self.lora_A, self.lora_B, self.lora_dropout = lora.lora_A, lora.lora_B, lora.lora_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         from estimator.executor.lora import lora_forward
 
         return lora_forward(self, x)
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, nf4"
-
 
 def nf4_buffer_bytes(model: nn.Module) -> int:
     """Bytes of every NF4 base weight stored in the model (codes + scales)."""
-    return sum(
-        m.nf4_weight().num_bytes for m in model.modules() if isinstance(m, NF4LoRALinear)
-    )
+    return sum(m.nf4_weight().num_bytes for m in model.modules() if isinstance(m, NF4Frozen))
 
 
 def apply_nf4(model: nn.Module, *, double_quant: bool = True,
               compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Store the frozen base weight of every LoRA-wrapped linear in NF4 (in place), as QLoRA does;
-    embeddings, norms and lm_head keep their dtype. Call after ``lora.apply_lora``."""
+    """Store every frozen base linear of the blocks in NF4 (in place), as QLoRA does: the
+    LoRA-wrapped ones keep their adapters (NF4LoRALinear), the others become NF4Frozen; the
+    embeddings, norms, MoE routers and lm_head keep their dtype (the analytic model's
+    quantized_linear_params counts the same set). Call after ``lora.apply_lora``."""
     from estimator.executor.lora import LoRALinear, _set_module
 
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -237,7 +248,22 @@ def apply_nf4(model: nn.Module, *, double_quant: bool = True,
         _set_module(model, name, NF4LoRALinear(model.get_submodule(name),
                                                double_quant=double_quant,
                                                compute_dtype=compute_dtype))
+    for name in [n for n, m in model.named_modules()
+                 if type(m) is nn.Linear and quantised_base(n)]:
+        linear = model.get_submodule(name)
+        _set_module(model, name, NF4Frozen(linear.weight.detach(), linear.bias,
+                                           double_quant=double_quant,
+                                           compute_dtype=compute_dtype))
     device = model.get_submodule(names[0]).nf4_weight().packed.device
     for dtype in {compute_dtype or torch.float32, torch.float32}:
         _pair_lut(device, dtype)  # filled now: a table added later makes torch.compile recompile
     return model
+
+
+def quantised_base(name: str) -> bool:
+    """Whether QLoRA stores this plain linear in NF4: inside the blocks, not an adapter
+    (`…lora_A`, `…lora_B`), not an MoE router (`…mlp.gate`, whose logits pick the experts),
+    not lm_head."""
+    last = name.rsplit(".", 1)[-1]
+    return (".layers." in f".{name}" and not last.startswith("lora_") and last != "gate"
+            and "lm_head" not in name)
