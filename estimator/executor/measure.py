@@ -200,6 +200,9 @@ def tensor_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors inside a tensor subclass (e.g. NF4 codes and scales), or [t]."""
+    to_local = getattr(t, "to_local", None)
+    if to_local is not None:  # a DTensor (FSDP2's sharded parameters): this rank's shard
+        return _plain_tensors(to_local())
     flatten = getattr(t, "__tensor_flatten__", None)
     if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter):
         return [t]

@@ -1,0 +1,176 @@
+"""ZeRO-3 on FSDP2 over gloo (2 ranks on this CPU) equals one process with twice the
+accumulation (full fine-tune and LoRA: per-step losses and final parameters within rtol 1e-5,
+which also proves the gloo reduce-scatter averages, pytorch#162338); its sharded DCP
+checkpoints resume on 2 ranks and on 1 rank to the uninterrupted curve; the PEFT adapter is
+exported; what FSDP2 here does not run is refused in one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from estimator.errors import SetupError
+from estimator.executor.checks import check_runnable
+from estimator.executor.train import train
+from estimator.specs import ModelSpec, TrainSetup
+
+pytestmark = pytest.mark.torch
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = ModelSpec(name="tiny", num_layers=2, hidden_size=64, intermediate_size=176, num_heads=4,
+                 num_kv_heads=2, head_dim=16, vocab_size=258, max_seq_len=256)
+CASES = {
+    "full": {"method": "full"},
+    "lora": {"method": "lora", "weight_bits": 16},
+}
+SCALE_SENSITIVE = {"optimizer": "sgd"}
+"""The equivalence runs use plain SGD without clipping: AdamW and norm clipping are blind to
+a gradient scaled by the world size (pytorch#162338's symptom); SGD's update is not."""
+STEPS = 3
+
+WORKER = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from estimator.executor.train import train
+from estimator.specs import ModelSpec, TrainSetup
+
+spec = ModelSpec.model_validate_json(sys.argv[1])
+dist.init_process_group("gloo")  # one group for every run: train() uses it, leaves it open
+for job in json.loads(sys.argv[2]):
+    for steps in job["steps"]:  # several: stop, then --resume to the next target
+        report = train(spec, TrainSetup.model_validate(job["setup"]), max_steps=steps,
+                       output_dir=Path(job["output"]), data=Path(job["data"]), predict=False,
+                       resume=steps != job["steps"][0], lr=1e-2, **job["options"])
+        assert report.world_size == 2 and len(report.peak_bytes_per_rank) == 2, report
+dist.destroy_process_group()
+"""
+
+
+def _setup(case: str, **kwargs) -> TrainSetup:
+    return TrainSetup(**{"compute_dtype": "fp32", "batch_size": 2, "seq_len": 32,
+                         "lora_rank": 4, **CASES[case], **kwargs})
+
+
+def _sharded(case: str, **kwargs) -> dict:
+    return _setup(case, grad_accum=1, num_devices=2, zero_stage=3,
+                  **kwargs).model_dump(mode="json")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, text_file):
+    """One torchrun, 2 ranks × accumulation 1 × ZeRO-3: both cases straight to STEPS with SGD
+    and with AdamW, the AdamW full fine-tune stopped at 1 and resumed to STEPS, and the AdamW
+    LoRA stopped at step 1 (resumed on 1 rank by the test)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    script = root / "worker.py"
+    script.write_text(WORKER)
+    data = str(text_file)
+    jobs = [{"output": str(root / f"{case}-sgd"), "setup": _sharded(case, **SCALE_SENSITIVE),
+             "steps": [STEPS], "data": data, "options": {"max_grad_norm": 0.0}}
+            for case in CASES]
+    jobs += [{"output": str(root / name), "setup": _sharded(case), "steps": steps,
+              "data": data, "options": {}}
+             for name, case, steps in (("full", "full", [STEPS]), ("lora", "lora", [STEPS]),
+                                       ("resumed", "full", [1, STEPS]), ("half", "lora", [1]))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+         str(script), TINY.model_dump_json(), json.dumps(jobs)],
+        env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+def _report(path: Path) -> dict:
+    return json.loads((path / "run_report.json").read_text())
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's trained parameters by name: safetensors, or the DCP shards merged."""
+    if (checkpoint / "model.safetensors").is_file():
+        return load_file(checkpoint / "model.safetensors")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    merged = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint / "dcp", merged)
+    state = torch.load(merged, weights_only=False)["model"]
+    return dict(state)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_sharded_ranks_equal_one_process_with_twice_the_accumulation(runs, text_file,
+                                                                        tmp_path, case):
+    single = train(TINY, _setup(case, grad_accum=2, **SCALE_SENSITIVE), max_steps=STEPS,
+                   output_dir=tmp_path, data=text_file, lr=1e-2, max_grad_norm=0.0,
+                   predict=False)
+    report = _report(runs / f"{case}-sgd")
+    assert report["world_size"] == 2 and report["setup"]["zero_stage"] == 3
+    torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(single.losses),
+                               rtol=1e-5, atol=1e-6)
+    checkpoint = Path(report["checkpoint_dir"])
+    assert (checkpoint / "dcp" / ".metadata").is_file()
+    assert sorted(p.name for p in (checkpoint / "dcp").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
+    ours, theirs = _weights(checkpoint), load_file(Path(single.checkpoint_dir)
+                                                    / "model.safetensors")
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    if case == "lora":
+        assert all("lora" in name for name in ours)  # only the adapters are saved
+        adapter = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+        single_adapter = load_file(Path(single.checkpoint_dir) / "adapter"
+                                   / "adapter_model.safetensors")
+        assert adapter.keys() == single_adapter.keys()
+        for name in adapter:
+            torch.testing.assert_close(adapter[name], single_adapter[name], rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_sharded_resume_on_two_ranks_gives_the_uninterrupted_curve(runs):
+    straight, resumed = _report(runs / "full"), _report(runs / "resumed")
+    assert resumed["start_step"] == 1
+    torch.testing.assert_close(torch.tensor(resumed["losses"]),
+                               torch.tensor(straight["losses"]), rtol=1e-6, atol=0)
+    ours = _weights(Path(resumed["checkpoint_dir"]))
+    theirs = _weights(Path(straight["checkpoint_dir"]))
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_sharded_checkpoint_resumes_on_one_rank(runs, text_file):
+    """Stopped at step 1 by 2 ZeRO-3 ranks, continued by one process with twice the
+    accumulation (DCP reshards onto the unsharded model): the curve of the straight run."""
+    report = train(TINY, _setup("lora", grad_accum=2), max_steps=STEPS, output_dir=runs / "half",
+                   data=text_file, lr=1e-2, predict=False, resume=True)
+    straight = _report(runs / "lora")
+    assert report.start_step == 1 and report.world_size == 1
+    torch.testing.assert_close(torch.tensor(report.losses), torch.tensor(straight["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    ours = load_file(Path(report.checkpoint_dir) / "model.safetensors")
+    theirs = _weights(Path(straight["checkpoint_dir"]))
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("update", "match"), [
+    ({"zero_stage": 1}, "ZeRO-1/2 are planned only"),
+    ({"zero_stage": 2}, "ZeRO-1/2 are planned only"),
+    ({"zero_stage": 3, "offload": "optimizer"}, "CPUOffloadPolicy"),
+    ({"zero_stage": 3, "method": "qlora", "weight_bits": 4}, "NF4"),
+    ({"zero_stage": 3, "optimizer": "adamw8bit"}, "adamw8bit"),
+    ({"zero_stage": 3, "compute_dtype": "fp16"}, "fp16"),
+])
+def test_what_fsdp2_does_not_run_is_refused_in_one_line(update, match):
+    setup = _setup("full", num_devices=2).model_copy(update=update)
+    with pytest.raises(SetupError, match=match) as err:
+        check_runnable(TINY, setup)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SetupError, match="--compile"):
+        check_runnable(TINY, _setup("full", num_devices=2, zero_stage=3), compile=True)
