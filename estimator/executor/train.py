@@ -146,11 +146,17 @@ def train_with_config(model_spec: ModelSpec, setup: TrainSetup, config: TrainCon
 def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
            peak: measure.PeakMemory, on_progress: Callable[[StepProgress], None] | None,
            ctx: distributed.DistContext) -> RunReport:
+    sharded = ctx.is_distributed and setup.zero_stage == 3
+    if sharded and resolve_device(config.device).type == "cpu":
+        measure.fix_mmap_threshold()  # FSDP2's per-block buffers: no resident heap holes
     run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
                                                                   peak.current_bytes)
     run.dist = ctx
-    if ctx.is_distributed and setup.zero_stage == 3:
+    if sharded:
         _shard(run)
+        if run.device.type == "cpu":  # the unsharded weights the build left resident
+            measure.release_freed_memory()
+        baseline_bytes = peak.current_bytes()  # the sharded model is this run's model
     resume_note = resume_run(run, data_source) if config.resume else None
     previous = config.output_dir / REPORT_FILE
     if run.start_step >= config.max_steps and previous.is_file():

@@ -58,8 +58,8 @@ def _setup(case: str, **kwargs) -> TrainSetup:
 
 
 def _sharded(case: str, **kwargs) -> dict:
-    return _setup(case, grad_accum=1, num_devices=2, zero_stage=3,
-                  **kwargs).model_dump(mode="json")
+    return _setup(case, **{"grad_accum": 1, "num_devices": 2, "zero_stage": 3,
+                           **kwargs}).model_dump(mode="json")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,9 @@ def runs(tmp_path_factory, text_file):
     jobs = [{"output": str(root / f"{case}-sgd"), "setup": _sharded(case, **SCALE_SENSITIVE),
              "steps": [STEPS], "data": data, "options": {"max_grad_norm": 0.0}}
             for case in CASES]
+    jobs.append({**jobs[0], "output": str(root / "accum-ckpt"),
+                 "setup": _sharded("full", grad_accum=2, checkpointing=True,
+                                   **SCALE_SENSITIVE)})
     jobs += [{"output": str(root / name), "setup": _sharded(case), "steps": steps,
               "data": data, "options": {}}
              for name, case, steps in (("full", "full", [STEPS]), ("lora", "lora", [STEPS]),
@@ -131,6 +134,53 @@ def test_two_sharded_ranks_equal_one_process_with_twice_the_accumulation(runs, t
         for name in adapter:
             torch.testing.assert_close(adapter[name], single_adapter[name], rtol=1e-5,
                                        atol=1e-6)
+
+
+def test_accumulation_and_checkpointing_under_zero3_equal_one_process(runs, text_file,
+                                                                        tmp_path):
+    """2 ranks × accumulation 2 with activation checkpointing (a reduce-scatter per
+    micro-batch into the sharded gradients) = 1 process × accumulation 4."""
+    single = train(TINY, _setup("full", grad_accum=4, **SCALE_SENSITIVE), max_steps=STEPS,
+                   output_dir=tmp_path, data=text_file, lr=1e-2, max_grad_norm=0.0,
+                   predict=False)
+    report = _report(runs / "accum-ckpt")
+    assert report["setup"]["checkpointing"] and report["num_tokens"] == single.num_tokens
+    torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(single.losses),
+                               rtol=1e-5, atol=1e-6)
+    ours = _weights(Path(report["checkpoint_dir"]))
+    theirs = load_file(Path(single.checkpoint_dir) / "model.safetensors")
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_nvfree_train_nproc_2_zero_3(tmp_path, text_file):
+    """The command: `nvfree train --nproc 2 --zero 3` launches torchrun, the ranks shard, the
+    launcher renders rank 0's report with both ranks' peaks and the sharded prediction."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+        "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 258, "max_position_embeddings": 256}))
+    done = subprocess.run(
+        [sys.executable, "-m", "estimator", "train", "--model", str(config), "--method", "lora",
+         "--dtype", "fp32", "--seq-len", "32", "--batch-size", "2", "--max-steps", "2",
+         "--data", str(text_file), "-o", str(tmp_path / "run"), "--nproc", "2", "--zero", "3",
+         "--json"],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["setup"]["zero_stage"] == 3 and report["world_size"] == 2
+    assert len(report["peak_bytes_per_rank"]) == 2 and report["stop_reason"] == "max_steps"
+    terms = {t["name"]: t for t in report["memory_terms"]}
+    assert terms["total_peak"]["predicted_bytes"] > 0  # the per-device ZeRO-3 prediction
+    refused = subprocess.run(
+        [sys.executable, "-m", "estimator", "train", "--model", str(config), "--nproc", "2",
+         "--zero", "2", "--max-steps", "1", "-o", str(tmp_path / "z2")],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert refused.returncode == 2 and "planned only" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_sharded_resume_on_two_ranks_gives_the_uninterrupted_curve(runs):
