@@ -224,3 +224,14 @@ def test_what_fsdp2_does_not_run_is_refused_in_one_line(update, match):
     assert "\n" not in str(err.value)
     with pytest.raises(SetupError, match="--compile"):
         check_runnable(TINY, _setup("full", num_devices=2, zero_stage=3), compile=True)
+
+
+def test_a_resume_may_change_the_layout_but_not_the_global_batch():
+    from estimator.executor.resume import _training
+
+    two = _setup("full", grad_accum=1, num_devices=2, zero_stage=3).model_dump(mode="json")
+    one = _setup("full", grad_accum=2).model_dump(mode="json")
+    assert _training(two) == _training(one)  # 2 ranks × 1 = 1 process × 2 sequences per step
+    other = _setup("full", grad_accum=1).model_dump(mode="json")
+    assert _training(two) != _training(other)  # half the global batch: refused
+    assert _training(two) != _training(_setup("lora").model_dump(mode="json"))
