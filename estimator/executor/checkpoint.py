@@ -320,7 +320,8 @@ def latest_checkpoint(root: Path) -> LoadedCheckpoint | None:
     return next((loaded for _, loaded, _ in scan_checkpoints(root) if loaded), None)
 
 
-def _load_tensors(checkpoint: LoadedCheckpoint, name: str) -> dict[str, torch.Tensor]:
+def load_tensors(checkpoint: LoadedCheckpoint, name: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of the checkpoint; ConfigError when it does not read."""
     try:
         return load_file(checkpoint.path / name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -332,7 +333,7 @@ def _load_tensors(checkpoint: LoadedCheckpoint, name: str) -> dict[str, torch.Te
 def restore_model(checkpoint: LoadedCheckpoint, model: torch.nn.Module) -> None:
     """Copy the checkpoint's stored parameters into the model (names and shapes must match;
     every trainable parameter must be there)."""
-    tensors = _load_tensors(checkpoint, "model.safetensors")
+    tensors = load_tensors(checkpoint, "model.safetensors")
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
@@ -353,7 +354,7 @@ def restore_optimizer(checkpoint: LoadedCheckpoint, optimizer: torch.optim.Optim
     """Put the checkpoint's optimizer state back, tensors in their saved dtypes (no casts:
     8-bit codes stay uint8), 'step' counters on the CPU as torch keeps them. ConfigError when
     the stored state does not fit the optimizer's parameters."""
-    tensors = _load_tensors(checkpoint, "optimizer.safetensors")
+    tensors = load_tensors(checkpoint, "optimizer.safetensors")
     try:
         _restore_optimizer(checkpoint.state["optimizer"], tensors, optimizer)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:

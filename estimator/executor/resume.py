@@ -110,6 +110,10 @@ def _restore(loaded: ckpt.LoadedCheckpoint, run: Run) -> None:
         from estimator.executor.sharded_checkpoint import restore_sharded
 
         restore_sharded(loaded, run.model, run.optimizer)
+    elif run.sharded:
+        from estimator.executor.sharded_checkpoint import restore_full_into_sharded
+
+        restore_full_into_sharded(loaded, run.model, run.optimizer)
     else:
         ckpt.restore_model(loaded, run.model)
         ckpt.restore_optimizer(loaded, run.optimizer)

@@ -104,3 +104,43 @@ def restore_sharded(checkpoint: ckpt.LoadedCheckpoint, model: torch.nn.Module,
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise ConfigError(f"checkpoint {checkpoint.path}: the sharded weights or optimizer "
                           f"state do not fit this run ({reason})") from None
+
+
+def _full_optimizer_state(checkpoint: ckpt.LoadedCheckpoint, names: list[str]) -> dict:
+    """A single-process checkpoint's optimizer (keyed by parameter index, checkpoint.py) as
+    torch's full optimizer state dict keyed by parameter name: index i is the i-th trainable
+    parameter, the order both runs build their optimizer in."""
+    saved = checkpoint.state["optimizer"]
+    state: dict[str, dict] = {}
+    for key, value in ckpt.load_tensors(checkpoint, "optimizer.safetensors").items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(names[int(index)], {})[name] = value
+    for key, value in saved["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(names[int(index)], {})[name] = value
+    groups, start = [], 0
+    for group in saved["param_groups"]:
+        count = len(group["params"])
+        groups.append({**group, "params": names[start:start + count]})
+        start += count
+    return {"state": state, "param_groups": groups}
+
+
+def restore_full_into_sharded(checkpoint: ckpt.LoadedCheckpoint, model: torch.nn.Module,
+                              optimizer: torch.optim.Optimizer) -> None:
+    """Load a single-process checkpoint (safetensors, checkpoint.py) into a sharded model and
+    its optimizer: every rank reads the full tensors and keeps its shard (collective).
+    ConfigError when it does not fit."""
+    trainable_only = bool(checkpoint.state.get("trainable_only"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    options = StateDictOptions(full_state_dict=True, strict=not trainable_only)
+    try:
+        tensors = ckpt.load_tensors(checkpoint, "model.safetensors")
+        set_state_dict(model, optimizer, model_state_dict=tensors,
+                       optim_state_dict=_full_optimizer_state(checkpoint, names),
+                       options=options)
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        optimizer.state.clear()
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(f"checkpoint {checkpoint.path}: its weights or optimizer state do "
+                          f"not fit this sharded run ({reason})") from None

@@ -46,7 +46,8 @@ for job in json.loads(sys.argv[2]):
     for steps in job["steps"]:  # several: stop, then --resume to the next target
         report = train(spec, TrainSetup.model_validate(job["setup"]), max_steps=steps,
                        output_dir=Path(job["output"]), data=Path(job["data"]), predict=False,
-                       resume=steps != job["steps"][0], lr=1e-2, **job["options"])
+                       resume=job.get("resume", False) or steps != job["steps"][0], lr=1e-2,
+                       **job["options"])
         assert report.world_size == 2 and len(report.peak_bytes_per_rank) == 2, report
 dist.destroy_process_group()
 """
@@ -71,16 +72,22 @@ def runs(tmp_path_factory, text_file):
     script = root / "worker.py"
     script.write_text(WORKER)
     data = str(text_file)
+    train(TINY, _setup("full", grad_accum=2), max_steps=1, output_dir=root / "from-single",
+          data=text_file, lr=1e-2, predict=False)  # a single-process checkpoint at step 1
     jobs = [{"output": str(root / f"{case}-sgd"), "setup": _sharded(case, **SCALE_SENSITIVE),
              "steps": [STEPS], "data": data, "options": {"max_grad_norm": 0.0}}
             for case in CASES]
     jobs.append({**jobs[0], "output": str(root / "accum-ckpt"),
                  "setup": _sharded("full", grad_accum=2, checkpointing=True,
                                    **SCALE_SENSITIVE)})
+    jobs.append({**jobs[0], "output": str(root / "bf16"),
+                 "setup": _sharded("full", compute_dtype="bf16", **SCALE_SENSITIVE)})
     jobs += [{"output": str(root / name), "setup": _sharded(case), "steps": steps,
               "data": data, "options": {}}
              for name, case, steps in (("full", "full", [STEPS]), ("lora", "lora", [STEPS]),
-                                       ("resumed", "full", [1, STEPS]), ("half", "lora", [1]))]
+                                       ("resumed", "full", [1, STEPS]), ("half", "lora", [1]),
+                                       ("from-single", "full", [STEPS]))]
+    jobs[-1]["resume"] = True  # 2 sharded ranks continue the single-process checkpoint
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
@@ -153,6 +160,21 @@ def test_accumulation_and_checkpointing_under_zero3_equal_one_process(runs, text
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_bf16_mixed_precision_policy_follows_one_process(runs, text_file, tmp_path):
+    """bf16 mixed precision: FSDP2 gathers bf16 copies of the fp32 shards and reduces in fp32;
+    one process autocasts the same matmuls. Not bit-equal (the norms' weights are gathered in
+    bf16 too), close."""
+    single = train(TINY, _setup("full", grad_accum=2, compute_dtype="bf16", **SCALE_SENSITIVE),
+                   max_steps=STEPS, output_dir=tmp_path, data=text_file, lr=1e-2,
+                   max_grad_norm=0.0, predict=False)
+    report = _report(runs / "bf16")
+    assert report["setup"]["mixed_precision"] and report["setup"]["compute_dtype"] == "bf16"
+    torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(single.losses),
+                               rtol=2e-2, atol=0)
+    ours = _weights(Path(report["checkpoint_dir"]))
+    assert all(value.dtype == torch.float32 for value in ours.values())  # fp32 master shards
+
+
 def test_nvfree_train_nproc_2_zero_3(tmp_path, text_file):
     """The command: `nvfree train --nproc 2 --zero 3` launches torchrun, the ranks shard, the
     launcher renders rank 0's report with both ranks' peaks and the sharded prediction."""
@@ -192,6 +214,19 @@ def test_sharded_resume_on_two_ranks_gives_the_uninterrupted_curve(runs):
     theirs = _weights(Path(straight["checkpoint_dir"]))
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_single_process_checkpoint_resumes_on_two_sharded_ranks(runs):
+    """Stopped at step 1 by one process (safetensors), continued by 2 ZeRO-3 ranks (every
+    rank keeps its shard of the full tensors): the curve of the straight sharded run."""
+    resumed, straight = _report(runs / "from-single"), _report(runs / "full")
+    assert resumed["start_step"] == 1 and resumed["world_size"] == 2
+    torch.testing.assert_close(torch.tensor(resumed["losses"]),
+                               torch.tensor(straight["losses"]), rtol=1e-5, atol=1e-6)
+    ours = _weights(Path(resumed["checkpoint_dir"]))
+    theirs = _weights(Path(straight["checkpoint_dir"]))
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
 def test_a_sharded_checkpoint_resumes_on_one_rank(runs, text_file):
