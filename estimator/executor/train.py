@@ -29,7 +29,9 @@ model, trains on its own slice of each step's sequences (data.stream_position) a
 the gradients, so N ranks × accumulation a train exactly as one rank × accumulation N·a. The
 ranks agree after every step on the mean loss and on whether to stop (a signal or a non-finite
 value on any rank stops all of them after the same step); only rank 0 writes checkpoints and
-the report.
+the report. ZeRO-3 (setup.zero_stage 3, estimator/executor/fsdp.py): the model is sharded by
+FSDP2 before resume and the optimizer built over the shards; every rank writes its shard of a
+checkpoint (sharded_checkpoint.py).
 """
 
 import contextlib
