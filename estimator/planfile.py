@@ -295,9 +295,9 @@ def plan_request(model: str | ModelSpec | None = None, *, params: float | None =
                           offload=offload)
     except ValueError as exc:
         raise setup_error(exc) from None
-    if local and zero not in (None, "0", 0):
-        raise SetupError("the bundled trainer runs data parallel without sharding (--zero 0, "
-                         "DDP); plan ZeRO stages for a catalogue --device")
+    if local and zero not in (None, "0", 0, "3", 3):
+        raise SetupError("the bundled trainer runs DDP (--zero 0) or ZeRO-3 on FSDP2 (--zero 3); "
+                         "plan ZeRO-1/2 for a catalogue --device")
     stages = (int(zero),) if zero is not None else ((0,) if local else (0, 1, 2, 3))
     c = constraints_from(method=method, dtype=dtype, optimizer=optimizer,
                          checkpointing=checkpointing, global_batch=global_batch,

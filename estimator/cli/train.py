@@ -86,6 +86,11 @@ NodeRankOpt = Annotated[int | None, typer.Option(
 RdzvOpt = Annotated[str | None, typer.Option(
     "--rdzv-endpoint", rich_help_panel=DIST_PANEL,
     help="HOST:PORT of the c10d rendezvous every machine reaches (needed with --nnodes > 1).")]
+TrainZeroOpt = Annotated[int, typer.Option(
+    "--zero", min=0, max=3, rich_help_panel=DIST_PANEL,
+    help="0 = DDP (every rank holds the whole model); 3 = ZeRO-3 on FSDP2 (parameters, "
+         "gradients and optimizer states sharded over the ranks). 1 and 2 are planned only "
+         "(refused).")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile/--no-compile", rich_help_panel=RUN_PANEL,
     help="torch.compile each decoder block (fuses the elementwise work; the first step "
@@ -114,11 +119,12 @@ def train(
     lora_dropout: DropoutOpt = 0.0, checkpoint_every: CkptEveryOpt = None,
     compiled: CompileOpt = False,
     nproc: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = None,
-    rdzv_endpoint: RdzvOpt = None, json: JsonOpt = False,
+    rdzv_endpoint: RdzvOpt = None, zero: TrainZeroOpt = 0, json: JsonOpt = False,
 ) -> None:
     """Train the model with the setup on this machine (random init, or the weights of a
     Hugging Face --model directory); checkpoint, measure, and compare with the estimate.
-    --nproc N trains data-parallel (DDP) in N processes launched by torchrun."""
+    --nproc N trains data-parallel (DDP; with --zero 3 sharded by FSDP2) in N processes
+    launched by torchrun."""
     from estimator.cli.options import resolve_device, resolve_model, resolve_setup
     from estimator.executor import runner
     from estimator.executor.config import TrainConfig
@@ -133,7 +139,8 @@ def train(
                           optimizer_in_backward=optimizer_in_backward,
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
                           fused_loss=fused_loss, framework="nvfree")
-    setup = setup.model_copy(update={"num_devices": nproc * nnodes, "num_nodes": nnodes})
+    setup = setup.model_copy(update={"num_devices": nproc * nnodes, "num_nodes": nnodes,
+                                     "zero_stage": zero})
     config = TrainConfig(max_steps=max_steps, output_dir=output, data=data,
                          text_field=text_field, model_path=runner.model_directory(model),
                          resume=resume, restart=restart, device=device, seed=seed, lr=lr,

@@ -155,12 +155,7 @@ def _write(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     if write_adapter is not None:
         write_adapter(tmp / "adapter")
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-             if p.is_file()}
-    full_state = {"format_version": CHECKPOINT_FORMAT_VERSION, **state,
-                  "trainable_only": trainable_only, "optimizer": opt_json, "files": files}
-    (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
-    _fsync_tree(tmp)
+    write_state(tmp, {**state, "trainable_only": trainable_only, "optimizer": opt_json})
 
 
 def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module,
@@ -170,13 +165,35 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module,
     """Write the checkpoint of `step` atomically under `root` and return its directory.
     `state` (JSON-serialisable) is stored in state.json beside step; older checkpoints beyond
     the newest `keep_last` are removed once the new one is complete."""
-    root.mkdir(parents=True, exist_ok=True)
-    remove_debris(root)
-    final = root / checkpoint_name(step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp = temp_dir(root, step)
     tmp.mkdir()
     _write(tmp, model, optimizer, {**state, "step": step}, trainable_only=trainable_only,
            write_adapter=write_adapter)
+    return publish(root, tmp, step, keep_last=keep_last)
+
+
+def write_state(tmp: Path, state: dict[str, Any]) -> None:
+    """Write state.json (with format_version and the size of every file already in tmp)
+    and fsync the tree: the last step before publish."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+             if p.is_file()}
+    full_state = {"format_version": CHECKPOINT_FORMAT_VERSION, **state, "files": files}
+    (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
+    _fsync_tree(tmp)
+
+
+def temp_dir(root: Path, step: int) -> Path:
+    """The hidden directory a checkpoint of `step` is written into (root prepared: created,
+    debris removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_debris(root)
+    return root / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+
+
+def publish(root: Path, tmp: Path, step: int, *, keep_last: int) -> Path:
+    """Rename a complete temp checkpoint of `step` into place atomically and prune older
+    ones (see save_checkpoint); returns its directory."""
+    final = root / checkpoint_name(step)
     if final.exists():  # re-saving a step (resume then interrupt): swap, never delete first
         old = root / f"{_OLD_PREFIX}{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -303,7 +320,8 @@ def latest_checkpoint(root: Path) -> LoadedCheckpoint | None:
     return next((loaded for _, loaded, _ in scan_checkpoints(root) if loaded), None)
 
 
-def _load_tensors(checkpoint: LoadedCheckpoint, name: str) -> dict[str, torch.Tensor]:
+def load_tensors(checkpoint: LoadedCheckpoint, name: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of the checkpoint; ConfigError when it does not read."""
     try:
         return load_file(checkpoint.path / name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -315,7 +333,7 @@ def _load_tensors(checkpoint: LoadedCheckpoint, name: str) -> dict[str, torch.Te
 def restore_model(checkpoint: LoadedCheckpoint, model: torch.nn.Module) -> None:
     """Copy the checkpoint's stored parameters into the model (names and shapes must match;
     every trainable parameter must be there)."""
-    tensors = _load_tensors(checkpoint, "model.safetensors")
+    tensors = load_tensors(checkpoint, "model.safetensors")
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
@@ -336,7 +354,7 @@ def restore_optimizer(checkpoint: LoadedCheckpoint, optimizer: torch.optim.Optim
     """Put the checkpoint's optimizer state back, tensors in their saved dtypes (no casts:
     8-bit codes stay uint8), 'step' counters on the CPU as torch keeps them. ConfigError when
     the stored state does not fit the optimizer's parameters."""
-    tensors = _load_tensors(checkpoint, "optimizer.safetensors")
+    tensors = load_tensors(checkpoint, "optimizer.safetensors")
     try:
         _restore_optimizer(checkpoint.state["optimizer"], tensors, optimizer)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:

@@ -47,15 +47,37 @@ def check_method(spec: ModelSpec, setup: TrainSetup) -> None:
                          "learned positions of the model")
 
 
-def check_parallelism(setup: TrainSetup) -> None:
-    """Refuse what data parallelism here would not run as the setup says (DDP only)."""
-    if setup.zero_stage > 0:
-        raise SetupError(f"zero_stage {setup.zero_stage}: the executor runs DDP only (every rank "
-                         "holds all states); use zero_stage 0 (sharded modes are unproven here)")
+def check_parallelism(setup: TrainSetup, *, compile: bool = False) -> None:
+    """Refuse what data parallelism here would not run as the setup says: DDP (zero_stage 0)
+    or ZeRO-3 on FSDP2 (estimator/executor/fsdp.py) and nothing else."""
+    if setup.zero_stage in (1, 2):
+        raise SetupError(f"zero_stage {setup.zero_stage}: the executor runs DDP (--zero 0) or "
+                         "ZeRO-3 on FSDP2 (--zero 3); ZeRO-1/2 are planned only")
     if setup.offload != "none":
-        raise SetupError(f"offload {setup.offload}: the executor has no CPU offload; use 'none'")
+        raise SetupError(f"offload {setup.offload}: the executor has no CPU offload "
+                         "(CPUOffloadPolicy is not wired in); use 'none'")
     if setup.expert_parallel > 1:
         raise SetupError("expert_parallel > 1: the executor has no expert parallelism; use 1")
+    if setup.zero_stage == 3 and setup.num_devices > 1:
+        check_zero3(setup, compile=compile)
+
+
+def check_zero3(setup: TrainSetup, *, compile: bool = False) -> None:
+    """What ZeRO-3 on FSDP2 here does not run as planned (one line each)."""
+    unsupported = {
+        "--method qlora: FSDP2 shards parameters, not the NF4 codes, so the 4-bit base would "
+        "be replicated instead of sharded as planned; use --method lora or --zero 0":
+            setup.method == "qlora",
+        "--optimizer-in-backward; use --zero 0": setup.optimizer_in_backward,
+        f"--optimizer {setup.optimizer}; use adamw, sgd or sgd_momentum":
+            setup.optimizer not in ("adamw", "sgd", "sgd_momentum"),
+        "fp16 mixed precision (no loss scaling of sharded gradients); use --dtype bf16 or fp32":
+            setup.compute_dtype == "fp16" and setup.mixed_precision,
+        "--compile; train without it or with --zero 0": compile,
+    }
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise SetupError(f"--zero 3 (FSDP2) does not run {bad[0]}")
 
 
 def check_backward_step(setup: TrainSetup, max_grad_norm: float | None) -> None:
@@ -96,12 +118,15 @@ def check_options(*, max_steps: int, seed: int, lr: float | None, warmup_steps: 
         raise SetupError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
 
 
-def check_runnable(spec: ModelSpec, setup: TrainSetup, *, max_grad_norm: float | None = None
-                   ) -> None:
+def check_runnable(spec: ModelSpec, setup: TrainSetup, *, max_grad_norm: float | None = None,
+                   compile: bool = False) -> None:
     """Every check above: the setup is one the bundled trainer runs as written."""
     check_architecture(spec)
     check_method(spec, setup)
-    check_parallelism(setup)
+    check_parallelism(setup, compile=compile)
+    if spec.moe is not None and setup.zero_stage == 3 and setup.num_devices > 1:
+        raise SetupError("--zero 3 (FSDP2) does not run MoE models here (unproven with routed "
+                         "experts left unused in a micro-batch); use --zero 0 (DDP)")
     check_backward_step(setup, max_grad_norm)
 
 

@@ -93,6 +93,9 @@ class Run:
     dist: distributed.DistContext = field(default_factory=distributed.DistContext)
     ddp: torch.nn.Module | None = None
     """The DDP-wrapped LossModule that forwards micro-batches when dist.is_distributed."""
+    sharded: bool = False
+    """ZeRO-3: `ddp` is the FSDP2-sharded LossModule (fsdp.wrap_fsdp), parameters are
+    DTensors, every rank takes part in checkpoints."""
     allreduce: distributed.AllReduceTimer | None = None
     backward_step: BackwardStep | None = None
     """The optimizer's per-parameter step inside backward (setup.optimizer_in_backward)."""

@@ -7,11 +7,11 @@ collective backend (gloo on the CPU, nccl on CUDA — RCCL on ROCm builds —, x
 the CPU cores between the local ranks and tears the group down on every exit path. Without
 torchrun's environment it is a single process and nothing is initialised.
 
-Only DDP is supported (every rank holds the whole model; gradients are averaged by an
-all-reduce after each optimizer step's last micro-batch). Sharded modes (ZeRO 1–3 / FSDP),
-CPU offload and expert parallelism are refused: FSDP2 on gloo had a silent gradient-averaging
-bug (pytorch#162338), and a sharded mode is only accepted once a test proves its gradients
-equal a single process's.
+DDP (every rank holds the whole model; gradients are averaged by an all-reduce after each
+optimizer step's last micro-batch) is wrapped here; ZeRO-3 (setup.zero_stage 3) shards with
+FSDP2 instead (estimator/executor/fsdp.py, proven equal to one process by
+tests/torch/test_fsdp.py). ZeRO-1/2, CPU offload and expert parallelism are refused
+(executor/checks.py).
 
 Outside a worker, estimator/executor/launcher.py starts the workers under torchrun.
 """

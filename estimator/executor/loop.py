@@ -100,11 +100,11 @@ def run_loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure
                 signum = received[0]
             due = config.checkpoint_every and done % config.checkpoint_every == 0
             if signum or due or done == config.max_steps:
-                if not params_finite(run.trainable):
+                if not _all_finite(run):
                     out.stop_reason = "nonfinite_loss"
                     out.message = f"weights became non-finite at step {done}"
                     return out
-                if run.dist.is_main:
+                if run.dist.is_main or run.sharded:  # a sharded save is collective
                     out.checkpoint_dir = save_run_checkpoint(run, done, data_source)
             if signum:
                 out.stop_reason = "interrupted"
@@ -112,6 +112,15 @@ def run_loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure
                                f"{done}; checkpoint {out.checkpoint_dir}; continue with --resume")
                 return out
     return out
+
+
+def _all_finite(run: Run) -> bool:
+    """Every trainable weight finite; sharded, on every rank (agreed, so all ranks save or
+    none does)."""
+    finite = params_finite(run.trainable)
+    if run.sharded:
+        finite = all(row[0] for row in distributed.gather_floats([float(finite)], run.dist))
+    return finite
 
 
 def _compiled_frames() -> int:

@@ -133,26 +133,34 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def peft_state_dict(model: nn.Module, *, model_type: str = "llama") -> dict[str, torch.Tensor]:
-    """Adapter tensors under PEFT's keys: ``base_model.model.<HF module name>.lora_A.weight``."""
+def peft_state_dict(model: nn.Module, *, model_type: str = "llama",
+                    tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors under PEFT's keys: ``base_model.model.<HF module name>.lora_A.weight``.
+    `tensors`: the adapters by the model's names, gathered already (a sharded run's full
+    state dict); by default the model's own."""
     from estimator.executor.hf import hf_param_name
 
+    source = lora_state_dict(model) if tensors is None else {
+        k: v for k, v in tensors.items() if ".lora_" in k}
     return {
         "base_model.model." + hf_param_name(k, model_type=model_type): v.contiguous()
-        for k, v in lora_state_dict(model).items()
+        for k, v in source.items()
     }
 
 
 def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name: str, rank: int,
                       alpha: float, dropout: float, targets: tuple[str, ...] | str,
-                      model_type: str = "llama") -> Path:
+                      model_type: str = "llama",
+                      tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (each written to a temp
-    file and renamed, so a crash never leaves a half-written file). Returns out_dir."""
+    file and renamed, so a crash never leaves a half-written file). Returns out_dir.
+    `tensors`: see peft_state_dict."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.cpu() for k, v in peft_state_dict(model, model_type=model_type).items()}
+    tensors = {k: v.cpu() for k, v in peft_state_dict(model, model_type=model_type,
+                                                                 tensors=tensors).items()}
     tmp = out / "adapter_model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "adapter_model.safetensors")

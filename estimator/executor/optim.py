@@ -212,6 +212,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return the norm before clipping (inf/nan if a gradient is not finite)."""
     limit = max_norm if max_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
+    if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the norm is a DTensor
+        norm = norm.full_tensor()
     return float(norm)
 
 

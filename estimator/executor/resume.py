@@ -62,11 +62,32 @@ def prepared_output(spec: ModelSpec, setup: TrainSetup, config: TrainConfig
         yield
 
 
+LAYOUT_FIELDS = ("num_devices", "num_nodes", "zero_stage", "grad_accum")
+"""Setup fields a resume may change: how a step's sequences are split over ranks and
+micro-batches, and whether the states are sharded (the step's global batch must stay)."""
+
+
+def _training(setup: dict) -> dict:
+    """A setup (JSON) without its layout, with its global sequences per step."""
+    if not isinstance(setup, dict):
+        return {"setup": setup}
+    kept = {k: v for k, v in setup.items() if k not in LAYOUT_FIELDS}
+    try:
+        kept["sequences_per_step"] = (setup["batch_size"] * setup["grad_accum"]
+                                      * setup["num_devices"])
+    except (KeyError, TypeError):
+        kept["sequences_per_step"] = None
+    return kept
+
+
 def _check_resumable(saved: dict, run: Run, data_source: str) -> None:
+    """The checkpoint was made by this run: same model, seed, data and setup, except its
+    layout over ranks (LAYOUT_FIELDS; 2 ranks × accumulation 1 resume as 1 × 2)."""
+    saved = {**saved, "setup": _training(saved.get("setup"))}
     mismatches = [
         name for name, ours in (
             ("model", run.spec.model_dump(mode="json")),
-            ("setup", run.setup.model_dump(mode="json")),
+            ("setup", _training(run.setup.model_dump(mode="json"))),
             ("seed", run.config.seed),
             ("data", data_source),
             ("num_data_tokens", run.dataset.tokens.numel()),
@@ -85,8 +106,17 @@ def _restore(loaded: ckpt.LoadedCheckpoint, run: Run) -> None:
     if not isinstance(losses, list) or len(losses) != loaded.step or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in losses):
         raise ConfigError(f"checkpoint {loaded.path}: its losses do not match its step")
-    ckpt.restore_model(loaded, run.model)
-    ckpt.restore_optimizer(loaded, run.optimizer)
+    if loaded.state.get("sharded"):
+        from estimator.executor.sharded_checkpoint import restore_sharded
+
+        restore_sharded(loaded, run.model, run.optimizer)
+    elif run.sharded:
+        from estimator.executor.sharded_checkpoint import restore_full_into_sharded
+
+        restore_full_into_sharded(loaded, run.model, run.optimizer)
+    else:
+        ckpt.restore_model(loaded, run.model)
+        ckpt.restore_optimizer(loaded, run.optimizer)
     ckpt.restore_rng_states(loaded.state.get("rng"), run.device)
     scaler_state = loaded.state.get("grad_scaler")
     if run.scaler is not None and scaler_state:
@@ -133,7 +163,8 @@ def resume_run(run: Run, data_source: str) -> str | None:
 
 def save_run_checkpoint(run: Run, step: int, data_source: str) -> Path:
     """Write the run's checkpoint of `step` (weights, optimizer, the run state above; a PEFT
-    adapter for LoRA) atomically; returns its directory."""
+    adapter for LoRA) atomically; returns its directory. A sharded (ZeRO-3) run writes DCP
+    on every rank (sharded_checkpoint.py); otherwise rank 0 alone calls this."""
     setup = run.setup
     write_adapter = None
     if setup.trains_adapters:
@@ -145,12 +176,12 @@ def save_run_checkpoint(run: Run, step: int, data_source: str) -> Path:
 
             model_type = read_config(run.config.model_path).get("model_type", "llama")
 
-        def write_adapter(path: Path) -> None:
+        def write_adapter(path: Path, tensors: dict | None = None) -> None:
             save_peft_adapter(run.model, path, base_model_name=str(run.config.model_path
                                                                    or run.spec.name),
                               rank=setup.lora_rank, alpha=setup.lora_alpha,
                               dropout=run.config.lora_dropout, targets=setup.lora_targets,
-                              model_type=model_type)
+                              model_type=model_type, tensors=tensors)
 
     state = {
         "model": run.spec.model_dump(mode="json"),
@@ -163,6 +194,14 @@ def save_run_checkpoint(run: Run, step: int, data_source: str) -> Path:
         "rng": ckpt.rng_states(run.device),
         "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,
     }
+    if run.sharded:
+        from estimator.executor.sharded_checkpoint import save_sharded_checkpoint
+
+        return save_sharded_checkpoint(checkpoint_root(run.config), step, model=run.model,
+                                       optimizer=run.optimizer, state=state,
+                                       trainable_only=setup.trains_adapters,
+                                       is_main=run.dist.is_main, write_adapter=write_adapter,
+                                       keep_last=run.config.keep_checkpoints)
     return ckpt.save_checkpoint(checkpoint_root(run.config), step, model=run.model,
                                 optimizer=run.optimizer, state=state,
                                 trainable_only=setup.trains_adapters,

@@ -172,7 +172,7 @@ def preflight(spec: ModelSpec, setup: TrainSetup, config: TrainConfig) -> Estima
     check_options(max_steps=config.max_steps, seed=config.seed, lr=config.lr,
                   warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
                   lora_dropout=config.lora_dropout, checkpoint_every=config.checkpoint_every)
-    check_runnable(spec, setup, max_grad_norm=config.max_grad_norm)
+    check_runnable(spec, setup, max_grad_norm=config.max_grad_norm, compile=config.compile)
     if config.resume and config.restart:
         raise SetupError("--resume continues the run in --output, --restart deletes it; "
                          "choose one")

@@ -45,7 +45,7 @@ def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
                                    grad_accum=setup.grad_accum, rank=ctx.rank,
                                    world_size=ctx.world_size)
         last = micro == setup.grad_accum - 1
-        with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
+        with _sync(run, last):
             loss = _micro_batch_loss(run, position)
             value = float(loss.detach())
             if not math.isfinite(value) and run.ddp is None:
@@ -77,6 +77,14 @@ def train_step(run: Run, step: int, lr: float) -> tuple[float, str | None]:
     return total / setup.grad_accum, None
 
 
+def _sync(run: Run, last: bool) -> contextlib.AbstractContextManager:
+    """DDP: no gradient all-reduce before the last micro-batch. ZeRO-3 (FSDP2) reduce-scatters
+    every micro-batch into the sharded gradients (estimator/executor/fsdp.py says why)."""
+    if run.ddp is None or last or run.sharded:
+        return contextlib.nullcontext()
+    return run.ddp.no_sync()
+
+
 def clip_norm(config: TrainConfig, setup: TrainSetup) -> float:
     """The gradient-norm limit of the run: config.max_grad_norm, by default 1.0 (0, no
     clipping, when the optimizer steps in backward)."""
@@ -86,4 +94,6 @@ def clip_norm(config: TrainConfig, setup: TrainSetup) -> float:
 
 
 def params_finite(params: list[torch.nn.Parameter]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in params)
+    """Every element finite (this rank's shard of a DTensor)."""
+    return all(bool(torch.isfinite(getattr(p, "to_local", lambda p=p: p)()).all())
+               for p in params)

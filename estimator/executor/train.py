@@ -29,7 +29,9 @@ model, trains on its own slice of each step's sequences (data.stream_position) a
 the gradients, so N ranks × accumulation a train exactly as one rank × accumulation N·a. The
 ranks agree after every step on the mean loss and on whether to stop (a signal or a non-finite
 value on any rank stops all of them after the same step); only rank 0 writes checkpoints and
-the report.
+the report. ZeRO-3 (setup.zero_stage 3, estimator/executor/fsdp.py): the model is sharded by
+FSDP2 before resume and the optimizer built over the shards; every rank writes its shard of a
+checkpoint (sharded_checkpoint.py).
 """
 
 import contextlib
@@ -74,7 +76,8 @@ def prepare_run(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
                 ) -> tuple[Run, str, int, int]:
     """Data, model, optimizer: returns (run, data source name, memory before the model was
     built, memory after; both from memory_probe, bytes)."""
-    check_runnable(model_spec, setup, max_grad_norm=config.max_grad_norm)
+    check_runnable(model_spec, setup, max_grad_norm=config.max_grad_norm,
+                   compile=config.compile)
     device = resolve_device(config.device)
     if config.compile:
         from estimator.executor.checkpointing import check_compile_support
@@ -145,9 +148,17 @@ def train_with_config(model_spec: ModelSpec, setup: TrainSetup, config: TrainCon
 def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
            peak: measure.PeakMemory, on_progress: Callable[[StepProgress], None] | None,
            ctx: distributed.DistContext) -> RunReport:
+    sharded = ctx.is_distributed and setup.zero_stage == 3
+    if sharded and resolve_device(config.device).type == "cpu":
+        measure.fix_mmap_threshold()  # FSDP2's per-block buffers: no resident heap holes
     run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
                                                                   peak.current_bytes)
     run.dist = ctx
+    if sharded:
+        _shard(run)
+        if run.device.type == "cpu":  # the unsharded weights the build left resident
+            measure.release_freed_memory()
+        baseline_bytes = peak.current_bytes()  # the sharded model is this run's model
     resume_note = resume_run(run, data_source) if config.resume else None
     previous = config.output_dir / REPORT_FILE
     if run.start_step >= config.max_steps and previous.is_file():
@@ -160,7 +171,7 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
             return report.model_copy(update={"checkpoint_dir": where, "message": final_message(
                 Outcome(), run, where, resume_note)})
     weights_bytes = measure.weights_bytes(run.model)
-    if ctx.is_distributed:
+    if ctx.is_distributed and not run.sharded:
         run.ddp, run.allreduce = distributed.wrap_ddp(run.model, run.spec, setup, ctx, run.device)
     timer = measure.StepTimer(run.device)
     run.model.train()
@@ -188,6 +199,19 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         _write_report(report, config.output_dir / REPORT_FILE)
     distributed.barrier(ctx)
     return report
+
+
+def _shard(run: Run) -> None:
+    """ZeRO-3: shard the model with FSDP2 (fsdp.wrap_fsdp) and build the optimizer again over
+    the sharded parameters (the one prepare_run built holds no state yet)."""
+    from estimator.executor.fsdp import wrap_fsdp
+
+    defaults = run.optimizer.defaults
+    run.ddp = wrap_fsdp(run.model, run.setup, run.dist, run.device)
+    run.sharded = True
+    run.trainable = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = build_optimizer(run.trainable, run.setup, lr=defaults["lr"],
+                                    weight_decay=defaults.get("weight_decay", 0.0))
 
 
 def _previous_report(path: Path) -> RunReport | None:

@@ -143,7 +143,7 @@ def test_ranks_read_disjoint_slices_that_tile_one_process():
 
 
 def test_sharded_modes_and_a_wrong_device_count_are_refused(tmp_path, text_file):
-    with pytest.raises(SetupError, match="DDP only") as err:
+    with pytest.raises(SetupError, match="planned only") as err:
         train(TINY, _setup("full", zero_stage=1), max_steps=1, output_dir=tmp_path,
               data=text_file, predict=False)
     assert "\n" not in str(err.value)
