@@ -30,6 +30,7 @@ from estimator.analytic.params import count_params
 from estimator.api import estimate
 from estimator.catalog import GB, GIB, TERA, list_devices, list_models, load_device, read_toml
 from estimator.errors import SetupError
+from estimator.planner.fit import SEARCH_RULE, Fixed, best_at, searched_plan
 from estimator.request import auto_dtype
 from estimator.specs import (
     CalibrationProfile,
@@ -42,6 +43,7 @@ from estimator.specs import (
     SmallerModel,
     TrainSetup,
 )
+from estimator.specs.plan import Candidate
 from estimator.units import SECONDS_PER_HOUR
 
 AUTO_METHODS = ("full", "lora", "qlora")
@@ -51,12 +53,7 @@ FALLBACK_SHARDED_TERMS = ("weights", "quant_scales", "master_weights", "adapter_
                           "gradients", "optimizer_states")
 """Terms ideal ZeRO-3 sharding divides by N in the fallback (activations, logits, KV cache and
 runtime stay per device; Rajbhandari et al. 2020)."""
-METHOD_RULE = ("per device, among full, lora and qlora (each with and without gradient "
-               "checkpointing): the fewest devices, then the fewest device-hours per token "
-               "(ties: full, lora, qlora; no checkpointing)")
-CKPT_RULE = ("gradient checkpointing is switched on where it needs fewer devices (or, at equal "
-             "count, fewer device-hours)")
-
+METHOD_RULE = "method per device among full, lora and qlora"
 
 def devices_per_node(device: Device) -> int:
     """Devices one machine holds: 1 for a CPU socket or an Apple machine, 8 for accelerators
@@ -240,7 +237,7 @@ def option_for(model: ModelSpec, setup: TrainSetup, device: Device,
         device=device.name, display_name=device.display_name, kind=device.kind,
         vendor=device.vendor, method=setup.method, weight_bits=setup.weight_bits,
         compute_dtype=setup.compute_dtype, checkpointing=setup.checkpointing,
-        fits_on_one=sizing.num_devices == 1,
+        fits_on_one=sizing.num_devices == 1, min_devices=sizing.num_devices,
         num_devices=sizing.num_devices, zero_stage=sizing.zero_stage,
         peak_memory_bytes=est.memory.total_bytes, capacity_bytes=est.memory.capacity_bytes,
         memory_components={k: v for k, v in est.memory.components.items() if v},
@@ -266,16 +263,63 @@ def method_key(option: DeviceOption) -> tuple:
 
 def best_option(model: ModelSpec, setup: TrainSetup, device: Device, methods: Sequence[str],
                 profile: CalibrationProfile | None, max_devices: int, auto: bool,
-                requested_dtype: str | None, exact: int | None = None) -> DeviceOption:
-    """The option of the recommended method on one device."""
-    options = []
-    for method in methods:
-        for ckpt in sorted({setup.checkpointing, setup.method != "inference"}):
+                requested_dtype: str | None, exact: int | None = None, *,
+                objective: str = "time", fixed: Fixed | None = None) -> DeviceOption:
+    """The option of the recommended method on one device: training by the planner's search
+    (planner/fit.py), inference by the device-count sizing above."""
+    if setup.method == "inference":
+        options = []
+        for method in methods:
             s = device_dtype_setup(method_setup(setup, method), device, profile, auto)
-            s = s.model_copy(update={"checkpointing": ckpt})
             options.append(option_for(model, s, device, profile, max_devices, requested_dtype,
                                       exact))
-    return min(options, key=method_key)
+        return min(options, key=method_key)
+    setups = [device_dtype_setup(method_setup(setup, m), device, profile, auto)
+              for m in methods]
+    fixed = fixed or Fixed()
+    if exact is not None:
+        found = best_at(model, setups, device, profile, exact, fixed)
+        fewest = exact if found else None
+    else:
+        found, fewest = searched_plan(model, setups, device, profile, max_devices=max_devices,
+                                      objective=objective, fixed=fixed)
+    return planned_option(model, found, setups[0], device, profile, requested_dtype, fewest)
+
+
+def planned_option(model: ModelSpec, found: Candidate | None, first: TrainSetup,
+                   device: Device, profile: CalibrationProfile | None,
+                   requested_dtype: str | None, fewest: int | None) -> DeviceOption:
+    """A DeviceOption from the search's plan (estimate() at the chosen setup), or the
+    single-device estimate of the first setup when nothing fits."""
+    chosen = first.model_copy(update={"num_tokens": first.num_tokens}) if found is None else \
+        found.setup.model_copy(update={"num_tokens": first.num_tokens})
+    est = estimate(model, chosen, device, profile)
+    n = chosen.num_devices if found is not None else None
+    tokens = total = hours_per_m = cost = None
+    if n is not None:
+        tokens = chosen.global_tokens_per_step / est.throughput.step_seconds
+        hours_per_m = n * 1e6 / tokens / SECONDS_PER_HOUR
+        if chosen.num_tokens is not None:
+            total = chosen.num_tokens / tokens
+            if device.price_per_hour_usd is not None:
+                cost = n * device.price_per_hour_usd * total / SECONDS_PER_HOUR
+    return DeviceOption(
+        device=device.name, display_name=device.display_name, kind=device.kind,
+        vendor=device.vendor, method=chosen.method, weight_bits=chosen.weight_bits,
+        compute_dtype=chosen.compute_dtype, checkpointing=chosen.checkpointing,
+        fits_on_one=fewest == 1, min_devices=fewest, num_devices=n,
+        zero_stage=chosen.zero_stage if n else None,
+        batch_size=chosen.batch_size, grad_accum=chosen.grad_accum,
+        expert_parallel=chosen.expert_parallel,
+        lora_targets=chosen.lora_targets if chosen.method in ("lora", "qlora") else (),
+        peak_memory_bytes=est.memory.total_bytes, capacity_bytes=est.memory.capacity_bytes,
+        memory_components={k: v for k, v in est.memory.components.items() if v},
+        tokens_per_second=tokens, total_seconds=total,
+        device_hours_per_million_tokens=hours_per_m,
+        price_per_hour_usd=device.price_per_hour_usd, cost_usd=cost,
+        within_limits=n is not None, multi_device_modelled=True,
+        price_source=device.price_source, sources=device.sources,
+        unknowns=device_unknowns(device, chosen, requested_dtype))
 
 
 def apply_limits(option: DeviceOption, max_hours: float | None,
@@ -329,7 +373,7 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
             methods: Sequence[str] | None = None, auto_dtype_per_device: bool = False,
             objective: str = "time", max_hours: float | None = None,
             max_cost_usd: float | None = None, max_devices: int = DEFAULT_MAX_DEVICES,
-            alternatives: bool = True) -> Comparison:
+            alternatives: bool = True, fixed: Fixed | None = None) -> Comparison:
     """Run the job on each device: fits, devices needed, hours, cost, recommended method.
 
     methods: candidate methods (None = setup.method only; AUTO_METHODS = recommend one per
@@ -339,8 +383,8 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
     methods = tuple(methods) if methods else (setup.method,)
     requested = None if auto_dtype_per_device else setup.compute_dtype
     options = [apply_limits(best_option(model, setup, dev, methods, profile, max_devices,
-                                        auto_dtype_per_device, requested), max_hours,
-                            max_cost_usd)
+                                        auto_dtype_per_device, requested, objective=objective,
+                                        fixed=fixed), max_hours, max_cost_usd)
                for dev in resolve_devices(devices)]
     options.sort(key=sort_key(objective))
     params = estimate(model, method_setup(setup, methods[0]), options_device(options),
@@ -349,9 +393,9 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
     if alternatives and not any(o.within_limits and o.fits_on_one for o in options):
         smaller = smaller_models(model, setup, devices, profile, methods=methods,
                                  auto=auto_dtype_per_device, objective=objective,
-                                 max_hours=max_hours, max_cost_usd=max_cost_usd)
-    tiers = free_tiers(model, setup, profile, methods, auto_dtype_per_device) if alternatives \
-        else []
+                                 max_hours=max_hours, max_cost_usd=max_cost_usd, fixed=fixed)
+    tiers = (free_tiers(model, setup, profile, methods, auto_dtype_per_device, fixed)
+             if alternatives else [])
     return Comparison(
         model=model.name, total_params=params.total, active_params=params.active_per_token,
         setup=setup, objective=objective,
@@ -362,11 +406,10 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
 
 def method_rule(methods: Sequence[str]) -> str:
     """The sentence that says how each option's method was chosen."""
-    if len(methods) > 1:
-        return METHOD_RULE
     if methods[0] == "inference":
         return "fixed by the user: inference"
-    return f"fixed by the user: {methods[0]}; {CKPT_RULE}"
+    head = METHOD_RULE if len(methods) > 1 else f"method fixed by the user: {methods[0]}"
+    return f"{head}; {SEARCH_RULE}"
 
 
 def options_device(options: list[DeviceOption]) -> Device:
@@ -389,7 +432,8 @@ def shared_notes(setup: TrainSetup) -> list[str]:
 def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | None,
                    profile: CalibrationProfile | None, *, methods: Sequence[str], auto: bool,
                    objective: str, max_hours: float | None,
-                   max_cost_usd: float | None) -> list[SmallerModel]:
+                   max_cost_usd: float | None, fixed: Fixed | None = None
+                   ) -> list[SmallerModel]:
     """Presets smaller than the model that fit one device within the limits (largest first)."""
     total = count_params(model).total
     presets = sorted(((count_params(m).total, m) for m in list_models()),
@@ -400,7 +444,8 @@ def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | Non
             continue
         result = compare(preset, setup, devices, profile, methods=methods,
                          auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
-                         max_cost_usd=max_cost_usd, max_devices=1, alternatives=False)
+                         max_cost_usd=max_cost_usd, max_devices=1, alternatives=False,
+                         fixed=fixed)
         best = next((o for o in result.options if o.within_limits and o.fits_on_one), None)
         if best is not None:
             out.append(SmallerModel(model=preset.name, total_params=size, option=best))
@@ -428,14 +473,15 @@ def offer_device(entry: dict[str, Any]) -> Device:
 
 
 def free_tiers(model: ModelSpec, setup: TrainSetup, profile: CalibrationProfile | None,
-               methods: Sequence[str], auto: bool) -> list[FreeTier]:
+               methods: Sequence[str], auto: bool, fixed: Fixed | None = None
+               ) -> list[FreeTier]:
     """Each free offer (data/offers.toml) with the job sized to the offer's device count."""
     out = []
     for key, entry in read_toml("offers.toml")["offers"].items():
         device = offer_device(entry)
         count = entry["num_devices"]
         option = best_option(model, setup, device, methods, profile, max_devices=count,
-                             auto=auto, requested_dtype=None, exact=count)
+                             auto=auto, requested_dtype=None, exact=count, fixed=fixed)
         weekly = entry.get("weekly_hours")
         weeks = (option.total_seconds / SECONDS_PER_HOUR / weekly
                  if weekly and option.total_seconds is not None else None)
@@ -466,4 +512,22 @@ def compare_request(model: ModelSpec | str | None = None, *, params: float | Non
     auto_methods = flags.get("method") is None and flags.get("bits") is None
     return compare(spec, setup, devices, None, methods=AUTO_METHODS if auto_methods else None,
                    auto_dtype_per_device=dtype == "auto", objective=objective,
-                   max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices)
+                   max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices,
+                   fixed=fixed_fields(flags))
+
+
+def fixed_fields(flags: dict) -> Fixed:
+    """The setup fields a flag fixed: a value other than request.SETUP_DEFAULTS' (a flag left
+    at its default is searched)."""
+    from estimator.request import SETUP_DEFAULTS
+
+    def given(name: str):
+        value = flags.get(name, SETUP_DEFAULTS[name])
+        return None if value == SETUP_DEFAULTS[name] else value
+
+    zero = given("zero")
+    return Fixed(batch_size=given("batch_size"), grad_accum=given("grad_accum"),
+                 checkpointing=given("checkpointing"),
+                 zero_stage=None if zero is None else int(zero),
+                 expert_parallel=given("expert_parallel"),
+                 lora_targets=given("lora_targets") is not None)
