@@ -33,9 +33,11 @@ def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
             out.append(f"device interconnect unknown: {default:g} GB/s assumed (PCIe 4.0 x16)")
         net = device.network_bytes_per_second
         if setup.num_nodes > 1 or (device.kind == "cpu" and not intra):
-            default = C.DEFAULT_NETWORK_BYTES_PER_SECOND[device.kind] * 8 / 1e9
-            out.append(f"inter-node network {net / 1e9:g} GB/s per device (catalogue)" if net
-                       else f"inter-node network unknown: {default:g} Gb/s per device assumed")
+            default = C.default_network(device) * 8 / 1e9
+            where = "desktop machines, " if device.desktop else ""
+            out.append(f"inter-node network {net / 1e9:g} GB/s per device (given)" if net
+                       else f"inter-node network unknown: {where}{default:g} Gb/s per device "
+                            "assumed (--link to set it)")
         out.append(f"collectives reach {C.LINK_EFFICIENCY:.0%} of the link peak and do NOT "
                    "overlap compute (step time is an upper bound)")
         per_node = setup.num_devices // setup.num_nodes
@@ -130,11 +132,26 @@ def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
     return peaks
 
 
+def with_user_price(device: Device, prices: dict[str, float] | None) -> Device:
+    """The device with the user's --price for it; a price for another device is an error."""
+    from estimator.catalog import priced
+
+    if not prices:
+        return device
+    prices = {k.strip().lower(): v for k, v in prices.items()}
+    other = set(prices) - {device.name}
+    if other:
+        raise SetupError(f"--price names {', '.join(sorted(other))}, but the device is "
+                         f"{device.name}")
+    return priced(device, prices[device.name])
+
+
 def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = None,
              device: Device | str = "local", profile: CalibrationProfile | None = None, *,
              params: float | None = None, active_params: float | None = None,
              active_ratio: float | None = None, use_profile: bool = True,
-             device_memory: float | None = None, **flags) -> Estimate:
+             device_memory: float | None = None, prices: dict[str, float] | None = None,
+             **flags) -> Estimate:
     """Predict parameters, peak memory, step time, cost and a verdict with advice.
 
     Takes specs (a ModelSpec, a TrainSetup, a Device) or what `nvfree estimate` takes, by its
@@ -156,6 +173,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
         note = note if dev.name == "local" else None  # catalogue: 'uncalibrated' says it
     else:
         dev = device
+    dev = with_user_price(dev, prices)
     if setup is None:
         setup = build_setup(dev, profile, **flags)
     elif flags:

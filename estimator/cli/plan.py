@@ -19,6 +19,7 @@ from estimator.cli.options import (
     NumDevicesOpt,
     OffloadOpt,
     ParamsOpt,
+    PriceOpt,
     SeqOpt,
     TokensOpt,
 )
@@ -124,7 +125,7 @@ def plan(
     max_hours: MaxHoursOpt = None, max_cost: MaxCostOpt = None,
     objective: ObjectiveOpt = "time", output: OutputOpt = Path("plan.json"), top: TopOpt = 5,
     torch_device: TorchDeviceOpt = "cpu", seed: int = typer.Option(0, "--seed"),
-    calibrate: CalibrateOpt = True, json: JsonOpt = False,
+    calibrate: CalibrateOpt = True, price: PriceOpt = None, json: JsonOpt = False,
 ) -> None:
     """Choose the setup that fits and finishes soonest (or cheapest); write it as a plan file
     for `nvfree run`. With no arguments: the default model on the embedded corpus, here."""
@@ -142,6 +143,10 @@ def plan(
     if calibrate and profile is None and device.strip().lower() == "local":
         quick_calibration(Console(stderr=True))
         dev, profile, note = resolve_device(device)
+    from estimator.api import with_user_price
+    from estimator.cli.options import parse_prices
+
+    dev = with_user_price(dev, parse_prices(price))
     num_tokens = _token_budget(tokens, data, text_field, count_data_tokens)
     num_devices = max_devices or num_devices
     try:

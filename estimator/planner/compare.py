@@ -28,9 +28,19 @@ from estimator.analytic.inference import decode_step_seconds
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.params import count_params
 from estimator.api import estimate
-from estimator.catalog import GB, GIB, TERA, list_devices, list_models, load_device, read_toml
+from estimator.catalog import (
+    GB,
+    GIB,
+    TERA,
+    list_devices,
+    list_models,
+    load_device,
+    priced,
+    read_toml,
+)
+from estimator.catalog.prices import PriceRule
 from estimator.errors import SetupError
-from estimator.planner.fit import SEARCH_RULE, Fixed, best_at, searched_plan
+from estimator.planner.fit import SEARCH_RULE, Fixed, best_at, per_node, searched_plan
 from estimator.request import auto_dtype
 from estimator.specs import (
     CalibrationProfile,
@@ -56,9 +66,8 @@ runtime stay per device; Rajbhandari et al. 2020)."""
 METHOD_RULE = "method per device among full, lora and qlora"
 
 def devices_per_node(device: Device) -> int:
-    """Devices one machine holds: 1 for a CPU socket or an Apple machine, 8 for accelerators
-    (HGX/OAM boards, TPU/Trainium hosts are 4–16; 8 is the common case)."""
-    return 1 if device.kind == "cpu" or device.backend == "mps" else 8
+    """Devices one machine holds (planner.fit.per_node, the one rule)."""
+    return per_node(device)
 
 
 def whole_nodes(num_devices: int, per_node: int) -> int:
@@ -203,9 +212,17 @@ def rates(model: ModelSpec, sizing: Sizing, device: Device) -> tuple[float, floa
 
 def device_unknowns(device: Device, setup: TrainSetup, requested_dtype: str | None) -> list[str]:
     """What the catalogue does not know for this device, one line each."""
+    from estimator.analytic.comms import default_network
+
     out = []
     if device.price_per_hour_usd is None:
         out.append("no on-demand price in the catalogue: cost unknown")
+    elif (device.price_source or "").startswith("bought"):
+        out.append(f"price is a purchase amortised: {device.price_source}")
+    if setup.num_nodes > 1 and device.network_bytes_per_second is None:
+        what = "desktop machines on " if device.desktop else ""
+        out.append(f"network between machines assumed: {what}"
+                   f"{default_network(device) * 8 / 1e9:g} Gb/s per device (--link sets it)")
     if requested_dtype and device.peak_for(requested_dtype) is None:
         out.append(f"no {requested_dtype} peak: its fp32 rate is used")
     elif setup.compute_dtype == "fp32" and device.peak_for("bf16") is None:
@@ -358,14 +375,29 @@ def sort_key(objective: str):
     return key
 
 
-def resolve_devices(names: Sequence[str] | None) -> list[Device]:
-    """Catalogue devices by name (all when None); unknown names raise UnknownDeviceError."""
-    if names is None:
-        return list_devices()
-    devices = [load_device(n) for n in names]
+def resolve_devices(names: Sequence[str] | None, prices: dict[str, float] | None = None,
+                    rule: PriceRule | None = None,
+                    link_gbit_per_second: float | None = None) -> list[Device]:
+    """Catalogue devices by name (all when None), priced by the catalogue's rule (or `rule`)
+    and the user's `prices` (device key → USD per device-hour); unknown names raise
+    UnknownDeviceError."""
+    devices = list_devices() if names is None else [load_device(n) for n in names]
     if not devices:
         raise SetupError("no devices given: use --devices a,b,c (see `nvfree devices`)")
-    return devices
+    prices = {k.strip().lower(): v for k, v in (prices or {}).items()}
+    for key in prices:
+        load_device(key)  # an unknown key is an error, not a silent no-op
+    devices = [priced(d, prices.get(d.name), rule) for d in devices]
+    if link_gbit_per_second is None:
+        return devices
+    return [with_link(d, link_gbit_per_second) for d in devices]
+
+
+def with_link(device: Device, gbit_per_second: float) -> Device:
+    """The device with the user's network between machines (--link, Gb/s per device)."""
+    if not gbit_per_second > 0:
+        raise SetupError(f"--link must be positive (Gb/s), got {gbit_per_second:g}")
+    return device.model_copy(update={"network_bytes_per_second": gbit_per_second * 1e9 / 8})
 
 
 def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = None,
@@ -373,7 +405,10 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
             methods: Sequence[str] | None = None, auto_dtype_per_device: bool = False,
             objective: str = "time", max_hours: float | None = None,
             max_cost_usd: float | None = None, max_devices: int = DEFAULT_MAX_DEVICES,
-            alternatives: bool = True, fixed: Fixed | None = None) -> Comparison:
+            alternatives: bool = True, fixed: Fixed | None = None,
+            prices: dict[str, float] | None = None,
+            price_rule: PriceRule | None = None,
+            link_gbit_per_second: float | None = None) -> Comparison:
     """Run the job on each device: fits, devices needed, hours, cost, recommended method.
 
     methods: candidate methods (None = setup.method only; AUTO_METHODS = recommend one per
@@ -385,7 +420,7 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
     options = [apply_limits(best_option(model, setup, dev, methods, profile, max_devices,
                                         auto_dtype_per_device, requested, objective=objective,
                                         fixed=fixed), max_hours, max_cost_usd)
-               for dev in resolve_devices(devices)]
+               for dev in resolve_devices(devices, prices, price_rule, link_gbit_per_second)]
     options.sort(key=sort_key(objective))
     params = estimate(model, method_setup(setup, methods[0]), options_device(options),
                       profile).params
@@ -393,7 +428,8 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
     if alternatives and not any(o.within_limits and o.fits_on_one for o in options):
         smaller = smaller_models(model, setup, devices, profile, methods=methods,
                                  auto=auto_dtype_per_device, objective=objective,
-                                 max_hours=max_hours, max_cost_usd=max_cost_usd, fixed=fixed)
+                                 max_hours=max_hours, max_cost_usd=max_cost_usd, fixed=fixed,
+                                 prices=prices, price_rule=price_rule)
     tiers = (free_tiers(model, setup, profile, methods, auto_dtype_per_device, fixed)
              if alternatives else [])
     return Comparison(
@@ -432,8 +468,9 @@ def shared_notes(setup: TrainSetup) -> list[str]:
 def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | None,
                    profile: CalibrationProfile | None, *, methods: Sequence[str], auto: bool,
                    objective: str, max_hours: float | None,
-                   max_cost_usd: float | None, fixed: Fixed | None = None
-                   ) -> list[SmallerModel]:
+                   max_cost_usd: float | None, fixed: Fixed | None = None,
+                   prices: dict[str, float] | None = None,
+                   price_rule: PriceRule | None = None) -> list[SmallerModel]:
     """Presets smaller than the model that fit one device within the limits (largest first)."""
     total = count_params(model).total
     presets = sorted(((count_params(m).total, m) for m in list_models()),
@@ -445,7 +482,7 @@ def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | Non
         result = compare(preset, setup, devices, profile, methods=methods,
                          auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
                          max_cost_usd=max_cost_usd, max_devices=1, alternatives=False,
-                         fixed=fixed)
+                         fixed=fixed, prices=prices, price_rule=price_rule)
         best = next((o for o in result.options if o.within_limits and o.fits_on_one), None)
         if best is not None:
             out.append(SmallerModel(model=preset.name, total_params=size, option=best))
@@ -499,7 +536,10 @@ def compare_request(model: ModelSpec | str | None = None, *, params: float | Non
                     active_params: float | None = None, active_ratio: float | None = None,
                     devices: list[str] | None = None, objective: str = "time",
                     max_hours: float | None = None, max_cost_usd: float | None = None,
-                    max_devices: int = DEFAULT_MAX_DEVICES, **flags) -> Comparison:
+                    max_devices: int = DEFAULT_MAX_DEVICES,
+                    prices: dict[str, float] | None = None,
+                    price_rule: PriceRule | None = None,
+                    link_gbit_per_second: float | None = None, **flags) -> Comparison:
     """compare() from what `nvfree compare` takes, by its flag names (request.SETUP_DEFAULTS):
     no --method or --bits lets each device pick full, LoRA or QLoRA; --dtype auto picks the
     dtype per device."""
@@ -513,7 +553,8 @@ def compare_request(model: ModelSpec | str | None = None, *, params: float | Non
     return compare(spec, setup, devices, None, methods=AUTO_METHODS if auto_methods else None,
                    auto_dtype_per_device=dtype == "auto", objective=objective,
                    max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices,
-                   fixed=fixed_fields(flags))
+                   fixed=fixed_fields(flags), prices=prices, price_rule=price_rule,
+                   link_gbit_per_second=link_gbit_per_second)
 
 
 def fixed_fields(flags: dict) -> Fixed:

@@ -59,9 +59,10 @@ small GEMM, a cast and an optimizer tensor each)."""
 
 
 def per_node(device: Device) -> int:
-    """Devices one machine holds: 1 for a CPU socket or an Apple machine, 8 for accelerators
-    (HGX/OAM boards; TPU/Trainium hosts are 4–16, 8 is the common case)."""
-    return 1 if device.kind == "cpu" or device.backend == "mps" else 8
+    """Devices one machine holds: 1 for a CPU socket, an Apple machine or a desktop machine
+    (Device.desktop), 8 for accelerators (HGX/OAM boards; TPU/Trainium hosts are 4–16, 8 is
+    the common case)."""
+    return 1 if device.kind == "cpu" or device.backend == "mps" or device.desktop else 8
 
 
 def whole_nodes(num_devices: int, node: int) -> int:
@@ -78,8 +79,10 @@ def at_count(setup: TrainSetup, num_devices: int, node: int, **update) -> TrainS
 def floor_count(model: ModelSpec, setups: Sequence[TrainSetup], device: Device,
                 max_devices: int) -> int | None:
     """Fewest devices (whole nodes past one) at which any of the least-memory setups (ZeRO-3,
-    micro-batch 1) fits by memory_breakdown: doubling, then bisection (per-device memory never
-    grows with N). A lower bound for the search; None when max_devices do not hold it."""
+    micro-batch 1, with and without checkpointing: the memory model's recompute term can
+    exceed the activations it saves; for an MoE each LoRA target choice) fits by
+    memory_breakdown: doubling, then bisection (per-device memory never grows with N). A lower
+    bound for the search; None when max_devices do not hold it."""
     node = per_node(device)
 
     def fits(n: int) -> bool:
@@ -186,9 +189,10 @@ def searched_plan(model: ModelSpec, setups: Sequence[TrainSetup], device: Device
     fits on max_devices; the fewest devices that fit, N0). setups: one per candidate method,
     at micro-batch 1."""
     node = per_node(device)
-    least = [s.model_copy(update={"batch_size": 1, "grad_accum": 1,
-                                  "checkpointing": fixed.checkpointing is not False})
-             for s in setups]
+    ckpt = (True, False) if fixed.checkpointing is None else (fixed.checkpointing,)
+    least = [s.model_copy(update={"batch_size": 1, "grad_accum": 1, "checkpointing": c,
+                                  "lora_targets": t})
+             for s in setups for c in ckpt for t in target_choices(model, setups, fixed)]
     floor = floor_count(model, least, device, max_devices)
     if floor is None:
         return None, None

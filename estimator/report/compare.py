@@ -46,8 +46,10 @@ def method_cell(o: DeviceOption) -> str:
             f"{' ckpt' if o.checkpointing else ''}")
 
 
-UNKNOWN_TAGS = (("no on-demand price", "price"), ("peak:", "dtype peak"),
+UNKNOWN_TAGS = (("no on-demand price", "price n/a"), ("purchase amortised", "bought price"),
+                ("network between machines", "network assumed"), ("peak:", "dtype peak"),
                 ("large-GEMM", "GEMM eff."), ("interconnect", "link"),
+                ("software:", "software"),
                 ("confirm --max-hours", "hours limit"), ("confirm --max-cost", "cost limit"))
 
 
