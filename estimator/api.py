@@ -54,9 +54,15 @@ def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
 def assumptions_for(model: ModelSpec, setup: TrainSetup, device: Device,
                     profile: CalibrationProfile | None) -> list[str]:
     """What the estimate assumed that the user did not say."""
+    from estimator.catalog import read_toml
+    from estimator.catalog.software import software_note
+
     out = []
     if model.inferred_from:
         out.append(model.inferred_from)
+    software = software_note(device.name, setup.method, read_toml("software.toml"))
+    if software:
+        out.append(software)
     if device.peak_for(setup.compute_dtype) is None:
         out.append(f"{device.display_name} has no known {setup.compute_dtype} peak: its fp32 "
                    "rate is used (on CPUs without AVX512_BF16/AMX, bf16 is far slower)")

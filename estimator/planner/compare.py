@@ -39,6 +39,7 @@ from estimator.catalog import (
     read_toml,
 )
 from estimator.catalog.prices import PriceRule
+from estimator.catalog.software import nearest_method, runs, software_note
 from estimator.errors import SetupError
 from estimator.planner.fit import SEARCH_RULE, Fixed, best_at, per_node, searched_plan
 from estimator.request import auto_dtype
@@ -291,6 +292,7 @@ def best_option(model: ModelSpec, setup: TrainSetup, device: Device, methods: Se
             options.append(option_for(model, s, device, profile, max_devices, requested_dtype,
                                       exact))
         return min(options, key=method_key)
+    methods, notes = runnable_methods(device, methods)
     setups = [device_dtype_setup(method_setup(setup, m), device, profile, auto)
               for m in methods]
     fixed = fixed or Fixed()
@@ -300,7 +302,23 @@ def best_option(model: ModelSpec, setup: TrainSetup, device: Device, methods: Se
     else:
         found, fewest = searched_plan(model, setups, device, profile, max_devices=max_devices,
                                       objective=objective, fixed=fixed)
-    return planned_option(model, found, setups[0], device, profile, requested_dtype, fewest)
+    option = planned_option(model, found, setups[0], device, profile, requested_dtype, fewest)
+    chosen = software_note(device.name, option.method, read_toml("software.toml"))
+    return option.model_copy(update={"unknowns": [*notes, *([chosen] if chosen else []),
+                                                  *option.unknowns]})
+
+
+def runnable_methods(device: Device, methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(The methods that have a software stack on the device, one line per method refused).
+    A method the user fixed that has none is replaced by the nearest one that has
+    (catalog.software: QLoRA → LoRA → full)."""
+    table = read_toml("software.toml")
+    keep = [m for m in methods if runs(device.name, m, table)]
+    notes = [software_note(device.name, m, table) or "" for m in methods if m not in keep]
+    if not keep:
+        near = nearest_method(device.name, methods[0], table)
+        keep = [near] if near else list(methods)
+    return keep, [n for n in notes if n]
 
 
 def planned_option(model: ModelSpec, found: Candidate | None, first: TrainSetup,
