@@ -138,6 +138,17 @@ def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
     return peaks
 
 
+def question_hints(params: float | None, device: Device | str) -> list[str]:
+    """The presets a --params count names, and that 'local' answers for this machine."""
+    from estimator.request import preset_hints
+
+    out = preset_hints(params) if params is not None else []
+    if isinstance(device, str) and device.strip().lower() == "local":
+        out.append("no --device: this answers for this machine; --device NAME for another "
+                   "(`nvfree devices`), or `nvfree compare` for all of them")
+    return out
+
+
 def with_user_price(device: Device, prices: dict[str, float] | None) -> Device:
     """The device with the user's --price for it; a price for another device is an error."""
     from estimator.catalog import priced
@@ -169,6 +180,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
     from estimator.request import build_setup, resolve_model
 
     model = resolve_model(model, params, active_params, active_ratio)
+    hints = question_hints(params, device)
     note = None
     if isinstance(device, str):
         from estimator.hardware import resolve_device
@@ -217,6 +229,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
                     throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
                     other_frameworks=other_framework_peaks(setup, memory_of),
+                    hints=hints,
                     assumptions=assumptions_for(model, setup, dev, profile)
                     + ([f"calibration: {note}"] if note else [])
                     + trainer_note(model, setup))

@@ -568,11 +568,18 @@ def compare_request(model: ModelSpec | str | None = None, *, params: float | Non
     dtype = flags.get("dtype", SETUP_DEFAULTS["dtype"])
     setup = build_setup(first, None, **{**flags, "dtype": "bf16" if dtype == "auto" else dtype})
     auto_methods = flags.get("method") is None and flags.get("bits") is None
-    return compare(spec, setup, devices, None, methods=AUTO_METHODS if auto_methods else None,
-                   auto_dtype_per_device=dtype == "auto", objective=objective,
-                   max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices,
-                   fixed=fixed_fields(flags), prices=prices, price_rule=price_rule,
-                   link_gbit_per_second=link_gbit_per_second)
+    result = compare(spec, setup, devices, None,
+                     methods=AUTO_METHODS if auto_methods else None,
+                     auto_dtype_per_device=dtype == "auto", objective=objective,
+                     max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices,
+                     fixed=fixed_fields(flags), prices=prices, price_rule=price_rule,
+                     link_gbit_per_second=link_gbit_per_second)
+    if params is None:
+        return result
+    from estimator.request import preset_hints
+
+    return result.model_copy(update={"notes": [f"hint: {h}" for h in preset_hints(params)]
+                                     + result.notes})
 
 
 def fixed_fields(flags: dict) -> Fixed:
