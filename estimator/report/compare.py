@@ -149,11 +149,13 @@ def alternatives_parts(cmp: Comparison) -> list:
 
 def render_compare(cmp: Comparison, console: Console) -> None:
     """Print the whole comparison."""
-    method = "method per device" if cmp.method_rule.startswith("per device") else (
+    method = "method per device" if cmp.method_rule.startswith("method per device") else (
         cmp.setup.method)
+    batch = ("batch searched per device" if cmp.setup.method != "inference"
+             else f"batch {cmp.setup.batch_size}")
     head = (f"{cmp.model}: {fmt_count(cmp.total_params)} params, "
-            f"{fmt_count(cmp.active_params)} active · {method}, batch "
-            f"{cmp.setup.batch_size}×{cmp.setup.seq_len}"
+            f"{fmt_count(cmp.active_params)} active · {method}, {batch} × "
+            f"{cmp.setup.seq_len} tokens"
             + (f" · {fmt_count(cmp.setup.num_tokens)} tokens" if cmp.setup.num_tokens else ""))
     limits = [f"max {cmp.max_hours:g} h" if cmp.max_hours is not None else "",
               f"max {fmt_usd(cmp.max_cost_usd)}" if cmp.max_cost_usd is not None else ""]
