@@ -48,6 +48,8 @@ class Fixed:
     checkpointing: bool | None = None
     zero_stage: int | None = None
     expert_parallel: int | None = None
+    global_batch: int | None = None
+    """Sequences per optimizer step over all devices, when given (micro-batch searched)."""
     lora_targets: bool = False
     """True when the user named --lora-targets (else MoE searches ATTENTION_TARGETS too)."""
 
@@ -107,10 +109,12 @@ def floor_count(model: ModelSpec, setups: Sequence[TrainSetup], device: Device,
 
 
 def global_batch(num_devices: int, fixed: Fixed) -> int:
-    """Sequences per step at num_devices: the user's micro-batch × accumulation × N, else
-    COMPARE_GLOBAL_BATCH rounded up to a multiple of N."""
+    """Sequences per step at num_devices: the user's micro-batch × accumulation × N, else the
+    given global batch (or COMPARE_GLOBAL_BATCH) rounded up to a multiple of N."""
     if fixed.batch_size is not None or fixed.grad_accum is not None:
         return (fixed.batch_size or 1) * (fixed.grad_accum or 1) * num_devices
+    if fixed.global_batch is not None:
+        return -(-fixed.global_batch // num_devices) * num_devices
     return -(-COMPARE_GLOBAL_BATCH // num_devices) * num_devices
 
 
