@@ -180,7 +180,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
     from estimator.request import build_setup, resolve_model
 
     model = resolve_model(model, params, active_params, active_ratio)
-    hints = question_hints(params, device)
+    hints, asked = question_hints(params, device), params
     note = None
     if isinstance(device, str):
         from estimator.hardware import resolve_device
@@ -225,6 +225,11 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
     else:
         verdict = "fits_with_changes" if any(a.fits for a in advice) else "does_not_fit"
     minimum = min([memory.total_bytes, *(a.total_bytes for a in advice)])
+    if verdict != "fits" and setup.method != "inference" and dev.name != "local":
+        which = f"--params {asked:g}" if asked is not None else f"--model {model.name}"
+        hints.append("the advice keeps your batch; the planner's search over devices, batch, "
+                     "ZeRO stage and expert parallelism: "
+                     f"`nvfree compare {which} --devices {dev.name}`")
     return Estimate(model=model, setup=setup, device=dev, params=params, memory=memory,
                     throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
