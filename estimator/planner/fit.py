@@ -12,7 +12,8 @@ Rules (stated in every Comparison, SEARCH_RULE):
   and twice that. Objective `time`: the fastest of these plans that costs no more than the one
   on N0 (more devices only where they do not cost more). Objective `cost`: the cheapest
   (device-hours where there is no price).
-* Expert parallelism (MoE): 1 and every power of two that divides both the experts and N.
+* Expert parallelism (MoE): 1, the largest power of two within a node and the largest overall
+  that divide both the experts and N.
 * LoRA targets (MoE, unless --lora-targets is given): all-linear and ATTENTION_TARGETS.
 """
 
@@ -118,16 +119,24 @@ def global_batch(num_devices: int, fixed: Fixed) -> int:
     return -(-COMPARE_GLOBAL_BATCH // num_devices) * num_devices
 
 
+EP_NODE = 8
+"""Expert-parallel degree that stays inside one 8-device node (all-to-all on the node's
+fabric)."""
+
+
 def expert_degrees(model: ModelSpec, num_devices: int, fixed: Fixed) -> list[int]:
-    """Expert-parallel degrees searched at num_devices: the user's, else 1 and each power of
-    two that divides both the number of experts and N (dense models: 1)."""
+    """Expert-parallel degrees searched at num_devices: the user's, else 1, the largest power
+    of two within a node (EP_NODE) and the largest overall that divide both the number of
+    experts and N (dense models: 1)."""
     if fixed.expert_parallel is not None:
         return [fixed.expert_parallel] if num_devices % fixed.expert_parallel == 0 else []
     if model.moe is None:
         return [1]
     experts = model.moe.num_experts
-    return [d for d in (2**k for k in range(num_devices.bit_length()))
-            if num_devices % d == 0 and experts % d == 0]
+    valid = [d for d in (2**k for k in range(num_devices.bit_length()))
+             if num_devices % d == 0 and experts % d == 0]
+    within_node = [d for d in valid if d <= EP_NODE]
+    return sorted({1, max(within_node), max(valid)})
 
 
 def best_at(model: ModelSpec, setups: Sequence[TrainSetup], device: Device,
