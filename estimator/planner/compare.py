@@ -39,7 +39,7 @@ from estimator.catalog import (
     read_toml,
 )
 from estimator.catalog.prices import PriceRule
-from estimator.catalog.software import nearest_method, runs, software_note
+from estimator.catalog.software import nearest_method, runs, software_note, software_path
 from estimator.errors import SetupError
 from estimator.planner.fit import SEARCH_RULE, Fixed, best_at, per_node, searched_plan
 from estimator.request import auto_dtype
@@ -303,9 +303,12 @@ def best_option(model: ModelSpec, setup: TrainSetup, device: Device, methods: Se
         found, fewest = searched_plan(model, setups, device, profile, max_devices=max_devices,
                                       objective=objective, fixed=fixed)
     option = planned_option(model, found, setups[0], device, profile, requested_dtype, fewest)
-    chosen = software_note(device.name, option.method, read_toml("software.toml"))
-    return option.model_copy(update={"unknowns": [*notes, *([chosen] if chosen else []),
-                                                  *option.unknowns]})
+    table = read_toml("software.toml")
+    chosen = software_note(device.name, option.method, table)
+    path = software_path(device.name, option.method, table)
+    return option.model_copy(update={
+        "unknowns": [*notes, *([chosen] if chosen else []), *option.unknowns],
+        "software": None if path is None else f"{path.status}: {path.stack}"})
 
 
 def runnable_methods(device: Device, methods: Sequence[str]) -> tuple[list[str], list[str]]:

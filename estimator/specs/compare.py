@@ -76,6 +76,9 @@ class DeviceOption(Spec):
     """Where and when the price was read."""
     sources: tuple[str, ...] = ()
     """The catalogue entry's sources for the device numbers."""
+    software: str | None = None
+    """The software stack that runs the method on this device's family, with its status
+    (data/software.toml); None where the file has no cell (inference, a device outside it)."""
     unknowns: list[str] = Field(default_factory=list)
     """What the catalogue does not know for this device (price, a dtype peak …), one line each."""
 
