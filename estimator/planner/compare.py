@@ -500,10 +500,13 @@ def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | Non
     for size, preset in presets:
         if size >= total or preset.name == model.name:
             continue
-        result = compare(preset, setup, devices, profile, methods=methods,
-                         auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
-                         max_cost_usd=max_cost_usd, max_devices=1, alternatives=False,
-                         fixed=fixed, prices=prices, price_rule=price_rule)
+        try:
+            result = compare(preset, setup, devices, profile, methods=methods,
+                             auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
+                             max_cost_usd=max_cost_usd, max_devices=1, alternatives=False,
+                             fixed=fixed, prices=prices, price_rule=price_rule)
+        except SetupError:  # the setup does not apply to it (e.g. --seq-len past gpt2's)
+            continue
         best = next((o for o in result.options if o.within_limits and o.fits_on_one), None)
         if best is not None:
             out.append(SmallerModel(model=preset.name, total_params=size, option=best))

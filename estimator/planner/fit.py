@@ -156,7 +156,8 @@ def best_at(model: ModelSpec, setups: Sequence[TrainSetup], device: Device,
         checkpointing=((fixed.checkpointing,) if fixed.checkpointing is not None
                        else (False, True)),
         zero_stages=stages, objective="time", top=3,
-        micro_batches=(fixed.batch_size,) if fixed.batch_size is not None else ())
+        micro_batches=((fixed.batch_size or 1,) if fixed.batch_size or fixed.grad_accum
+                       else ()))
     best = None
     for targets in target_choices(model, setups, fixed):
         for ep in expert_degrees(model, num_devices, fixed):

@@ -37,3 +37,16 @@ def test_cost_objective_is_never_dearer_than_time() -> None:
     cost, _ = searched_plan(model, [setup], device, None, max_devices=64, objective="cost",
                             fixed=Fixed())
     assert cost.cost_usd <= time.cost_usd + 1e-9
+
+
+def test_a_fixed_accumulation_keeps_micro_batch_one() -> None:
+    option = compare_request("mixtral-8x7b", devices=["gaudi3"], grad_accum=4,
+                             checkpointing=True).options[0]
+    assert (option.batch_size, option.grad_accum, option.checkpointing) == (1, 4, True)
+
+
+def test_smaller_models_skip_presets_the_setup_does_not_apply_to() -> None:
+    """gpt2 has 1024 positions: a 2048-token setup is skipped, not an error."""
+    result = compare_request("llama-3.1-8b", tokens=1e9, max_hours=1.0,
+                             devices=["rtx-4090"])
+    assert all(m.model != "gpt2" for m in result.smaller_models)
