@@ -168,7 +168,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
              params: float | None = None, active_params: float | None = None,
              active_ratio: float | None = None, use_profile: bool = True,
              device_memory: float | None = None, prices: dict[str, float] | None = None,
-             **flags) -> Estimate:
+             link_gbit_per_second: float | None = None, **flags) -> Estimate:
     """Predict parameters, peak memory, step time, cost and a verdict with advice.
 
     Takes specs (a ModelSpec, a TrainSetup, a Device) or what `nvfree estimate` takes, by its
@@ -192,6 +192,10 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
     else:
         dev = device
     dev = with_user_price(dev, prices)
+    if link_gbit_per_second is not None:
+        from estimator.catalog import linked
+
+        dev = linked(dev, link_gbit_per_second)
     if setup is None:
         setup = build_setup(dev, profile, **flags)
     elif flags:

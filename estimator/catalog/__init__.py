@@ -13,7 +13,7 @@ from typing import Any
 
 from estimator.catalog.hf import HF_MODEL_TYPES, model_from_hf_config, read_hf_config
 from estimator.catalog.prices import PriceRule, hourly_price
-from estimator.errors import UnknownDeviceError, UnknownModelError
+from estimator.errors import SetupError, UnknownDeviceError, UnknownModelError
 from estimator.specs import Device, ModelSpec
 
 if sys.version_info >= (3, 11):
@@ -22,9 +22,24 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
-    "GB", "GIB", "HF_MODEL_TYPES", "TERA", "data_dir", "device_from_entry", "list_devices",
-    "list_models", "load_device", "load_model", "model_aliases", "model_from_entry",
-    "model_from_hf_config", "priced", "read_hf_config", "read_toml", "suggestion",
+    "GB",
+    "GIB",
+    "HF_MODEL_TYPES",
+    "TERA",
+    "data_dir",
+    "device_from_entry",
+    "linked",
+    "list_devices",
+    "list_models",
+    "load_device",
+    "load_model",
+    "model_aliases",
+    "model_from_entry",
+    "model_from_hf_config",
+    "priced",
+    "read_hf_config",
+    "read_toml",
+    "suggestion",
 ]
 
 from estimator.units import GB, GIB, TERA
@@ -92,6 +107,13 @@ def priced(device: Device, usd_per_hour: float | None = None,
     return device.model_copy(update={
         "price_per_hour_usd": None if price is None else price.usd_per_hour,
         "price_source": None if price is None else price.source})
+
+
+def linked(device: Device, gbit_per_second: float) -> Device:
+    """The device with the user's network between machines (--link, Gb/s per device)."""
+    if not gbit_per_second > 0:
+        raise SetupError(f"--link must be positive (Gb/s), got {gbit_per_second:g}")
+    return device.model_copy(update={"network_bytes_per_second": gbit_per_second * 1e9 / 8})
 
 
 def list_devices() -> list[Device]:

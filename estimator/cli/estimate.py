@@ -22,7 +22,11 @@ def estimate(
     device_memory: DeviceMemoryOpt = None, json: JsonOpt = False,
     use_profile: bool = typer.Option(True, "--profile/--no-profile",
                                      help="Use this machine's calibration profile if present."),
-    price: PriceOpt = None, setup_flags: dict | None = None,
+    price: PriceOpt = None,
+    link: float | None = typer.Option(
+        None, "--link", help="Network between machines, Gb/s per device  [default: catalogue; "
+                             "10 GbE between desktop machines; 400 Gb/s per accelerator]"),
+    setup_flags: dict | None = None,
 ) -> None:
     """Estimate peak memory, step time, tokens/s, wall time and cost; say whether it fits."""
     from estimator.api import estimate as run_estimate
@@ -31,6 +35,7 @@ def estimate(
     result = run_estimate(model, params=params, active_params=active_params,
                           active_ratio=active_ratio, device=device, use_profile=use_profile,
                           device_memory=device_memory, prices=parse_prices(price),
+                          link_gbit_per_second=link,
                           **(setup_flags or {}))
     if json:
         typer.echo(result.model_dump_json(indent=2))

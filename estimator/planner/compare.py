@@ -32,6 +32,7 @@ from estimator.catalog import (
     GB,
     GIB,
     TERA,
+    linked,
     list_devices,
     list_models,
     load_device,
@@ -415,10 +416,8 @@ def resolve_devices(names: Sequence[str] | None, prices: dict[str, float] | None
 
 
 def with_link(device: Device, gbit_per_second: float) -> Device:
-    """The device with the user's network between machines (--link, Gb/s per device)."""
-    if not gbit_per_second > 0:
-        raise SetupError(f"--link must be positive (Gb/s), got {gbit_per_second:g}")
-    return device.model_copy(update={"network_bytes_per_second": gbit_per_second * 1e9 / 8})
+    """catalog.linked: the device with the user's --link."""
+    return linked(device, gbit_per_second)
 
 
 def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = None,
