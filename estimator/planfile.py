@@ -263,7 +263,8 @@ def plan_request(model: str | ModelSpec | None = None, *, params: float | None =
                  max_hours: float | None = None, max_cost: float | None = None,
                  objective: str = "time", top: int = 5, torch_device: str = "cpu",
                  seed: int = 0, output: Path | str | None = None,
-                 calibrate: Callable[[], object] | None = None) -> tuple[Plan, str | None]:
+                 calibrate: Callable[[], object] | None = None,
+                 prices: dict[str, float] | None = None) -> tuple[Plan, str | None]:
     """`nvfree plan` without the rendering: (the Plan, the calibration note of the device).
     Takes the command's flags by name (request.PLAN_DEFAULTS for the model, sequence length,
     global batch and token budget left out); `calibrate` is called when --device local has no
@@ -271,6 +272,7 @@ def plan_request(model: str | ModelSpec | None = None, *, params: float | None =
     written to `output` when given. SetupError when no candidate meets the constraints."""
     from estimator.hardware import detect, fingerprint, resolve_device
     from estimator.planner import search
+    from estimator.planner.estimate import with_user_price
     from estimator.request import PLAN_DEFAULTS, parse_targets, resolve_model, setup_error
     from estimator.specs import TrainSetup
 
@@ -286,6 +288,7 @@ def plan_request(model: str | ModelSpec | None = None, *, params: float | None =
     if calibrate is not None and profile is None and local:
         calibrate()
         dev, profile, note = resolve_device(device)
+    dev = with_user_price(dev, prices)  # --price DEVICE=USD/h
     num_tokens = token_budget(tokens, data, text_field)
     num_devices = max_devices or num_devices
     try:

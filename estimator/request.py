@@ -54,6 +54,43 @@ def resolve_model(model: str | ModelSpec | None = None, params: float | None = N
     return infer_model(params, active_params=active_params)
 
 
+PRESET_TOLERANCE = 0.10
+"""--params within this fraction of a preset's total or active count (or of ten times or a
+tenth of it) names the preset."""
+MAX_PRESET_HINTS = 3
+
+
+def preset_scale(params: float, counts: list[int]) -> float | None:
+    """1 when params lies within PRESET_TOLERANCE of one of the counts, else 10 or 0.1 when
+    ten times or a tenth of it does, else None."""
+    for scale in (1, 10, 0.1):
+        if any(abs(params * scale / c - 1) <= PRESET_TOLERANCE for c in counts):
+            return scale
+    return None
+
+
+def preset_hints(params: float) -> list[str]:
+    """Presets whose published total or active parameter count lies within PRESET_TOLERANCE
+    of --params (else ten times or a tenth of it): the seed's "56B" is LongCat-Flash's 560B
+    total → 'longcat-flash has 560B total / ~27B active (10× your --params): --model
+    longcat-flash'. Exact matches first; at most MAX_PRESET_HINTS."""
+    from estimator.catalog import list_models
+
+    found: dict[float, list[str]] = {1: [], 10: [], 0.1: []}
+    for preset in list_models():
+        counts = [c for c in (preset.published_num_params, preset.published_active_params) if c]
+        scale = preset_scale(params, counts)
+        if scale is None:
+            continue
+        sizes = f"{preset.published_num_params / 1e9:.3g}B total"
+        if preset.published_active_params:
+            sizes += f" / ~{preset.published_active_params / 1e9:.3g}B active"
+        away = {1: "", 10: " (10× your --params)", 0.1: " (a tenth of your --params)"}[scale]
+        found[scale].append(f"{preset.name} has {sizes}{away}: --model {preset.name}")
+    hints = found[1] or found[10] + found[0.1]
+    return hints[:MAX_PRESET_HINTS]
+
+
 def parse_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """--lora-targets: comma-separated PEFT module names, or all-linear."""
     from estimator.specs import LINEAR_TARGETS

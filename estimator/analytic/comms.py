@@ -25,6 +25,10 @@ DEFAULT_NETWORK_BYTES_PER_SECOND = {"cpu": 100e9 / 8, "gpu": 400e9 / 8, "tpu": 4
                                     "accelerator": 400e9 / 8}
 """Inter-node bandwidth per device when the catalogue has none: 100 Gb/s Ethernet per CPU node;
 400 Gb/s InfiniBand NDR per accelerator (DGX H100: one ConnectX-7 400 Gb/s port per GPU)."""
+DESKTOP_NETWORK_BYTES_PER_SECOND = 10e9 / 8
+"""Network between desktop machines (Device.desktop) when none is given: 10 GbE (IEEE 802.3ae),
+the fast end of what desktops ship with (1–10 GbE; onboard 1/2.5 GbE is common, so this is
+optimistic); `--link` sets another."""
 DEFAULT_INTERCONNECT_BYTES_PER_SECOND = 31.5e9
 """Intra-node bandwidth when the catalogue has none: PCIe 4.0 x16 per direction
 (16 GT/s · 16 lanes · 128/130 / 8 = 31.5 GB/s, PCI-SIG)."""
@@ -39,6 +43,14 @@ LINK_EFFICIENCY = 0.7
 LATENCY_SECONDS = {"intra": 5e-6, "inter": 15e-6, "cpu": 50e-6}
 """Per-step latency α: NVLink/xGMI hop ~5 µs, InfiniBand ~15 µs (NCCL-tests small-message
 times), gloo over TCP ~50 µs (stated defaults)."""
+
+
+def default_network(device: Device) -> float:
+    """Inter-node bytes/s per device when the catalogue has none: 10 GbE between desktop
+    machines (DESKTOP_NETWORK_BYTES_PER_SECOND), else DEFAULT_NETWORK_BYTES_PER_SECOND."""
+    if device.desktop:
+        return DESKTOP_NETWORK_BYTES_PER_SECOND
+    return DEFAULT_NETWORK_BYTES_PER_SECOND[device.kind]
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class Links:
 def links_for(device: Device, setup: TrainSetup) -> Links:
     """The device's catalogue interconnect and network (or the stated defaults)."""
     intra = device.interconnect_bytes_per_second or DEFAULT_INTERCONNECT_BYTES_PER_SECOND
-    inter = device.network_bytes_per_second or DEFAULT_NETWORK_BYTES_PER_SECOND[device.kind]
+    inter = device.network_bytes_per_second or default_network(device)
     cpu = device.kind == "cpu"
     if cpu and device.interconnect_bytes_per_second is None:
         intra = inter

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from estimator.catalog.hf import HF_MODEL_TYPES, model_from_hf_config, read_hf_config
-from estimator.errors import UnknownDeviceError, UnknownModelError
+from estimator.catalog.prices import PriceRule, hourly_price
+from estimator.errors import SetupError, UnknownDeviceError, UnknownModelError
 from estimator.specs import Device, ModelSpec
 
 if sys.version_info >= (3, 11):
@@ -21,9 +22,24 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
-    "GB", "GIB", "HF_MODEL_TYPES", "TERA", "data_dir", "device_from_entry", "list_devices",
-    "list_models", "load_device", "load_model", "model_aliases", "model_from_entry",
-    "model_from_hf_config", "read_hf_config", "read_toml", "suggestion",
+    "GB",
+    "GIB",
+    "HF_MODEL_TYPES",
+    "TERA",
+    "data_dir",
+    "device_from_entry",
+    "linked",
+    "list_devices",
+    "list_models",
+    "load_device",
+    "load_model",
+    "model_aliases",
+    "model_from_entry",
+    "model_from_hf_config",
+    "priced",
+    "read_hf_config",
+    "read_toml",
+    "suggestion",
 ]
 
 from estimator.units import GB, GIB, TERA
@@ -63,11 +79,41 @@ def device_from_entry(key: str, entry: dict[str, Any]) -> Device:
     peaks = {k: v * TERA for k, v in fields.pop("peak_tflops", {}).items()}
     interconnect = fields.pop("interconnect_gb_per_s", None)
     network = fields.pop("network_gb_per_s", None)
+    price = hourly_price(key, read_toml("prices.toml"), fields.pop("price_per_hour_usd", None),
+                         fields.pop("price_source", None))
+    fields["price_per_hour_usd"] = None if price is None else price.usd_per_hour
+    fields["price_source"] = None if price is None else price.source
     return Device(name=key, memory_bytes=round(memory), memory_bandwidth_bytes_per_second=bandwidth,
                   peak_flops_per_second=peaks,
                   interconnect_bytes_per_second=interconnect * GB if interconnect else None,
                   network_bytes_per_second=network * GB if network else None,
                   **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def priced(device: Device, usd_per_hour: float | None = None,
+           rule: PriceRule | None = None) -> Device:
+    """The device with a user's price (`--price DEVICE=USD/h`), or its catalogue price
+    re-derived under another amortisation rule (catalog.prices)."""
+    if usd_per_hour is not None:
+        if usd_per_hour < 0:
+            raise UnknownDeviceError(f"--price {device.name}: a price must be >= 0")
+        return device.model_copy(update={"price_per_hour_usd": usd_per_hour,
+                                         "price_source": "given with --price"})
+    if rule is None or device.name not in read_toml("devices.toml")["devices"]:
+        return device
+    entry = read_toml("devices.toml")["devices"][device.name]
+    price = hourly_price(device.name, read_toml("prices.toml"), entry.get("price_per_hour_usd"),
+                         entry.get("price_source"), rule)
+    return device.model_copy(update={
+        "price_per_hour_usd": None if price is None else price.usd_per_hour,
+        "price_source": None if price is None else price.source})
+
+
+def linked(device: Device, gbit_per_second: float) -> Device:
+    """The device with the user's network between machines (--link, Gb/s per device)."""
+    if not gbit_per_second > 0:
+        raise SetupError(f"--link must be positive (Gb/s), got {gbit_per_second:g}")
+    return device.model_copy(update={"network_bytes_per_second": gbit_per_second * 1e9 / 8})
 
 
 def list_devices() -> list[Device]:

@@ -10,6 +10,7 @@ from estimator.cli.options import (
     JsonOpt,
     ModelOpt,
     ParamsOpt,
+    PriceOpt,
     with_setup_options,
 )
 
@@ -37,17 +38,33 @@ def compare(
     active_ratio: ActiveRatioOpt = None, devices: DevicesOpt = None,
     objective: ObjectiveOpt = "time", max_hours: MaxHoursOpt = None,
     max_cost: MaxCostOpt = None, max_devices: MaxDevicesOpt = 1024, json: JsonOpt = False,
-    plot: PlotOpt = None, setup_flags: dict | None = None,
+    plot: PlotOpt = None, price: PriceOpt = None,
+    amortise_years: float = typer.Option(
+        3.0, "--amortise-years", min=0.01,
+        help="Bought hardware: years of use its purchase price is spread over."),
+    usd_per_kwh: float = typer.Option(
+        0.165, "--usd-per-kwh", min=0.0,
+        help="Bought hardware: electricity price (USD/kWh) for its power draw."),
+    link: float | None = typer.Option(
+        None, "--link", min=0.001,
+        help="Network between machines, Gb/s per device  [default: catalogue; 10 GbE between "
+             "desktop machines; 400 Gb/s per accelerator]"),
+    setup_flags: dict | None = None,
 ) -> None:
     """Compare every catalogue device (or --devices): fits on one? how many? hours, cost, and
     the recommended method; smaller models and free tiers when it does not fit."""
+    from estimator.catalog.prices import PriceRule
+    from estimator.cli.options import parse_prices
     from estimator.planner.compare import compare_request
 
     names = [n.strip() for n in devices.split(",") if n.strip()] if devices is not None else None
     result = compare_request(model, params=params, active_params=active_params,
                              active_ratio=active_ratio, devices=names, objective=objective,
                              max_hours=max_hours, max_cost_usd=max_cost,
-                             max_devices=max_devices, **(setup_flags or {}))
+                             max_devices=max_devices, prices=parse_prices(price),
+                             price_rule=PriceRule(amortise_years, usd_per_kwh),
+                             link_gbit_per_second=link,
+                             **(setup_flags or {}))
     if plot is not None:
         from estimator.report.compare import plot_compare
 

@@ -99,6 +99,9 @@ DeviceMemoryOpt = Annotated[float | None, typer.Option(
 TokensOpt = Annotated[float | None, typer.Option(
     "--tokens", help="Training token budget for wall time and cost, e.g. 1e8.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+PriceOpt = Annotated[list[str] | None, typer.Option(
+    "--price", help="Your price for a device, DEVICE=USD per device-hour (repeatable), e.g. "
+                    "--price mi300x=2.10; replaces the catalogue's (data/prices.toml).")]
 LoraDropoutOpt = Annotated[float, typer.Option(
     "--lora-dropout", min=0.0, max=0.99, rich_help_panel=SETUP_PANEL,
     help="Dropout on the adapters' input (PEFT lora_dropout).")]
@@ -183,6 +186,22 @@ def with_memory(device, memory_gib: float | None):
     if memory_gib is None:
         return device
     return device.model_copy(update={"memory_bytes": round(memory_gib * 1024**3)})
+
+
+def parse_prices(items: list[str] | None) -> dict[str, float]:
+    """--price DEVICE=USD/h (repeatable) → {device key: USD per device-hour}."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            usd = float(value.strip().removesuffix("/h").removeprefix("$"))
+        except ValueError:
+            raise SetupError(f"--price {item}: expected DEVICE=USD per hour, e.g. "
+                             "mi300x=2.10") from None
+        if not key.strip() or usd < 0:
+            raise SetupError(f"--price {item}: expected DEVICE=USD per hour (>= 0)")
+        out[key.strip().lower()] = usd
+    return out
 
 
 def resolve_device(name: str, *, use_profile: bool = True):

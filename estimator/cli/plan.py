@@ -20,6 +20,7 @@ from estimator.cli.options import (
     NumDevicesOpt,
     OffloadOpt,
     ParamsOpt,
+    PriceOpt,
     TokensOpt,
 )
 from estimator.request import PLAN_DEFAULTS  # why they differ from estimate's: there
@@ -92,13 +93,14 @@ def plan(
     max_hours: MaxHoursOpt = None, max_cost: MaxCostOpt = None,
     objective: ObjectiveOpt = "time", output: OutputOpt = Path("plan.json"), top: TopOpt = 5,
     torch_device: TorchDeviceOpt = "cpu", seed: int = typer.Option(0, "--seed"),
-    calibrate: CalibrateOpt = True, json: JsonOpt = False,
+    calibrate: CalibrateOpt = True, price: PriceOpt = None, json: JsonOpt = False,
 ) -> None:
     """Choose the setup that fits and finishes soonest (or cheapest); write it as a plan file
     for `nvfree run`. With no arguments: the default model on the embedded corpus, here."""
     from rich.console import Console
 
     from estimator.api import quick_calibration
+    from estimator.cli.options import parse_prices
     from estimator.planfile import plan_request
 
     the_plan, note = plan_request(
@@ -109,7 +111,7 @@ def plan(
         tokens=tokens, device=device, num_devices=num_devices, nodes=nodes, zero=zero,
         offload=offload, max_devices=max_devices, memory_limit=memory_limit,
         max_hours=max_hours, max_cost=max_cost, objective=objective, top=top,
-        torch_device=torch_device, seed=seed, output=output,
+        torch_device=torch_device, seed=seed, output=output, prices=parse_prices(price),
         calibrate=(lambda: quick_calibration(Console(stderr=True).print)) if calibrate
         else None)
     if json:

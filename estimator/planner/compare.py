@@ -27,9 +27,22 @@ from typing import Any
 from estimator.analytic.inference import decode_step_seconds
 from estimator.analytic.memory import memory_breakdown
 from estimator.analytic.params import count_params
-from estimator.catalog import GB, GIB, TERA, list_devices, list_models, load_device, read_toml
+from estimator.catalog import (
+    GB,
+    GIB,
+    TERA,
+    linked,
+    list_devices,
+    list_models,
+    load_device,
+    priced,
+    read_toml,
+)
+from estimator.catalog.prices import PriceRule
+from estimator.catalog.software import nearest_method, runs, software_note, software_path
 from estimator.errors import SetupError
 from estimator.planner.estimate import estimate
+from estimator.planner.fit import SEARCH_RULE, Fixed, best_at, per_node, searched_plan
 from estimator.request import auto_dtype
 from estimator.specs import (
     CalibrationProfile,
@@ -42,6 +55,7 @@ from estimator.specs import (
     SmallerModel,
     TrainSetup,
 )
+from estimator.specs.plan import Candidate
 from estimator.units import SECONDS_PER_HOUR
 
 AUTO_METHODS = ("full", "lora", "qlora")
@@ -51,17 +65,11 @@ FALLBACK_SHARDED_TERMS = ("weights", "quant_scales", "master_weights", "adapter_
                           "gradients", "optimizer_states")
 """Terms ideal ZeRO-3 sharding divides by N in the fallback (activations, logits, KV cache and
 runtime stay per device; Rajbhandari et al. 2020)."""
-METHOD_RULE = ("per device, among full, lora and qlora (each with and without gradient "
-               "checkpointing): the fewest devices, then the fewest device-hours per token "
-               "(ties: full, lora, qlora; no checkpointing)")
-CKPT_RULE = ("gradient checkpointing is switched on where it needs fewer devices (or, at equal "
-             "count, fewer device-hours)")
-
+METHOD_RULE = "method per device among full, lora and qlora"
 
 def devices_per_node(device: Device) -> int:
-    """Devices one machine holds: 1 for a CPU socket or an Apple machine, 8 for accelerators
-    (HGX/OAM boards, TPU/Trainium hosts are 4–16; 8 is the common case)."""
-    return 1 if device.kind == "cpu" or device.backend == "mps" else 8
+    """Devices one machine holds (planner.fit.per_node, the one rule)."""
+    return per_node(device)
 
 
 def whole_nodes(num_devices: int, per_node: int) -> int:
@@ -206,9 +214,17 @@ def rates(model: ModelSpec, sizing: Sizing, device: Device) -> tuple[float, floa
 
 def device_unknowns(device: Device, setup: TrainSetup, requested_dtype: str | None) -> list[str]:
     """What the catalogue does not know for this device, one line each."""
+    from estimator.analytic.comms import default_network
+
     out = []
     if device.price_per_hour_usd is None:
         out.append("no on-demand price in the catalogue: cost unknown")
+    elif (device.price_source or "").startswith("bought"):
+        out.append(f"price is a purchase amortised: {device.price_source}")
+    if setup.num_nodes > 1 and device.network_bytes_per_second is None:
+        what = "desktop machines on " if device.desktop else ""
+        out.append(f"network between machines assumed: {what}"
+                   f"{default_network(device) * 8 / 1e9:g} Gb/s per device (--link sets it)")
     if requested_dtype and device.peak_for(requested_dtype) is None:
         out.append(f"no {requested_dtype} peak: its fp32 rate is used")
     elif setup.compute_dtype == "fp32" and device.peak_for("bf16") is None:
@@ -240,7 +256,7 @@ def option_for(model: ModelSpec, setup: TrainSetup, device: Device,
         device=device.name, display_name=device.display_name, kind=device.kind,
         vendor=device.vendor, method=setup.method, weight_bits=setup.weight_bits,
         compute_dtype=setup.compute_dtype, checkpointing=setup.checkpointing,
-        fits_on_one=sizing.num_devices == 1,
+        fits_on_one=sizing.num_devices == 1, min_devices=sizing.num_devices,
         num_devices=sizing.num_devices, zero_stage=sizing.zero_stage,
         peak_memory_bytes=est.memory.total_bytes, capacity_bytes=est.memory.capacity_bytes,
         memory_components={k: v for k, v in est.memory.components.items() if v},
@@ -266,16 +282,83 @@ def method_key(option: DeviceOption) -> tuple:
 
 def best_option(model: ModelSpec, setup: TrainSetup, device: Device, methods: Sequence[str],
                 profile: CalibrationProfile | None, max_devices: int, auto: bool,
-                requested_dtype: str | None, exact: int | None = None) -> DeviceOption:
-    """The option of the recommended method on one device."""
-    options = []
-    for method in methods:
-        for ckpt in sorted({setup.checkpointing, setup.method != "inference"}):
+                requested_dtype: str | None, exact: int | None = None, *,
+                objective: str = "time", fixed: Fixed | None = None) -> DeviceOption:
+    """The option of the recommended method on one device: training by the planner's search
+    (planner/fit.py), inference by the device-count sizing above."""
+    if setup.method == "inference":
+        options = []
+        for method in methods:
             s = device_dtype_setup(method_setup(setup, method), device, profile, auto)
-            s = s.model_copy(update={"checkpointing": ckpt})
             options.append(option_for(model, s, device, profile, max_devices, requested_dtype,
                                       exact))
-    return min(options, key=method_key)
+        return min(options, key=method_key)
+    methods, notes = runnable_methods(device, methods)
+    setups = [device_dtype_setup(method_setup(setup, m), device, profile, auto)
+              for m in methods]
+    fixed = fixed or Fixed()
+    if exact is not None:
+        found = best_at(model, setups, device, profile, exact, fixed)
+        fewest = exact if found else None
+    else:
+        found, fewest = searched_plan(model, setups, device, profile, max_devices=max_devices,
+                                      objective=objective, fixed=fixed)
+    option = planned_option(model, found, setups[0], device, profile, requested_dtype, fewest)
+    table = read_toml("software.toml")
+    chosen = software_note(device.name, option.method, table)
+    path = software_path(device.name, option.method, table)
+    return option.model_copy(update={
+        "unknowns": [*notes, *([chosen] if chosen else []), *option.unknowns],
+        "software": None if path is None else f"{path.status}: {path.stack}"})
+
+
+def runnable_methods(device: Device, methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(The methods that have a software stack on the device, one line per method refused).
+    A method the user fixed that has none is replaced by the nearest one that has
+    (catalog.software: QLoRA → LoRA → full)."""
+    table = read_toml("software.toml")
+    keep = [m for m in methods if runs(device.name, m, table)]
+    notes = [software_note(device.name, m, table) or "" for m in methods if m not in keep]
+    if not keep:
+        near = nearest_method(device.name, methods[0], table)
+        keep = [near] if near else list(methods)
+    return keep, [n for n in notes if n]
+
+
+def planned_option(model: ModelSpec, found: Candidate | None, first: TrainSetup,
+                   device: Device, profile: CalibrationProfile | None,
+                   requested_dtype: str | None, fewest: int | None) -> DeviceOption:
+    """A DeviceOption from the search's plan (estimate() at the chosen setup), or the
+    single-device estimate of the first setup when nothing fits."""
+    chosen = first.model_copy(update={"num_tokens": first.num_tokens}) if found is None else \
+        found.setup.model_copy(update={"num_tokens": first.num_tokens})
+    est = estimate(model, chosen, device, profile)
+    n = chosen.num_devices if found is not None else None
+    tokens = total = hours_per_m = cost = None
+    if n is not None:
+        tokens = chosen.global_tokens_per_step / est.throughput.step_seconds
+        hours_per_m = n * 1e6 / tokens / SECONDS_PER_HOUR
+        if chosen.num_tokens is not None:
+            total = chosen.num_tokens / tokens
+            if device.price_per_hour_usd is not None:
+                cost = n * device.price_per_hour_usd * total / SECONDS_PER_HOUR
+    return DeviceOption(
+        device=device.name, display_name=device.display_name, kind=device.kind,
+        vendor=device.vendor, method=chosen.method, weight_bits=chosen.weight_bits,
+        compute_dtype=chosen.compute_dtype, checkpointing=chosen.checkpointing,
+        fits_on_one=fewest == 1, min_devices=fewest, num_devices=n,
+        zero_stage=chosen.zero_stage if n else None,
+        batch_size=chosen.batch_size, grad_accum=chosen.grad_accum,
+        expert_parallel=chosen.expert_parallel,
+        lora_targets=chosen.lora_targets if chosen.method in ("lora", "qlora") else (),
+        peak_memory_bytes=est.memory.total_bytes, capacity_bytes=est.memory.capacity_bytes,
+        memory_components={k: v for k, v in est.memory.components.items() if v},
+        tokens_per_second=tokens, total_seconds=total,
+        device_hours_per_million_tokens=hours_per_m,
+        price_per_hour_usd=device.price_per_hour_usd, cost_usd=cost,
+        within_limits=n is not None, multi_device_modelled=True,
+        price_source=device.price_source, sources=device.sources,
+        unknowns=device_unknowns(device, chosen, requested_dtype))
 
 
 def apply_limits(option: DeviceOption, max_hours: float | None,
@@ -314,14 +397,27 @@ def sort_key(objective: str):
     return key
 
 
-def resolve_devices(names: Sequence[str] | None) -> list[Device]:
-    """Catalogue devices by name (all when None); unknown names raise UnknownDeviceError."""
-    if names is None:
-        return list_devices()
-    devices = [load_device(n) for n in names]
+def resolve_devices(names: Sequence[str] | None, prices: dict[str, float] | None = None,
+                    rule: PriceRule | None = None,
+                    link_gbit_per_second: float | None = None) -> list[Device]:
+    """Catalogue devices by name (all when None), priced by the catalogue's rule (or `rule`)
+    and the user's `prices` (device key → USD per device-hour); unknown names raise
+    UnknownDeviceError."""
+    devices = list_devices() if names is None else [load_device(n) for n in names]
     if not devices:
         raise SetupError("no devices given: use --devices a,b,c (see `nvfree devices`)")
-    return devices
+    prices = {k.strip().lower(): v for k, v in (prices or {}).items()}
+    for key in prices:
+        load_device(key)  # an unknown key is an error, not a silent no-op
+    devices = [priced(d, prices.get(d.name), rule) for d in devices]
+    if link_gbit_per_second is None:
+        return devices
+    return [with_link(d, link_gbit_per_second) for d in devices]
+
+
+def with_link(device: Device, gbit_per_second: float) -> Device:
+    """catalog.linked: the device with the user's --link."""
+    return linked(device, gbit_per_second)
 
 
 def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = None,
@@ -329,7 +425,10 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
             methods: Sequence[str] | None = None, auto_dtype_per_device: bool = False,
             objective: str = "time", max_hours: float | None = None,
             max_cost_usd: float | None = None, max_devices: int = DEFAULT_MAX_DEVICES,
-            alternatives: bool = True) -> Comparison:
+            alternatives: bool = True, fixed: Fixed | None = None,
+            prices: dict[str, float] | None = None,
+            price_rule: PriceRule | None = None,
+            link_gbit_per_second: float | None = None) -> Comparison:
     """Run the job on each device: fits, devices needed, hours, cost, recommended method.
 
     methods: candidate methods (None = setup.method only; AUTO_METHODS = recommend one per
@@ -339,9 +438,9 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
     methods = tuple(methods) if methods else (setup.method,)
     requested = None if auto_dtype_per_device else setup.compute_dtype
     options = [apply_limits(best_option(model, setup, dev, methods, profile, max_devices,
-                                        auto_dtype_per_device, requested), max_hours,
-                            max_cost_usd)
-               for dev in resolve_devices(devices)]
+                                        auto_dtype_per_device, requested, objective=objective,
+                                        fixed=fixed), max_hours, max_cost_usd)
+               for dev in resolve_devices(devices, prices, price_rule, link_gbit_per_second)]
     options.sort(key=sort_key(objective))
     params = estimate(model, method_setup(setup, methods[0]), options_device(options),
                       profile).params
@@ -349,9 +448,10 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
     if alternatives and not any(o.within_limits and o.fits_on_one for o in options):
         smaller = smaller_models(model, setup, devices, profile, methods=methods,
                                  auto=auto_dtype_per_device, objective=objective,
-                                 max_hours=max_hours, max_cost_usd=max_cost_usd)
-    tiers = free_tiers(model, setup, profile, methods, auto_dtype_per_device) if alternatives \
-        else []
+                                 max_hours=max_hours, max_cost_usd=max_cost_usd, fixed=fixed,
+                                 prices=prices, price_rule=price_rule)
+    tiers = (free_tiers(model, setup, profile, methods, auto_dtype_per_device, fixed)
+             if alternatives else [])
     return Comparison(
         model=model.name, total_params=params.total, active_params=params.active_per_token,
         setup=setup, objective=objective,
@@ -362,11 +462,10 @@ def compare(model: ModelSpec, setup: TrainSetup, devices: list[str] | None = Non
 
 def method_rule(methods: Sequence[str]) -> str:
     """The sentence that says how each option's method was chosen."""
-    if len(methods) > 1:
-        return METHOD_RULE
     if methods[0] == "inference":
         return "fixed by the user: inference"
-    return f"fixed by the user: {methods[0]}; {CKPT_RULE}"
+    head = METHOD_RULE if len(methods) > 1 else f"method fixed by the user: {methods[0]}"
+    return f"{head}; {SEARCH_RULE}"
 
 
 def options_device(options: list[DeviceOption]) -> Device:
@@ -389,7 +488,9 @@ def shared_notes(setup: TrainSetup) -> list[str]:
 def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | None,
                    profile: CalibrationProfile | None, *, methods: Sequence[str], auto: bool,
                    objective: str, max_hours: float | None,
-                   max_cost_usd: float | None) -> list[SmallerModel]:
+                   max_cost_usd: float | None, fixed: Fixed | None = None,
+                   prices: dict[str, float] | None = None,
+                   price_rule: PriceRule | None = None) -> list[SmallerModel]:
     """Presets smaller than the model that fit one device within the limits (largest first)."""
     total = count_params(model).total
     presets = sorted(((count_params(m).total, m) for m in list_models()),
@@ -398,9 +499,13 @@ def smaller_models(model: ModelSpec, setup: TrainSetup, devices: list[str] | Non
     for size, preset in presets:
         if size >= total or preset.name == model.name:
             continue
-        result = compare(preset, setup, devices, profile, methods=methods,
-                         auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
-                         max_cost_usd=max_cost_usd, max_devices=1, alternatives=False)
+        try:
+            result = compare(preset, setup, devices, profile, methods=methods,
+                             auto_dtype_per_device=auto, objective=objective, max_hours=max_hours,
+                             max_cost_usd=max_cost_usd, max_devices=1, alternatives=False,
+                             fixed=fixed, prices=prices, price_rule=price_rule)
+        except SetupError:  # the setup does not apply to it (e.g. --seq-len past gpt2's)
+            continue
         best = next((o for o in result.options if o.within_limits and o.fits_on_one), None)
         if best is not None:
             out.append(SmallerModel(model=preset.name, total_params=size, option=best))
@@ -428,14 +533,15 @@ def offer_device(entry: dict[str, Any]) -> Device:
 
 
 def free_tiers(model: ModelSpec, setup: TrainSetup, profile: CalibrationProfile | None,
-               methods: Sequence[str], auto: bool) -> list[FreeTier]:
+               methods: Sequence[str], auto: bool, fixed: Fixed | None = None
+               ) -> list[FreeTier]:
     """Each free offer (data/offers.toml) with the job sized to the offer's device count."""
     out = []
     for key, entry in read_toml("offers.toml")["offers"].items():
         device = offer_device(entry)
         count = entry["num_devices"]
         option = best_option(model, setup, device, methods, profile, max_devices=count,
-                             auto=auto, requested_dtype=None, exact=count)
+                             auto=auto, requested_dtype=None, exact=count, fixed=fixed)
         weekly = entry.get("weekly_hours")
         weeks = (option.total_seconds / SECONDS_PER_HOUR / weekly
                  if weekly and option.total_seconds is not None else None)
@@ -453,7 +559,10 @@ def compare_request(model: ModelSpec | str | None = None, *, params: float | Non
                     active_params: float | None = None, active_ratio: float | None = None,
                     devices: list[str] | None = None, objective: str = "time",
                     max_hours: float | None = None, max_cost_usd: float | None = None,
-                    max_devices: int = DEFAULT_MAX_DEVICES, **flags) -> Comparison:
+                    max_devices: int = DEFAULT_MAX_DEVICES,
+                    prices: dict[str, float] | None = None,
+                    price_rule: PriceRule | None = None,
+                    link_gbit_per_second: float | None = None, **flags) -> Comparison:
     """compare() from what `nvfree compare` takes, by its flag names (request.SETUP_DEFAULTS):
     no --method or --bits lets each device pick full, LoRA or QLoRA; --dtype auto picks the
     dtype per device."""
@@ -464,6 +573,32 @@ def compare_request(model: ModelSpec | str | None = None, *, params: float | Non
     dtype = flags.get("dtype", SETUP_DEFAULTS["dtype"])
     setup = build_setup(first, None, **{**flags, "dtype": "bf16" if dtype == "auto" else dtype})
     auto_methods = flags.get("method") is None and flags.get("bits") is None
-    return compare(spec, setup, devices, None, methods=AUTO_METHODS if auto_methods else None,
-                   auto_dtype_per_device=dtype == "auto", objective=objective,
-                   max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices)
+    result = compare(spec, setup, devices, None,
+                     methods=AUTO_METHODS if auto_methods else None,
+                     auto_dtype_per_device=dtype == "auto", objective=objective,
+                     max_hours=max_hours, max_cost_usd=max_cost_usd, max_devices=max_devices,
+                     fixed=fixed_fields(flags), prices=prices, price_rule=price_rule,
+                     link_gbit_per_second=link_gbit_per_second)
+    if params is None:
+        return result
+    from estimator.request import preset_hints
+
+    return result.model_copy(update={"notes": [f"hint: {h}" for h in preset_hints(params)]
+                                     + result.notes})
+
+
+def fixed_fields(flags: dict) -> Fixed:
+    """The setup fields a flag fixed: a value other than request.SETUP_DEFAULTS' (a flag left
+    at its default is searched)."""
+    from estimator.request import SETUP_DEFAULTS
+
+    def given(name: str):
+        value = flags.get(name, SETUP_DEFAULTS[name])
+        return None if value == SETUP_DEFAULTS[name] else value
+
+    zero = given("zero")
+    return Fixed(batch_size=given("batch_size"), grad_accum=given("grad_accum"),
+                 checkpointing=given("checkpointing"),
+                 zero_stage=None if zero is None else int(zero),
+                 expert_parallel=given("expert_parallel"),
+                 lora_targets=given("lora_targets") is not None)

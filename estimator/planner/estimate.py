@@ -35,9 +35,11 @@ def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
             out.append(f"device interconnect unknown: {default:g} GB/s assumed (PCIe 4.0 x16)")
         net = device.network_bytes_per_second
         if setup.num_nodes > 1 or (device.kind == "cpu" and not intra):
-            default = C.DEFAULT_NETWORK_BYTES_PER_SECOND[device.kind] * 8 / 1e9
-            out.append(f"inter-node network {net / 1e9:g} GB/s per device (catalogue)" if net
-                       else f"inter-node network unknown: {default:g} Gb/s per device assumed")
+            default = C.default_network(device) * 8 / 1e9
+            where = "desktop machines, " if device.desktop else ""
+            out.append(f"inter-node network {net / 1e9:g} GB/s per device (given)" if net
+                       else f"inter-node network unknown: {where}{default:g} Gb/s per device "
+                            "assumed (--link to set it)")
         out.append(f"collectives reach {C.LINK_EFFICIENCY:.0%} of the link peak and do NOT "
                    "overlap compute (step time is an upper bound)")
         per_node = setup.num_devices // setup.num_nodes
@@ -54,9 +56,15 @@ def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
 def assumptions_for(model: ModelSpec, setup: TrainSetup, device: Device,
                     profile: CalibrationProfile | None) -> list[str]:
     """What the estimate assumed that the user did not say."""
+    from estimator.catalog import read_toml
+    from estimator.catalog.software import software_note
+
     out = []
     if model.inferred_from:
         out.append(model.inferred_from)
+    software = software_note(device.name, setup.method, read_toml("software.toml"))
+    if software:
+        out.append(software)
     if device.peak_for(setup.compute_dtype) is None:
         out.append(f"{device.display_name} has no known {setup.compute_dtype} peak: its fp32 "
                    "rate is used (on CPUs without AVX512_BF16/AMX, bf16 is far slower)")
@@ -118,11 +126,37 @@ def other_framework_peaks(setup: TrainSetup, memory_of) -> dict[str, int]:
     return peaks
 
 
+def question_hints(params: float | None, device: Device | str) -> list[str]:
+    """The presets a --params count names, and that 'local' answers for this machine."""
+    from estimator.request import preset_hints
+
+    out = preset_hints(params) if params is not None else []
+    if isinstance(device, str) and device.strip().lower() == "local":
+        out.append("no --device: this answers for this machine; --device NAME for another "
+                   "(`nvfree devices`), or `nvfree compare` for all of them")
+    return out
+
+
+def with_user_price(device: Device, prices: dict[str, float] | None) -> Device:
+    """The device with the user's --price for it; a price for another device is an error."""
+    from estimator.catalog import priced
+
+    if not prices:
+        return device
+    prices = {k.strip().lower(): v for k, v in prices.items()}
+    other = set(prices) - {device.name}
+    if other:
+        raise SetupError(f"--price names {', '.join(sorted(other))}, but the device is "
+                         f"{device.name}")
+    return priced(device, prices[device.name])
+
+
 def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = None,
              device: Device | str = "local", profile: CalibrationProfile | None = None, *,
              params: float | None = None, active_params: float | None = None,
              active_ratio: float | None = None, use_profile: bool = True,
-             device_memory: float | None = None, **flags) -> Estimate:
+             device_memory: float | None = None, prices: dict[str, float] | None = None,
+             link_gbit_per_second: float | None = None, **flags) -> Estimate:
     """Predict parameters, peak memory, step time, cost and a verdict with advice.
 
     Takes specs (a ModelSpec, a TrainSetup, a Device) or what `nvfree estimate` takes, by its
@@ -134,6 +168,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
     from estimator.request import build_setup, resolve_model
 
     model = resolve_model(model, params, active_params, active_ratio)
+    hints, asked = question_hints(params, device), params
     note = None
     if isinstance(device, str):
         from estimator.hardware import resolve_device
@@ -144,6 +179,11 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
         note = note if dev.name == "local" else None  # catalogue: 'uncalibrated' says it
     else:
         dev = device
+    dev = with_user_price(dev, prices)
+    if link_gbit_per_second is not None:
+        from estimator.catalog import linked
+
+        dev = linked(dev, link_gbit_per_second)
     if setup is None:
         setup = build_setup(dev, profile, **flags)
     elif flags:
@@ -177,10 +217,16 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
     else:
         verdict = "fits_with_changes" if any(a.fits for a in advice) else "does_not_fit"
     minimum = min([memory.total_bytes, *(a.total_bytes for a in advice)])
+    if verdict != "fits" and setup.method != "inference" and dev.name != "local":
+        which = f"--params {asked:g}" if asked is not None else f"--model {model.name}"
+        hints.append("the advice keeps your batch; the planner's search over devices, batch, "
+                     "ZeRO stage and expert parallelism: "
+                     f"`nvfree compare {which} --devices {dev.name}`")
     return Estimate(model=model, setup=setup, device=dev, params=params, memory=memory,
                     throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
                     other_frameworks=other_framework_peaks(setup, memory_of),
+                    hints=hints,
                     assumptions=assumptions_for(model, setup, dev, profile)
                     + ([f"calibration: {note}"] if note else [])
                     + trainer_note(model, setup))

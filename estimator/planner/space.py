@@ -49,6 +49,8 @@ class Constraints:
     device_counts: tuple[int, ...] = ()
     """Device counts searched (devices_up_to); empty = the setup's num_devices. Counts the
     global batch or the expert-parallel degree does not divide are skipped."""
+    micro_batches: tuple[int, ...] = ()
+    """Micro-batches allowed (a user's fixed --batch-size); empty = every divisor."""
     objective: Objective = "time"
     top: int = 5
     """Candidates re-scored exactly and kept in the plan."""
@@ -211,11 +213,17 @@ def search_space(base: TrainSetup, precisions: list[Precision], c: Constraints) 
     groups, choices = [], None
     for at_n in setups_at_device_counts(base, c):
         batches = micro_batches(c.global_batch, at_n.num_devices)
+        if c.micro_batches:
+            batches = batches[np.isin(batches, c.micro_batches)]
+            if not len(batches):
+                continue
         accums = (c.global_batch // at_n.num_devices) // batches
         stages = c.zero_stages if at_n.num_devices > 1 else (at_n.zero_stage,)
         choices = choices or _choices(at_n, precisions, c, stages[0])
         groups += [Group(choice, at_n.num_devices, at_n.num_nodes, s, batches, accums)
                    for choice in choices for s in stages]
+    if not groups:
+        raise SetupError(f"no micro-batch {c.micro_batches} divides the per-device batch")
     return groups
 
 

@@ -16,12 +16,28 @@ PLOT_EXTRA_HINT = "--plot needs matplotlib: pip install 'nvfree[plot]' (or pip i
 
 
 def devices_cell(o: DeviceOption) -> str:
-    """'1', '16 (ZeRO-3)', or 'no fit'."""
+    """'1', '16 z3', or 'no fit'."""
     if o.num_devices is None:
         return "no fit"
     zero = f" z{o.zero_stage}" if o.num_devices > 1 and o.zero_stage else ""
     approx = "*" if not o.multi_device_modelled else ""
     return f"{o.num_devices}{zero}{approx}"
+
+
+ATTENTION_ONLY = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def setup_cell(o: DeviceOption) -> str:
+    """The chosen setup: 'b8×2 ep8 attn' (micro-batch × accumulation, expert parallelism,
+    LoRA on attention only)."""
+    if o.num_devices is None:
+        return "–"
+    parts = [f"b{o.batch_size}×{o.grad_accum}"]
+    if o.expert_parallel > 1:
+        parts.append(f"ep{o.expert_parallel}")
+    if o.lora_targets and tuple(o.lora_targets) == ATTENTION_ONLY:
+        parts.append("attn")
+    return " ".join(parts)
 
 
 def method_cell(o: DeviceOption) -> str:
@@ -30,8 +46,10 @@ def method_cell(o: DeviceOption) -> str:
             f"{' ckpt' if o.checkpointing else ''}")
 
 
-UNKNOWN_TAGS = (("no on-demand price", "price"), ("peak:", "dtype peak"),
+UNKNOWN_TAGS = (("no on-demand price", "price n/a"), ("purchase amortised", "bought price"),
+                ("network between machines", "network assumed"), ("peak:", "dtype peak"),
                 ("large-GEMM", "GEMM eff."), ("interconnect", "link"),
+                ("software:", "software"),
                 ("confirm --max-hours", "hours limit"), ("confirm --max-cost", "cost limit"))
 
 
@@ -54,15 +72,17 @@ def options_table(cmp: Comparison) -> Table:
     inference = cmp.setup.method == "inference"
     table = Table(title=f"{cmp.model} on each device (sorted by {cmp.objective})",
                   title_justify="left", show_edge=False)
-    for name, justify in (("device", "left"), ("method", "left"), ("N", "right"),
+    for name, justify in (("device", "left"), ("method, setup", "left"), ("N", "right"),
                           ("GiB peak / cap.", "right"),
                           ("prefill / decode tok/s" if inference else "tok/s", "right"),
                           ("time", "right"), ("$/h", "right"), ("cost", "right"),
                           ("unknown", "left")):
-        table.add_column(name, justify=justify)
+        table.add_column(name, justify=justify,
+                         min_width=6 if name.startswith("method") else None)
     for o in cmp.options:
         style = None if o.within_limits else "dim"
-        table.add_row(o.device, method_cell(o), devices_cell(o),
+        table.add_row(o.device, f"{method_cell(o)} {setup_cell(o)}".removesuffix(" –"),
+                      devices_cell(o),
                       f"{o.peak_memory_bytes / GIB:,.1f} / {o.capacity_bytes / GIB:,.0f}",
                       rate_cell(o), fmt_seconds(o.total_seconds),
                       fmt_usd(o.price_per_hour_usd), fmt_usd(o.cost_usd), unknown_cell(o),
@@ -129,11 +149,13 @@ def alternatives_parts(cmp: Comparison) -> list:
 
 def render_compare(cmp: Comparison, console: Console) -> None:
     """Print the whole comparison."""
-    method = "method per device" if cmp.method_rule.startswith("per device") else (
+    method = "method per device" if cmp.method_rule.startswith("method per device") else (
         cmp.setup.method)
+    batch = ("batch searched per device" if cmp.setup.method != "inference"
+             else f"batch {cmp.setup.batch_size}")
     head = (f"{cmp.model}: {fmt_count(cmp.total_params)} params, "
-            f"{fmt_count(cmp.active_params)} active · {method}, batch "
-            f"{cmp.setup.batch_size}×{cmp.setup.seq_len}"
+            f"{fmt_count(cmp.active_params)} active · {method}, {batch} × "
+            f"{cmp.setup.seq_len} tokens"
             + (f" · {fmt_count(cmp.setup.num_tokens)} tokens" if cmp.setup.num_tokens else ""))
     limits = [f"max {cmp.max_hours:g} h" if cmp.max_hours is not None else "",
               f"max {fmt_usd(cmp.max_cost_usd)}" if cmp.max_cost_usd is not None else ""]
@@ -147,8 +169,10 @@ def render_compare(cmp: Comparison, console: Console) -> None:
         parts.append(bars)
     parts += alternatives_parts(cmp)
     notes = [*cmp.notes,
-             "N = devices needed (zK = ZeRO stage K); unknown: what the catalogue lacks for "
-             "that device (price, dtype peak, GEMM efficiency, interconnect link), see --json"]
+             "N = devices of the chosen plan (zK = ZeRO stage K); setup: bM×A = micro-batch "
+             "× accumulation, epK = expert parallelism over K devices, attn = LoRA on "
+             "attention only; unknown: what the catalogue lacks for that device (price, dtype "
+             "peak, GEMM efficiency, interconnect link), see --json"]
     if any(not o.multi_device_modelled for o in cmp.options):
         notes.append("* device count from ideal ZeRO-3 sharding without communication time "
                      "(the multi-device model does not cover this setup)")

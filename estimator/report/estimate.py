@@ -138,8 +138,8 @@ def render_estimate(est: Estimate, console: Console, calibration_note: str | Non
     head = Text.assemble((label, style), f"  needs {fmt_bytes(est.memory.total_bytes)} of "
                          f"{fmt_bytes(est.memory.capacity_bytes)}; minimum with changes "
                          f"{fmt_bytes(est.minimum_memory_bytes)}")
-    parts = [Text(model_line(est)), head, Text(framework_line(est)), memory_table(est),
-             time_table(est)]
+    parts = [Text(model_line(est)), *(Text(f"Hint: {h}", style="bold cyan") for h in est.hints),
+             head, Text(framework_line(est)), memory_table(est), time_table(est)]
     advice = advice_table(est)
     if advice is not None:
         parts.append(advice)

@@ -47,5 +47,5 @@ def fmt_count(n: float) -> str:
 
 
 def fmt_usd(usd: float | None) -> str:
-    """$1,234.56."""
-    return "–" if usd is None else f"${usd:,.2f}"
+    """$1,234.56; 'n/a' when unknown (never $0 for a missing price)."""
+    return "n/a" if usd is None else f"${usd:,.2f}"

@@ -33,9 +33,20 @@ class DeviceOption(Spec):
     fits_on_one: bool
     """True if one device holds the job."""
     num_devices: int | None = Field(default=None, gt=0)
-    """Fewest devices that hold it (count); None = not even max_devices do."""
+    """Devices of the chosen plan (count; the fewest that hold it, or more where that is
+    faster at no more cost); None = not even max_devices hold it."""
+    min_devices: int | None = Field(default=None, gt=0)
+    """Fewest devices on which the search found a fitting plan (count); None = none."""
     zero_stage: int | None = None
-    """Lowest ZeRO stage that fits at num_devices (0 = plain data parallel); None if no fit."""
+    """ZeRO stage of the chosen plan (0 = plain data parallel); None if no fit."""
+    batch_size: int = Field(default=1, gt=0)
+    """Micro-batch per device of the chosen plan (sequences)."""
+    grad_accum: int = Field(default=1, gt=0)
+    """Gradient accumulation steps of the chosen plan (count)."""
+    expert_parallel: int = Field(default=1, gt=0)
+    """Expert-parallel degree of the chosen plan (1 = none, or a dense model)."""
+    lora_targets: tuple[str, ...] = ()
+    """LoRA target modules of the chosen plan (empty for full fine-tuning and inference)."""
     peak_memory_bytes: int
     """Peak memory per device at num_devices (or on one device if nothing fits) (bytes)."""
     capacity_bytes: int
@@ -65,6 +76,9 @@ class DeviceOption(Spec):
     """Where and when the price was read."""
     sources: tuple[str, ...] = ()
     """The catalogue entry's sources for the device numbers."""
+    software: str | None = None
+    """The software stack that runs the method on this device's family, with its status
+    (data/software.toml); None where the file has no cell (inference, a device outside it)."""
     unknowns: list[str] = Field(default_factory=list)
     """What the catalogue does not know for this device (price, a dtype peak …), one line each."""
 

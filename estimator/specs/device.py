@@ -44,6 +44,9 @@ class Device(Spec):
     network_bytes_per_second: float | None = Field(default=None, gt=0)
     """Inter-node network bandwidth per device, per direction (bytes/s); None = unknown (a
     documented default is used and stated)."""
+    desktop: bool = False
+    """A machine people buy for a desk (consumer/workstation GPU, Apple machine, desktop CPU):
+    one device per machine, and machines linked by 10 GbE unless a network is given."""
     tdp_watts: float | None = Field(default=None, gt=0)
     """Board/package power (W)."""
     price_per_hour_usd: float | None = Field(default=None, ge=0)

@@ -147,6 +147,9 @@ class Estimate(Spec):
     (bytes): what the user would need with the other training codes nvfree models."""
     assumptions: list[str]
     """Everything assumed that the user did not say."""
+    hints: list[str] = Field(default_factory=list)
+    """Lines that help with the question itself: the preset a --params count names
+    (request.preset_hints), that no --device means this machine."""
 
     def summary(self) -> dict[str, str | int | float | bool | None]:
         """The headline numbers as one flat dict (one row of a pandas DataFrame:

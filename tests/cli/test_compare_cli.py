@@ -81,3 +81,10 @@ def test_compare_json_does_not_import_torch() -> None:
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_bad_price_and_link_are_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["--price", "mi300x=cheap"], ["--price", "nosuch=1"], ["--link", "0"]):
+        code, _, err = run(capsys, "compare", "--model", "llama-3.1-8b", "--devices", "mi300x",
+                           *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
