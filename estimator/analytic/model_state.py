@@ -31,6 +31,17 @@ def quantized_linear_params(model: ModelSpec) -> tuple[int, int]:
     return round(num_weights), round(num_rows)
 
 
+def base_storage_bytes(setup: TrainSetup) -> int:
+    """Bytes per parameter of a frozen base (LoRA), and of what a 4/8-bit base leaves
+    unquantised (embeddings, norms, router, lm_head), in the bundled trainer and frameworks that
+    build the model in its storage dtype (executor/build.py storage_dtype): fp32 for a 32-bit
+    base or fp32 compute, else the compute dtype's. HF loads as the user asks instead
+    (frameworks/hf.py unquantized_param_bytes)."""
+    if setup.weight_bits == 32 or setup.compute_dtype == "fp32":
+        return FP32_BYTES
+    return dtype_bytes(setup.compute_dtype)
+
+
 def weight_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> dict[str, int]:
     """Base weights in their storage format, and the 16-bit copies autocast makes.
 
@@ -46,13 +57,14 @@ def weight_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts) -> di
         stored = 0 if setup.mixed_precision else base * c
         return {"weights": stored + copies, "quant_scales": 0}
     if setup.weight_bits >= 16:
-        storage = FP32_BYTES if setup.weight_bits == 32 else 2
+        storage = (base_storage_bytes(setup) if setup.framework != "hf"
+                   else FP32_BYTES if setup.weight_bits == 32 else 2)
         return {"weights": base * storage + copies, "quant_scales": 0}
     quantized, rows = quantized_linear_params(model)
     if setup.framework in OWN_TERMS:  # which linears the framework quantises
         quantized, rows = terms(setup.framework).quantized_linear_params(model)
     rest = (base - quantized) * (hf.unquantized_param_bytes(setup) if setup.framework == "hf"
-                                 else 2)
+                                 else base_storage_bytes(setup))
     if setup.weight_bits == 4:
         parts = nf4_bytes(quantized, double_quant=setup.double_quant)
     else:
