@@ -6,17 +6,41 @@ Pure (no torch, no specs). Every failure is a ConfigError with one line naming t
 """
 
 import json
+import math
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
-from estimator.errors import ConfigError
+from estimator.errors import ConfigError, SetupError
 
 MAX_JSON_BYTES = 64 * 2**20
 """Largest JSON file read (bytes): plans, configs and indexes are kilobytes to a few MB."""
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays and objects accepted (levels); real files use under 10."""
+
+
+RANGES = {
+    "--params": (1e3, 1e14), "--active-params": (1e3, 1e14), "--tokens": (1.0, 1e16),
+    "--device-memory": (0.01, 1e6),
+}
+"""Ranges of the numbers users type (inclusive): --params and --active-params in parameters
+(a thousand to a hundred trillion), --tokens in tokens, --device-memory in GiB per device."""
+
+
+def checked(flag: str, value: float | None) -> float | None:
+    """The one check of a typed number: finite and inside RANGES[flag], else one SetupError line
+    naming the flag, the value and the range (no arithmetic on unchecked input)."""
+    if value is None:
+        return None
+    lo, hi = RANGES[flag]
+    try:
+        ok = math.isfinite(value) and lo <= value <= hi
+    except (TypeError, OverflowError):
+        ok = False
+    if not ok:
+        raise SetupError(f"{flag} must be a finite number in [{lo:g}, {hi:g}], got {value!r}")
+    return value
 
 
 def json_depth(value: Any) -> int:

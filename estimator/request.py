@@ -5,6 +5,7 @@ targets, token budget, devices and ZeRO stage). `nvfree estimate` / `compare` an
 """
 
 from estimator.errors import SetupError
+from estimator.inputs import checked
 from estimator.specs import CalibrationProfile, Device, ModelSpec, TrainSetup
 
 SETUP_DEFAULTS: dict[str, object] = {
@@ -39,6 +40,7 @@ def resolve_model(model: str | ModelSpec | None = None, params: float | None = N
 
     if isinstance(model, ModelSpec):
         return model
+    params, active_params = checked("--params", params), checked("--active-params", active_params)
     if model is not None and params is not None:
         raise SetupError("give either --model or --params, not both")
     if active_params is not None and active_ratio is not None:
@@ -127,9 +129,7 @@ def build_setup(device: Device, profile: CalibrationProfile | None, **flags) -> 
     dtype = auto_dtype(device, profile) if f["dtype"] == "auto" else f["dtype"]
     if bits is None:
         bits = 4 if method == "qlora" else (32 if dtype == "fp32" else 16)
-    tokens = f["tokens"]
-    if tokens is not None and not tokens > 0:
-        raise SetupError(f"--tokens must be positive, got {tokens:g}")
+    tokens = checked("--tokens", f["tokens"])
     fields = {k: v for k, v in f.items() if k not in (
         "method", "bits", "dtype", "lora_targets", "tokens", "nodes", "zero",
         "mixed_precision")}

@@ -165,7 +165,11 @@ def list_models() -> list[ModelSpec]:
 def load_model(name_or_path: str) -> ModelSpec:
     """A preset (key, alias or HF id), or a local config.json / model directory."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir() or path.suffix == ".json" or path.exists():
+    try:
+        local = path.is_dir() or path.suffix == ".json" or path.exists()
+    except OSError:  # a name no file system takes (too long, …): not a path, maybe a preset
+        local = False
+    if local:
         return model_from_hf_config(path)
     aliases = model_aliases()
     key = aliases.get(name_or_path.strip().lower())

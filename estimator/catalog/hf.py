@@ -6,7 +6,6 @@ entry in hf_types. The parameter count of the spec equals `sum(p.numel())` of th
 model built from the same config (tests/torch/test_hf_param_counts.py).
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,12 @@ HF_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
 
 def read_hf_config(path: Path) -> dict[str, Any]:
     """Load config.json from a file or a model directory, with one-line errors."""
+    from estimator.inputs import read_json  # bounded size and nesting, strict UTF-8
+
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"no config.json at {file}")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file} is not valid JSON: {exc}") from None
+    config = read_json(file, what="config.json")
     if not isinstance(config, dict):
         raise ConfigError(f"{file} must hold a JSON object")
     return config
@@ -57,6 +55,10 @@ def rotary_fraction(cfg: HFConfig, default: float) -> float:
 def common_fields(cfg: HFConfig, arch: Arch) -> dict[str, Any]:
     """The fields every decoder config shares (the type's reader may override any)."""
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    for key, value in (("num_attention_heads", heads), ("hidden_size", hidden)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**20:
+            raise ConfigError(f"config.json: {key} must be an integer in [1, {2**20}], "
+                              f"got {value!r}")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     return {
         "num_layers": cfg.get("num_hidden_layers"), "hidden_size": hidden,

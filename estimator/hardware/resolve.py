@@ -53,5 +53,8 @@ def resolve_device(name: str = "local", *, use_profile: bool = True,
         note = found.reason if found else "calibration profile not used (--no-profile)"
         device = local_device(machine, profile)
     if memory_gib is not None:
+        from estimator.inputs import checked
+
+        memory_gib = checked("--device-memory", memory_gib)
         device = device.model_copy(update={"memory_bytes": round(memory_gib * GIB)})
     return device, profile, note

@@ -39,8 +39,8 @@ def test_rich_output_names_verdict_and_terms(capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--params", "-5"], "must be positive"),
-    (["--params", "0"], "must be positive"),
+    (["--params", "-5"], "--params must be a finite number"),
+    (["--params", "0"], "--params must be a finite number"),
     (["--params", "7e9", "--bits", "3"], "--bits"),
     (["--params", "7e9", "--active-params", "8e9"], "at most the total"),
     (["--model", "llama-3.1-8b", "--method", "lora", "--lora-rank", "5000"], "exceeds the hidden"),
