@@ -25,11 +25,6 @@ PROC_LOADAVG = Path("/proc/loadavg")
 DISTURBED_FRACTION = 0.2
 """A point during which other processes (steal included) used more than this share of all
 CPUs is disturbed (fraction; on 2 cores one busy neighbour is 0.5)."""
-RUNNABLE_MARGIN = 1
-"""Runnable tasks beyond one per CPU (ours included) that a quiet machine may show at a
-snapshot (count): more, and some of them wait for a CPU — a point too short for /proc/stat's
-10 ms ticks and the reference GEMM's scheduler slices to see its neighbours still counts as
-disturbed (seen under load 7 on 2 cores: others 0 %, reference at full rate, 8 runnable)."""
 SLOWDOWN_LIMIT = 1.25
 """A point whose neighbouring reference GEMM ran this many times slower than the fastest
 reference of the run (or of the previous profile) is disturbed (ratio)."""
@@ -184,12 +179,10 @@ class Disturbance:
         return max(1.0, best_rate / self.reference_rate)
 
     def disturbed(self, best_rate: float = 0.0) -> bool:
-        """Other processes took more than DISTURBED_FRACTION of the CPUs, the reference ran
-        more than SLOWDOWN_LIMIT× slower than the quiet machine, or tasks waited for a CPU
-        (RUNNABLE_MARGIN)."""
+        """Other processes took more than DISTURBED_FRACTION of the CPUs, or the reference
+        ran more than SLOWDOWN_LIMIT× slower than the quiet machine."""
         return (self.others_fraction > DISTURBED_FRACTION
-                or self.slowdown(best_rate) > SLOWDOWN_LIMIT
-                or self.max_running > num_cpus() + RUNNABLE_MARGIN)
+                or self.slowdown(best_rate) > SLOWDOWN_LIMIT)
 
     def score(self, best_rate: float = 0.0) -> float:
         """One number to compare two timings of a point (lower = quieter)."""
