@@ -139,3 +139,16 @@ def saved_bytes(model, spec: ModelSpec, setup: TrainSetup) -> dict[str, int]:
         parts[part] += nbytes
     del out
     return parts
+
+
+def profiled_peak(prof) -> int:
+    """Peak of live bytes over a torch.profiler run (profile_memory=True): the CPU
+    allocator's [memory] events in time order, summed (bytes above the run's start)."""
+    cpu = torch.autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

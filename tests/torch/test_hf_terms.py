@@ -88,14 +88,7 @@ def allocation_peak(model, spec: ModelSpec, setup: TrainSetup, steps: int = 2) -
             del loss
             opt.step()
             opt.zero_grad(set_to_none=True)
-    cpu = torch.autograd.DeviceType.CPU
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == cpu)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return hf_build.profiled_peak(prof)
 
 
 NOT_TENSORS = ("runtime_overhead", "kernel_caches", "allocator_retention",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import hf_build
 import torch
 
 from estimator.specs import ModelSpec, TrainSetup
@@ -178,11 +179,4 @@ def allocation_peak(model, spec: ModelSpec, setup: TrainSetup, steps: int = 2) -
         model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         train_steps(model, spec, setup, steps)
-    cpu = torch.autograd.DeviceType.CPU
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == cpu)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return hf_build.profiled_peak(prof)
