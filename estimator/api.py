@@ -11,10 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from estimator.planner.estimate import estimate
+from pydantic import ValidationError
+
+from estimator.arguments import library_arguments
+from estimator.planner.estimate import estimate as estimate_setup
+from estimator.request import setup_error
 
 if TYPE_CHECKING:  # `nvfree estimate` imports this module: only what estimate needs at run time
-    from estimator.specs import Comparison, ModelSpec
+    from estimator.specs import (
+        CalibrationProfile,
+        Comparison,
+        Device,
+        Estimate,
+        ModelSpec,
+        TrainSetup,
+    )
     from estimator.specs.plan import Plan
     from estimator.specs.validation import ValidationReport
 
@@ -40,6 +51,19 @@ def quick_calibration(say: Callable[[str], object] | None = None) -> None:
         say(f"stored {result.path} ({result.wall_seconds:.0f} s)")
 
 
+def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = None,
+             device: Device | str = "local", profile: CalibrationProfile | None = None,
+             **flags) -> Estimate:
+    """What `nvfree estimate` prints (planner.estimate.estimate, whose docstring lists the
+    arguments), its arguments checked first (arguments.library_arguments)."""
+    given = library_arguments("estimate", {"model": model, "setup": setup, "device": device,
+                                           "profile": profile, **flags})
+    try:
+        return estimate_setup(**given)
+    except ValidationError as exc:
+        raise setup_error(exc) from None
+
+
 def plan(model: str | ModelSpec | None = None, *, output: Path | str | None = None,
          calibrate: bool = True, **flags) -> Plan:
     """What `nvfree plan` writes: the setup that fits and finishes soonest (or cheapest), as a
@@ -50,8 +74,13 @@ def plan(model: str | ModelSpec | None = None, *, output: Path | str | None = No
     `output` is given. `calibrate`: for device 'local' without a profile, measure one first."""
     from estimator.planfile import plan_request
 
-    return plan_request(model, output=output,
-                        calibrate=quick_calibration if calibrate else None, **flags)[0]
+    given = library_arguments("plan", {"model": model, "output": output,
+                                       "calibrate": calibrate, **flags})
+    calibrate = given.pop("calibrate")
+    try:
+        return plan_request(**given, calibrate=quick_calibration if calibrate else None)[0]
+    except ValidationError as exc:
+        raise setup_error(exc) from None
 
 
 def compare(model: str | ModelSpec | None = None, *, devices: str | list[str] | None = None,
@@ -62,9 +91,15 @@ def compare(model: str | ModelSpec | None = None, *, devices: str | list[str] | 
     request.SETUP_DEFAULTS); no method or bits lets each device pick full, LoRA or QLoRA."""
     from estimator.planner.compare import compare_request
 
+    given = library_arguments("compare", {"model": model, "devices": devices,
+                                          "max_cost": max_cost, **flags})
+    devices, max_cost = given.pop("devices"), given.pop("max_cost")
     if isinstance(devices, str):
         devices = [n.strip() for n in devices.split(",") if n.strip()]
-    return compare_request(model, devices=devices, max_cost_usd=max_cost, **flags)
+    try:
+        return compare_request(devices=devices, max_cost_usd=max_cost, **given)
+    except ValidationError as exc:
+        raise setup_error(exc) from None
 
 
 def validate(suite: str = "quick", *, seed: int = 0, count: int = 10,

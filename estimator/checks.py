@@ -43,7 +43,8 @@ def check(model: ModelSpec, setup: TrainSetup, device: Device | None = None) -> 
     setup = resolve_setup(model, setup)
     for problem in (_adapter_problem(model, setup), _expert_problem(model, setup),
                     _position_problem(model, setup),
-                    _offload_problem(setup, device) if device is not None else None):
+                    _offload_problem(setup, device) if device is not None else None,
+                    _process_problem(setup, device) if device is not None else None):
         if problem:
             raise SetupError(problem)
     return setup
@@ -96,6 +97,18 @@ def _offload_problem(setup: TrainSetup, device: Device) -> str | None:
     if setup.offload == "optimizer_and_params" and setup.zero_stage != 3:
         return "--offload optimizer_and_params streams sharded parameters (ZeRO-Infinity): " \
                "use --zero 3"
+    return None
+
+
+def _process_problem(setup: TrainSetup, device: Device) -> str | None:
+    """Several ranks on one CPU machine split its cores (analytic.parallel.rank_device): each
+    needs at least one."""
+    from estimator.analytic.parallel import ranks_per_node
+
+    ranks = ranks_per_node(setup)
+    if device.kind == "cpu" and device.num_cores and ranks > device.num_cores:
+        return (f"{ranks} processes per machine on {device.display_name}, which has "
+                f"{device.num_cores} cores: at most one process per core (use more --nodes)")
     return None
 
 

@@ -22,10 +22,16 @@ MAX_JSON_DEPTH = 64
 
 RANGES = {
     "--params": (1e3, 1e14), "--active-params": (1e3, 1e14), "--tokens": (1.0, 1e16),
-    "--device-memory": (0.01, 1e6),
+    "--device-memory": (0.01, 1e6), "--global-batch": (1, 2**20),
+    "--max-hours": (0.0, 1e9), "--max-cost": (0.0, 1e15), "--memory-limit": (0.001, 1e6),
+    "--max-devices": (1, 2**20), "--top": (1, 10_000),
 }
 """Ranges of the numbers users type (inclusive): --params and --active-params in parameters
-(a thousand to a hundred trillion), --tokens in tokens, --device-memory in GiB per device."""
+(a thousand to a hundred trillion), --tokens in tokens, --device-memory in GiB per device,
+--global-batch in sequences per optimizer step (DeepSeek-V3's pre-training batch was 15,360
+sequences, arXiv:2412.19437 §4.2; 2^20 leaves ~70× beyond it and bounds plan's search);
+the budgets --max-hours (hours) and --max-cost (USD) from 0, --memory-limit in GiB per device,
+--max-devices as TrainSetup.num_devices, --top candidates kept in a plan."""
 
 
 def checked(flag: str, value: float | None) -> float | None:
@@ -39,7 +45,9 @@ def checked(flag: str, value: float | None) -> float | None:
     except (TypeError, OverflowError):
         ok = False
     if not ok:
-        raise SetupError(f"{flag} must be a finite number in [{lo:g}, {hi:g}], got {value!r}")
+        shown = [f"{x:,}" if isinstance(x, int) else f"{x:g}" for x in (lo, hi)]
+        raise SetupError(f"{flag} must be a finite number in [{shown[0]}, {shown[1]}], got "
+                         f"{value!r}")
     return value
 
 

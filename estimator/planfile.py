@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from estimator.errors import ConfigError, SetupError
+from estimator.inputs import checked
 from estimator.planner import SearchResult, plan_setup
 from estimator.specs import CalibrationProfile, Device, Estimate, ModelSpec
 from estimator.specs.plan import PLAN_SCHEMA_VERSION, Plan
@@ -224,6 +225,10 @@ def constraints_from(*, method=None, dtype=None, optimizer=None, checkpointing=N
     one value; memory_limit in GiB, max_hours in hours)."""
     from estimator.planner import Constraints, devices_up_to
 
+    memory_limit, max_hours = checked("--memory-limit", memory_limit), checked("--max-hours",
+                                                                                max_hours)
+    max_cost, top = checked("--max-cost", max_cost), checked("--top", top)
+    max_devices = checked("--max-devices", max_devices)
     precisions = () if dtype is None else (
         ((dtype, False),) if dtype == "fp32" else ((dtype, True), (dtype, False)))
     return Constraints(
@@ -243,9 +248,7 @@ def token_budget(tokens: float | None, data: Path | str | None, text_field: str)
     from estimator.request import PLAN_DEFAULTS
 
     if tokens is not None:
-        if not tokens > 0:
-            raise SetupError(f"--tokens must be positive, got {tokens:g}")
-        return round(tokens)
+        return round(checked("--tokens", tokens))
     return PLAN_DEFAULTS["tokens"] if data is None else count_data_tokens(Path(data), text_field)
 
 
@@ -279,7 +282,8 @@ def plan_request(model: str | ModelSpec | None = None, *, params: float | None =
     if model is None and params is None:
         model = PLAN_DEFAULTS["model"]
     seq_len = PLAN_DEFAULTS["seq_len"] if seq_len is None else seq_len
-    global_batch = PLAN_DEFAULTS["global_batch"] if global_batch is None else global_batch
+    global_batch = PLAN_DEFAULTS["global_batch"] if global_batch is None else \
+        checked("--global-batch", global_batch)
     local = device.strip().lower() == "local"
     if output is not None:
         check_writable(Path(output))

@@ -165,7 +165,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     notes.update(sharding_notes(setup))
     over, under, source = band_fractions(setup, device)
     notes["band"] = f"measured peaks −{over:.0%} … +{under:.0%} of the estimate ({source})"
-    capacity = device.memory_bytes - os_reserve_bytes(device)
+    capacity = max(0, device.memory_bytes - os_reserve_bytes(device))  # a reserve above it: 0
     total = sum(components.values())
     return MemoryBreakdown(components=components, total_bytes=total,
                            capacity_bytes=capacity, notes=notes, host_components=host,

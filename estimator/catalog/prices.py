@@ -12,9 +12,11 @@ Rule (PriceRule, stated with every price):
 * Nothing read: no price (None) — shown as n/a, never $0.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from estimator.errors import SetupError
 from estimator.units import SECONDS_PER_HOUR
 
 HOURS_PER_YEAR = 8760
@@ -36,6 +38,15 @@ class PriceRule:
 
     amortise_years: float = AMORTISE_YEARS
     usd_per_kwh: float = USD_PER_KWH
+
+    def __post_init__(self) -> None:
+        """Finite, amortisation over more than 0 years, a price of electricity ≥ 0."""
+        if not (math.isfinite(self.amortise_years) and self.amortise_years > 0):
+            raise SetupError(f"amortise_years must be a finite number > 0, got "
+                             f"{self.amortise_years!r}")
+        if not (math.isfinite(self.usd_per_kwh) and self.usd_per_kwh >= 0):
+            raise SetupError(f"usd_per_kwh must be a finite number >= 0, got "
+                             f"{self.usd_per_kwh!r}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ uncalibrated.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -26,8 +25,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from estimator.allocator import SYSTEM, active_allocator
-from estimator.errors import ProfileError
+from estimator.errors import ConfigError, ProfileError
 from estimator.hardware.detect import fingerprint, training_threads
+from estimator.inputs import read_json
 from estimator.specs.calibration import (
     CALIBRATION_SCHEMA_VERSION,
     CalibrationProfile,
@@ -92,14 +92,12 @@ def save_profile(profile: CalibrationProfile) -> Path:
 def load_profile(path: Path | str) -> CalibrationProfile:
     """Read and validate one profile file; ProfileError (one line) if unreadable or corrupt."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+    try:  # size, UTF-8, nesting and kind of file bounded (inputs.read_json)
+        raw = read_json(path, what="calibration profile", expect_object=False)
     except FileNotFoundError:
         raise ProfileError(f"no calibration profile at {path}; run `nvfree calibrate`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProfileError(
-            f"calibration profile {path} is corrupt ({_one_line(exc)}); {RECALIBRATE}"
-        ) from None
+    except ConfigError as exc:
+        raise ProfileError(f"{exc} (corrupt); {RECALIBRATE}") from None
     if isinstance(raw, dict) and raw.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
         raise ProfileError(
             f"calibration profile {path} has schema version {raw.get('schema_version')}, "

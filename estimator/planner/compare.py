@@ -459,8 +459,12 @@ def compare_request(model: ModelSpec | str | None = None, *, params: float | Non
     """compare() from what `nvfree compare` takes, by its flag names (request.SETUP_DEFAULTS):
     no --method or --bits lets each device pick full, LoRA or QLoRA; --dtype auto picks the
     dtype per device."""
+    from estimator.inputs import checked
     from estimator.request import SETUP_DEFAULTS, build_setup, resolve_model
 
+    max_hours, max_cost_usd = checked("--max-hours", max_hours), checked("--max-cost",
+                                                                          max_cost_usd)
+    max_devices = checked("--max-devices", max_devices)
     spec = resolve_model(model, params, active_params, active_ratio)
     first = resolve_devices(devices)[0]
     dtype = flags.get("dtype", SETUP_DEFAULTS["dtype"])

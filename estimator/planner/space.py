@@ -2,6 +2,7 @@
 index structures the scoring reads (groups, sweeps, the candidate index)."""
 
 import functools
+import math
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -172,7 +173,8 @@ def micro_batches(global_batch: int, num_devices: int) -> np.ndarray:
         raise SetupError(f"global batch {global_batch} is not divisible by "
                          f"{num_devices} devices")
     per_device = global_batch // num_devices
-    return np.array([b for b in range(1, per_device + 1) if per_device % b == 0])
+    small = [b for b in range(1, math.isqrt(per_device) + 1) if per_device % b == 0]
+    return np.array(sorted({*small, *(per_device // b for b in small)}))
 
 
 def devices_up_to(max_devices: int) -> tuple[int, ...]:

@@ -42,8 +42,8 @@ class TrainSetup(Spec):
     """NF4 block absmax values themselves quantised to 8 bits (QLoRA double quantisation)."""
     optimizer: Optimizer = "adamw"
     """Optimizer of the trainable parameters."""
-    lora_rank: int = Field(default=16, gt=0)
-    """LoRA rank r (elements)."""
+    lora_rank: int = Field(default=16, gt=0, le=2**16)
+    """LoRA rank r (elements); at most the hidden size (checks.check), so 65,536 bounds it."""
     lora_alpha: float = Field(default=32.0, gt=0)
     """LoRA scaling numerator; the update is scaled by alpha / r."""
     lora_targets: tuple[str, ...] = LINEAR_TARGETS
@@ -51,12 +51,15 @@ class TrainSetup(Spec):
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout probability on the adapters' input (PEFT `lora_dropout`); above 0 every adapted
     linear keeps its own dropped-out input and the dropout's noise for backward."""
-    batch_size: int = Field(default=1, gt=0)
-    """Micro-batch per device per step (sequences)."""
-    seq_len: int = Field(default=2048, gt=0)
-    """Tokens per sequence."""
-    grad_accum: int = Field(default=1, gt=0)
-    """Micro-batches accumulated per optimizer step (count)."""
+    batch_size: int = Field(default=1, gt=0, le=2**20)
+    """Micro-batch per device per step (sequences; at most 2^20, the largest global batch
+    inputs.RANGES takes)."""
+    seq_len: int = Field(default=2048, gt=0, le=2**24)
+    """Tokens per sequence (at most 2^24 = 16.8M, beyond the longest context any model
+    publishes, 10M for Llama 4 Scout)."""
+    grad_accum: int = Field(default=1, gt=0, le=2**20)
+    """Micro-batches accumulated per optimizer step (count; at most 2^20, the largest global
+    batch)."""
     optimizer_in_backward: bool = False
     """Apply the optimizer to each parameter as soon as backward has accumulated its gradient,
     then free that gradient (torch's register_post_accumulate_grad_hook): gradients never all
@@ -80,11 +83,12 @@ class TrainSetup(Spec):
     """torchtune's `enable_activation_offloading`: what the forward saves outside the loss head
     (with checkpointing: each block's input) is copied to host memory and brought back in
     backward. Needs checkpointing; only the torchtune terms model it."""
-    num_tokens: int | None = Field(default=None, gt=0)
-    """Training token budget for the wall-time and cost estimate (tokens)."""
-    num_devices: int = Field(default=1, gt=0)
-    """Data-parallel devices in total, over all nodes (count); each runs batch_size."""
-    num_nodes: int = Field(default=1, gt=0)
+    num_tokens: int | None = Field(default=None, gt=0, le=10**16)
+    """Training token budget for the wall-time and cost estimate (tokens; inputs.RANGES)."""
+    num_devices: int = Field(default=1, gt=0, le=2**20)
+    """Data-parallel devices in total, over all nodes (count; at most 2^20, five times the
+    largest cluster built, ~200k GPUs); each runs batch_size."""
+    num_nodes: int = Field(default=1, gt=0, le=2**20)
     """Machines the devices are spread over, evenly (count)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO sharding over the devices: 0 = DDP (all replicated), 1 = optimizer states,
@@ -92,7 +96,7 @@ class TrainSetup(Spec):
     offload: Offload = "none"
     """CPU offload (ZeRO-Offload): optimizer states, or optimizer states and parameters, live
     in host memory; the optimizer step runs on the host."""
-    expert_parallel: int = Field(default=1, gt=0)
+    expert_parallel: int = Field(default=1, gt=0, le=2**20)
     """MoE expert-parallel degree: routed experts split over this many devices (count);
     must divide num_devices."""
 

@@ -54,7 +54,7 @@ def test_plan_searches_device_counts(capsys: pytest.CaptureFixture[str],
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--memory-limit", "0.01"), "no candidate meets the constraints"),
-    (("--global-batch", "3", "--tokens", "0"), "--tokens must be positive"),
+    (("--global-batch", "3", "--tokens", "0"), "--tokens must be a finite number in [1, "),
     (("--data", "/nonexistent/corpus"), "no such file or directory"),
 ])
 def test_plan_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,

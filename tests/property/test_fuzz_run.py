@@ -6,12 +6,12 @@ built first.
 Budget: 100 examples in CI; NVFREE_FUZZ_EXAMPLES=10000 for a long run (benchmarks/ may set it).
 """
 
-import copy
 import json
 import os
 import time
 
 import pytest
+from fuzz_values import mutated_json, paths_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,66 +49,6 @@ def base_plan(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(plan.model_dump_json())
 
 
-def paths_of(value, prefix=()) -> list[tuple]:
-    """Every key path into a JSON value (objects and arrays, the root excluded)."""
-    out = []
-    items = value.items() if isinstance(value, dict) else enumerate(value) \
-        if isinstance(value, list) else ()
-    for key, child in items:
-        out.append((*prefix, key))
-        out += paths_of(child, (*prefix, key))
-    return out
-
-
-WRONG_TYPES = [None, True, False, "x", "", [], {}, [1, 2], {"a": 1}, 1.5, 0, -1]
-OUT_OF_RANGE = [-1, 0, -(10**30), 10**30, 2**63, 2**64, 10**400, 1e308, -1e308,
-                float("inf"), float("-inf"), float("nan"), 1e-320]
-MUTATIONS = ["type", "range", "nesting", "delete", "extra", "non_utf8", "string"]
-
-
-def _set(data, path, value) -> None:
-    target = data
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
-
-
-def _delete(data, path) -> None:
-    target = data
-    for key in path[:-1]:
-        target = target[key]
-    del target[path[-1]]
-
-
-@st.composite
-def mutated_plan(draw, base: dict) -> bytes:
-    """The plan with one field changed: a wrong type, a value out of range, deep nesting, the
-    key removed, an unknown key beside it, or its text made invalid UTF-8."""
-    data = copy.deepcopy(base)
-    path = draw(st.sampled_from(paths_of(data)))
-    kind = draw(st.sampled_from(MUTATIONS))
-    if kind == "type":
-        _set(data, path, draw(st.sampled_from(WRONG_TYPES)))
-    elif kind == "range":
-        _set(data, path, draw(st.sampled_from(OUT_OF_RANGE)))
-    elif kind == "nesting":
-        depth = draw(st.sampled_from([2, 50, 65, 200, 5000, 100_000]))
-        _set(data, path, "\u0000NEST\u0000")
-    elif kind == "delete":
-        _delete(data, path)
-    elif kind == "extra":
-        _set(data, (*path[:-1], "unexpected_field"), 1) if isinstance(path[-1], str) else \
-            _set(data, path, {"unexpected_field": 1})
-    elif kind == "string":
-        _set(data, path, draw(st.text(max_size=300)))
-    else:
-        _set(data, path, "\u0000MARK\u0000")
-    raw = json.dumps(data, indent=1).encode()  # NaN/Infinity as the non-strict tokens
-    if kind == "nesting":
-        raw = raw.replace(b'"\\u0000NEST\\u0000"', b"[" * depth + b"1" + b"]" * depth)
-    return raw.replace(b'"\\u0000MARK\\u0000"', b'"\xff\xfe\xc3"')
-
-
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
@@ -126,7 +66,7 @@ def test_run_of_a_mutated_plan_is_exit_2_and_one_line_or_would_train(
     monkeypatch.setattr(launcher, "launch", would_train)
     root = tmp_path_factory.mktemp("fuzz")
     plan = root / "plan.json"
-    plan.write_bytes(data.draw(mutated_plan(base_plan)))
+    plan.write_bytes(data.draw(mutated_json(base_plan)))
     capsys.readouterr()
     started = time.monotonic()
     code: object = None

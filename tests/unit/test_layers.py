@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"specs"},                                  # pydantic models
     {"catalog"},                                # data/ → specs
     {"analytic"},                               # the model: pure functions
-    {"checks", "request"},                      # one setup check; flags → TrainSetup
+    {"checks", "request", "arguments"},         # one setup check; flags → TrainSetup
     {"hardware"},                               # this machine → Device, profile store
     {"planner", "planfile"},                    # estimate + advice, search, compare, plan files
     {"validation_suites", "validation"},        # the validate workflow
