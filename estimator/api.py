@@ -11,11 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
 from estimator.arguments import library_arguments
 from estimator.planner.estimate import estimate as estimate_setup
-from estimator.request import setup_error
 
 if TYPE_CHECKING:  # `nvfree estimate` imports this module: only what estimate needs at run time
     from estimator.specs import (
@@ -56,12 +53,8 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
              **flags) -> Estimate:
     """What `nvfree estimate` prints (planner.estimate.estimate, whose docstring lists the
     arguments), its arguments checked first (arguments.library_arguments)."""
-    given = library_arguments("estimate", {"model": model, "setup": setup, "device": device,
-                                           "profile": profile, **flags})
-    try:
-        return estimate_setup(**given)
-    except ValidationError as exc:
-        raise setup_error(exc) from None
+    return estimate_setup(**library_arguments("estimate", {
+        "model": model, "setup": setup, "device": device, "profile": profile, **flags}))
 
 
 def plan(model: str | ModelSpec | None = None, *, output: Path | str | None = None,
@@ -77,10 +70,7 @@ def plan(model: str | ModelSpec | None = None, *, output: Path | str | None = No
     given = library_arguments("plan", {"model": model, "output": output,
                                        "calibrate": calibrate, **flags})
     calibrate = given.pop("calibrate")
-    try:
-        return plan_request(**given, calibrate=quick_calibration if calibrate else None)[0]
-    except ValidationError as exc:
-        raise setup_error(exc) from None
+    return plan_request(**given, calibrate=quick_calibration if calibrate else None)[0]
 
 
 def compare(model: str | ModelSpec | None = None, *, devices: str | list[str] | None = None,
@@ -96,10 +86,7 @@ def compare(model: str | ModelSpec | None = None, *, devices: str | list[str] | 
     devices, max_cost = given.pop("devices"), given.pop("max_cost")
     if isinstance(devices, str):
         devices = [n.strip() for n in devices.split(",") if n.strip()]
-    try:
-        return compare_request(devices=devices, max_cost_usd=max_cost, **given)
-    except ValidationError as exc:
-        raise setup_error(exc) from None
+    return compare_request(devices=devices, max_cost_usd=max_cost, **given)
 
 
 def validate(suite: str = "quick", *, seed: int = 0, count: int = 10,

@@ -41,13 +41,30 @@ def check(model: ModelSpec, setup: TrainSetup, device: Device | None = None) -> 
     canonical LoRA targets (resolve_setup). Without a device, the device checks are skipped
     (the planner checks its base setup once per device)."""
     setup = resolve_setup(model, setup)
-    for problem in (_adapter_problem(model, setup), _expert_problem(model, setup),
-                    _position_problem(model, setup),
+    for problem in (_size_problem(model), _adapter_problem(model, setup),
+                    _expert_problem(model, setup), _position_problem(model, setup),
                     _offload_problem(setup, device) if device is not None else None,
                     _process_problem(setup, device) if device is not None else None):
         if problem:
             raise SetupError(problem)
     return setup
+
+
+MAX_PARAMS = 10**15
+"""Most parameters a model may have (a quadrillion: ~1,000× the largest published, and the
+bound of --params, inputs.RANGES, with room for configs): beyond it no device or cluster could
+hold it, and the planner's byte arithmetic stays within 64-bit integers."""
+
+
+def _size_problem(model: ModelSpec) -> str | None:
+    """A model too large for anything to train or run (a config.json with absurd sizes)."""
+    from estimator.analytic.params import count_params
+
+    total = count_params(model).total
+    if total > MAX_PARAMS:
+        return (f"{model.name} has {total:.3g} parameters, more than {MAX_PARAMS:.0e}: check "
+                "its sizes")
+    return None
 
 
 def _adapter_problem(model: ModelSpec, setup: TrainSetup) -> str | None:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from estimator.errors import ConfigError, SetupError
 from estimator.inputs import checked
 from estimator.planner import SearchResult, plan_setup
+from estimator.request import typed_errors
 from estimator.specs import CalibrationProfile, Device, Estimate, ModelSpec
 from estimator.specs.plan import PLAN_SCHEMA_VERSION, Plan
 
@@ -252,6 +253,7 @@ def token_budget(tokens: float | None, data: Path | str | None, text_field: str)
     return PLAN_DEFAULTS["tokens"] if data is None else count_data_tokens(Path(data), text_field)
 
 
+@typed_errors
 def plan_request(model: str | ModelSpec | None = None, *, params: float | None = None,
                  active_params: float | None = None, active_ratio: float | None = None,
                  method: str | None = None, dtype: str | None = None,

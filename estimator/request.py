@@ -4,9 +4,16 @@ targets, token budget, devices and ZeRO stage). `nvfree estimate` / `compare` an
 `estimate(...)` / `compare(...)` both call it, so a notebook gets what the command prints.
 """
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 from estimator.errors import SetupError
 from estimator.inputs import checked
 from estimator.specs import CalibrationProfile, Device, ModelSpec, TrainSetup
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 SETUP_DEFAULTS: dict[str, object] = {
     "method": None, "bits": None, "dtype": "auto", "framework": "hf", "lora_rank": 16,
@@ -153,3 +160,19 @@ def setup_error(exc: ValueError) -> SetupError:
     where = ".".join(str(p) for p in first.get("loc", ()))
     message = str(first["msg"]).removeprefix("Value error, ")
     return SetupError(f"{where}: {message}" if where else message)
+
+
+def typed_errors(entry: Callable[P, R]) -> Callable[P, R]:
+    """An entry point (estimate, compare_request, plan_request) whose pydantic errors leave it
+    as SetupError naming the field (setup_error): a spec built from checked arguments can
+    still break a cross-field rule, and no ValidationError reaches a caller or the CLI."""
+    from pydantic import ValidationError
+
+    @functools.wraps(entry)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return entry(*args, **kwargs)
+        except ValidationError as exc:
+            raise setup_error(exc) from None
+
+    return wrapped

@@ -47,7 +47,7 @@ from estimator.planner.sizing import (
     devices_per_node,
     smallest_fit,
 )
-from estimator.request import auto_dtype
+from estimator.request import auto_dtype, typed_errors
 from estimator.specs import (
     CalibrationProfile,
     Comparison,
@@ -448,6 +448,7 @@ def free_tiers(model: ModelSpec, setup: TrainSetup, profile: CalibrationProfile 
     return out
 
 
+@typed_errors
 def compare_request(model: ModelSpec | str | None = None, *, params: float | None = None,
                     active_params: float | None = None, active_ratio: float | None = None,
                     devices: list[str] | None = None, objective: str = "time",

@@ -9,6 +9,7 @@ from estimator.analytic.step import step_throughput
 from estimator.checks import check, trainer_limits
 from estimator.errors import SetupError
 from estimator.planner.advice import advise, devices_needed, flags_for
+from estimator.request import typed_errors
 from estimator.specs import (
     Advice,
     CalibrationProfile,
@@ -151,6 +152,7 @@ def with_user_price(device: Device, prices: dict[str, float] | None) -> Device:
     return priced(device, prices[device.name])
 
 
+@typed_errors
 def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = None,
              device: Device | str = "local", profile: CalibrationProfile | None = None, *,
              params: float | None = None, active_params: float | None = None,

@@ -1,6 +1,6 @@
 """Measured efficiency curves of one machine: what the calibrated model reads."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -139,9 +139,11 @@ class CalibrationProfile(Spec):
     """Every timed case behind the curves (empty in profiles stored before 2026-12)."""
     quality: ProfileQuality | None = None
     """How trustworthy the timings are (None: stored before disturbance checks existed)."""
-    corrections: dict[str, float] = Field(default_factory=dict)
+    corrections: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict)
     """Per-op-class time multipliers fitted by `nvfree validate --update-profile` from whole
-    training runs (empty = none); each is applied to that class's predicted seconds."""
+    training runs (empty = none); each is applied to that class's predicted seconds, so each
+    is a finite number > 0."""
 
     @property
     def profile_id(self) -> str:

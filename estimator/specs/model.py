@@ -6,27 +6,33 @@ from pydantic import Field, model_validator
 
 from estimator.specs.base import Spec
 
+MAX_SIZE = 2**30
+"""Largest dimension, count or length of a model a spec takes (about 10^9): beyond every
+published model by orders of magnitude (hidden sizes ≤ 2^15, vocabularies ≤ 2^18, contexts
+≤ 2^24), and small enough that every product of them stays a finite float (a config.json
+with a 400-digit intermediate_size overflowed float conversion: issue 21)."""
+
 
 class MoESpec(Spec):
     """Mixture-of-experts feed-forward blocks (Mixtral, Qwen-MoE, DeepSeek, gpt-oss, LongCat)."""
 
     num_experts: int = Field(gt=1)
     """Routed FFN experts per MoE layer (count)."""
-    num_experts_per_token: int = Field(gt=0)
+    num_experts_per_token: int = Field(gt=0, le=MAX_SIZE)
     """Experts chosen by the router per token, top-k (count); includes zero-computation experts."""
-    expert_intermediate_size: int = Field(gt=0)
+    expert_intermediate_size: int = Field(gt=0, le=MAX_SIZE)
     """Hidden width of one expert's FFN (elements)."""
-    num_shared_experts: int = Field(default=0, ge=0)
+    num_shared_experts: int = Field(default=0, ge=0, le=MAX_SIZE)
     """Always-active shared experts per MoE layer (count)."""
-    shared_expert_intermediate_size: int | None = Field(default=None, gt=0)
+    shared_expert_intermediate_size: int | None = Field(default=None, gt=0, le=MAX_SIZE)
     """Hidden width of one shared expert (elements); None means expert_intermediate_size."""
-    num_zero_experts: int = Field(default=0, ge=0)
+    num_zero_experts: int = Field(default=0, ge=0, le=MAX_SIZE)
     """Zero-computation (identity) experts the router may pick (count, LongCat-Flash)."""
-    mean_routed_experts_per_token: float | None = Field(default=None, gt=0)
+    mean_routed_experts_per_token: float | None = Field(default=None, gt=0, le=MAX_SIZE)
     """Average real (non-zero) experts a token visits (count); None means num_experts_per_token."""
-    num_dense_layers: int = Field(default=0, ge=0)
+    num_dense_layers: int = Field(default=0, ge=0, le=MAX_SIZE)
     """Leading layers with a dense FFN instead of MoE (count, DeepSeek first_k_dense_replace)."""
-    dense_mlps_per_layer: int = Field(default=0, ge=0)
+    dense_mlps_per_layer: int = Field(default=0, ge=0, le=MAX_SIZE)
     """Extra dense FFNs inside each MoE layer beside the MoE (count, LongCat-Flash has 2)."""
     expert_bias: bool = False
     """Expert and router linears carry biases (gpt-oss)."""
@@ -51,15 +57,15 @@ class MoESpec(Spec):
 class MLASpec(Spec):
     """Multi-head latent attention (DeepSeek-V2/V3, LongCat-Flash), from the HF config names."""
 
-    q_lora_rank: int | None = Field(default=None, gt=0)
+    q_lora_rank: int | None = Field(default=None, gt=0, le=MAX_SIZE)
     """Rank of the query down-projection (elements); None means a plain q projection."""
-    kv_lora_rank: int = Field(gt=0)
+    kv_lora_rank: int = Field(gt=0, le=MAX_SIZE)
     """Rank of the joint key/value down-projection (elements)."""
-    qk_nope_head_dim: int = Field(gt=0)
+    qk_nope_head_dim: int = Field(gt=0, le=MAX_SIZE)
     """Per-head query/key width without rotary embedding (elements)."""
-    qk_rope_head_dim: int = Field(gt=0)
+    qk_rope_head_dim: int = Field(gt=0, le=MAX_SIZE)
     """Per-head query/key width with rotary embedding (elements)."""
-    v_head_dim: int = Field(gt=0)
+    v_head_dim: int = Field(gt=0, le=MAX_SIZE)
     """Per-head value width (elements)."""
 
 
@@ -68,19 +74,19 @@ class ModelSpec(Spec):
 
     name: str
     """Preset or user-facing name."""
-    num_layers: int = Field(gt=0)
+    num_layers: int = Field(gt=0, le=MAX_SIZE)
     """Transformer blocks (count; LongCat-Flash: 28 blocks, not the 56 sub-layers)."""
-    hidden_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0, le=MAX_SIZE)
     """Residual stream width d_model (elements)."""
-    intermediate_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, le=MAX_SIZE)
     """Dense FFN hidden width (elements)."""
-    num_heads: int = Field(gt=0)
+    num_heads: int = Field(gt=0, le=MAX_SIZE)
     """Query heads per attention (count)."""
-    num_kv_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0, le=MAX_SIZE)
     """Key/value heads per attention (count; < num_heads means GQA)."""
-    head_dim: int = Field(gt=0)
+    head_dim: int = Field(gt=0, le=MAX_SIZE)
     """Width of one query/key/value head (elements)."""
-    vocab_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0, le=MAX_SIZE)
     """Tokenizer vocabulary = embedding rows = logits width (count)."""
     tied_embeddings: bool = False
     """lm_head shares the input embedding matrix."""
@@ -89,7 +95,7 @@ class ModelSpec(Spec):
     GELU MLP, 2 matrices up/down (GPT-2, Phi-2, GPT-NeoX, StarCoder2)."""
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation type (LayerNorm has a bias vector too)."""
-    norms_per_layer: int | None = Field(default=None, gt=0)
+    norms_per_layer: int | None = Field(default=None, gt=0, le=MAX_SIZE)
     """Hidden-width norms in one block (count); None = one before each attention and one before
     each FFN, 2·attentions_per_layer (Llama). Phi-2 shares one norm between its parallel
     attention and MLP (1); Gemma-2/3 add post-attention and post-FFN norms (4); OLMo-2 has the
@@ -102,7 +108,7 @@ class ModelSpec(Spec):
     Pythia 0.25, HF `partial_rotary_factor` / `rotary_pct`). No parameters depend on it."""
     position: Literal["rope", "learned"] = "rope"
     """Rotary embeddings, or a learned position-embedding table (GPT-2)."""
-    max_seq_len: int = Field(default=4096, gt=0)
+    max_seq_len: int = Field(default=4096, gt=0, le=MAX_SIZE)
     """Context length of the configuration (tokens); rows of a learned position table."""
     qkv_bias: bool = False
     """q/k/v projections carry biases (Qwen2, gpt-oss)."""
@@ -123,9 +129,9 @@ class ModelSpec(Spec):
     (OLMo-2)."""
     attention_sinks: bool = False
     """One learned sink logit per head (gpt-oss)."""
-    attentions_per_layer: int = Field(default=1, gt=0)
+    attentions_per_layer: int = Field(default=1, gt=0, le=MAX_SIZE)
     """Attention blocks inside one layer (count; LongCat-Flash has 2)."""
-    sliding_window: int | None = Field(default=None, gt=0)
+    sliding_window: int | None = Field(default=None, gt=0, le=MAX_SIZE)
     """Local attention window (tokens) where the model uses one; None = full attention."""
     moe: MoESpec | None = None
     """Mixture-of-experts settings; None for a dense model."""
@@ -146,9 +152,9 @@ class ModelSpec(Spec):
     """Hugging Face model id the preset describes."""
     source: str | None = None
     """Where the numbers come from (URL or file path)."""
-    published_num_params: int | None = Field(default=None, gt=0)
+    published_num_params: int | None = Field(default=None, gt=0, le=10**15)
     """The total parameter count the authors publish (count), for checking our count."""
-    published_active_params: int | None = Field(default=None, gt=0)
+    published_active_params: int | None = Field(default=None, gt=0, le=10**15)
     """The published active parameters per token of an MoE model (count)."""
     inferred_from: str | None = None
     """Set when the architecture was inferred (e.g. from a bare parameter count); says how."""

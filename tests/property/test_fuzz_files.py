@@ -131,3 +131,27 @@ def test_config_bases_are_answered(tmp_path: Path, capsys) -> None:
         path = tmp_path / f"{base['model_type']}.json"
         path.write_text(json.dumps(base))
         assert answered_or_one_line(["estimate", "--model", str(path), "--json"], capsys) == 0
+
+
+@pytest.mark.parametrize("change", [
+    {"corrections": {"matmul.fp32": float("inf")}}, {"corrections": {"matmul.fp32": -2.0}},
+    {"corrections": {"matmul.fp32": 0.0}}, {"corrections": {"no.such.class": 1e300}},
+    {"curves": {"matmul.fp32": {"op_class": "matmul.fp32", "unit": "flops",
+                                "log10_work": [6.0, 9.0], "rates": [-1.0, 0.0],
+                                "overhead_seconds": -1.0, "num_samples": 4}}},
+    {"curves": {"matmul.fp32": {"op_class": "matmul.fp32", "unit": "flops",
+                                "log10_work": [9.0, 6.0], "rates": [1e300, 1e-300],
+                                "overhead_seconds": 1e300, "num_samples": 4}}},
+], ids=["correction-inf", "correction-negative", "correction-zero", "correction-unknown",
+        "rates-negative", "rates-extreme"])
+def test_a_profile_with_impossible_numbers_is_refused_or_gives_finite_times(
+        change, profile_json, capsys) -> None:
+    """Issue 21's report: a profile with infinite or negative corrections gave a null or
+    negative step time."""
+    from estimator.hardware.profiles import profile_path
+    from estimator.specs.calibration import CalibrationProfile
+
+    path = profile_path(CalibrationProfile.model_validate(profile_json))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**profile_json, **change}).replace("Infinity", "1e999"))
+    answered_or_one_line(["estimate", "--params", "1e8", "--device", "local", "--json"], capsys)
