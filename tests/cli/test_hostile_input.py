@@ -77,3 +77,37 @@ def test_any_number_is_answered_or_refused_in_one_line(capsys, flag, value) -> N
     args += ["--params", "7e9"] if flag != "--params" else []
     code, err = run(capsys, *args, flag, text)
     assert code in (0, 2) and "Traceback" not in err, (flag, text, err)
+
+
+@pytest.mark.parametrize("args", [
+    ("plan", "--global-batch", "1000000000", "--no-calibrate"),
+    ("plan", "--global-batch", str(10**18), "--no-calibrate"),
+    ("estimate", "--params", "7e9", "--num-devices", "7000000000"),
+])
+def test_sizes_no_device_could_run_are_refused_at_once(capsys, tmp_path, args) -> None:
+    """Issue 21: `plan --global-batch 1e9` searched without bound (47 s in the report, over
+    120 s before its fix: the micro-batch divisors were enumerated one by one); 7e9 processes
+    on this CPU gave a negative capacity."""
+    import time
+
+    started = time.monotonic()
+    code, err = run(capsys, *args, *(("-o", str(tmp_path / "p.json")) if args[0] == "plan"
+                                      else ()))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert time.monotonic() - started < 10
+
+
+def test_compare_with_optimizer_in_backward_answers(capsys) -> None:
+    """Issue 21: `compare … --optimizer-in-backward` raised an internal pydantic error."""
+    code, err = run(capsys, "compare", "--params", "7e9", "--devices", "mi300x",
+                    "--optimizer-in-backward", "--json")
+    assert code == 0 and "Traceback" not in err, err
+
+
+def test_a_small_device_memory_over_two_devices_has_no_negative_capacity(capsys) -> None:
+    """Issue 21: `--device-memory 0.5 --num-devices 2` printed a negative capacity."""
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", "--params", "7e9", "--device", "h100-sxm", "--device-memory", "0.5",
+              "--num-devices", "2", "--json"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and json.loads(out)["memory"]["capacity_bytes"] >= 0

@@ -7,7 +7,8 @@ curve exactly; or stops with one line naming the checkpoints. Never a traceback.
 
 A byte changed inside a tensor's data, or a field of state.json changed to another valid value
 (a data position, an RNG state), is not detectable: checkpoints carry sizes, not checksums
-(docs/executor.md). Those mutations are checked for the first property only.
+(docs/training.md, "Checkpoints and resume"). Those mutations are checked for the first
+property only.
 
 Budget: 12 resumes in CI (each trains a tiny model for 1–3 steps); benchmarks/fuzz_large.py
 sets more."""
