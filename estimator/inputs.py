@@ -33,6 +33,10 @@ sequences, arXiv:2412.19437 §4.2; 2^20 leaves ~70× beyond it and bounds plan's
 the budgets --max-hours (hours) and --max-cost (USD) from 0, --memory-limit in GiB per device,
 --max-devices as TrainSetup.num_devices, --top candidates kept in a plan."""
 
+MAX_SEED = 2**32 - 1
+"""Largest seed of a run (`nvfree train --seed`, a plan's seed): the trainer seeds the data
+order with seed · 1,000,003 + epoch, in 64 bits."""
+
 
 def checked(flag: str, value: float | None) -> float | None:
     """The one check of a typed number: finite and inside RANGES[flag], else one SetupError line

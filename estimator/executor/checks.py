@@ -7,6 +7,7 @@ import math
 from estimator.analytic.model_state import optimizer_state_bytes, trainable_bytes_per_param
 from estimator.analytic.params import count_params
 from estimator.errors import SetupError
+from estimator.inputs import MAX_SEED
 from estimator.specs.model import ModelSpec
 from estimator.specs.setup import TrainSetup
 
@@ -94,8 +95,6 @@ def check_backward_step(setup: TrainSetup, max_grad_norm: float | None) -> None:
                          "after backward; with --optimizer-in-backward use --dtype bf16 or fp32")
 
 
-MAX_SEED = 2**32 - 1
-"""Largest --seed (torch seeds the data order with seed · 1,000,003 + epoch, in 64 bits)."""
 
 
 def check_options(*, max_steps: int, seed: int, lr: float | None, warmup_steps: int | None,

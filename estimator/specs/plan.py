@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from estimator.inputs import MAX_SEED
 from estimator.specs.base import Spec
 from estimator.specs.device import Device
 from estimator.specs.model import ModelSpec
@@ -64,8 +65,8 @@ class Plan(Spec):
     """Calibration profile the prediction used; None = uncalibrated."""
     max_steps: int = Field(gt=0)
     """Optimizer steps to run = ceil(token budget / global tokens per step) (count)."""
-    seed: int = 0
-    """Seed of initialisation, data order and dropout."""
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    """Seed of initialisation, data order and dropout (as `nvfree train --seed`)."""
     memory_limit_bytes: int = Field(gt=0)
     """Memory the plan had to fit per device (bytes)."""
     objective: Objective = "time"
