@@ -22,6 +22,7 @@ import errno
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,11 +49,24 @@ def gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB"
 
 
+def _kind(path: Path, flag: str) -> str | None:
+    """'directory', 'file', 'other' or None (nothing there); ConfigError when the path cannot
+    even be looked up (a name over the file system's limit, a component that is a file,
+    permissions)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(path)[:80]}: cannot be used ({_why(exc)})") from None
+    return "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
 def check_output_dir(path: Path, flag: str = "--output") -> Path:
     """`path` as a directory this process can write into (created with its parents when
     missing); ConfigError naming the flag when it is a file or cannot be written."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    if _kind(path, flag) not in (None, "directory"):
         raise ConfigError(f"{flag} {path}: a file, not a directory; choose a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -89,10 +103,11 @@ def check_writable_file(path: Path, flag: str, accept: Callable[[bytes], bool] |
     """`path` as a file that can be written: not a directory or special file, its directory
     creatable and writable, and an existing file replaced only when `accept(first bytes)`."""
     path = Path(path)
-    if path.is_dir():
+    kind = _kind(path, flag)
+    if kind == "directory":
         raise ConfigError(f"{flag} {path}: a directory; give a file name")
-    if path.exists():
-        if not path.is_file():
+    if kind is not None:
+        if kind != "file":
             raise ConfigError(f"{flag} {path}: not a regular file")
         try:
             with path.open("rb") as f:

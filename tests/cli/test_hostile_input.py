@@ -111,3 +111,11 @@ def test_a_small_device_memory_over_two_devices_has_no_negative_capacity(capsys)
               "--num-devices", "2", "--json"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and json.loads(out)["memory"]["capacity_bytes"] >= 0
+
+
+@pytest.mark.parametrize("output", ["x" * 300, "/etc/passwd/plan.json"])
+def test_an_output_path_that_cannot_be_looked_up_is_one_line(capsys, output) -> None:
+    """Found by the 10,000-invocation CLI fuzz: `plan --output` with a name over the file
+    system's limit raised OSError (ENAMETOOLONG) from Path.is_dir."""
+    code, err = run(capsys, "plan", "--no-calibrate", "--output", output)
+    assert code == 2 and "cannot be used" in err and "Traceback" not in err, err
