@@ -84,6 +84,45 @@ in/out-sized bytes are folded into the h, i, H·d, K·d coefficients (recorded w
 linears adapted), so fewer targets are slightly over-charged."""
 
 
+COMPILED_BACKENDS = ("xla", "neuron", "hpu")
+"""Device backends (data/devices.toml `backend`) whose training stack compiles the step graph
+and fuses its elementwise work (data/software.toml families): TPU — JAX/MaxText and
+PyTorch/XLA; Trainium — torch-neuronx, PyTorch/XLA lowered by the Neuron compiler; Gaudi —
+PyTorch lazy mode, whose ops are accumulated into graphs for the Gaudi graph compiler."""
+
+
+def fuses_elementwise(backend: str) -> bool:
+    """Whether the backend's stack fuses elementwise/norm/activation work (COMPILED_BACKENDS)."""
+    return backend in COMPILED_BACKENDS
+
+
+def fused_token_bytes(setup: TrainSetup) -> dict[str, TokenBytes]:
+    """Bytes per token of a block's memory-bound work when a compiler fuses it (XLA's
+    operator fusion: "Fusion is XLA's single most important optimization ... removing memory
+    operations", openxla.org/xla and the TensorFlow XLA overview; the same for the Neuron
+    compiler, which lowers PyTorch/XLA HLO, and the Gaudi graph compiler). A fused region
+    reads its inputs from memory once and writes its outputs once; the intermediates between
+    its ops stay on chip. A block's forward has four such regions between the GEMMs and the
+    attention kernel:
+
+    - residual add + RMSNorm, before attention and before the MLP: read the residual r·h and
+      the branch output c·h, write the new residual r·h and the normed c·h: 2(r + c)·h each;
+    - RoPE of q and k: read and write (H + K)·d·c;
+    - SwiGLU: read gate and up 2·i·c, write i·c.
+
+    c = bytes of the compute dtype; r = bytes of the residual stream (4 under mixed
+    precision, where the fp32 residual stays fp32, else c). Backward: each region's gradient
+    reads its saved inputs and output gradients and writes its input gradients, twice the
+    forward's tensors; checkpoint recompute = the forward. 4 kernels per block forward, 8
+    backward. LoRA's scaling and add fuse into the adapted GEMM's output (0 bytes). Nothing
+    here is fitted to a published run."""
+    c = 4.0 if setup.compute_dtype == "fp32" else 2.0
+    r = 4.0 if setup.mixed_precision or setup.compute_dtype == "fp32" else c
+    forward = TokenBytes(hidden=4 * (r + c), ffn=3 * c, q=2 * c, kv=2 * c, rank=0.0, calls=4)
+    backward = TokenBytes(hidden=8 * (r + c), ffn=6 * c, q=4 * c, kv=4 * c, rank=0.0, calls=8)
+    return {"forward": forward, "backward": backward, "recompute": forward}
+
+
 def precision_regime(setup: TrainSetup) -> str:
     """'fp32', 'mixed' (16-bit compute over fp32 weights: autocast) or 'pure' (16-bit
     weights)."""
@@ -130,15 +169,17 @@ def block_passes(setup: TrainSetup) -> list[str]:
     return ["forward", "backward", *(["recompute"] if setup.checkpointing else [])]
 
 
-def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False
-                    ) -> list[Op]:
+def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False,
+                    fused: bool = False) -> list[Op]:
     """Memory-bound kernels of the blocks (norms, rope, SwiGLU, residuals, autocast casts of
     activations, LoRA scaling, their gradients): bytes per token per block and pass from
-    MEMORY_BOUND_BYTES (measured on the executor), over `calls` kernels per block and pass;
-    checkpointing adds the measured recompute pass; MoE routing and padded expert rows in
-    moe_routing_ops."""
+    MEMORY_BOUND_BYTES (measured on the executor, eager PyTorch), over `calls` kernels per
+    block and pass, or from fused_token_bytes under a compiling stack (`fused`,
+    fuses_elementwise; op 'elementwise.fused'); checkpointing adds the recompute pass; MoE
+    routing and padded expert rows in moe_routing_ops."""
     tokens = setup.tokens_per_micro_batch
-    table = block_token_bytes(setup)
+    table = fused_token_bytes(setup) if fused else block_token_bytes(setup)
+    name = "elementwise.fused" if fused else "elementwise"
     rank_sum = 0.0
     if setup.trains_adapters:
         rank_sum = setup.lora_rank * len(set(setup.lora_targets)
@@ -154,7 +195,7 @@ def elementwise_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = 
                 continue
             total = tokens * coef.per_token(model, width, rank_sum) * num_layers
             calls = max(1, coef.calls) * num_layers
-            ops.append(Op("elementwise", "elementwise", 0, total / calls, calls))
+            ops.append(Op(name, "elementwise", 0, total / calls, calls))
     return ops + moe_routing_ops(model, setup, pad_experts=pad_experts)
 
 

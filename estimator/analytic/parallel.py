@@ -1,12 +1,14 @@
 """Step time on several devices: the single-device compute time (throughput.py, one
 micro-batch per device) plus the communication of comms.py, and the sharded optimizer step.
 
-step_seconds = compute (with the optimizer step of this device's shard) + communication.
-Overlap assumption: NONE — collectives and host transfers are added to compute (an upper bound;
-DDP's bucketed all-reduce and FSDP prefetch hide part of it in practice). tokens_per_second
-counts all devices (global_tokens_per_step); cost = devices × price × hours."""
+step_seconds = compute (with the optimizer step of this device's shard) + communication −
+the part of it hidden behind compute (overlap.py: DDP's bucketed gradient reduction behind the
+last backward, ZeRO-3/FSDP prefetch, per-block reduce-scatters; one 'overlap.<mechanism>' row
+of negative seconds each). tokens_per_second counts all devices (global_tokens_per_step);
+cost = devices × price × hours."""
 
 from estimator.analytic import comms as C
+from estimator.analytic import overlap as O
 from estimator.analytic.loss_optim import optimizer_bytes_per_param
 from estimator.analytic.memory import device_gradient_bytes
 from estimator.analytic.model_state import (
@@ -97,13 +99,16 @@ def step_collectives(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *
 
 
 def communication_ops(model: ModelSpec, setup: TrainSetup, device: Device,
-                      params: ParamCounts, profile: CalibrationProfile | None) -> list[OpTime]:
-    """The collectives of one step as OpTime rows (op_class 'collective.<kind>' or
-    'host.pcie'); a measured collective.all_reduce curve is used on the local machine."""
+                      params: ParamCounts, profile: CalibrationProfile | None,
+                      collectives: list[C.Collective] | None = None) -> list[OpTime]:
+    """The collectives of one step (`collectives`, else step_collectives) as OpTime rows
+    (op_class 'collective.<kind>' or 'host.pcie'), each its whole time (overlap_ops says how
+    much of it is hidden); a measured collective.all_reduce curve is used on the local
+    machine."""
     links = C.links_for(device, setup)
     curve = C.all_reduce_curve(device, profile)
     rows = []
-    for c in step_collectives(model, setup, params):
+    for c in collectives if collectives is not None else step_collectives(model, setup, params):
         klass = "host.pcie" if c.kind == "host_transfer" else f"collective.{c.kind}"
         rows.append(OpTime(name=f"comm.{c.name}", op_class=klass, flops=0,
                            bytes_moved=round(c.num_bytes * c.num_calls),
@@ -148,16 +153,38 @@ def host_optimizer_op(model: ModelSpec, setup: TrainSetup, params: ParamCounts) 
                    bytes_moved=round(moved), seconds=C.host_optimizer_seconds(moved, setup))]
 
 
+def overlap_ops(model: ModelSpec, setup: TrainSetup, device: Device,
+                collectives: list[C.Collective], comm: list[OpTime],
+                compute_ops: list[OpTime]) -> list[OpTime]:
+    """The communication hidden behind compute (overlap.hidden_seconds), one row per
+    mechanism with negative seconds ('overlap.<slot>', op_class 'overlap'); none on one
+    device, on a CPU, or where nothing is hidden. The window is the step's compute other
+    than the optimizer step (the planner's OpTable rows not marked optimizer)."""
+    if not collectives or not O.overlaps(device, setup):
+        return []
+    slots = [0.0] * len(O.SLOTS)
+    for c, row in zip(collectives, comm, strict=True):
+        for i, w in enumerate(O.slot_weights(c, setup)):
+            slots[i] += w * row.seconds
+    compute = sum(op.seconds for op in compute_ops if not op.op_class.startswith("optimizer"))
+    hidden = O.hidden_seconds(slots, O.tails(model, setup, device, collectives), compute,
+                              setup.grad_accum, O.forward_share(setup))
+    return [OpTime(name=f"overlap.{name}", op_class="overlap", flops=0, bytes_moved=0,
+                   seconds=-float(h)) for name, h in zip(O.SLOTS, hidden, strict=True) if h > 0]
+
+
 def compose_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
                        params: ParamCounts, profile: CalibrationProfile | None,
                        compute: Throughput) -> Throughput:
     """Multi-device step time, rates and cost from the single-device compute Throughput."""
     compute_ops = device_compute_ops(model, setup, params, compute.ops)
     host = host_optimizer_op(model, setup, params)
-    comm = communication_ops(model, setup, device, params, profile)
-    ops = compute_ops + host + comm
+    collectives = step_collectives(model, setup, params)
+    comm = communication_ops(model, setup, device, params, profile, collectives)
+    hidden = overlap_ops(model, setup, device, collectives, comm, compute_ops)
+    ops = compute_ops + host + comm + hidden
     step = sum(op.seconds for op in ops)
-    comm_seconds = sum(op.seconds for op in comm)
+    comm_seconds = sum(op.seconds for op in comm + hidden)
     tokens_per_second = setup.global_tokens_per_step / step
     total = cost = None
     if setup.num_tokens is not None:

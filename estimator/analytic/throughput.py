@@ -1,6 +1,7 @@
 """Step time, tokens/s, wall time and cost from the per-op model (flops.py) and efficiency
 curves (efficiency.py): step_seconds = Σ_ops calls · (overhead + work / rate(work)), ops run one
-after another (eager execution on one device; no compute/communication overlap to model yet)."""
+after another (eager execution on one device; the overlap of communication with compute on
+several devices is parallel.overlap_ops)."""
 
 from estimator.analytic import dispatch as DP
 from estimator.analytic import elementwise as EW
@@ -55,12 +56,14 @@ def num_trainable_tensors(model: ModelSpec, setup: TrainSetup) -> int:
 
 
 def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
-             pad_experts: bool = False) -> list[F.Op]:
+             pad_experts: bool = False, fused: bool = False) -> list[F.Op]:
     """All ops of one optimizer step (grad_accum micro-batches + one optimizer step);
-    `pad_experts` as in flops.block_linear_ops."""
+    `pad_experts` as in flops.block_linear_ops; `fused`: the block's elementwise work as a
+    compiling stack fuses it (elementwise.fused_token_bytes)."""
     micro = [*F.block_linear_ops(model, setup, pad_experts=pad_experts),
              *F.attention_core_ops(model, setup),
-             *EW.elementwise_ops(model, setup, pad_experts=pad_experts), *SO.head_ops(model, setup),
+             *EW.elementwise_ops(model, setup, pad_experts=pad_experts, fused=fused),
+             *SO.head_ops(model, setup),
              *SO.lm_head_grad_ops(model, setup)]
     if setup.weight_bits <= 8:
         micro += SO.dequant_ops(model, setup, quantized_linear_params(model)[0])
@@ -91,9 +94,12 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     and, on a CPU, the framework's per-op dispatch/autograd cost (flops.dispatch_ops), the
     gradients as one fresh region per micro-batch (flops.fresh_gradient_op) and the fresh pages
     of the loss head's large buffers (flops.loss_head_fresh_ops). On an
-    accelerator the host-side dispatch overlaps the asynchronous kernels and is left out."""
+    accelerator the host-side dispatch overlaps the asynchronous kernels and is left out;
+    under a compiling stack (TPU/XLA, Trainium/Neuron, Gaudi graph mode) the block's
+    elementwise work is fused (elementwise.fused_token_bytes)."""
     ops = step_ops(model, setup, params,
-                   pad_experts=pads_expert_rows(model, setup, device.backend))
+                   pad_experts=pads_expert_rows(model, setup, device.backend),
+                   fused=EW.fuses_elementwise(device.backend))
     if cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup)):
         ops = [op._replace(op_class=F.cold_gemm_class(op.name))
                if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op

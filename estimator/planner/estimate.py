@@ -23,7 +23,8 @@ from estimator.specs import (
 
 
 def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
-    """The link numbers and the overlap assumption of a multi-device or offloaded estimate."""
+    """The link numbers and the overlap assumptions (analytic/overlap.py) of a multi-device
+    or offloaded estimate."""
     from estimator.analytic import comms as C
 
     out = []
@@ -41,8 +42,13 @@ def multi_device_assumptions(setup: TrainSetup, device: Device) -> list[str]:
             out.append(f"inter-node network {net / 1e9:g} GB/s per device (given)" if net
                        else f"inter-node network unknown: {where}{default:g} Gb/s per device "
                             "assumed (--link to set it)")
-        out.append(f"collectives reach {C.LINK_EFFICIENCY:.0%} of the link peak and do NOT "
-                   "overlap compute (step time is an upper bound)")
+        out.append(f"collectives reach {C.LINK_EFFICIENCY:.0%} of the link peak; "
+                   + ("none overlaps compute on CPUs (gloo reduces on the compute cores)"
+                      if device.kind == "cpu" else
+                      "DDP/ZeRO-1 gradient buckets overlap the last backward (the last 25 MiB "
+                      "bucket does not), ZeRO-2/3 collectives overlap each block's compute "
+                      "(the first gather and last reduce-scatter do not); the ZeRO-1/2 "
+                      "parameter all-gather, MoE all-to-all and host transfers do not overlap"))
         per_node = setup.num_devices // setup.num_nodes
         if device.kind == "cpu" and per_node > 1:
             out.append(f"{per_node} processes share each CPU machine: each gets 1/{per_node} of "

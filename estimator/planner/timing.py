@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from estimator.analytic import comms as C
+from estimator.analytic import overlap as O
 from estimator.analytic.efficiency import default_seconds_array, profile_curve
 from estimator.analytic.parallel import (
     host_optimizer_op,
@@ -147,11 +148,14 @@ def compute_sums(tables: list[OpTable], device: Device, profile: CalibrationProf
 @dataclass(frozen=True)
 class CommTerms:
     """The communication (and offloaded host optimizer step) of groups that differ only in
-    their device count, in affine form: seconds = fixed + per_micro_batch · (a − 1), one entry
-    per group (+ grows, per candidate, for payloads that grow with b: MoE all-to-all)."""
+    their device count, in affine form per overlap slot (overlap.SLOTS, the leading axis):
+    seconds = fixed + per_micro_batch · (a − 1), one column per group (+ grows, per
+    candidate, for payloads that grow with b: MoE all-to-all); `tails` the share of each slot
+    that cannot overlap (overlap.tails, slots × groups)."""
 
     fixed: np.ndarray
     per_micro_batch: np.ndarray
+    tails: np.ndarray
     grows: np.ndarray | None = None
 
 
@@ -165,8 +169,10 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
     layouts (_call_seconds, `timed`). No collective at (1, 1) (one device, no offload): none
     at all. None when the probes disagree with the affine form."""
     counts, setup = sw.counts, sw.setup
+    slots = len(O.SLOTS)
     if not first:
-        return CommTerms(np.zeros(len(counts)), np.zeros(len(counts)))
+        zeros = np.zeros((slots, len(counts)))
+        return CommTerms(zeros, zeros.copy(), np.ones((slots, len(counts))))
     lists = [first] + [step_collectives(model, _at(setup, b, a), params, num_devices=counts)
                        for b, a in PROBES[1:]]
     if not [c.name for c in lists[0]] == [c.name for c in lists[1]] == [c.name for c in lists[2]]:
@@ -178,15 +184,17 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
     gi = np.repeat(np.arange(len(sw.groups)), [len(g.batches) for g in sw.groups])
     batches = np.concatenate([g.batches for g in sw.groups])
     accums = np.concatenate([g.accums for g in sw.groups])
-    fixed, per_micro_batch, grows = np.zeros(len(counts)), np.zeros(len(counts)), None
+    fixed, per_micro_batch = np.zeros((slots, len(counts))), np.zeros((slots, len(counts)))
+    grows = None
     for one, at_b, at_a in zip(*lists, strict=True):
         if at_b.num_calls != one.num_calls or np.any(at_a.num_bytes != one.num_bytes):
             return None
         extra_calls = at_a.num_calls - one.num_calls
+        weights = np.array(O.slot_weights(one, setup))[:, None]
         if np.all(at_b.num_bytes == one.num_bytes):  # the payload does not grow with b
             each = _call_seconds(one, links, curve, timed)
-            fixed = fixed + one.num_calls * each
-            per_micro_batch = per_micro_batch + extra_calls * each
+            fixed = fixed + weights * (one.num_calls * each)
+            per_micro_batch = per_micro_batch + weights * (extra_calls * each)
             continue
         slope = np.broadcast_to(at_b.num_bytes - one.num_bytes, counts.shape)[gi]
         payload = np.broadcast_to(one.num_bytes, counts.shape)[gi] + slope * (batches - 1.0)
@@ -194,9 +202,11 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
             replace(one, num_bytes=payload),
             replace(links, devices_per_node=links.devices_per_node[gi], num_nodes=nodes[gi]),
             curve, timed)
-        grows = (0.0 if grows is None else grows) + (
-            one.num_calls + extra_calls * (accums - 1.0)) * each
-    return CommTerms(fixed, per_micro_batch, grows)
+        grows = (0.0 if grows is None else grows) + weights * (
+            (one.num_calls + extra_calls * (accums - 1.0)) * each)
+    tails = np.array([np.broadcast_to(t, counts.shape)  # a sweep: one side of one device
+                      for t in O.tails(model, setup, sw.rank, first)])
+    return CommTerms(fixed, per_micro_batch, tails, grows)
 
 
 def _call_seconds(c: C.Collective, links: C.Links, curve: EfficiencyCurve | None,
@@ -228,8 +238,11 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
     group's shard); collectives and the host optimizer step per sweep over its device counts
     (_sweep_comm). A sweep whose probes disagree with the affine forms is scored by
     step_throughput per candidate."""
-    fixed, per_micro_batch, scale = (np.zeros(len(groups)) for _ in range(3))
-    grows = np.zeros(space.starts[-1])
+    slots = len(O.SLOTS)
+    fixed, per_micro_batch = np.zeros((slots, len(groups))), np.zeros((slots, len(groups)))
+    tails, share = np.ones((slots, len(groups))), np.ones(len(groups))
+    scale = np.zeros(len(groups))
+    grows = np.zeros((slots, space.starts[-1]))
     sums = np.zeros((4, len(space.keys), len(space.batch_values)))
     tables: dict[int, OpTable | None] = {}
     siblings: dict[tuple, OpTable] = {}  # a structure's table but for its optimizer
@@ -252,10 +265,12 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
         if tables[key] is None or terms is None:
             exact += sw.members.tolist()
             continue
-        fixed[sw.members] = terms.fixed
-        per_micro_batch[sw.members] = terms.per_micro_batch
+        fixed[:, sw.members] = terms.fixed
+        per_micro_batch[:, sw.members] = terms.per_micro_batch
+        tails[:, sw.members] = terms.tails
+        share[sw.members] = O.forward_share(s)
         if terms.grows is not None:
-            grows[space.candidates(sw.members)] = terms.grows
+            grows[:, space.candidates(sw.members)] = terms.grows
         scale[sw.members] = 0.0 if s.offload != "none" else optimizer_share(
             model, s, p, num_devices=sw.counts)
     for rank, rprofile, dtype, keys in timing.values():
@@ -264,8 +279,11 @@ def group_seconds(model: ModelSpec, groups: list[Group], device: Device,
         for k, values in zip(keys, found, strict=True):
             sums[:, k] = values
     g, key, b, extra = space.group, space.key[space.group], space.batch_index, space.accum - 1.0
-    step = (fixed[g] + per_micro_batch[g] * extra + grows + sums[0, key, b]
-            + sums[1, key, b] * extra + (sums[2, key, b] + sums[3, key, b] * extra) * scale[g])
+    comm = fixed[:, g] + per_micro_batch[:, g] * extra + grows
+    compute = sums[0, key, b] + sums[1, key, b] * extra
+    hidden = O.hidden_seconds(comm, tails[:, g], compute, space.accum, share[g])
+    step = (comm.sum(axis=0) - np.sum(hidden, axis=0) + compute
+            + (sums[2, key, b] + sums[3, key, b] * extra) * scale[g])
     for i in exact:
         step[space.starts[i]:space.starts[i + 1]] = _exact_steps(model, groups[i], device,
                                                                  profile)
@@ -291,7 +309,7 @@ def _sweep_comm(model: ModelSpec, sw: Sweep, params: ParamCounts,
         return terms
     host = np.array([sum(op.seconds for op in host_optimizer_op(model, g.setup, params))
                      for g in sw.groups])
-    return replace(terms, fixed=terms.fixed + host)
+    return replace(terms, fixed=terms.fixed + np.outer(np.eye(len(O.SLOTS))[0], host))
 
 
 def _collectives_key(collectives: list[C.Collective]) -> tuple:

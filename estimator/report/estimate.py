@@ -96,7 +96,7 @@ def time_table(est: Estimate) -> Table:
                   fmt_seconds(t.step_seconds))
     if t.num_devices > 1 or t.communication_seconds:
         table.add_row("  of which communication", f"{fmt_seconds(t.communication_seconds)} "
-                      f"({t.communication_seconds / t.step_seconds:.0%}, not overlapped)")
+                      f"({t.communication_seconds / t.step_seconds:.0%}, not hidden by compute)")
     devices = f" ({t.num_devices} devices)" if t.num_devices > 1 else ""
     rate = "prefill tokens/s" if est.setup.method == "inference" else "tokens/s"
     table.add_row(f"{rate}{devices}", f"{t.tokens_per_second:,.1f}")

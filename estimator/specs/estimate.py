@@ -102,8 +102,8 @@ class Throughput(Spec):
     num_devices: int = 1
     """Devices the step runs on in parallel (count); tokens_per_second and cost cover all."""
     communication_seconds: float = 0.0
-    """Part of step_seconds spent in collectives and host transfers, not overlapped with
-    compute (seconds)."""
+    """Part of step_seconds spent in collectives and host transfers that compute does not
+    hide: their whole time less the 'overlap.*' rows (analytic/overlap.py) (seconds)."""
 
 
 class Advice(Spec):

@@ -7,12 +7,14 @@ from estimator.request import build_setup
 
 
 def test_longcat_qlora_on_mi300x_uses_batching_and_expert_parallelism() -> None:
-    """The LongCat question: the search batches and shards the experts instead of running
-    micro-batch 1 on a ZeRO-3 replica (was 2.19 days)."""
+    """The LongCat question: the search batches and shards the experts (expert parallelism,
+    or ZeRO-3 whose gathers overlap compute since analytic/overlap.py) instead of running
+    micro-batch 1 (was 2.19 days)."""
     option = compare_request("longcat-flash", tokens=1e8, devices=["mi300x"],
                              method="qlora").options[0]
     assert option.batch_size * option.grad_accum * option.num_devices >= 64
-    assert option.batch_size > 1 and option.expert_parallel > 1
+    assert option.batch_size > 1
+    assert option.expert_parallel > 1 or option.zero_stage == 3
     assert option.total_seconds < 12 * 3600
 
 
