@@ -152,8 +152,6 @@ def trainer_limits(model: ModelSpec, setup: TrainSetup) -> list[str]:
         "8-bit base weights (use --bits 16 or 4)": setup.weight_bits == 8,
         "eager attention (it runs SDPA)": setup.attention != "sdpa",
         f"ZeRO-{setup.zero_stage} (it runs DDP or ZeRO-3 on FSDP2)": setup.zero_stage in (1, 2),
-        "QLoRA under ZeRO-3 (FSDP2 would replicate the NF4 base; use LoRA or --zero 0)":
-            setup.zero_stage == 3 and setup.num_devices > 1 and setup.method == "qlora",
         "the optimizer step in backward under ZeRO-3":
             setup.zero_stage == 3 and setup.num_devices > 1 and setup.optimizer_in_backward,
         f"--optimizer {setup.optimizer} under ZeRO-3 (adamw, sgd or sgd_momentum)":

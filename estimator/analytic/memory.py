@@ -46,6 +46,7 @@ from estimator.analytic.runtime import (
 from estimator.analytic.sharding import (
     ZERO_MIN_STAGE,
     gathered_params_bytes,
+    replicated_nf4_bytes,
     routed_fractions,
     sharded_bytes,
 )
@@ -100,10 +101,12 @@ def model_state_terms(model: ModelSpec, setup: TrainSetup, device: Device,
         return sharded_bytes(value, setup, min_stage=ZERO_MIN_STAGE[name], routed_fraction=share,
                              num_devices=num_devices)
 
+    whole = replicated_nf4_bytes(model, setup)  # FSDP2 leaves the NF4 buffers whole
     return {
-        "weights": shard("weights", stored, w_share),
+        "weights": shard("weights", stored - whole["codes"], w_share) + whole["codes"],
         "autocast_copies": copies,
-        "quant_scales": shard("quant_scales", weights["quant_scales"], w_share),
+        "quant_scales": shard("quant_scales", weights["quant_scales"] - whole["scales"],
+                              w_share) + whole["scales"],
         "master_weights": shard("master_weights", master_weight_bytes(setup, params), t_share),
         "adapter_weights": shard("adapter_weights", adapter_stored, t_share)
         + adapters - adapter_stored,

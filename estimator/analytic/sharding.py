@@ -97,6 +97,21 @@ def is_array(value) -> bool:
     return bool(getattr(value, "shape", ()))
 
 
+def replicated_nf4_bytes(model: ModelSpec, setup: TrainSetup) -> dict[str, int]:
+    """The bundled trainer's 4-bit base under ZeRO-3: the NF4 codes and block scales are
+    buffers (executor/nf4.py NF4Frozen), and FSDP2's fully_shard shards parameters only, so
+    every rank keeps the whole 4-bit base (executor/fsdp.py); {'codes', 'scales'} in bytes,
+    zeros where the base is sharded or not 4-bit (HF + bitsandbytes stores it as parameters,
+    bnb_4bit_quant_storage, and FSDP shards it)."""
+    if not (setup.framework == "nvfree" and setup.weight_bits == 4 and setup.zero_stage >= 3
+            and setup.num_devices > 1 and setup.method != "full"):
+        return {"codes": 0, "scales": 0}
+    from estimator.analytic.model_state import quantized_linear_params
+    from estimator.analytic.precision import nf4_bytes
+
+    return nf4_bytes(quantized_linear_params(model)[0], double_quant=setup.double_quant)
+
+
 def gathered_params_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCounts,
                           stored_bytes: int) -> int:
     """ZeRO-3/FSDP: the largest block's parameters gathered in full while its forward or
@@ -108,4 +123,9 @@ def gathered_params_bytes(model: ModelSpec, setup: TrainSetup, params: ParamCoun
         per_param = dtype_bytes(setup.compute_dtype) if autocasting(setup) else (
             trainable_bytes_per_param(setup))
         return largest_layer_params(model) * per_param
+    codes = replicated_nf4_bytes(model, setup)["codes"]
+    if codes:  # only the block's adapters and norms are gathered: the codes are never sharded
+        per_param = dtype_bytes(setup.compute_dtype) if autocasting(setup) else (
+            trainable_bytes_per_param(setup))
+        return math.ceil(params.trainable / model.num_layers) * per_param
     return math.ceil(largest_layer_params(model) * stored_bytes / params.total)

@@ -66,9 +66,6 @@ def check_parallelism(setup: TrainSetup, *, compile: bool = False) -> None:
 def check_zero3(setup: TrainSetup, *, compile: bool = False) -> None:
     """What ZeRO-3 on FSDP2 here does not run as planned (one line each)."""
     unsupported = {
-        "--method qlora: FSDP2 shards parameters, not the NF4 codes, so the 4-bit base would "
-        "be replicated instead of sharded as planned; use --method lora or --zero 0":
-            setup.method == "qlora",
         "--optimizer-in-backward; use --zero 0": setup.optimizer_in_backward,
         f"--optimizer {setup.optimizer}; use adamw, sgd or sgd_momentum":
             setup.optimizer not in ("adamw", "sgd", "sgd_momentum"),

@@ -31,9 +31,10 @@ parameters across micro-batches (reshard_after_backward=False) would hold the wh
 rank; both would run another layout than the plan's, so neither is done: a micro-batch costs
 one all-gather per block in forward and backward and one reduce-scatter per block.
 
-QLoRA is refused with ZeRO-3 (estimator/executor/checks.py): the NF4 codes are buffers, which
-FSDP2 does not shard, so the 4-bit base would be replicated on every rank instead of sharded
-as the plan says.
+QLoRA: the NF4 codes and block scales are non-persistent buffers (executor/nf4.py), which
+fully_shard leaves alone, so every rank keeps the whole 4-bit base; the adapters (and the
+embeddings, norms and lm_head) are sharded. The analytic model counts the base replicated
+(analytic/sharding.py replicated_nf4_bytes), so a plan predicts what runs (docs/distributed.md).
 """
 
 import torch

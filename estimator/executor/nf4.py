@@ -180,11 +180,14 @@ class NF4Frozen(nn.Module):
         self.compute_dtype = compute_dtype
         nf4 = quantize_nf4(weight, double_quant=double_quant)
         self.shape, self.block_size = nf4.shape, nf4.block_size
-        self.register_buffer("weight_packed", nf4.packed)
-        self.register_buffer("weight_absmax", _as_int32(nf4.absmax))
-        self.register_buffer("weight_absmax_q", nf4.absmax_q)
-        self.register_buffer("weight_absmax_scale", _as_int32(nf4.absmax_scale))
-        self.register_buffer("weight_absmax_mean", _as_int32(nf4.absmax_mean))
+        # Not state (persistent=False): the codes are rebuilt from the base weights at every
+        # build, so no checkpoint — single-process or FSDP2's DCP — stores or loads them.
+        for name, value in (("weight_packed", nf4.packed),
+                            ("weight_absmax", _as_int32(nf4.absmax)),
+                            ("weight_absmax_q", nf4.absmax_q),
+                            ("weight_absmax_scale", _as_int32(nf4.absmax_scale)),
+                            ("weight_absmax_mean", _as_int32(nf4.absmax_mean))):
+            self.register_buffer(name, value, persistent=False)
 
     def nf4_weight(self) -> NF4Weight:
         """The stored buffers as an NF4Weight (views, no copies)."""

@@ -240,9 +240,11 @@ def test_accelerator_matches_cpu_with_lora_nf4_checkpointing(name):
     acc.load_state_dict(cpu.state_dict())  # same adapters (the devices' RNGs differ)
     for m in (cpu, acc):
         apply_checkpointing(apply_nf4(m))
-    for key, value in cpu.state_dict().items():  # same NF4 codes on both devices
-        if key.endswith("weight_packed"):
-            assert torch.equal(acc.state_dict()[key].cpu(), value), key
+    acc_buffers = dict(acc.named_buffers())
+    packed = [(k, v) for k, v in cpu.named_buffers() if k.endswith("weight_packed")]
+    assert packed
+    for key, value in packed:  # same NF4 codes on both devices
+        assert torch.equal(acc_buffers[key].cpu(), value), key
     q_cpu, q_acc = cpu.layers[0].self_attn.q_proj, acc.layers[0].self_attn.q_proj
     torch.testing.assert_close(q_acc.dequantized_weight().cpu(), q_cpu.dequantized_weight())
     tokens = torch.randint(0, BASE["vocab_size"], (2, 16))

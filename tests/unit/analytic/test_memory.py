@@ -71,6 +71,23 @@ def test_qlora_nf4_storage(tiny_dense: ModelSpec) -> None:
     assert w["quant_scales"] == 4 * (quantized // 64)
 
 
+def test_zero3_keeps_the_bundled_trainers_nf4_base_whole(tiny_dense: ModelSpec) -> None:
+    """FSDP2 shards parameters, not the NF4 buffers (executor/fsdp.py): under ZeRO-3 on 2
+    devices every rank of the bundled trainer holds all the codes and scales and half of the
+    16-bit rest; HF + bitsandbytes (4-bit storage as parameters) shards them all."""
+    s, p = terms(tiny_dense, method="qlora", weight_bits=4, double_quant=False,
+                 num_devices=2, zero_stage=3)
+    quantized, _ = MS.quantized_linear_params(tiny_dense)
+    state = M.model_state_terms(tiny_dense, s, H100, p)
+    rest = (p.total - quantized) * 2
+    assert state["weights"] == quantized // 2 + rest // 2
+    assert state["quant_scales"] == 4 * (quantized // 64)
+    hf = s.model_copy(update={"framework": "hf"})
+    hf_state = M.model_state_terms(tiny_dense, hf, H100, count_params(tiny_dense, hf))
+    assert hf_state["quant_scales"] == 4 * (quantized // 64) // 2
+    assert state["gathered_params"] < hf_state["gathered_params"]
+
+
 def test_full_logits_buffers(tiny_dense: ModelSpec) -> None:
     s = TrainSetup(batch_size=2, seq_len=8, compute_dtype="bf16", fused_loss=False)
     assert MB.logits_bytes(tiny_dense, s) == 2 * 8 * 100 * (2 + 12)
