@@ -3,8 +3,8 @@ micro-batch per device) plus the communication of comms.py, and the sharded opti
 
 step_seconds = compute (with the optimizer step of this device's shard) + communication −
 the part of it hidden behind compute (overlap.py: DDP's bucketed gradient reduction behind the
-last backward, ZeRO-3/FSDP prefetch, per-block reduce-scatters; one 'overlap.<mechanism>' row
-of negative seconds each). tokens_per_second counts all devices (global_tokens_per_step);
+last backward, ZeRO-3/FSDP prefetch, per-block reduce-scatters; moved from each 'comm.*' row's
+seconds to its hidden_seconds). tokens_per_second counts all devices (global_tokens_per_step);
 cost = devices × price × hours."""
 
 from estimator.analytic import comms as C
@@ -156,21 +156,29 @@ def host_optimizer_op(model: ModelSpec, setup: TrainSetup, params: ParamCounts) 
 def overlap_ops(model: ModelSpec, setup: TrainSetup, device: Device,
                 collectives: list[C.Collective], comm: list[OpTime],
                 compute_ops: list[OpTime]) -> list[OpTime]:
-    """The communication hidden behind compute (overlap.hidden_seconds), one row per
-    mechanism with negative seconds ('overlap.<slot>', op_class 'overlap'); none on one
-    device, on a CPU, or where nothing is hidden. The window is the step's compute other
-    than the optimizer step (the planner's OpTable rows not marked optimizer)."""
+    """The communication rows with the part hidden behind compute (overlap.hidden_seconds)
+    moved from `seconds` to `hidden_seconds`: each mechanism's hidden time is shared among
+    the collectives that feed it in proportion to their time there. Unchanged on one device,
+    on a CPU, or where nothing is hidden. The window is the step's compute other than the
+    optimizer step (the planner's OpTable rows not marked optimizer)."""
     if not collectives or not O.overlaps(device, setup):
-        return []
+        return comm
+    weights = [O.slot_weights(c, setup) for c in collectives]
     slots = [0.0] * len(O.SLOTS)
-    for c, row in zip(collectives, comm, strict=True):
-        for i, w in enumerate(O.slot_weights(c, setup)):
-            slots[i] += w * row.seconds
+    for w, row in zip(weights, comm, strict=True):
+        for i, share in enumerate(w):
+            slots[i] += share * row.seconds
     compute = sum(op.seconds for op in compute_ops if not op.op_class.startswith("optimizer"))
     hidden = O.hidden_seconds(slots, O.tails(model, setup, device, collectives), compute,
                               setup.grad_accum, O.forward_share(setup))
-    return [OpTime(name=f"overlap.{name}", op_class="overlap", flops=0, bytes_moved=0,
-                   seconds=-float(h)) for name, h in zip(O.SLOTS, hidden, strict=True) if h > 0]
+    out = []
+    for w, row in zip(weights, comm, strict=True):
+        hide = sum(share * row.seconds / slots[i] * float(hidden[i])
+                   for i, share in enumerate(w) if slots[i] > 0)
+        hide = min(row.seconds, max(0.0, hide))
+        out.append(row.model_copy(update={"seconds": row.seconds - hide,
+                                          "hidden_seconds": hide}))
+    return out
 
 
 def compose_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
@@ -181,10 +189,10 @@ def compose_throughput(model: ModelSpec, setup: TrainSetup, device: Device,
     host = host_optimizer_op(model, setup, params)
     collectives = step_collectives(model, setup, params)
     comm = communication_ops(model, setup, device, params, profile, collectives)
-    hidden = overlap_ops(model, setup, device, collectives, comm, compute_ops)
-    ops = compute_ops + host + comm + hidden
+    comm = overlap_ops(model, setup, device, collectives, comm, compute_ops)
+    ops = compute_ops + host + comm
     step = sum(op.seconds for op in ops)
-    comm_seconds = sum(op.seconds for op in comm + hidden)
+    comm_seconds = sum(op.seconds for op in comm)
     tokens_per_second = setup.global_tokens_per_step / step
     total = cost = None
     if setup.num_tokens is not None:

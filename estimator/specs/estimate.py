@@ -72,8 +72,12 @@ class OpTime(Spec):
     """FLOPs of the op per optimizer step (count)."""
     bytes_moved: int
     """Bytes read + written per optimizer step (bytes)."""
-    seconds: float
-    """Predicted time per optimizer step (seconds)."""
+    seconds: float = Field(ge=0)
+    """Predicted time per optimizer step (seconds); for a collective, the part compute does
+    not hide."""
+    hidden_seconds: float = Field(default=0.0, ge=0)
+    """A collective's time hidden behind compute (seconds, not in `seconds`: its whole time is
+    seconds + hidden_seconds; analytic/overlap.py, docs/methodology.md §6.4); 0 elsewhere."""
 
 
 class Throughput(Spec):
@@ -103,7 +107,8 @@ class Throughput(Spec):
     """Devices the step runs on in parallel (count); tokens_per_second and cost cover all."""
     communication_seconds: float = 0.0
     """Part of step_seconds spent in collectives and host transfers that compute does not
-    hide: their whole time less the 'overlap.*' rows (analytic/overlap.py) (seconds)."""
+    hide: the sum of the comm.* rows' seconds (their hidden_seconds excluded,
+    analytic/overlap.py) (seconds)."""
 
 
 class Advice(Spec):
