@@ -184,7 +184,7 @@ def release_freed_memory() -> None:
 M_MMAP_THRESHOLD = -3
 """mallopt's parameter number for the mmap threshold (glibc malloc.h)."""
 SHARDED_MMAP_THRESHOLD_BYTES = 1 << 20
-"""The fixed mmap threshold of a sharded (ZeRO-3) CPU rank (bytes)."""
+"""The fixed mmap threshold of a distributed (DDP or ZeRO-3) CPU rank (bytes)."""
 
 
 def fix_mmap_threshold(num_bytes: int = SHARDED_MMAP_THRESHOLD_BYTES) -> bool:
@@ -194,7 +194,10 @@ def fix_mmap_threshold(num_bytes: int = SHARDED_MMAP_THRESHOLD_BYTES) -> bool:
     and reduce-scatter buffers (a block's parameters and gradients, allocated and freed per
     block, also on gloo's threads, in other arenas) otherwise stay resident in heap holes —
     measured on 2 ranks of a 76M-parameter fp32 full fine-tune: a per-rank peak of 1798 MiB
-    with glibc's dynamic threshold, 1074 MiB with 1 MiB fixed (docs/distributed.md). The
+    with glibc's dynamic threshold, 1074 MiB with 1 MiB fixed (docs/distributed.md). DDP
+    ranks too: a QLoRA rank's dequantised weights (6 MiB each, freed per linear) with gloo's
+    threads allocating in other arenas peaked at 670/682 MiB per rank, 555/554 MiB with the
+    threshold fixed, 559 predicted (76M-parameter Llama, 2 ranks; docs/distributed.md). The
     cost is a page fault per page of each such buffer, each time. False off glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -149,8 +149,8 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
            peak: measure.PeakMemory, on_progress: Callable[[StepProgress], None] | None,
            ctx: distributed.DistContext) -> RunReport:
     sharded = ctx.is_distributed and setup.zero_stage == 3
-    if sharded and resolve_device(config.device).type == "cpu":
-        measure.fix_mmap_threshold()  # FSDP2's per-block buffers: no resident heap holes
+    if ctx.is_distributed and resolve_device(config.device).type == "cpu":
+        measure.fix_mmap_threshold()  # gloo's threads, FSDP2's per-block buffers: no heap holes
     run, data_source, runtime_bytes, baseline_bytes = prepare_run(model_spec, setup, config,
                                                                   peak.current_bytes)
     run.dist = ctx
