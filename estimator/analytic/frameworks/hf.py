@@ -30,7 +30,7 @@ torch.autograd.graph.saved_tensors_hooks on tiny models (tests/torch/test_hf_par
   output) + nll_loss.
 """
 
-from estimator.analytic.params import attention_linears
+from estimator.analytic.params import attention_linears, ffn_linears, linears_params
 from estimator.analytic.precision import dtype_bytes
 from estimator.specs import ModelSpec, TrainSetup
 from estimator.specs.setup import LINEAR_TARGETS
@@ -373,10 +373,61 @@ instead of 2490 MiB, 15 MiB above the tensor prediction + PROCESS_BYTES."""
 def heap_retention_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     """glibc's retained heap of an HF run on a CPU: HEAP_RETENTION_FRACTION × the activation
     bytes one step allocates (activation_bytes without checkpointing) + what loading left
-    (load_residue_bytes)."""
+    (load_residue_bytes; loader_arena_bytes in the loader's worker arenas)."""
     traffic = activation_bytes(model, setup.model_copy(update={"checkpointing": False}))
-    return round(HEAP_RETENTION_FRACTION * sum(traffic.values())) + load_residue_bytes(
-        model, setup)
+    return (round(HEAP_RETENTION_FRACTION * sum(traffic.values()))
+            + load_residue_bytes(model, setup) + loader_arena_bytes(model, setup))
+
+
+MMAP_THRESHOLD_MAX = 32 * 1024**2
+"""glibc's ceiling on its dynamic mmap threshold on 64-bit (malloc.c
+DEFAULT_MMAP_THRESHOLD_MAX = 4 MiB × sizeof(long)): a larger request is always mmapped and
+returned to the OS when freed."""
+
+
+def loader_arena_bytes(model: ModelSpec, setup: TrainSetup) -> int:
+    """Heap that transformers' threaded weight loading leaves in its worker threads' glibc
+    arenas, where the training thread never allocates: the per-expert copies of an MoE's
+    routed experts, when they are cast to a wider dtype than the checkpoint's.
+
+    transformers 5.25 `core_model_loading.py`: without on-the-fly quantisation the loader
+    materialises every checkpoint tensor in a `ThreadPoolExecutor(GLOBAL_WORKERS)`
+    (`GLOBAL_WORKERS = min(4, os.cpu_count())`; off with HF_DEACTIVATE_ASYNC_LOAD=1):
+    `_materialize_copy` = `tensor[...]` (a view of the mmapped safetensors file) then
+    `.to(dtype)` — a real copy only when the load dtype differs from the checkpoint's. glibc
+    serves each worker thread from its own arena (up to 8 × cores arenas). Published MoE
+    checkpoints store one tensor per expert and linear (`experts.{e}.w1/w2/w3`); the
+    `WeightConverter` of `conversion_mapping.py` (`MergeModulelist`, `Concatenate`) stacks
+    them into transformers 5's fused 3-D experts in the main thread and frees the per-expert
+    copies. Once the first freed copy has raised glibc's dynamic mmap threshold above an
+    expert matrix, the copies come from the workers' heaps; freed, they stay there as holes
+    (glibc returns only a heap's top), and the main thread, bound to its own arena, never
+    reuses them. The dense weights' casts are kept as the parameters: no residue (measured:
+    0–1 MiB free in the worker arenas after loading each dense model of the matrix).
+
+    The term is all routed experts' parameters in the load dtype (4 B: an fp32 load of a
+    16-bit checkpoint, as published models are; a 16-bit load makes no copy), 0 when one
+    expert matrix is over glibc's 32 MiB mmap ceiling (MMAP_THRESHOLD_MAX: Mixtral 8x7B's
+    4096 × 14336 in fp32 is mmapped and unmapped); an upper bound, reached when the workers
+    run ahead of the main thread's merges (they are given every tensor at once), about one
+    layer's copies when they do not. gpt-oss publishes its experts fused (MXFP4
+    `gate_up_proj_blocks`), nothing to merge: 0 (ModelSpec marks it only by its expert
+    biases). measured (mallinfo2 / malloc_info after `from_pretrained`, torch 2.13 CPU, glibc
+    2.36, 2 workers): 611–663 MiB free in the two worker arenas against 864 MiB of per-expert
+    fp32 copies for the matrix's Mixtral 270M — the copies of the last layers sit at the heaps'
+    tops and are returned; bf16 load: 0; HF_DEACTIVATE_ASYNC_LOAD=1: 0 beyond the main arena's.
+    MALLOC_ARENA_MAX=1 removes it: the Mixtral 270M full fp32 run peaked at 5591 instead of
+    6229 MiB (benchmarks/probe_hf_heap.py, docs/accuracy.md §6)."""
+    if model.moe is None or setup.weight_bits <= 8 or residual_bytes(setup) != FP32_BYTES:
+        return 0
+    moe = model.moe
+    if model.hidden_size * moe.expert_intermediate_size * FP32_BYTES > MMAP_THRESHOLD_MAX:
+        return 0  # every copy is mmapped, and unmapped when freed
+    if moe.expert_bias:  # gpt-oss, the one MoE with expert biases, publishes fused experts
+        return 0
+    experts = linears_params(ffn_linears(model, moe.expert_intermediate_size, moe.num_experts,
+                                         moe.expert_bias, routed=True))
+    return experts * model.num_moe_layers * FP32_BYTES
 
 
 def load_residue_bytes(model: ModelSpec, setup: TrainSetup) -> int:

@@ -83,3 +83,32 @@ def test_lm_head_target_only_where_modelled():
         estimate(SPEC, TrainSetup(method="lora", lora_targets=("q_proj", "lm_head")), "h100-sxm")
     estimate(SPEC, TrainSetup(framework="litgpt", method="lora",
                               lora_targets=("q_proj", "lm_head")), "h100-sxm")
+
+
+MIXTRAL_270M = ModelSpec.model_validate({
+    "name": "mixtral270m", "num_layers": 8, "hidden_size": 768, "intermediate_size": 1536,
+    "num_heads": 12, "num_kv_heads": 4, "head_dim": 64, "vocab_size": 32000,
+    "moe": {"num_experts": 8, "num_experts_per_token": 2, "expert_intermediate_size": 1536}})
+
+
+@pytest.mark.parametrize(("fields", "mib"), [
+    ({"method": "full", "compute_dtype": "fp32", "weight_bits": 32}, 864),  # 8·8·3·768·1536·4 B
+    ({"method": "lora", "compute_dtype": "fp32", "weight_bits": 32}, 864),
+    ({"method": "full", "compute_dtype": "bf16", "weight_bits": 16}, 864),  # fp32 master weights
+    ({"method": "lora", "compute_dtype": "bf16", "weight_bits": 16}, 0),  # loaded as stored
+    ({"method": "qlora", "compute_dtype": "bf16", "weight_bits": 4}, 0),  # loaded synchronously
+])
+def test_hf_loader_arena_holds_the_merged_per_expert_fp32_copies(fields, mib):
+    from estimator.analytic.frameworks import hf
+
+    setup = TrainSetup(framework="hf", **fields)
+    assert hf.loader_arena_bytes(MIXTRAL_270M, setup) == mib * 2**20
+    assert hf.loader_arena_bytes(SPEC, setup) == 0  # dense: the casts are the parameters
+
+
+def test_hf_loader_arena_is_empty_when_expert_matrices_are_mmapped():
+    from estimator.analytic.frameworks import hf
+
+    setup = TrainSetup(framework="hf", method="full", compute_dtype="fp32", weight_bits=32)
+    assert hf.loader_arena_bytes(load_model("mixtral-8x7b"), setup) == 0  # 224 MiB > 32 MiB
+    assert hf.loader_arena_bytes(load_model("qwen3-30b-a3b"), setup) > 0  # 6 MiB each
