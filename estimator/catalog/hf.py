@@ -34,7 +34,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 def unsupported_type(model_type: str, where: str) -> ConfigError:
     """The one-line refusal of a model_type nvfree does not model."""
-    what = f"unsupported model_type '{model_type}'" if model_type else "no model_type"
+    what = f"unsupported model_type {model_type!r}" if model_type else "no model_type"
     return ConfigError(
         f"{what} in {where}; supported: {', '.join(HF_MODEL_TYPES)}. For another architecture "
         "try `nvfree estimate --trace` (a FakeTensor trace of the real transformers code) or "

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def fail(message: str) -> None:
-    """One red line on stderr, exit code 2."""
-    typer.secho(f"nvfree: error: {message}", err=True, fg="red")
+    """One red line on stderr, exit code 2 (a message that quotes a user's text with line
+    breaks in it is joined into one line)."""
+    typer.secho(f"nvfree: error: {' '.join(message.split(chr(10)))}", err=True, fg="red")
     sys.exit(EXIT_USAGE)

@@ -16,7 +16,7 @@ with a 400-digit intermediate_size overflowed float conversion: issue 21)."""
 class MoESpec(Spec):
     """Mixture-of-experts feed-forward blocks (Mixtral, Qwen-MoE, DeepSeek, gpt-oss, LongCat)."""
 
-    num_experts: int = Field(gt=1)
+    num_experts: int = Field(gt=1, le=MAX_SIZE)
     """Routed FFN experts per MoE layer (count)."""
     num_experts_per_token: int = Field(gt=0, le=MAX_SIZE)
     """Experts chosen by the router per token, top-k (count); includes zero-computation experts."""
