@@ -62,9 +62,12 @@ small GEMM, a cast and an optimizer tensor each)."""
 
 
 def per_node(device: Device) -> int:
-    """Devices one machine holds: 1 for a CPU socket, an Apple machine or a desktop machine
-    (Device.desktop), 8 for accelerators (HGX/OAM boards; TPU/Trainium hosts are 4–16, 8 is
-    the common case)."""
+    """Devices on one fast interconnect: the catalogue's devices_per_node where it says (a TPU
+    slice on its ICI torus), else 1 for a CPU socket, an Apple machine or a desktop machine
+    (Device.desktop), 8 for accelerators (HGX/OAM boards; Trainium hosts are 16, 8 is the
+    common case)."""
+    if device.devices_per_node:
+        return device.devices_per_node
     return 1 if device.kind == "cpu" or device.backend == "mps" or device.desktop else 8
 
 

@@ -44,6 +44,10 @@ class Device(Spec):
     network_bytes_per_second: float | None = Field(default=None, gt=0)
     """Inter-node network bandwidth per device, per direction (bytes/s); None = unknown (a
     documented default is used and stated)."""
+    devices_per_node: int | None = Field(default=None, gt=0, le=2**20)
+    """Devices on one fast interconnect (the network model's 'node'): a TPU slice's chips all
+    share the ICI torus (v5p: up to 6,144 in one slice); None = the default rule
+    (planner/fit.py per_node: 8 accelerators per board, 1 CPU or desktop machine)."""
     desktop: bool = False
     """A machine people buy for a desk (consumer/workstation GPU, Apple machine, desktop CPU):
     one device per machine, and machines linked by 10 GbE unless a network is given."""

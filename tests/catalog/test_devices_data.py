@@ -28,7 +28,8 @@ EXPECTED_KEYS = {
 ALLOWED_FIELDS = {
     "display_name", "vendor", "kind", "backend", "memory_gib", "memory_gb",
     "bandwidth_gb_per_s", "peak_tflops", "achievable_matmul_fraction", "unified_memory",
-    "num_cores", "isa", "interconnect_gb_per_s", "network_gb_per_s", "tdp_watts", "desktop",
+    "num_cores", "isa", "interconnect_gb_per_s", "network_gb_per_s", "devices_per_node",
+    "tdp_watts", "desktop",
     "price_per_hour_usd", "price_source", "sources", "notes",
 }
 

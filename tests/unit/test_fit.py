@@ -52,3 +52,15 @@ def test_smaller_models_skip_presets_the_setup_does_not_apply_to() -> None:
     result = compare_request("llama-3.1-8b", tokens=1e9, max_hours=1.0,
                              devices=["rtx-4090"])
     assert all(m.model != "gpt2" for m in result.smaller_models)
+
+
+def test_a_tpu_slice_is_one_interconnect_domain() -> None:
+    """The catalogue's devices_per_node (a v5p slice: 6,144 chips on ICI) is the planner's
+    node: 512 chips are one node, not 64 boards of 8 over the 50 Gb/s DCN; without it the
+    default rule holds."""
+    from estimator.catalog import load_device
+    from estimator.planner.fit import per_node
+
+    assert per_node(load_device("tpu-v5p")) == 6144
+    assert per_node(load_device("tpu-v6e")) == 256
+    assert per_node(load_device("mi300x")) == 8
