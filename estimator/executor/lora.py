@@ -197,19 +197,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
             else module.weight
         delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * module.scaling
         merged = (base_weight.float() + delta).to(base_weight.dtype)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=merged.device, dtype=merged.dtype)
-        linear.weight = nn.Parameter(merged, requires_grad=False)
-        if module.bias is not None:
-            linear.bias = module.bias
-        _set_module(model, name, linear)
+        _set_module(model, name, _frozen_linear(merged, module.bias))
     frozen = {n: m for n, m in model.named_modules() if hasattr(m, "dequantized_weight")}
     for name, module in frozen.items():  # QLoRA's non-adapted NF4 bases: plain linears again
-        weight = module.dequantized_weight()
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if module.bias is not None:
-            linear.bias = module.bias
-        _set_module(model, name, linear)
+        _set_module(model, name, _frozen_linear(module.dequantized_weight(), module.bias))
     return model
+
+
+def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear holding `weight` (frozen) and the module's own bias."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = bias
+    return linear
