@@ -23,6 +23,7 @@ error, and the measured baseline (RSS after the imports, after the model build).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -110,15 +111,16 @@ def vm_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (malloc.h), every field a size_t."""
+
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+
 def heap_mib() -> list[int]:
     """glibc's heap: [arena bytes, bytes in use] in MiB (mallinfo2, every arena)."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-            "uordblks", "fordblks", "keepcost")]
-
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     info = libc.mallinfo2()

@@ -33,14 +33,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 2**20
 
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-        "uordblks", "fordblks", "keepcost")]
-
-
 LIBC = ctypes.CDLL("libc.so.6")
-LIBC.mallinfo2.restype = MallInfo2
+LIBC.mallinfo2.restype = bench.MallInfo2
 LIBC.fmemopen.restype = ctypes.c_void_p
 LIBC.fmemopen.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 LIBC.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
