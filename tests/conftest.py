@@ -36,3 +36,23 @@ def tiny_moe(tiny_dense: ModelSpec) -> ModelSpec:
     return tiny_dense.model_copy(update={"num_layers": 3, "moe": MoESpec(
         num_experts=4, num_experts_per_token=2, expert_intermediate_size=32,
         num_dense_layers=1)})
+
+
+@pytest.fixture
+def assert_planner_equals_estimate():
+    """Check that the planner's array step times (planner.step_seconds) equal the exact
+    per-setup path (planner.timing._exact_seconds) at each (micro-batch, accumulation)."""
+    import numpy as np
+
+    from estimator.planner import step_seconds
+    from estimator.planner.timing import _exact_seconds
+
+    def check(model, setup, device, batches, accums, profile=None) -> None:
+        batches, accums = np.asarray(batches), np.asarray(accums)
+        fast = step_seconds(model, setup, device, profile, batches, accums)
+        exact = [_exact_seconds(model, setup, device, profile, b, a)
+                 for b, a in zip(batches, accums, strict=True)]
+        np.testing.assert_allclose(fast, exact, rtol=1e-9)
+
+    return check
+

@@ -8,9 +8,7 @@ import pytest
 from estimator.analytic import overlap as O
 from estimator.analytic.comms import Collective
 from estimator.catalog import load_device, load_model
-from estimator.planner import step_seconds
 from estimator.planner.estimate import estimate
-from estimator.planner.timing import _exact_seconds
 from estimator.specs import TrainSetup
 
 
@@ -97,27 +95,21 @@ def test_accumulation_hides_ddp_only_behind_the_last_backward() -> None:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_planner_equals_estimate_with_overlap(stage: int) -> None:
+def test_planner_equals_estimate_with_overlap(stage: int,
+                                               assert_planner_equals_estimate) -> None:
     model = load_model("llama-3.1-8b")
     device = load_device("h100-sxm")
     setup = TrainSetup(method="full", seq_len=1024, num_devices=16, num_nodes=2,
                        zero_stage=stage, checkpointing=stage >= 2)
-    batches, accums = np.array([1, 2, 4]), np.array([4, 2, 1])
-    fast = step_seconds(model, setup, device, None, batches, accums)
-    exact = [_exact_seconds(model, setup, device, None, b, a)
-             for b, a in zip(batches, accums, strict=True)]
-    np.testing.assert_allclose(fast, exact, rtol=1e-9)
+    assert_planner_equals_estimate(model, setup, device, [1, 2, 4], [4, 2, 1])
     assert _hidden(estimate(model, setup, device).throughput) > 0
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_planner_equals_estimate_for_an_moe_with_expert_parallelism(stage: int) -> None:
+def test_planner_equals_estimate_for_an_moe_with_expert_parallelism(
+        stage: int, assert_planner_equals_estimate) -> None:
     model = load_model("mixtral-8x7b")
     device = load_device("mi300x")
     setup = TrainSetup(method="lora", seq_len=1024, num_devices=16, num_nodes=2,
                        expert_parallel=8, zero_stage=stage)
-    batches, accums = np.array([1, 2]), np.array([2, 1])
-    fast = step_seconds(model, setup, device, None, batches, accums)
-    exact = [_exact_seconds(model, setup, device, None, b, a)
-             for b, a in zip(batches, accums, strict=True)]
-    np.testing.assert_allclose(fast, exact, rtol=1e-9)
+    assert_planner_equals_estimate(model, setup, device, [1, 2], [2, 1])

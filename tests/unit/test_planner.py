@@ -23,12 +23,10 @@ from estimator.planner import (
     search,
     search_space,
     setups_at_device_counts,
-    step_seconds,
     structural_setups,
 )
 from estimator.planner.ranking import _search
 from estimator.planner.scoring import _exact_scores
-from estimator.planner.timing import _exact_seconds
 from estimator.specs import CalibrationProfile, EfficiencyCurve, ModelSpec, TrainSetup
 
 BATCHES = np.array([1, 2, 4, 8, 16])
@@ -51,7 +49,8 @@ def profile() -> CalibrationProfile:
 @pytest.mark.parametrize("calibrated", [False, True])
 @pytest.mark.parametrize("model_name", ["tiny_dense", "tiny_moe"])
 def test_vectorised_scores_equal_the_analytic_model(model_name: str, calibrated: bool,
-                                                    request: pytest.FixtureRequest) -> None:
+                                                    request: pytest.FixtureRequest,
+                                                    assert_planner_equals_estimate) -> None:
     model: ModelSpec = request.getfixturevalue(model_name)
     device = load_device("xeon-platinum-8480plus")
     prof = profile() if calibrated else None
@@ -59,10 +58,7 @@ def test_vectorised_scores_equal_the_analytic_model(model_name: str, calibrated:
     accums = 16 // BATCHES
     for setup in structural_setups(base, [("fp32", False), ("bf16", True), ("bf16", False)],
                                    Constraints()):
-        seconds = step_seconds(model, setup, device, prof, BATCHES, accums)
-        exact = [_exact_seconds(model, setup, device, prof, b, a) for b, a in
-                 zip(BATCHES, accums, strict=True)]
-        np.testing.assert_allclose(seconds, exact, rtol=1e-9)
+        assert_planner_equals_estimate(model, setup, device, BATCHES, accums, prof)
         memory = memory_totals(model, setup, device, BATCHES, accums)
         at = [setup.model_copy(update={"batch_size": int(b), "grad_accum": int(a)})
               for b, a in zip(BATCHES, accums, strict=True)]

@@ -35,18 +35,9 @@ def test_only_compiling_stacks_fuse() -> None:
     assert "elementwise" in names["h100-sxm"] and "elementwise.fused" not in names["h100-sxm"]
 
 
-def test_planner_equals_estimate_on_a_tpu() -> None:
-    import numpy as np
-
-    from estimator.planner import step_seconds
-    from estimator.planner.timing import _exact_seconds
-
+def test_planner_equals_estimate_on_a_tpu(assert_planner_equals_estimate) -> None:
     model = load_model("llama-3.1-8b")
     device = load_device("tpu-v5p")
     setup = TrainSetup(method="full", seq_len=1024, num_devices=16, num_nodes=2,
                        zero_stage=3, checkpointing=True)
-    batches, accums = np.array([1, 2]), np.array([2, 1])
-    fast = step_seconds(model, setup, device, None, batches, accums)
-    exact = [_exact_seconds(model, setup, device, None, b, a)
-             for b, a in zip(batches, accums, strict=True)]
-    np.testing.assert_allclose(fast, exact, rtol=1e-9)
+    assert_planner_equals_estimate(model, setup, device, [1, 2], [2, 1])
