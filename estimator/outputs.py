@@ -59,6 +59,8 @@ def _kind(path: Path, flag: str) -> str | None:
         return None
     except OSError as exc:
         raise ConfigError(f"{flag} {str(path)[:80]}: cannot be used ({_why(exc)})") from None
+    except ValueError:  # a NUL in the name (as inputs.check_data_path)
+        raise ConfigError(f"{flag} {str(path)[:80]!r}: not a valid path") from None
     return "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 

@@ -78,6 +78,7 @@ def test_any_library_call_answers_or_raises_a_typed_error(drawn) -> None:
     ("plan", {"framework": "hf", "calibrate": False}, "no argument framework"),
     ("plan", {"method": 10**60, "calibrate": False}, "method="),
     ("compare", {"devices": 5}, "devices=5"),
+    ("plan", {"output": "a\x00b", "calibrate": False}, "not a valid path"),
 ])
 def test_the_reported_library_escapes_are_typed_errors(command, args, says) -> None:
     """The untyped exceptions found before this boundary (TypeError for an unknown argument,
