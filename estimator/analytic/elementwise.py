@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from estimator.analytic.activations import padded_expert_rows
 from estimator.analytic.dispatch import ATTENTION_TARGETS, MLP_TARGETS
 from estimator.analytic.flops import Op
+from estimator.analytic.frameworks import hf
 from estimator.specs import ModelSpec, TrainSetup
 
 
@@ -131,17 +132,29 @@ def precision_regime(setup: TrainSetup) -> str:
     return "mixed" if setup.mixed_precision else "pure"
 
 
+def recorded_tables(setup: TrainSetup) -> dict[tuple[str, str], dict[str, TokenBytes]]:
+    """The recorded per-layer tables of the framework the setup describes: HF Transformers +
+    PEFT + bitsandbytes (frameworks/hf.HF_BLOCK_BYTES, recorded on their code), else the
+    bundled trainer's (MEMORY_BOUND_BYTES; torchtune and LitGPT are not recorded and use
+    it)."""
+    if setup.framework != "hf":
+        return MEMORY_BOUND_BYTES
+    return {key: {phase: TokenBytes(*row) for phase, row in passes.items()}
+            for key, passes in hf.HF_BLOCK_BYTES.items()}
+
+
 def block_token_bytes(setup: TrainSetup) -> dict[str, TokenBytes]:
-    """The measured coefficients for the setup; a regime not measured falls back to the
-    nearest measured one (QLoRA → LoRA of the same precision; pure ↔ mixed of the same
-    method; recompute → the regime's forward plus the mixed recompute extra)."""
+    """The measured coefficients for the setup (recorded_tables); a regime not measured
+    falls back to the nearest measured one (QLoRA → LoRA of the same precision; pure ↔ mixed
+    of the same method; recompute → the regime's forward plus the mixed recompute extra)."""
     method = "full" if setup.method in ("full", "inference") else setup.method
     precision = precision_regime(setup)
+    tables = recorded_tables(setup)
     for key in ((method, precision), ("lora" if method == "qlora" else method, precision),
                 (method, "mixed" if precision == "pure" else precision),
                 ("full", precision), ("lora", "mixed")):
-        if key in MEMORY_BOUND_BYTES:
-            table = MEMORY_BOUND_BYTES[key]
+        if key in tables:
+            table = tables[key]
             break
     else:  # pragma: no cover - the table always has ('lora', 'mixed')
         raise KeyError((method, precision))

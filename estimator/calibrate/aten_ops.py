@@ -131,8 +131,10 @@ def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
 
     Phases: 'forward' until the autograd engine runs its first node, 'backward' while it runs
     nodes (a checkpointed block's recompute included), 'after' from then on (clipping,
-    optimizer, zero_grad). Returns {phase: {"bytes": …, "calls": …, "gemm_calls": …}}."""
-    phases = {p: {"bytes": 0.0, "calls": 0.0, "gemm_calls": 0.0}
+    optimizer, zero_grad). Returns {phase: {"bytes": …, "calls": …, "gemm_calls": …,
+    "aten_calls": …}}, "aten_calls" counting every call (views, GEMMs and attention included:
+    what the dispatch term charges)."""
+    phases = {p: {"bytes": 0.0, "calls": 0.0, "gemm_calls": 0.0, "aten_calls": 0.0}
               for p in ("forward", "backward", "after")}
     state = {"phase": "forward"}
 
@@ -146,6 +148,7 @@ def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
             elif state["phase"] == "backward":
                 state["phase"] = "after"
             rec = phases[state["phase"]]
+            rec["aten_calls"] += 1
             if func.overloadpacket.__name__ in TIMED_ELSEWHERE:
                 rec["gemm_calls"] += 1
             elif memory_bound_call(func):

@@ -152,3 +152,32 @@ def profiled_peak(prof) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def record_hf_step(spec: ModelSpec, setup: TrainSetup, batch_sizes: tuple[int, ...] = (1, 2),
+                   ) -> dict[int, dict[str, dict[str, float]]]:
+    """calibrate.aten_ops.record_op_bytes of one HF Trainer optimizer step per batch size, on
+    one model built once (`build`): forward with labels under the Trainer's autocast,
+    backward, `clip_grad_norm_(…, 1.0)` (TrainingArguments.max_grad_norm), AdamW as
+    `adamw_torch_fused` builds it, zero_grad. One unrecorded step first (optimizer state,
+    kernel caches)."""
+    from estimator.calibrate.aten_ops import record_op_bytes
+
+    model = build(spec, setup)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for b in batch_sizes:
+        inputs = batch(spec, setup.model_copy(update={"batch_size": b}))
+
+        def step(inputs=inputs) -> None:
+            with autocast(setup):
+                loss = model(**inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()
+        out[b] = record_op_bytes(step)
+    return out

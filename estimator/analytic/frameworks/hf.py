@@ -446,3 +446,40 @@ def load_residue_bytes(model: ModelSpec, setup: TrainSetup) -> int:
 def attention_names(model: ModelSpec) -> list[str]:
     """PEFT names of one attention block's linears."""
     return [lin.name for lin in attention_linears(model)]
+
+
+HF_BLOCK_BYTES: dict[tuple[str, str], dict[str, tuple[float, float, float, float, float, int]]] = {
+    ("full", "fp32"): {"forward": (96.23, 36.11, 48.10, 72.20, 0.0, 35),
+                       "backward": (252.34, 36.17, 72.15, 72.31, 0.0, 56),
+                       "recompute": (76.23, 36.11, 48.10, 56.20, 0.0, 29)},
+    ("lora", "fp32"): {"forward": (152.20, 92.10, 76.09, 128.18, 8.21, 63),
+                       "backward": (296.30, 64.15, 92.13, 88.27, 0.31, 66),
+                       "recompute": (112.20, 92.10, 76.09, 112.18, 8.21, 55)},
+    ("qlora", "fp32"): {"forward": (180.20, 104.10, 84.09, 136.18, 8.21, 70),
+                        "backward": (336.30, 72.15, 100.13, 88.27, 0.31, 94),
+                        "recompute": (140.20, 104.10, 84.09, 120.18, 8.21, 62)},
+    ("full", "mixed"): {"forward": (114.23, 18.11, 40.10, 56.20, 0.0, 49),
+                        "backward": (294.34, 18.17, 62.15, 62.31, 0.0, 76),
+                        "recompute": (100.23, 18.11, 40.10, 44.20, 0.0, 43)},
+    ("lora", "mixed"): {"forward": (180.20, 58.10, 50.09, 64.18, 4.21, 95),
+                        "backward": (304.30, 44.15, 58.13, 44.27, 0.31, 98),
+                        "recompute": (160.20, 58.10, 50.09, 56.18, 4.21, 87)},
+    ("qlora", "mixed"): {"forward": (210.20, 118.10, 102.09, 152.18, 4.21, 113),
+                         "backward": (386.30, 96.15, 116.13, 116.27, 0.31, 138),
+                         "recompute": (172.20, 118.10, 102.09, 136.18, 4.21, 104)},
+}
+"""Memory-bound bytes per token of one HF decoder layer, per (method, precision regime) and
+pass, as elementwise.MEMORY_BOUND_BYTES holds them for the bundled trainer: (bytes per unit of
+h, i, H·d, K·d, r·adapted linears; memory-bound aten calls per layer). What the eager code
+above moves beyond the trainer's: the fp32 round trip of every RMSNorm (`to(float32)`, pow,
+mean, rsqrt, mul, `to(input_dtype)`, weight mul), RoPE as `rotate_half` (slices, neg, cat,
+two muls and an add per q and k), and PEFT's `result + lora_B(lora_A(dropout(x))) * scaling`
+per adapted linear (an input cast, the scaling multiply and the add, each an out-sized
+pass); bitsandbytes' `MatMul4Bit` adds its fp32 residual stream (prepare_model_for_kbit_
+training) and the output cast. Recorded, not derived by hand: benchmarks/record_hf_block_bytes.py
+(transformers 5.25, peft 0.21, bitsandbytes 0.50, torch 2.13 CPU; a TorchDispatchMode sums
+the bytes every non-GEMM, non-attention, non-view aten call reads + writes over one HF Trainer
+optimizer step, tests/torch/hf_build.record_hf_step; per layer per token = the double
+difference of 1/2 layers × 1/2 sequences of 32 tokens; least squares over 5–6 Llama shapes,
+residual ≤ 0.04 %); 'recompute' = the checkpointed backward less the plain one.
+tests/torch/test_hf_block_bytes.py re-records two shapes the fit did not use."""
