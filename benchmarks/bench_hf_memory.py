@@ -162,13 +162,18 @@ def worker(row: dict, ckpt: Path, steps: int) -> dict:
     ids = torch.randint(0, vocab, (n, row["seq_len"]), generator=gen)
     data = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
     peaks: dict[str, int] = {}
+    step_seconds: list[float] = []
 
     class Peak(transformers.TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             peaks["train_begin_kib"] = vm_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")
 
+        def on_step_begin(self, args, state, control, **kw):
+            step_seconds.append(-time.perf_counter())
+
         def on_step_end(self, args, state, control, **kw):
+            step_seconds[-1] += time.perf_counter()
             peaks[f"step{state.global_step}_kib"] = vm_kib("VmHWM")
             peaks[f"step{state.global_step}_heap_mib"] = heap_mib()
 
@@ -185,7 +190,7 @@ def worker(row: dict, ckpt: Path, steps: int) -> dict:
     seconds = time.perf_counter() - t0
     return {"peak_kib": vm_kib("VmHWM"), "start_kib": start_kib, "imports_kib": imports_kib,
             "built_kib": built_kib, "seconds": seconds, "optimizer": str(args.optim),
-            **peaks}
+            "step_seconds": step_seconds, "threads": torch.get_num_threads(), **peaks}
 
 
 # ---------------------------------------------------------------- parent
@@ -218,7 +223,10 @@ def predict(row: dict, ckpt: Path) -> dict:
     setup = TrainSetup(framework="hf", lora_rank=16, lora_alpha=32, **fields)
     est = estimate(spec, setup, "local")
     return {"total_bytes": est.memory.total_bytes, "components": est.memory.components,
-            "upper_bytes": est.memory.upper_bytes}
+            "upper_bytes": est.memory.upper_bytes,
+            "step_seconds": est.throughput.step_seconds,
+            "calibrated": est.throughput.calibrated,
+            "ops": {op.name: op.seconds for op in est.throughput.ops}}
 
 
 def measure(row: dict, args: argparse.Namespace) -> dict | None:
@@ -231,6 +239,28 @@ def measure(row: dict, args: argparse.Namespace) -> dict | None:
         print(f"{row['name']}: worker failed\n{out.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def steady_step_seconds(measured: dict) -> float | None:
+    """The measured step time: the median of the steps after the first (the first allocates
+    the optimizer state and warms the allocator); None for runs saved without step times."""
+    steps = measured.get("step_seconds", [])[1:]
+    return statistics.median(steps) if steps else None
+
+
+def time_markdown(results: list[dict]) -> str:
+    """Step time: measured (median of steps 2…) vs `estimate --framework hf` on this machine's
+    profile, and the prediction's largest op groups."""
+    lines = ["| configuration | measured s | predicted s | error | largest predicted ops |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        if r.get("time_error") is None:
+            continue
+        ops = sorted(r["predicted"]["ops"].items(), key=lambda kv: -kv[1])[:3]
+        top = ", ".join(f"{name} {sec:.2f}" for name, sec in ops)
+        lines.append(f"| {r['config']} | {steady_step_seconds(r['measured']):.2f} | "
+                     f"{r['predicted']['step_seconds']:.2f} | {r['time_error']:+.1%} | {top} |")
+    return "\n".join(lines)
 
 
 def markdown(results: list[dict]) -> str:
@@ -283,21 +313,32 @@ def main() -> None:
         pred = predict(row, ckpt)
         peak = measured["peak_kib"] * 1024
         err = (pred["total_bytes"] - peak) / peak
+        step = steady_step_seconds(measured)
+        time_err = None if step is None else (pred["step_seconds"] - step) / step
         results.append({"config": row["name"], "measured": measured, "predicted": pred,
-                        "error": err})
+                        "error": err, "time_error": time_err})
         if args.json:  # after every run: a long matrix keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"{row['name']:48} measured {peak / 2**20:8.0f} MiB  predicted "
               f"{pred['total_bytes'] / 2**20:8.0f} MiB  {err:+7.1%}   imports "
               f"{measured['imports_kib'] / 1024:.0f} built {measured['built_kib'] / 1024:.0f} "
               f"MiB  {measured['seconds']:.0f} s", flush=True)
+        if step is not None:
+            print(f"{'':48} step {step:8.2f} s  predicted {pred['step_seconds']:8.2f} s  "
+                  f"{time_err:+7.1%}{'' if pred['calibrated'] else '  (uncalibrated)'}",
+                  flush=True)
     if results and args.markdown:
         print(markdown(results))
+        print(time_markdown(results))
     if results:
         errors = [abs(r["error"]) for r in results]
         print(f"\n{len(results)} configs: |error| median {statistics.median(errors):.1%}, max "
               f"{max(errors):.1%}; under-predicted by > 5 %: "
               f"{sum(r['error'] < -0.05 for r in results)}")
+        timed = [abs(r["time_error"]) for r in results if r["time_error"] is not None]
+        if timed:
+            print(f"step time, {len(timed)} configs: |error| median "
+                  f"{statistics.median(timed):.1%}, max {max(timed):.1%}")
 
 
 if __name__ == "__main__":
