@@ -6,9 +6,10 @@ Pure Python (no torch). Rule, per point (same op class and label in both runs):
 - the new one was disturbed and the old one quiet → the old one;
 - both disturbed → the less disturbed one (lower `score`), then the faster.
 Points the new run did not measure are dropped: the new run's plan (quick or full) defines
-what the profile covers. A whole run is disturbed when its best reference GEMM ran
-SLOWDOWN_LIMIT× slower than the previous profile's (a slowdown CPU accounting cannot see:
-another VM on the host, a lower clock); then every new point counts as disturbed.
+what the profile covers. A point is judged against its own run's typical reference GEMM
+(the median, contention.SLOWDOWN_LIMIT); a whole run is disturbed when its median reference
+ran RUN_SLOWDOWN_LIMIT× slower than the previous profile's (a slowdown CPU accounting cannot
+see: another VM on the host, a lower clock); then every new point counts as disturbed.
 
 A profile whose kept points include disturbed ones is not stored (`refusal` says why in one
 line) unless the caller forces it, and then it is marked `disturbed`.
@@ -18,33 +19,41 @@ from __future__ import annotations
 
 import statistics
 
-from estimator.calibrate.contention import DISTURBED_FRACTION, SLOWDOWN_LIMIT
+from estimator.calibrate.contention import (
+    DISTURBED_FRACTION,
+    RUN_SLOWDOWN_LIMIT,
+    SLOWDOWN_LIMIT,
+)
 from estimator.hardware.profiles import quality_note
 from estimator.specs.calibration import CalibrationPoint, CalibrationProfile, ProfileQuality
 
 
-def _slowdown(point: CalibrationPoint, best_rate: float) -> float:
+def _slowdown(point: CalibrationPoint, quiet_rate: float) -> float:
     rate = point.reference_flops_per_second
-    if rate <= 0 or best_rate <= 0:
+    if rate <= 0 or quiet_rate <= 0:
         return 1.0
-    return max(1.0, best_rate / rate)
+    return max(1.0, quiet_rate / rate)
 
 
-def is_disturbed(point: CalibrationPoint, best_rate: float = 0.0) -> bool:
-    """Marked disturbed when timed, or its reference ran SLOWDOWN_LIMIT× slower than
-    `best_rate` (the quiet machine, possibly from another run)."""
-    return point.disturbed or point.others_fraction > DISTURBED_FRACTION or (
-        _slowdown(point, best_rate) > SLOWDOWN_LIMIT)
+def is_disturbed(point: CalibrationPoint, quiet_rate: float = 0.0) -> bool:
+    """Other processes took more than DISTURBED_FRACTION of the CPUs while it was timed, or
+    its reference ran SLOWDOWN_LIMIT× slower than `quiet_rate` (its run's typical rate)."""
+    return point.others_fraction > DISTURBED_FRACTION or (
+        _slowdown(point, quiet_rate) > SLOWDOWN_LIMIT)
 
 
-def score(point: CalibrationPoint, best_rate: float = 0.0) -> float:
+def score(point: CalibrationPoint, quiet_rate: float = 0.0) -> float:
     """Lower = quieter: the others' CPU share plus the reference's excess slowdown."""
-    return point.others_fraction + (_slowdown(point, best_rate) - 1.0)
+    return point.others_fraction + (_slowdown(point, quiet_rate) - 1.0)
 
 
-def best_reference(points: list[CalibrationPoint] | tuple[CalibrationPoint, ...]) -> float:
-    """Fastest reference GEMM rate of a set of points (FLOP/s; 0 if none was sampled)."""
-    return max((p.reference_flops_per_second for p in points), default=0.0)
+def typical_reference(points: list[CalibrationPoint] | tuple[CalibrationPoint, ...]) -> float:
+    """A run's typical reference GEMM rate: the median over its points that CPU accounting
+    found quiet (all of them when none was; FLOP/s; 0 if none was sampled)."""
+    rates = [p.reference_flops_per_second for p in points if p.reference_flops_per_second > 0]
+    quiet = [p.reference_flops_per_second for p in points
+             if p.reference_flops_per_second > 0 and p.others_fraction <= DISTURBED_FRACTION]
+    return statistics.median(quiet or rates) if rates else 0.0
 
 
 def merge_points(new: list[CalibrationPoint], old: CalibrationProfile | None,
@@ -53,15 +62,17 @@ def merge_points(new: list[CalibrationPoint], old: CalibrationProfile | None,
     from the previous profile). Every kept point's `disturbed` is re-judged against the
     quiet machine of both runs."""
     old_points = {(p.op_class, p.label): p for p in (old.points if old else ())}
-    baseline = max(best_reference(new), best_reference(list(old_points.values())))
+    baseline = typical_reference(new)
+    old_baseline = typical_reference(list(old_points.values()))
+    run_slowed = baseline > 0 and baseline * RUN_SLOWDOWN_LIMIT < old_baseline
     kept: list[CalibrationPoint] = []
     from_previous = 0
     for point in new:
-        point = _judged(point, baseline)
+        point = _judged(point, baseline, run_slowed)
         previous = old_points.get((point.op_class, point.label))
         if previous is not None and point.disturbed:
-            previous = _judged(previous, baseline)
-            if not previous.disturbed or (score(previous, baseline), previous.seconds) < (
+            previous = _judged(previous, old_baseline)
+            if not previous.disturbed or (score(previous, old_baseline), previous.seconds) < (
                     score(point, baseline), point.seconds):
                 point = previous
                 from_previous += 1
@@ -69,8 +80,9 @@ def merge_points(new: list[CalibrationPoint], old: CalibrationProfile | None,
     return kept, from_previous
 
 
-def _judged(point: CalibrationPoint, baseline: float) -> CalibrationPoint:
-    disturbed = is_disturbed(point, baseline)
+def _judged(point: CalibrationPoint, baseline: float,
+            run_slowed: bool = False) -> CalibrationPoint:
+    disturbed = run_slowed or is_disturbed(point, baseline)
     return point if disturbed == point.disturbed else point.model_copy(
         update={"disturbed": disturbed})
 
@@ -85,7 +97,7 @@ def quality_of(points: list[CalibrationPoint], *, num_retimed: int, from_previou
         level=level, num_points=len(points), num_disturbed=num_disturbed,
         num_retimed=num_retimed, num_from_previous=from_previous,
         mean_others_fraction=statistics.fmean(fractions), max_others_fraction=max(fractions),
-        reference_flops_per_second=best_reference(points), load_average=load)
+        reference_flops_per_second=typical_reference(points), load_average=load)
     return quality.model_copy(update={"note": quality_note(quality)})
 
 

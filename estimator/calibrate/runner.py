@@ -41,13 +41,13 @@ class Runner:
         self.wait_left = self.settings.max_wait_seconds
 
     @property
-    def best_rate(self) -> float:
-        return self.reference.best_rate if self.reference else 0.0
+    def quiet_rate(self) -> float:
+        return self.reference.quiet_rate if self.reference else 0.0
 
     def point(self, op_class: str, label: str, work: float, seconds: float, p20: float,
               disturbance: Disturbance, *, tiny: bool = False, calls: int = 1,
               ) -> CalibrationPoint:
-        """A timed point with its disturbance (judged against the run's best reference)."""
+        """A timed point with its disturbance (judged against the run's typical reference)."""
         if self.settings.cpu_clock:  # CPU time: other processes cannot inflate it
             disturbance = Disturbance(0.0, 0.0, disturbance.max_running)
         elif self.device != "cpu":  # an accelerator's kernels do not share the host's cores:
@@ -57,7 +57,7 @@ class Runner:
             op_class=op_class, label=label, work=work, seconds=seconds, p20_seconds=p20,
             tiny=tiny, num_calls=calls, others_fraction=disturbance.others_fraction,
             reference_flops_per_second=disturbance.reference_rate,
-            disturbed=disturbance.disturbed(self.best_rate), measured_at=self.measured_at)
+            disturbed=disturbance.disturbed(self.quiet_rate), measured_at=self.measured_at)
 
     def retries_left(self) -> int:
         elapsed = time.perf_counter() - self.started

@@ -98,7 +98,8 @@ class ProfileQuality(Spec):
     max_others_fraction: float = Field(default=0.0, ge=0, le=1)
     """Largest such share of one point (fraction)."""
     reference_flops_per_second: float = Field(default=0.0, ge=0)
-    """Best rate of the reference GEMM over the run: the quiet machine (FLOP/s)."""
+    """Typical (median) rate of the reference GEMM over the run's quiet points: the quiet
+    machine (FLOP/s; calibrate/merge.typical_reference)."""
     load_average: float | None = None
     """1-minute load average when the run ended (runnable tasks; None where unknown)."""
     note: str = ""

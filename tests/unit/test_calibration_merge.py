@@ -70,6 +70,19 @@ def test_a_run_slower_throughout_is_disturbed_against_the_old_reference() -> Non
     assert kept[0].seconds == 0.011 and not kept[0].disturbed
 
 
+def test_a_quiet_run_is_judged_against_its_typical_reference_not_its_fastest() -> None:
+    """On a quiet 2-core VM the reference sample next to each point spread 1.0–1.75× around
+    its run's median (3.2× around its fastest); judged against the fastest, 242 of 275 points
+    of a quiet calibration counted as disturbed. Against the median only a gross slowdown
+    (a busy core under a 2-thread kernel: 10–100×) does."""
+    spread = [1.0, 0.8, 1.3, 0.6, 1.1, 0.9, 1.2, 0.7, 1.0]  # × REF, fastest 1.3, slowest 0.6
+    new = [point(str(i), 0.01, ref=REF * f) for i, f in enumerate(spread)]
+    kept, _ = merge_points(new, None)
+    assert not any(p.disturbed for p in kept)
+    kept, _ = merge_points([*new, point("slowed", 0.03, ref=REF / 3)], None)
+    assert [p.label for p in kept if p.disturbed] == ["matmul.fp32 slowed"]
+
+
 def test_no_previous_profile_keeps_the_run() -> None:
     kept, from_previous = merge_points([point("a", 0.05, others=0.5)], None)
     assert from_previous == 0 and kept[0].disturbed
