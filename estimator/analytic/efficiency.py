@@ -11,6 +11,7 @@ reaches 70–85 % of the vendor peak).
 """
 
 import bisect
+import math
 
 from estimator.specs import CalibrationProfile, Device, EfficiencyCurve
 
@@ -98,12 +99,35 @@ FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory", "matmul_cold": "matmul",
 """A class a profile may lack (older profiles, quick runs) and the class measured instead."""
 
 
+LORA_RANK_PREFIX = "lora.r"
+"""Op classes of adapter GEMMs carry their rank: 'lora.r16' (flops.lora_class)."""
+
+
+def nearest_rank_curve(profile: CalibrationProfile, rank: int,
+                       dtype: str) -> EfficiencyCurve | None:
+    """The profile's adapter-GEMM curve of the rank nearest `rank` in log scale
+    ('lora.r<k>.<dtype>', calibrate/run.fit_all); None when it has none (older profiles)."""
+    found = []
+    for name, curve in profile.curves.items():
+        head, _, tail = name.rpartition(".")
+        if tail == dtype and head.startswith(LORA_RANK_PREFIX):
+            k = int(head[len(LORA_RANK_PREFIX):])
+            found.append((abs(math.log(k / rank)), k, curve))
+    return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
+
+
 def profile_curve(profile: CalibrationProfile | None, op_class: str,
                   dtype: str) -> EfficiencyCurve | None:
     """The measured curve for an op: '<class>.<dtype>' for compute classes, else '<class>',
-    else the fallback class's curve."""
+    else the fallback class's curve; an adapter GEMM ('lora.r<rank>') the curve of the
+    nearest measured rank, else the 'lora' one."""
     if profile is None:
         return None
+    if op_class.startswith(LORA_RANK_PREFIX):
+        curve = nearest_rank_curve(profile, int(op_class[len(LORA_RANK_PREFIX):]), dtype)
+        if curve is not None:
+            return curve
+        op_class = "lora"
     curve = profile.curves.get(f"{op_class}.{dtype}") or profile.curves.get(op_class)
     if curve is None and op_class in FALLBACK_CLASS:
         return profile_curve(profile, FALLBACK_CLASS[op_class], dtype)

@@ -78,13 +78,23 @@ def linear_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSet
 
 def lora_ops(lin: LinearShape, num_layers: int, tokens: float, setup: TrainSetup,
              phase_mult: int) -> list[Op]:
-    """LoRA A (in→r) and B (r→out): forward, both gradients (Hu et al. 2021)."""
+    """LoRA A (in→r) and B (r→out): forward, both gradients (Hu et al. 2021), in the
+    rank's op class (lora_class)."""
     r = setup.lora_rank
     a = LinearShape(f"{lin.name}.lora_A", lin.in_features, r, lin.count)
     b = LinearShape(f"{lin.name}.lora_B", r, lin.out_features, lin.count)
     return [op for part in (a, b)
             for op in linear_ops(part, num_layers, tokens, setup, trainable=True,
-                                 phase_mult=phase_mult, group="lora", op_class="lora")]
+                                 phase_mult=phase_mult, group="lora",
+                                 op_class=lora_class(r))]
+
+
+def lora_class(rank: int) -> str:
+    """The op class of an adapter GEMM of rank r: 'lora.r<rank>', timed on the calibration's
+    curve of the nearest measured rank (efficiency.profile_curve): a skinny GEMM's rate
+    follows its narrow dimension, not its FLOPs (measured here, 1 thread, fp32: dyᵀ·z at
+    2048×4096 ran 2.0 GFLOP/s at r = 8 and 13.8 at r = 16)."""
+    return f"lora.r{rank}"
 
 
 def block_linear_ops(model: ModelSpec, setup: TrainSetup, *, pad_experts: bool = False

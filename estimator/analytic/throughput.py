@@ -7,7 +7,12 @@ from estimator.analytic import dispatch as DP
 from estimator.analytic import elementwise as EW
 from estimator.analytic import flops as F
 from estimator.analytic import loss_optim as SO
-from estimator.analytic.efficiency import call_seconds, cold_gemms, profile_curve
+from estimator.analytic.efficiency import (
+    LORA_RANK_PREFIX,
+    call_seconds,
+    cold_gemms,
+    profile_curve,
+)
 from estimator.analytic.inference import decode_tokens_per_second
 from estimator.analytic.model_state import (
     autocasting,
@@ -125,7 +130,10 @@ def carries_dispatch(profile: CalibrationProfile | None, op_class: str, dtype: s
 
 
 def op_class_key(op_class: str, dtype: str) -> str:
-    """The class an op's time is reported (and corrected) under: 'matmul.bf16', 'memory' …"""
+    """The class an op's time is reported (and corrected) under: 'matmul.bf16', 'memory' …;
+    adapter GEMMs of every rank under 'lora.<dtype>'."""
+    if op_class.startswith(LORA_RANK_PREFIX):
+        op_class = "lora"
     return f"{op_class}.{dtype}" if op_class in DTYPED_CLASSES else op_class
 
 

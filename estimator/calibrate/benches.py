@@ -110,6 +110,12 @@ def gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str) ->
     return cases
 
 
+def lora_rank(label: str) -> int | None:
+    """The rank of a lora_cases label ('lora.fp32 down 512x1024 r=8' → 8; None otherwise)."""
+    head, sep, rank = label.rpartition(" r=")
+    return int(rank) if sep and rank.isdigit() else None
+
+
 def lora_cases(dtype: str, shapes: list[tuple[int, int, int]], pool_bytes: int) -> list[Case]:
     """Skinny adapter GEMMs (tokens, hidden, rank) as the executor runs them (executor/lora.py):
     down x·Aᵀ, the update added in place y += z·Bᵀ, and the weight gradients dzᵀ·x (A) and

@@ -123,7 +123,27 @@ def fit_all(points: list[CalibrationPoint]) -> dict[str, object]:
             memory_bound = op_class in BYTES_CLASSES or op_class.split(".")[0] in BYTES_CLASSES
             curves[op_class] = fit_curve(op_class, "bytes" if memory_bound else "flops", sized,
                                          min(tiny) if tiny else 0.0, monotone=not memory_bound)
+            if op_class.startswith("lora."):
+                curves.update(rank_curves(op_class, mine, min(tiny) if tiny else 0.0))
     return curves
+
+
+def rank_curves(op_class: str, points: list[CalibrationPoint],
+                overhead_seconds: float) -> dict[str, object]:
+    """One adapter-GEMM curve per measured rank, 'lora.r<rank>.<dtype>' (the analytic model
+    reads the nearest rank's: efficiency.profile_curve), beside the class's curve over all
+    ranks. A skinny GEMM's rate follows its rank more than its FLOPs: over all ranks, the
+    isotonic fit pooled dyᵀ·z at r = 8 (1.5–3.7 GFLOP/s here, 1 thread) with the r = 16 and
+    r = 64 shapes (14–73 GFLOP/s), and read 7 GFLOP/s for every call below 1.3·10⁸ FLOPs."""
+    dtype = op_class.split(".", 1)[1]
+    by_rank: dict[int, list[tuple[float, float]]] = {}
+    for p in points:
+        rank = benches.lora_rank(p.label)
+        if rank is not None and not p.tiny:
+            by_rank.setdefault(rank, []).append((p.work, p.seconds))
+    return {f"lora.r{rank}.{dtype}": fit_curve(f"lora.r{rank}.{dtype}", "flops", sized,
+                                               overhead_seconds)
+            for rank, sized in sorted(by_rank.items())}
 
 
 def _gemm_seconds(points: list[CalibrationPoint]) -> dict[str, dict[str, tuple[float, float]]]:

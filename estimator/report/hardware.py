@@ -130,7 +130,7 @@ def render_profile(profile: CalibrationProfile, console: Console,
 
 def _peak(device: Device, op_class: str) -> float | None:
     """Peak the curve is compared with: FLOP/s of the dtype, or the memory bandwidth."""
-    family, _, dtype = op_class.partition(".")
+    family, dtype = op_class.split(".")[0], op_class.rsplit(".", 1)[-1]
     if family in FLOPS_CLASSES:
         return device.peak_for(dtype)
     if family in ("memory", "alloc", "elementwise", "norm", "optimizer", "dequant"):

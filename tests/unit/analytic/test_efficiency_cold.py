@@ -68,7 +68,7 @@ def _classes(method: str, **kw) -> dict[str, str]:
 def test_which_gemms_read_cold_operands():
     lora = _classes("lora")  # bf16 base weights read from storage: all cold; adapters hot
     assert lora["linear.forward"] == lora["linear.backward_input"] == "matmul_cold"
-    assert lora["lora.forward"] == "lora"
+    assert lora["lora.forward"] == "lora.r16"  # the rank's curve (flops.lora_class)
     full = _classes("full")  # autocast casts the fp32 weight right before the forward GEMM
     assert full["linear.forward"] == "matmul"
     assert full["linear.backward_input"] == "matmul_cold"
@@ -123,3 +123,31 @@ def test_attention_rate_is_read_at_one_sequence_and_kept_under_accumulation():
     one = attention_seconds(batch_size=1)
     assert attention_seconds(batch_size=4) == pytest.approx(4 * one)
     assert attention_seconds(batch_size=4, grad_accum=2) == pytest.approx(8 * one)
+
+
+def test_adapter_gemms_read_the_curve_of_the_nearest_measured_rank():
+    """A skinny GEMM's rate follows its rank: 'lora.r<rank>' reads the nearest rank's curve
+    (log scale), then the all-rank 'lora' curve (older profiles), then the hot matmul one."""
+    base = profile()
+    curves = {**base.curves, "lora.bf16": curve("lora.bf16", 5e10),
+              "lora.r8.bf16": curve("lora.r8.bf16", 1e10),
+              "lora.r64.bf16": curve("lora.r64.bf16", 8e10)}
+    prof = base.model_copy(update={"curves": curves})
+    assert profile_curve(prof, "lora.r8", "bf16").op_class == "lora.r8.bf16"
+    assert profile_curve(prof, "lora.r16", "bf16").op_class == "lora.r8.bf16"  # log: 16 ~ 8
+    assert profile_curve(prof, "lora.r32", "bf16").op_class == "lora.r64.bf16"
+    assert profile_curve(prof, "lora.r16", "fp32") is None  # no fp32 curve, no matmul.fp32
+    older = base.model_copy(update={"curves": {**base.curves, "lora.bf16": curves["lora.bf16"]}})
+    assert profile_curve(older, "lora.r16", "bf16").op_class == "lora.bf16"
+    assert profile_curve(base, "lora.r16", "bf16").op_class == "matmul.bf16"
+
+
+def test_adapter_ops_carry_their_rank_and_report_under_lora():
+    from estimator.analytic.throughput import op_class_key
+
+    model = load_model("smollm2-135m")
+    setup = TrainSetup(method="lora", lora_rank=32, compute_dtype="bf16")
+    ops = [op for op in step_ops(model, setup, count_params(model, setup))
+           if op.name.startswith("lora.")]
+    assert ops and {op.op_class for op in ops} == {"lora.r32"}
+    assert op_class_key("lora.r32", "bf16") == "lora.bf16"
