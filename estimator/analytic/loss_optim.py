@@ -145,8 +145,12 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
       gradient of nll_loss and log_softmax's gradient (4 B each), in 16 bits the two casts;
     - a full fine-tune's lm_head gradient: each chunk's V·D product (c B; fp32 accumulates
       into the first one in place), in 16 bits the fp32 sum and without autocast its cast
-      back (w B); the embedding's gradient (w B) and with tied embeddings their sum. The
-      gradient the optimizer reads (the last of these) is fresh_gradient_op's.
+      back (w B); under full logits the one V·D product (c B) and in 16 bits its fp32 cast
+      (AccumulateGrad); the embedding's gradient (w B) and with tied embeddings their sum.
+      The gradient the optimizer reads (the last of these) is fresh_gradient_op's. (Until
+      2026-12-07 the full-logits product was missed: HF Qwen2 360M, tied, fp32, 256 tokens:
+      its [151936, 896] product took 1.40 s in the profiled step against 0.92 s for the
+      forward GEMM of the same FLOPs.)
 
     Measured loss-head page faults per step (`ru_minflt`, smollm2-135m, 512 tokens): LoRA
     bf16 50.1 k = 196 MiB, LoRA fp32 25.7 k = 100 MiB, full bf16 105.7 k (docs/accuracy.md
@@ -172,6 +176,7 @@ def loss_head_fresh_ops(model: ModelSpec, setup: TrainSetup) -> list[Op]:
                 head.append((vd * w, 1.0))
     else:
         buffers = [(tokens * vocab * b, 1.0) for b in [c, *casts, *[FP32_BYTES] * 3]]
+        head = [(vd * c, 1.0)] + ([(vd * FP32_BYTES, 1.0)] if half else [])
     if setup.method == "full":
         embedding = [(vd * w, 1.0)]
         if model.tied_embeddings:
