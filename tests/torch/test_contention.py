@@ -52,8 +52,8 @@ def test_others_cpu_time_is_seen_while_a_neighbour_burns():
 
 @pytest.mark.xfail(strict=False, reason=(
     "flaky on 2-core VMs: a point of microseconds can fall between a neighbour's time slices "
-    "and /proc/stat's 10 ms ticks, and the reference GEMM varies 50–92 GFLOP/s with nothing "
-    "else running (issue 19, open): seen failing and passing in consecutive runs"))
+    "and /proc/stat's 10 ms ticks (the reference GEMM's own spread is judged against its run's "
+    "median since 2026-12-07); the refusal test failed 1 of 11 runs that day"))
 def test_a_point_timed_next_to_a_burning_neighbour_is_disturbed():
     case = benches.gemm_cases("fp32", [(64, 128, 128)], "matmul.fp32")[0]
     settings = replace(suite.SETTINGS["tiny"], max_retries=1, max_wait_seconds=0.3,
@@ -79,8 +79,8 @@ def _few_cases(mode, device, model=None):
 
 @pytest.mark.xfail(strict=False, reason=(
     "flaky on 2-core VMs: a point of microseconds can fall between a neighbour's time slices "
-    "and /proc/stat's 10 ms ticks, and the reference GEMM varies 50–92 GFLOP/s with nothing "
-    "else running (issue 19, open): seen failing and passing in consecutive runs"))
+    "and /proc/stat's 10 ms ticks (the reference GEMM's own spread is judged against its run's "
+    "median since 2026-12-07); the refusal test failed 1 of 11 runs that day"))
 def test_a_disturbed_run_is_refused_and_keeps_the_previous_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("NVFREE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
