@@ -57,6 +57,10 @@ def compare(
     from estimator.cli.options import parse_prices
     from estimator.planner.compare import compare_request
 
+    if plot is not None:
+        from estimator.report.compare import check_plot_path
+
+        check_plot_path(plot)  # before the search: a wrong suffix is one line, exit 2
     names = [n.strip() for n in devices.split(",") if n.strip()] if devices is not None else None
     result = compare_request(model, params=params, active_params=active_params,
                              active_ratio=active_ratio, devices=names, objective=objective,
@@ -65,20 +69,21 @@ def compare(
                              price_rule=PriceRule(amortise_years, usd_per_kwh),
                              link_gbit_per_second=link,
                              **(setup_flags or {}))
-    if plot is not None:
-        from estimator.report.compare import plot_compare
-
-        plot_compare(result, plot)
     if json:
         typer.echo(result.model_dump_json(indent=2))
-        return
-    from rich.console import Console
+    else:
+        from rich.console import Console
 
-    from estimator.report.compare import render_compare
+        from estimator.report.compare import render_compare
 
-    render_compare(result, Console())
+        render_compare(result, Console())
     if plot is not None:
-        typer.echo(f"plot saved to {plot}")
+        from estimator.report.compare import PLOT_EXTRA_HINT, plot_available, plot_compare
+
+        if plot_available():
+            typer.echo(f"plot saved to {plot_compare(result, plot)}", err=json)
+        else:  # the answer above stands; only the picture is missing
+            typer.echo(f"plot skipped: {PLOT_EXTRA_HINT}", err=True)
 
 
 def register(app: typer.Typer) -> None:

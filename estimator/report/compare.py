@@ -180,44 +180,146 @@ def render_compare(cmp: Comparison, console: Console) -> None:
     console.print(Panel(Group(*parts), title="nvfree compare", expand=False))
 
 
-def plot_compare(cmp: Comparison, path: str | Path) -> Path:
-    """Save three panels — memory breakdown, time and cost per device — to a .png or .svg
-    (needs matplotlib, imported here only)."""
+MEMORY_GROUPS = {
+    "weights": ("weights", "quant_scales", "master_weights", "adapter_weights",
+                "gathered_params", "autocast_copies", "dequant_transient"),
+    "gradients": ("gradients",),
+    "optimizer": ("optimizer_states", "optimizer_transient"),
+    "activations": ("activations", "recompute"),
+    "logits + loss": ("logits",),
+    "KV cache": ("kv_cache",),
+}
+"""Memory terms drawn as one colour each; every other term (runtime, heap, kernel caches,
+the step's transients) is 'runtime + other'."""
+GROUP_COLOURS = {"weights": "#4477AA", "gradients": "#EE6677", "optimizer": "#228833",
+                 "activations": "#CCBB44", "logits + loss": "#66CCEE", "KV cache": "#AA3377",
+                 "runtime + other": "#BBBBBB"}
+"""Paul Tol's 'bright' scheme: distinct for colour-blind readers and in greyscale."""
+
+
+MEMORY_AXIS_MAX = 1.5
+"""Longest memory bar (share of the device's memory): a job that needs 145× one device's
+memory is drawn at this length with its ratio written beside it."""
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """The --plot path, refused (one line) unless it ends in .png or .svg."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg"):
         raise SetupError(f"--plot must end in .png or .svg, got '{path.name}'")
-    try:
-        import matplotlib
+    return path
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def plot_available() -> bool:
+    """Whether matplotlib can be imported (the plot is skipped with a note otherwise)."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise SetupError(PLOT_EXTRA_HINT) from None
-    rows = [o for o in cmp.options if o.num_devices is not None] or cmp.options
-    names = [f"{o.device} ×{o.num_devices or '?'}" for o in rows]
-    hours = [(o.total_seconds or 0) / 3600 if o.total_seconds is not None
-             else (o.device_hours_per_million_tokens or 0) / (o.num_devices or 1) for o in rows]
+        return False
+    return True
+
+
+def memory_groups(option: DeviceOption) -> dict[str, int]:
+    """The option's memory terms summed into MEMORY_GROUPS (bytes per group)."""
+    named = {term: group for group, terms in MEMORY_GROUPS.items() for term in terms}
+    out = dict.fromkeys(GROUP_COLOURS, 0)
+    for term, nbytes in option.memory_components.items():
+        out[named.get(term, "runtime + other")] += nbytes
+    return out
+
+
+def plot_label(o: DeviceOption) -> str:
+    """'mi300x ×8 z3 · qlora4 bf16 b8×1 ep8 attn', or 'rx-7900-xtx · does not fit'."""
+    if o.num_devices is None:
+        return f"{o.device} · does not fit"
+    zero = f" z{o.zero_stage}" if o.num_devices > 1 and o.zero_stage else ""
+    return f"{o.device} ×{o.num_devices}{zero} · {method_cell(o)} {setup_cell(o)}"
+
+
+def plot_title(cmp: Comparison) -> str:
+    """The model, the method each device ended up with, and the sort key."""
+    methods: dict[str, list[str]] = {}
+    for o in cmp.options:
+        if o.num_devices is not None:
+            methods.setdefault(o.method, []).append(o.device)
+    chosen = "; ".join(f"{m} on {', '.join(devs)}" if len(methods) > 1 else m
+                       for m, devs in methods.items()) or "nothing fits"
+    budget = f" · {fmt_count(cmp.setup.num_tokens)} tokens" if cmp.setup.num_tokens else ""
+    return f"{cmp.model} · {chosen}{budget} · sorted by {cmp.objective}"
+
+
+def plot_compare(cmp: Comparison, path: str | Path) -> Path:
+    """Save three panels — memory per device (stacked term groups as a share of the device's
+    memory, so a 24 GiB card and a 192 GiB one read alike; GiB written beside), time (log
+    axis) and cost (n/a where no price is known) — one row per device option with its N,
+    ZeRO stage, expert parallelism and method, then the free tiers. Needs matplotlib,
+    imported here only (plot_available)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = check_plot_path(path)
+    rows = cmp.options
+    tiers = cmp.free_tiers
+    names = [plot_label(o) for o in rows] + [
+        f"free: {t.display_name}" + ("" if t.fits else " · does not fit") for t in tiers]
+    y = list(range(len(names)))
     fig, (ax_mem, ax_time, ax_cost) = plt.subplots(
-        1, 3, figsize=(15, max(3, 0.3 * len(rows) + 1)), sharey=True)
-    terms = sorted({t for o in rows for t in o.memory_components},
-                   key=lambda t: -sum(o.memory_components.get(t, 0) for o in rows))
+        1, 3, figsize=(16, max(3.0, 0.35 * len(names) + 1.5)), sharey=True)
+    shares = [sum(memory_groups(o).values()) / max(o.capacity_bytes, 1) for o in rows]
+    squeeze = [min(1.0, MEMORY_AXIS_MAX / t) if t else 1.0 for t in shares]  # no-fit rows
     left = [0.0] * len(rows)
-    for term in terms:
-        gib = [o.memory_components.get(term, 0) / 2**30 for o in rows]
-        ax_mem.barh(names, gib, left=left, label=term)
-        left = [a + b for a, b in zip(left, gib, strict=True)]
-    ax_mem.scatter([o.capacity_bytes / 2**30 for o in rows], names, marker="|", color="black",
-                   s=200, label="capacity")
-    ax_mem.set_xlabel("peak memory per device (GiB)")
-    ax_mem.legend(fontsize="x-small", loc="best")
-    ax_mem.invert_yaxis()
-    ax_time.barh(names, hours, color="tab:blue")
-    if any(h > 0 for h in hours):
+    for group, colour in GROUP_COLOURS.items():
+        share = [memory_groups(o)[group] / max(o.capacity_bytes, 1) * k
+                 for o, k in zip(rows, squeeze, strict=True)]
+        if any(share):
+            ax_mem.barh(y[:len(rows)], share, left=left, color=colour, label=group)
+            left = [a + b for a, b in zip(left, share, strict=True)]
+    for i, o in enumerate(rows):
+        over = f" (×{shares[i]:,.1f})" if squeeze[i] < 1.0 else ""
+        ax_mem.text(left[i] + 0.02, i, f"{o.peak_memory_bytes / GIB:,.0f} / "
+                    f"{o.capacity_bytes / GIB:,.0f} GiB{over}", va="center",
+                    fontsize="x-small")
+    ax_mem.axvline(1.0, color="black", linewidth=1)
+    ax_mem.set_xlim(0, MEMORY_AXIS_MAX + 0.8)
+    ax_mem.set_xlabel("peak memory per device (share of its memory; line = full)")
+    ax_mem.legend(fontsize="x-small", loc="lower right")
+    unit = 3600 if cmp.setup.num_tokens else 1.0
+    hours = [(o.total_seconds / 3600 if o.total_seconds is not None and cmp.setup.num_tokens
+              else (o.device_hours_per_million_tokens / o.num_devices
+                    if o.device_hours_per_million_tokens is not None and o.num_devices
+                    else None)) for o in rows]
+    hours += [t.total_seconds / unit if t.total_seconds is not None and cmp.setup.num_tokens
+              else None for t in tiers]
+    shown = [h for h in hours if h]
+    ax_time.barh([i for i, h in enumerate(hours) if h], shown,
+                 color=["tab:blue"] * len([h for h in hours[:len(rows)] if h])
+                 + ["tab:green"] * len([h for h in hours[len(rows):] if h]))
+    for i, h in enumerate(hours):
+        if not h:
+            ax_time.text(0.01, i, "no fit", va="center", fontsize="x-small",
+                         transform=ax_time.get_yaxis_transform())
+    if shown:
         ax_time.set_xscale("log")
-    ax_time.set_xlabel("hours for the budget" if cmp.setup.num_tokens else "hours per 1M tokens")
-    ax_cost.barh(names, [o.cost_usd or 0 for o in rows], color="tab:orange")
-    ax_cost.set_xlabel("cost (USD; 0 = no price known)")
-    fig.suptitle(f"{cmp.model} · {cmp.setup.method} · sorted by {cmp.objective}")
+    ax_time.set_xlabel("hours for the budget (log)" if cmp.setup.num_tokens
+                       else "hours per 1M tokens (log)")
+    for i, o in enumerate(rows):
+        if o.cost_usd is not None:
+            ax_cost.barh(i, o.cost_usd, color="tab:orange")
+            ax_cost.text(o.cost_usd, i, f" {fmt_usd(o.cost_usd)}", va="center",
+                         fontsize="x-small")
+        else:
+            why = "n/a (no price)" if o.price_per_hour_usd is None else "n/a"
+            ax_cost.text(0.01, i, why, va="center", fontsize="x-small",
+                         transform=ax_cost.get_yaxis_transform())
+    for j in range(len(tiers)):
+        ax_cost.text(0.01, len(rows) + j, "free", va="center", fontsize="x-small",
+                     transform=ax_cost.get_yaxis_transform())
+    ax_cost.set_xlabel("cost (USD)")
+    ax_mem.set_yticks(y, names, fontsize="small")
+    ax_mem.invert_yaxis()
+    fig.suptitle(plot_title(cmp))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -53,14 +53,40 @@ def test_bad_device_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> No
     assert len(err.strip().splitlines()) == 1 and "unknown device 'h100-pcie-x'" in err
 
 
-def test_plot_without_matplotlib_is_one_line(capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path) -> None:
+def test_plot_without_matplotlib_prints_the_answer_and_one_line(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
-    code, _, err = run(capsys, "compare", "--model", "llama-3.1-8b", "--devices", "h100-sxm",
-                       "--plot", str(tmp_path / "c.png"))
-    assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "pip install" in err and "matplotlib" in err
+    code, out, err = run(capsys, "compare", "--model", "llama-3.1-8b", "--devices", "h100-sxm",
+                         "--plot", str(tmp_path / "c.png"))
+    assert code == 0 and "h100-sxm" in out  # the table still prints
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("plot skipped: ") and "pip install" in err and "matplotlib" in err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_with_a_wrong_suffix_is_one_line_exit_2(capsys: pytest.CaptureFixture[str],
+                                                      tmp_path) -> None:
+    code, out, err = run(capsys, "compare", "--model", "llama-3.1-8b", "--devices", "h100-sxm",
+                         "--plot", str(tmp_path / "c.pdf"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and ".png" in err
+
+
+def test_plot_rows_name_devices_sharding_method_and_missing_prices() -> None:
+    """What a reader needs on each row of the plot, without matplotlib: N, ZeRO, expert
+    parallelism and the method chosen per device; the title says which method ran where."""
+    from estimator.planner.compare import compare_request
+    from estimator.report.compare import memory_groups, plot_label, plot_title
+
+    cmp = compare_request("longcat-flash", devices=["mi300x", "tpu-v5p", "gaudi3"],
+                          tokens=1e8)
+    labels = {o.device: plot_label(o) for o in cmp.options}
+    assert labels["mi300x"].startswith("mi300x ×") and "qlora4" in labels["mi300x"]
+    assert "lora" in labels["tpu-v5p"] and "ep" in labels["tpu-v5p"]  # no QLoRA stack on XLA
+    assert "lora on tpu-v5p" in plot_title(cmp) and "qlora on" in plot_title(cmp)
+    gaudi = next(o for o in cmp.options if o.device == "gaudi3")
+    assert gaudi.price_per_hour_usd is None  # drawn as 'n/a (no price)', never $0
+    for o in cmp.options:
+        assert sum(memory_groups(o).values()) == sum(o.memory_components.values())
 
 
 def test_plot_writes_a_file(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
