@@ -14,6 +14,7 @@ correction factor per op class (`fit_corrections`), never one global factor.
 """
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from estimator.children import set_parent_death_signal
 from estimator.errors import ProfileError
 from estimator.specs import CalibrationProfile, Device, RunReport
 from estimator.specs.validation import CaseResult, ValidationReport
@@ -73,8 +75,9 @@ def run_case(case: Case, workdir: Path) -> RunReport | str:
            model_argument(case, workdir), *case.flags, "--max-steps",
            str(case.max_steps), "--output", str(out), "--json"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=CASE_TIMEOUT_SECONDS, check=False)
+        done = subprocess.run(  # SIGTERM when validate dies: no run left training
+            cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_SECONDS, check=False,
+            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM))
     except subprocess.TimeoutExpired:
         return f"timed out after {CASE_TIMEOUT_SECONDS} s"
     if done.returncode != 0:

@@ -112,7 +112,7 @@ def gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str) ->
 
 def lora_rank(label: str) -> int | None:
     """The rank of a lora_cases label ('lora.fp32 down 512x1024 r=8' → 8; None otherwise)."""
-    head, sep, rank = label.rpartition(" r=")
+    _, sep, rank = label.rpartition(" r=")
     return int(rank) if sep and rank.isdigit() else None
 
 

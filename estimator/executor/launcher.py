@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from estimator.children import set_parent_death_signal
 from estimator.errors import SetupError
 from estimator.executor.distributed import threads_per_rank
 
@@ -53,22 +54,6 @@ REAP_GRACE_SECONDS = 30.0
 """How long a worker left alive after torchrun exited gets to stop after SIGTERM (torchrun's own
 grace period is the same) before SIGKILL."""
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1
-
-
-def _set_parent_death_signal(signum: int) -> bool:
-    """Ask Linux to send `signum` to this process when its parent exits (prctl); False where
-    that does not exist."""
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def die_with_parent() -> None:
@@ -76,7 +61,7 @@ def die_with_parent() -> None:
     saved) when torchrun exits, so a killed torchrun leaves no rank training. If torchrun is
     already gone, stop now."""
     parent = os.getppid()
-    if _set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+    if set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
         raise SystemExit(128 + signal.SIGTERM)
 
 
@@ -180,6 +165,6 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, *, node_rank: int | Non
     environment = {**os.environ, **(env or {})}
     environment.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     process = subprocess.Popen(command, env=environment, start_new_session=True,
-                               preexec_fn=lambda: _set_parent_death_signal(signal.SIGTERM))
+                               preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM))
     with _forwarding(process):
         return _wait(process)
