@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "estimator"
 
 LAYERS: list[set[str]] = [
-    {"units", "errors", "inputs", "outputs", "allocator"},  # ground floor: stdlib only
+    {"units", "errors", "inputs", "outputs", "allocator", "children"},  # ground floor: stdlib only
     {"specs"},                                  # pydantic models
     {"catalog"},                                # data/ → specs
     {"analytic"},                               # the model: pure functions
