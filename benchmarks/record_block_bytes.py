@@ -79,7 +79,7 @@ def record_moe() -> None:
         for h, width, experts, k in MOE_SHAPES:
             spec = dense_spec(h, 128, 4, 2, 16).model_copy(update={"moe": MoESpec(
                 num_experts=experts, num_experts_per_token=k, expert_intermediate_size=width)})
-            setup = TrainSetup(lora_rank=4, **REGIMES[name])
+            setup = TrainSetup(framework="nvfree", lora_rank=4, **REGIMES[name])
             rec = block_bytes(spec, setup)
             print(json.dumps({"regime": name, "shape": [h, width, experts, k], **rec}),
                   flush=True)
@@ -109,7 +109,7 @@ def main() -> None:
         rows, ys = [], {"forward": [], "backward": []}
         for h, i, heads, kv, d, r in SHAPES if lora else SHAPES[:5]:
             rec = block_bytes(dense_spec(h, i, heads, kv, d),
-                              TrainSetup(lora_rank=r, **REGIMES[name]))
+                              TrainSetup(framework="nvfree", lora_rank=r, **REGIMES[name]))
             print(json.dumps({"regime": name, "shape": [h, i, heads, kv, d, r], **rec}),
                   flush=True)
             rows.append([h, i, heads * d, kv * d, 7 * r * lora])

@@ -34,7 +34,7 @@ SPEC = ModelSpec(name="t", num_layers=1, hidden_size=80, intermediate_size=160, 
      {"method": "full", "compute_dtype": "fp32", "weight_bits": 32, "checkpointing": True}),
 ], ids=["lora-bf16-mixed", "full-fp32-ckpt"])
 def test_block_bytes_match_the_recording(spec, overrides):
-    setup = TrainSetup(**overrides)
+    setup = TrainSetup(framework="nvfree", **overrides)  # the executor's table
     measured = _per_token_per_block(spec, setup)
     table = block_token_bytes(setup)
     rank_sum = setup.lora_rank * 7 if setup.trains_adapters else 0.0
@@ -55,7 +55,7 @@ def test_moe_routing_bytes_match_the_recording(monkeypatch):
     monkeypatch.setattr(model_module, "_reuses_shapes", lambda x: False)
     spec = SPEC.model_copy(update={"moe": MoESpec(num_experts=6, num_experts_per_token=2,
                                                   expert_intermediate_size=40)})
-    setup = TrainSetup(method="lora", compute_dtype="bf16", lora_rank=4)
+    setup = TrainSetup(framework="nvfree", method="lora", compute_dtype="bf16", lora_rank=4)
     measured = _per_token_per_block(spec, setup)
     table = block_token_bytes(setup)
     for phase in ("forward", "backward"):
