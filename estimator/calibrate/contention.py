@@ -106,12 +106,23 @@ def num_cpus() -> int:
     return os.cpu_count() or 1
 
 
+TICK_ALLOWANCE = 2
+"""Clock ticks of the others' CPU time not counted (count): /proc/stat and os.times() both
+count whole ticks (10 ms at USER_HZ 100), read at different instants, so their difference is
+off by up to a tick at each end. Over a 20 ms point on 2 CPUs one stray tick read as 25 % of
+the machine: 5 of 91 points of a quick calibration on a quiet machine counted as disturbed
+that way (others 24–28 %, their reference GEMM at full speed)."""
+
+
 def others_busy_fraction(start: CpuSnapshot, end: CpuSnapshot) -> float:
     """Share of all CPUs used by OTHER processes (and stolen by the hypervisor) between two
-    snapshots (0…1): how much a measurement was disturbed."""
+    snapshots (0…1), less TICK_ALLOWANCE ticks of clock granularity: how much a measurement
+    was disturbed."""
     wall = max(end.wall_seconds - start.wall_seconds, 1e-9)
     others = (end.machine_busy_seconds - start.machine_busy_seconds) - (
         end.own_seconds - start.own_seconds)
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    others -= TICK_ALLOWANCE / hz
     return min(1.0, max(0.0, others / (wall * num_cpus())))
 
 

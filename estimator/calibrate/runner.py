@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from estimator.calibrate import suite
 from estimator.calibrate.benches import Case
 from estimator.calibrate.contention import Disturbance, Monitor, ReferenceKernel
+from estimator.calibrate.merge import score
 from estimator.calibrate.suite import ModeSettings
 from estimator.calibrate.timing import time_call, wait_until_idle
 from estimator.specs.calibration import CalibrationPoint
@@ -166,7 +167,8 @@ class Runner:
 
     def second_pass(self, cases: list[Case], points: list[CalibrationPoint]) -> None:
         """Re-time, within the mode's second_pass_seconds, the cases whose point is still
-        disturbed (in place; the quieter timing is kept)."""
+        disturbed (in place; the quieter timing is kept: a quiet one, else the lower score —
+        a point slowed only by its reference GEMM has no others' share to compare)."""
         deadline = time.perf_counter() + self.settings.second_pass_seconds
         by_label = {c.label: c for c in cases}
         for i, point in enumerate(points):
@@ -175,7 +177,8 @@ class Runner:
                 continue
             self.num_retimed += 1
             again = self.time_case(case, case.build(self.device))
-            if again.others_fraction < point.others_fraction:
+            quiet = self.quiet_rate
+            if not again.disturbed or score(again, quiet) < score(point, quiet):
                 points[i] = again
 
 

@@ -62,7 +62,7 @@ SETTINGS: dict[str, ModeSettings] = {
                          second_pass_seconds=15.0),
     "quick": ModeSettings(0.01, 0.02, 3, 10, 0.15, max_case_seconds=0.4, max_retries=1,
                           max_wait_seconds=0.5, retry_until_seconds=3.0,
-                          abort_disturbed_share=0.7),
+                          second_pass_seconds=1.0, abort_disturbed_share=0.7),
     "tiny": ModeSettings(0.001, 0.003, 2, 5, 0.05),
 }
 

@@ -120,3 +120,20 @@ def test_profile_quality_note_for_estimates() -> None:
     q = ProfileQuality(level="quiet", num_points=3)
     note = profile_quality_note(profile([]).model_copy(update={"quality": q}))
     assert note is not None and "none of its 3 timings" in note
+
+
+def test_one_clock_tick_of_others_on_a_short_point_is_not_a_neighbour() -> None:
+    """/proc/stat and os.times() count whole 10 ms ticks: over a 20 ms point on 2 CPUs one
+    stray tick read as 25 % of the machine (5 of 91 points of a quiet quick calibration).
+    A neighbour that really ran shows beyond the allowance."""
+    import os
+
+    from estimator.calibrate.contention import CpuSnapshot, num_cpus, others_busy_fraction
+
+    tick = 1 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+    start = CpuSnapshot(0.0, 100.0, 0.0, 10.0, 1)
+    stray = CpuSnapshot(0.02, 100.0 + 0.02 + tick, 0.0, 10.02, 1)  # own 20 ms + one tick
+    assert others_busy_fraction(start, stray) == 0.0
+    busy = CpuSnapshot(0.5, 100.0 + 0.5 + 0.5, 0.0, 10.5, 2)  # a neighbour on a whole CPU
+    assert others_busy_fraction(start, busy) == pytest.approx(
+        (0.5 - 2 * tick) / (0.5 * num_cpus()))
