@@ -110,8 +110,9 @@ def nearest_rank_curve(profile: CalibrationProfile, rank: int,
     found = []
     for name, curve in profile.curves.items():
         head, _, tail = name.rpartition(".")
-        if tail == dtype and head.startswith(LORA_RANK_PREFIX):
-            k = int(head[len(LORA_RANK_PREFIX):])
+        digits = head[len(LORA_RANK_PREFIX):]
+        if tail == dtype and head.startswith(LORA_RANK_PREFIX) and digits.isdigit():
+            k = max(1, int(digits))
             found.append((abs(math.log(k / rank)), k, curve))
     return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
 

@@ -35,6 +35,12 @@ its fastest sample, which is why the fastest is no baseline: judged against it, 
 points of a quiet full calibration counted as disturbed); a neighbour on a core a 2-thread
 kernel needs slows it 10–100×, and a neighbour inside this machine is also seen by the CPU
 accounting (DISTURBED_FRACTION)."""
+FASTEST_LIMIT = 5.0
+"""A point whose reference ran this many times slower than the run's fastest sample is
+disturbed too (ratio): when every point of a run is slowed the median is slowed with them,
+but a 2-thread kernel next to a busy neighbour is slowed unevenly (a few samples slip between
+its time slices), so the fastest stays near the quiet rate. Above the quiet spread (1.0–3.2×
+the fastest, docs/calibration.md)."""
 RUN_SLOWDOWN_LIMIT = 1.25
 """A whole run whose median reference ran this many times slower than the previous
 profile's is disturbed throughout (ratio): a slowdown the CPU accounting cannot see (another
@@ -44,7 +50,7 @@ WARM_SECONDS = 0.01
 """Untimed reference calls before each timed sample (seconds). After an idle moment (the
 wait for idle CPUs, the Python between points) the vCPU runs slow for ~5–10 ms of compute:
 the reference measured 415 µs median after a 0.1 s sleep and 175 µs without; 10 ms of
-warm-up brought it to 222 µs (benchmarks: docs/calibration.md §7)."""
+warm-up brought it to 222 µs (docs/calibration.md, "The reference GEMM")."""
 
 
 @dataclass(frozen=True)
@@ -106,12 +112,13 @@ def num_cpus() -> int:
     return os.cpu_count() or 1
 
 
-TICK_ALLOWANCE = 2
+TICK_ALLOWANCE = 1
 """Clock ticks of the others' CPU time not counted (count): /proc/stat and os.times() both
 count whole ticks (10 ms at USER_HZ 100), read at different instants, so their difference is
-off by up to a tick at each end. Over a 20 ms point on 2 CPUs one stray tick read as 25 % of
-the machine: 5 of 91 points of a quick calibration on a quiet machine counted as disturbed
-that way (others 24–28 %, their reference GEMM at full speed)."""
+off by a tick now and then. Over a 20 ms point on 2 CPUs one stray tick read as 25 % of the
+machine: 5 of 91 points of a quick calibration on a quiet machine counted as disturbed that
+way (others 24–28 %, their reference GEMM at full speed). One tick, not two: with two, a
+25 ms point next to a neighbour on every CPU (others ≈ 25 ms) fell under the 20 % limit."""
 
 
 def others_busy_fraction(start: CpuSnapshot, end: CpuSnapshot) -> float:
@@ -181,6 +188,11 @@ class ReferenceKernel:
         """The run's typical reference rate: the median of its samples (FLOP/s; 0 if none)."""
         return statistics.median(self.rates) if self.rates else 0.0
 
+    @property
+    def fastest_rate(self) -> float:
+        """The run's fastest reference sample (FLOP/s; 0 if none)."""
+        return max(self.rates, default=0.0)
+
     def sample(self) -> float:
         """Time the reference now, after WARM_SECONDS of untimed calls; its rate (FLOP/s,
         median of CALLS calls)."""
@@ -218,11 +230,13 @@ class Disturbance:
             return 1.0
         return max(1.0, quiet_rate / self.reference_rate)
 
-    def disturbed(self, quiet_rate: float = 0.0) -> bool:
+    def disturbed(self, quiet_rate: float = 0.0, fastest_rate: float = 0.0) -> bool:
         """Other processes took more than DISTURBED_FRACTION of the CPUs, or the reference
-        ran more than SLOWDOWN_LIMIT× slower than the quiet machine."""
+        ran more than SLOWDOWN_LIMIT× slower than the quiet machine or FASTEST_LIMIT× slower
+        than the run's fastest sample."""
         return (self.others_fraction > DISTURBED_FRACTION
-                or self.slowdown(quiet_rate) > SLOWDOWN_LIMIT)
+                or self.slowdown(quiet_rate) > SLOWDOWN_LIMIT
+                or self.slowdown(fastest_rate) > FASTEST_LIMIT)
 
     def score(self, quiet_rate: float = 0.0) -> float:
         """One number to compare two timings of a point (lower = quieter)."""

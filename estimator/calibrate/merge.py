@@ -21,6 +21,7 @@ import statistics
 
 from estimator.calibrate.contention import (
     DISTURBED_FRACTION,
+    FASTEST_LIMIT,
     RUN_SLOWDOWN_LIMIT,
     SLOWDOWN_LIMIT,
 )
@@ -35,11 +36,19 @@ def _slowdown(point: CalibrationPoint, quiet_rate: float) -> float:
     return max(1.0, quiet_rate / rate)
 
 
-def is_disturbed(point: CalibrationPoint, quiet_rate: float = 0.0) -> bool:
+def is_disturbed(point: CalibrationPoint, quiet_rate: float = 0.0,
+                 fastest_rate: float = 0.0) -> bool:
     """Other processes took more than DISTURBED_FRACTION of the CPUs while it was timed, or
-    its reference ran SLOWDOWN_LIMIT× slower than `quiet_rate` (its run's typical rate)."""
+    its reference ran SLOWDOWN_LIMIT× slower than `quiet_rate` (its run's typical rate) or
+    FASTEST_LIMIT× slower than `fastest_rate` (its run's fastest sample)."""
     return point.others_fraction > DISTURBED_FRACTION or (
-        _slowdown(point, quiet_rate) > SLOWDOWN_LIMIT)
+        _slowdown(point, quiet_rate) > SLOWDOWN_LIMIT) or (
+        _slowdown(point, fastest_rate) > FASTEST_LIMIT)
+
+
+def fastest_reference(points: list[CalibrationPoint] | tuple[CalibrationPoint, ...]) -> float:
+    """A run's fastest reference GEMM sample (FLOP/s; 0 if none was sampled)."""
+    return max((p.reference_flops_per_second for p in points), default=0.0)
 
 
 def score(point: CalibrationPoint, quiet_rate: float = 0.0) -> float:
@@ -65,13 +74,15 @@ def merge_points(new: list[CalibrationPoint], old: CalibrationProfile | None,
     baseline = typical_reference(new)
     old_baseline = typical_reference(list(old_points.values()))
     run_slowed = baseline > 0 and baseline * RUN_SLOWDOWN_LIMIT < old_baseline
+    fastest = fastest_reference(new)
+    old_fastest = fastest_reference(list(old_points.values()))
     kept: list[CalibrationPoint] = []
     from_previous = 0
     for point in new:
-        point = _judged(point, baseline, run_slowed)
+        point = _judged(point, baseline, fastest, run_slowed)
         previous = old_points.get((point.op_class, point.label))
         if previous is not None and point.disturbed:
-            previous = _judged(previous, old_baseline)
+            previous = _judged(previous, old_baseline, old_fastest)
             if not previous.disturbed or (score(previous, old_baseline), previous.seconds) < (
                     score(point, baseline), point.seconds):
                 point = previous
@@ -80,9 +91,9 @@ def merge_points(new: list[CalibrationPoint], old: CalibrationProfile | None,
     return kept, from_previous
 
 
-def _judged(point: CalibrationPoint, baseline: float,
+def _judged(point: CalibrationPoint, baseline: float, fastest: float = 0.0,
             run_slowed: bool = False) -> CalibrationPoint:
-    disturbed = run_slowed or is_disturbed(point, baseline)
+    disturbed = run_slowed or is_disturbed(point, baseline, fastest)
     return point if disturbed == point.disturbed else point.model_copy(
         update={"disturbed": disturbed})
 

@@ -45,6 +45,10 @@ class Runner:
     def quiet_rate(self) -> float:
         return self.reference.quiet_rate if self.reference else 0.0
 
+    @property
+    def fastest_rate(self) -> float:
+        return self.reference.fastest_rate if self.reference else 0.0
+
     def point(self, op_class: str, label: str, work: float, seconds: float, p20: float,
               disturbance: Disturbance, *, tiny: bool = False, calls: int = 1,
               ) -> CalibrationPoint:
@@ -58,7 +62,8 @@ class Runner:
             op_class=op_class, label=label, work=work, seconds=seconds, p20_seconds=p20,
             tiny=tiny, num_calls=calls, others_fraction=disturbance.others_fraction,
             reference_flops_per_second=disturbance.reference_rate,
-            disturbed=disturbance.disturbed(self.quiet_rate), measured_at=self.measured_at)
+            disturbed=disturbance.disturbed(self.quiet_rate, self.fastest_rate),
+            measured_at=self.measured_at)
 
     def retries_left(self) -> int:
         elapsed = time.perf_counter() - self.started

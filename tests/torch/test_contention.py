@@ -51,9 +51,9 @@ def test_others_cpu_time_is_seen_while_a_neighbour_burns():
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "flaky on 2-core VMs: a point of microseconds can fall between a neighbour's time slices "
-    "and /proc/stat's 10 ms ticks (the reference GEMM's own spread is judged against its run's "
-    "median since 2026-12-07); the refusal test failed 1 of 11 runs that day"))
+    "flaky on 2-core VMs: real neighbours do not always slow a run of microsecond points "
+    "(2026-12-07: in 2 of 4 tiny runs under one burner per CPU every reference GEMM ran at "
+    "full speed and the CPU accounting saw no other process); issue 19"))
 def test_a_point_timed_next_to_a_burning_neighbour_is_disturbed():
     case = benches.gemm_cases("fp32", [(64, 128, 128)], "matmul.fp32")[0]
     settings = replace(suite.SETTINGS["tiny"], max_retries=1, max_wait_seconds=0.3,
@@ -78,9 +78,9 @@ def _few_cases(mode, device, model=None):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "flaky on 2-core VMs: a point of microseconds can fall between a neighbour's time slices "
-    "and /proc/stat's 10 ms ticks (the reference GEMM's own spread is judged against its run's "
-    "median since 2026-12-07); the refusal test failed 1 of 11 runs that day"))
+    "flaky on 2-core VMs: real neighbours do not always slow a run of microsecond points "
+    "(2026-12-07: in 2 of 4 tiny runs under one burner per CPU every reference GEMM ran at "
+    "full speed and the CPU accounting saw no other process); issue 19"))
 def test_a_disturbed_run_is_refused_and_keeps_the_previous_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("NVFREE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -118,14 +118,18 @@ def _cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_calibrate_cli_refuses_with_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
     """`nvfree calibrate` on a busy machine: exit code 2, the reason as one line, nothing
-    stored; --force stores it marked disturbed."""
+    stored; --force stores it marked disturbed. The CLI contract, on a machine made busy for
+    certain: the CPU accounting reports others on 60 % of the CPUs at every point (real
+    neighbours do not always slow a run of microsecond points: the two tests above)."""
+    from estimator.calibrate import contention
+
     monkeypatch.setenv("NVFREE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(run, "plan", _few_cases)
     monkeypatch.setattr(suite, "executor_elementwise", lambda mode, device: False)
     monkeypatch.setattr(run, "SETTINGS", {**run.SETTINGS, "quick": run.SETTINGS["tiny"]})
-    with busy_neighbours(8.0):
-        code, out, err = _cli(capsys, "calibrate", "--quick", "--json")
-        forced_code, forced_out, _ = _cli(capsys, "calibrate", "--quick", "--json", "--force")
+    monkeypatch.setattr(contention, "others_busy_fraction", lambda start, end: 0.6)
+    code, out, err = _cli(capsys, "calibrate", "--quick", "--json")
+    forced_code, forced_out, _ = _cli(capsys, "calibrate", "--quick", "--json", "--force")
     assert code == 2, err
     payload = json.loads(out)
     assert payload["stored"] is False and payload["refusal"].startswith("calibration disturbed")
