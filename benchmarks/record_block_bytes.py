@@ -18,6 +18,7 @@ import json
 
 import numpy as np
 
+from estimator.calibrate.aten_ops import per_layer_per_token
 from estimator.calibrate.benches import record_train_step_bytes
 from estimator.specs import ModelSpec, MoESpec, TrainSetup
 
@@ -52,12 +53,10 @@ def block_bytes(spec: ModelSpec, setup: TrainSetup) -> dict[str, dict[str, float
            for n in (1, 2) for b in (1, 2)}
     out = {}
     for phase in ("forward", "backward"):
-        def get(n, b, key, phase=phase):
-            return res[(n, b)][phase][key]
-        one = get(2, 1, "bytes") - get(1, 1, "bytes")
-        per_token = ((get(2, 2, "bytes") - get(1, 2, "bytes")) - one) / SEQ
+        one = res[2, 1][phase]["bytes"] - res[1, 1][phase]["bytes"]
+        per_token = per_layer_per_token(res, phase, SEQ)
         out[phase] = {"per_token": per_token, "fixed": one - per_token * SEQ,
-                      "calls": get(2, 2, "calls") - get(1, 2, "calls")}
+                      "calls": res[2, 2][phase]["calls"] - res[1, 2][phase]["calls"]}
     return out
 
 

@@ -1,6 +1,7 @@
 """Memory-bound bytes and aten calls per token of one Hugging Face decoder layer (transformers +
 PEFT + bitsandbytes), recorded with a TorchDispatchMode, and the least-squares coefficients
-frameworks/hf.py HF_BLOCK_BYTES and HF_DISPATCH are taken from.
+frameworks/hf.py HF_BLOCK_BYTES is taken from (the aten call counts are printed, not used:
+docs/frameworks.md "Step time").
 
 For each regime (method × precision × checkpointing) and shape, one HF Trainer optimizer step
 (tests/torch/hf_build.record_hf_step: autocast forward with labels, backward, clipping, fused
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "torch"))
 
 from hf_build import record_hf_step
 
+from estimator.calibrate.aten_ops import per_layer_per_token
 from estimator.specs import ModelSpec, TrainSetup
 
 REGIMES = {
@@ -56,18 +58,15 @@ def layer_record(shape: tuple, setup: TrainSetup) -> dict[str, dict[str, float]]
     the step at batch 2 ('rest_aten_calls')."""
     h, i, heads, kv, d, r = shape
     setup = setup.model_copy(update={"lora_rank": r, "seq_len": SEQ})
-    rec = {n: record_hf_step(dense_spec(h, i, heads, kv, d, n), setup) for n in (1, 2)}
+    rec = {(n, b): r for n in (1, 2)
+           for b, r in record_hf_step(dense_spec(h, i, heads, kv, d, n), setup).items()}
     out = {}
     for phase in PHASES:
-        def get(n, b, key, phase=phase):
-            return rec[n][b][phase][key]
-        one = get(2, 1, "bytes") - get(1, 1, "bytes")
-        per_token = ((get(2, 2, "bytes") - get(1, 2, "bytes")) - one) / SEQ
-        layer_calls = get(2, 2, "aten_calls") - get(1, 2, "aten_calls")
-        out[phase] = {"per_token": per_token,
-                      "calls": get(2, 2, "calls") - get(1, 2, "calls"),
-                      "aten_calls": layer_calls,
-                      "rest_aten_calls": get(1, 2, "aten_calls") - layer_calls}
+        def layer(key, phase=phase):  # one layer's count at batch 2
+            return rec[2, 2][phase][key] - rec[1, 2][phase][key]
+        out[phase] = {"per_token": per_layer_per_token(rec, phase, SEQ),
+                      "calls": layer("calls"), "aten_calls": layer("aten_calls"),
+                      "rest_aten_calls": rec[1, 2][phase]["aten_calls"] - layer("aten_calls")}
     return out
 
 

@@ -132,15 +132,17 @@ def precision_regime(setup: TrainSetup) -> str:
     return "mixed" if setup.mixed_precision else "pure"
 
 
+HF_TOKEN_BYTES: dict[tuple[str, str], dict[str, TokenBytes]] = {
+    key: {phase: TokenBytes(*row) for phase, row in passes.items()}
+    for key, passes in hf.HF_BLOCK_BYTES.items()}
+"""frameworks/hf.HF_BLOCK_BYTES as TokenBytes (built once: the planner asks per candidate)."""
+
+
 def recorded_tables(setup: TrainSetup) -> dict[tuple[str, str], dict[str, TokenBytes]]:
     """The recorded per-layer tables of the framework the setup describes: HF Transformers +
-    PEFT + bitsandbytes (frameworks/hf.HF_BLOCK_BYTES, recorded on their code), else the
-    bundled trainer's (MEMORY_BOUND_BYTES; torchtune and LitGPT are not recorded and use
-    it)."""
-    if setup.framework != "hf":
-        return MEMORY_BOUND_BYTES
-    return {key: {phase: TokenBytes(*row) for phase, row in passes.items()}
-            for key, passes in hf.HF_BLOCK_BYTES.items()}
+    PEFT + bitsandbytes (HF_TOKEN_BYTES, recorded on their code), else the bundled trainer's
+    (MEMORY_BOUND_BYTES; torchtune and LitGPT are not recorded and use it)."""
+    return HF_TOKEN_BYTES if setup.framework == "hf" else MEMORY_BOUND_BYTES
 
 
 def block_token_bytes(setup: TrainSetup) -> dict[str, TokenBytes]:

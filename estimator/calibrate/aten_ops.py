@@ -161,6 +161,19 @@ def record_op_bytes(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
     return phases
 
 
+StepRecords = dict[tuple[int, int], dict[str, dict[str, float]]]
+"""record_op_bytes of a training step per (layers, batch size) ∈ {1, 2}²."""
+
+
+def per_layer_per_token(rec: StepRecords, phase: str, seq: int, key: str = "bytes") -> float:
+    """One layer's per-token share of a phase's `key` (bytes …): the double difference of
+    2 − 1 layers at batch 2 less 2 − 1 layers at batch 1, per token of a `seq`-token
+    sequence. The embedding, loss and optimizer drop out with the layer difference, the
+    weight-sized work of a layer (casts, dequantisation) with the batch difference."""
+    return ((rec[2, 2][phase][key] - rec[1, 2][phase][key])
+            - (rec[2, 1][phase][key] - rec[1, 1][phase][key])) / seq
+
+
 SYNTHETIC_TEXT = "".join(chr(32 + (i * 7919) % 95) for i in range(4096))
 """Printable filler for runs whose data does not matter (the calibration's recordings):
 tokenising the default corpus (the Python standard library's sources) took 3–6 s of CPU."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 PROC_STAT = Path("/proc/stat")
 PROC_LOADAVG = Path("/proc/loadavg")
+CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+"""USER_HZ: the unit of /proc/stat's CPU times (and of os.times(), in seconds)."""
 
 DISTURBED_FRACTION = 0.2
 """A point during which other processes (steal included) used more than this share of all
@@ -81,7 +83,7 @@ def _proc_stat() -> tuple[float, float, int] | None:
         return None
     busy = steal = 0.0
     running = -1
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    hz = CLOCK_TICKS_PER_SECOND
     for line in text.splitlines():
         if line.startswith("cpu "):
             ticks = [float(v) for v in line.split()[1:]]
@@ -128,8 +130,7 @@ def others_busy_fraction(start: CpuSnapshot, end: CpuSnapshot) -> float:
     wall = max(end.wall_seconds - start.wall_seconds, 1e-9)
     others = (end.machine_busy_seconds - start.machine_busy_seconds) - (
         end.own_seconds - start.own_seconds)
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    others -= TICK_ALLOWANCE / hz
+    others -= TICK_ALLOWANCE / CLOCK_TICKS_PER_SECOND
     return min(1.0, max(0.0, others / (wall * num_cpus())))
 
 

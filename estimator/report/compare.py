@@ -267,12 +267,14 @@ def plot_compare(cmp: Comparison, path: str | Path) -> Path:
     y = list(range(len(names)))
     fig, (ax_mem, ax_time, ax_cost) = plt.subplots(
         1, 3, figsize=(16, max(3.0, 0.35 * len(names) + 1.5)), sharey=True)
-    shares = [sum(memory_groups(o).values()) / max(o.capacity_bytes, 1) for o in rows]
+    groups = [memory_groups(o) for o in rows]
+    shares = [sum(g.values()) / max(o.capacity_bytes, 1) for g, o in zip(groups, rows,
+                                                                        strict=True)]
     squeeze = [min(1.0, MEMORY_AXIS_MAX / t) if t else 1.0 for t in shares]  # no-fit rows
     left = [0.0] * len(rows)
     for group, colour in GROUP_COLOURS.items():
-        share = [memory_groups(o)[group] / max(o.capacity_bytes, 1) * k
-                 for o, k in zip(rows, squeeze, strict=True)]
+        share = [g[group] / max(o.capacity_bytes, 1) * k
+                 for g, o, k in zip(groups, rows, squeeze, strict=True)]
         if any(share):
             ax_mem.barh(y[:len(rows)], share, left=left, color=colour, label=group)
             left = [a + b for a, b in zip(left, share, strict=True)]
@@ -285,22 +287,20 @@ def plot_compare(cmp: Comparison, path: str | Path) -> Path:
     ax_mem.set_xlim(0, MEMORY_AXIS_MAX + 0.8)
     ax_mem.set_xlabel("peak memory per device (share of its memory; line = full)")
     ax_mem.legend(fontsize="x-small", loc="lower right")
-    unit = 3600 if cmp.setup.num_tokens else 1.0
-    hours = [(o.total_seconds / 3600 if o.total_seconds is not None and cmp.setup.num_tokens
+    budget = cmp.setup.num_tokens
+    hours = [(o.total_seconds / 3600 if o.total_seconds is not None and budget
               else (o.device_hours_per_million_tokens / o.num_devices
                     if o.device_hours_per_million_tokens is not None and o.num_devices
                     else None)) for o in rows]
-    hours += [t.total_seconds / unit if t.total_seconds is not None and cmp.setup.num_tokens
-              else None for t in tiers]
-    shown = [h for h in hours if h]
-    ax_time.barh([i for i, h in enumerate(hours) if h], shown,
-                 color=["tab:blue"] * len([h for h in hours[:len(rows)] if h])
-                 + ["tab:green"] * len([h for h in hours[len(rows):] if h]))
+    hours += [t.total_seconds / 3600 if t.total_seconds is not None and budget else None
+              for t in tiers]
     for i, h in enumerate(hours):
-        if not h:
+        if h:
+            ax_time.barh(i, h, color="tab:blue" if i < len(rows) else "tab:green")
+        else:
             ax_time.text(0.01, i, "no fit", va="center", fontsize="x-small",
                          transform=ax_time.get_yaxis_transform())
-    if shown:
+    if any(hours):
         ax_time.set_xscale("log")
     ax_time.set_xlabel("hours for the budget (log)" if cmp.setup.num_tokens
                        else "hours per 1M tokens (log)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from estimator.analytic.elementwise import MOE_ROUTING_BYTES, block_token_bytes, mlp_width
+from estimator.calibrate.aten_ops import per_layer_per_token
 from estimator.calibrate.benches import record_train_step_bytes
 from estimator.specs import ModelSpec, MoESpec, TrainSetup
 
@@ -19,9 +20,7 @@ def _per_token_per_block(spec: ModelSpec, setup: TrainSetup) -> dict[str, float]
     rec = {(n, b): record_train_step_bytes(spec.model_copy(update={"num_layers": n}),
                            setup.model_copy(update={"batch_size": b, "seq_len": SEQ}))
            for n in (1, 2) for b in (1, 2)}
-    return {phase: ((rec[2, 2][phase]["bytes"] - rec[1, 2][phase]["bytes"])
-                    - (rec[2, 1][phase]["bytes"] - rec[1, 1][phase]["bytes"])) / SEQ
-            for phase in ("forward", "backward")}
+    return {phase: per_layer_per_token(rec, phase, SEQ) for phase in ("forward", "backward")}
 
 
 SPEC = ModelSpec(name="t", num_layers=1, hidden_size=80, intermediate_size=160, num_heads=5,

@@ -17,12 +17,12 @@ def _per_token_per_layer(spec: ModelSpec, setup: TrainSetup) -> dict[str, float]
     """Double difference: 2 − 1 layers, 2 − 1 sequences of SEQ tokens."""
     from hf_build import record_hf_step
 
+    from estimator.calibrate.aten_ops import per_layer_per_token
+
     setup = setup.model_copy(update={"seq_len": SEQ})
-    rec = {n: record_hf_step(spec.model_copy(update={"num_layers": n}), setup)
-           for n in (1, 2)}
-    return {phase: ((rec[2][2][phase]["bytes"] - rec[1][2][phase]["bytes"])
-                    - (rec[2][1][phase]["bytes"] - rec[1][1][phase]["bytes"])) / SEQ
-            for phase in ("forward", "backward")}
+    rec = {(n, b): r for n in (1, 2) for b, r in record_hf_step(
+        spec.model_copy(update={"num_layers": n}), setup).items()}
+    return {phase: per_layer_per_token(rec, phase, SEQ) for phase in ("forward", "backward")}
 
 
 SPEC = ModelSpec(name="t", num_layers=1, hidden_size=80, intermediate_size=160, num_heads=5,
