@@ -102,8 +102,8 @@ def main() -> None:
     for name, r in rows:
         peak = max(r["peak_bytes_per_rank"] or [r["peak_bytes"]]) / 2**20
         print(f"{name:<28}{fmt(r['step_seconds']):>12}{fmt(r['predicted_step_seconds']):>12}"
-              f"{r['tokens_per_second']:9.0f}{peak:9.0f} MiB{fmt(r['allreduce_seconds']):>12}"
-              f"{fmt(r['predicted_allreduce_seconds']):>12}")
+              f"{r['tokens_per_second']:9.0f}{peak:9.0f} MiB{fmt(r['communication_seconds']):>12}"
+              f"{fmt(r['predicted_communication_seconds']):>12}")
     print(f"threads: {single['num_threads']} (1 proc) vs {ddp['num_threads']} per rank; "
           f"step-time ratio 1 proc / 2 procs: {single['step_seconds'] / ddp['step_seconds']:.2f}× "
           f"({one_thread['step_seconds'] / ddp['step_seconds']:.2f}× against 1 thread)")

@@ -129,9 +129,29 @@ def _process_problem(setup: TrainSetup, device: Device) -> str | None:
     return None
 
 
+def offload_problem(setup: TrainSetup) -> str | None:
+    """Why the trainer cannot offload as the setup says, or None. It offloads one way:
+    FSDP2's CPUOffloadPolicy (sharded parameters, gradients and optimizer states in host
+    memory, the optimizer step on the CPU: estimator/executor/fsdp.py), which is
+    --offload optimizer_and_params under --zero 3 on two or more ranks, LoRA or a full
+    fine-tune."""
+    if setup.offload == "none":
+        return None
+    if setup.offload == "optimizer":
+        return ("offloading the optimizer alone (ZeRO-Offload) is planned only; the trainer "
+                "offloads the parameters with it: --offload optimizer_and_params --zero 3")
+    if setup.zero_stage != 3 or setup.num_devices < 2:
+        return "the trainer offloads through FSDP2 on 2 or more ranks: use --zero 3 and --nproc 2"
+    if setup.method == "qlora":
+        return ("the NF4 base stays whole on every rank under FSDP2 and is not offloaded; "
+                "use --offload none")
+    return None
+
+
 def trainer_limits(model: ModelSpec, setup: TrainSetup) -> list[str]:
     """What the bundled trainer cannot run of this model and setup (empty when it can): the
     one list `estimate` reports and train, plan and run refuse on."""
+    offload = offload_problem(setup)
     layout = {
         "MLA attention": model.mla is not None,
         "attention sinks": model.attention_sinks,
@@ -157,7 +177,7 @@ def trainer_limits(model: ModelSpec, setup: TrainSetup) -> list[str]:
         f"--optimizer {setup.optimizer} under ZeRO-3 (adamw, sgd or sgd_momentum)":
             setup.zero_stage == 3 and setup.num_devices > 1
             and setup.optimizer not in ("adamw", "sgd", "sgd_momentum"),
-        "CPU offload": setup.offload != "none",
+        f"--offload {setup.offload} ({offload})": offload is not None,
         "expert parallelism": setup.expert_parallel > 1,
         "fp16 mixed precision with the optimizer step in backward (use bf16 or fp32)":
             setup.optimizer_in_backward and setup.compute_dtype == "fp16"

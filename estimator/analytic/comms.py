@@ -13,6 +13,7 @@ Rank counts, node layouts and payloads may be numpy arrays (the planner's device
 the same formulas elementwise; with scalars the results are the scalar ones, bit for bit.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from estimator.analytic.efficiency import curve_seconds
@@ -203,11 +204,11 @@ def _unless_zero(amount, seconds):
 
 
 def measured_seconds(curve: EfficiencyCurve, num_bytes: float, share: float) -> float:
-    """A collective timed from a measured all-reduce curve (payload bytes per rank): an
-    all-reduce is a reduce-scatter plus an all-gather, so those take `share` = ½ of the
-    measured all-reduce time of the same buffer (the curve's overhead counted once). The curve
-    was measured at the benchmark's world size; other sizes are assumed to behave alike.
-    An array of payloads: each timed so."""
+    """A collective timed from a measured curve (bytes of the whole buffer per rank): `share`
+    1 on its own kind's curve; ½ on an all-reduce curve for a reduce-scatter or an all-gather
+    (a ring all-reduce is one of each; the curve's overhead counted once) where that kind was
+    not measured. The curve was measured at the benchmark's world size; other sizes are
+    assumed to behave alike. An array of payloads: each timed so."""
     if is_array(num_bytes):
         import numpy as np
 
@@ -245,8 +246,16 @@ def gather_bytes_per_param(setup: TrainSetup, trainable_bytes: int) -> int:
     return trainable_bytes
 
 
+def fsdp_units(model: ModelSpec) -> int:
+    """The groups ZeRO-3 gathers and reduce-scatters one at a time (count): one per decoder
+    block and the root (embeddings, final norm, lm_head) — FSDP2's per-block fully_shard plus
+    the root, as torchtitan's apply_fsdp and this trainer (executor/fsdp.py) wrap; DeepSpeed
+    ZeRO-3 fetches per submodule, at a similar or finer grain."""
+    return model.num_layers + 1
+
+
 def data_parallel_collectives(setup: TrainSetup, grad_bytes: int, param_bytes: int,
-                              frozen_bytes: int) -> list[Collective]:
+                              frozen_bytes: int, units: int = 1) -> list[Collective]:
     """Gradient/parameter collectives of one optimizer step.
 
     DDP (stage 0): one all-reduce of the gradients per step (no_sync while accumulating).
@@ -255,21 +264,27 @@ def data_parallel_collectives(setup: TrainSetup, grad_bytes: int, param_bytes: i
     sharded, so they are reduce-scattered every micro-batch. ZeRO-3/FSDP: parameters
     all-gathered in the forward and again in the backward of every micro-batch (3Ψ with the
     gradient reduce-scatter; ZeRO paper §7.2.2); the frozen base of LoRA is gathered too.
-    Inference: only ZeRO-3's forward gather of the (frozen) weights."""
+    Inference: only ZeRO-3's forward gather of the (frozen) weights. ZeRO-3's collectives run
+    per gathered group, `units` of them (fsdp_units), each 1/units of the payload (an equal
+    split: the root's size is not told apart), which matters where a collective's rate
+    depends on its size (a measured curve)."""
     if setup.num_devices <= 1:
         return []
     accum = setup.grad_accum
     if setup.method == "inference":  # ZeRO-3 inference gathers the weights once per forward
-        gather = Collective("param.all_gather", "all_gather", frozen_bytes, accum)
+        gather = Collective("param.all_gather", "all_gather", frozen_bytes / units,
+                            accum * units)
         return [gather] if setup.zero_stage >= 3 else []
     if setup.zero_stage == 0:
         return [Collective("grad.all_reduce", "all_reduce", grad_bytes, 1)]
-    scatters = accum if setup.zero_stage >= 2 else 1
-    out = [Collective("grad.reduce_scatter", "reduce_scatter", grad_bytes, scatters)]
     if setup.zero_stage < 3:
-        return [*out, Collective("param.all_gather", "all_gather", param_bytes, 1)]
+        scatters = accum if setup.zero_stage >= 2 else 1
+        return [Collective("grad.reduce_scatter", "reduce_scatter", grad_bytes, scatters),
+                Collective("param.all_gather", "all_gather", param_bytes, 1)]
     gathered = param_bytes + frozen_bytes
-    return [*out, Collective("param.all_gather", "all_gather", gathered, 2 * accum)]
+    return [Collective("grad.reduce_scatter", "reduce_scatter", grad_bytes / units,
+                       accum * units),
+            Collective("param.all_gather", "all_gather", gathered / units, 2 * accum * units)]
 
 
 def expert_parallel_collectives(model: ModelSpec, setup: TrainSetup) -> list[Collective]:
@@ -310,13 +325,20 @@ def host_optimizer_seconds(optimizer_bytes: float, setup: TrainSetup,
     return optimizer_bytes * ranks_per_host / host_bytes_per_second
 
 
-def collective_seconds(c: Collective, links: Links, curve: EfficiencyCurve | None) -> float:
-    """Time of all calls of one collective: measured curve where there is one, else the
-    α–β ring model over the links."""
+def collective_seconds(c: Collective, links: Links,
+                       curves: Mapping[str, EfficiencyCurve] | None) -> float:
+    """Time of all calls of one collective: its own measured curve where there is one (the
+    local machine's `collective.<kind>`), else half of a measured all-reduce for an
+    all-gather or reduce-scatter (measured_seconds), else the α–β ring model over the
+    links."""
+    curves = curves or {}
+    own, all_reduce = curves.get(f"collective.{c.kind}"), curves.get("collective.all_reduce")
     if c.kind == "host_transfer":
         one = c.num_bytes / DEFAULT_PCIE_BYTES_PER_SECOND
-    elif curve is not None:
-        one = measured_seconds(curve, c.num_bytes, 1.0 if c.kind == "all_reduce" else 0.5)
+    elif own is not None:
+        one = measured_seconds(own, c.num_bytes, 1.0)
+    elif all_reduce is not None and c.kind in ("all_gather", "reduce_scatter"):
+        one = measured_seconds(all_reduce, c.num_bytes, 0.5)
     elif c.kind == "all_reduce":
         one = all_reduce_seconds(c.num_bytes, links)
     elif c.kind == "all_to_all":
@@ -326,8 +348,10 @@ def collective_seconds(c: Collective, links: Links, curve: EfficiencyCurve | Non
     return one * c.num_calls
 
 
-def all_reduce_curve(device: Device, profile: CalibrationProfile | None) -> EfficiencyCurve | None:
-    """The measured `collective.all_reduce` curve, for the local machine only."""
+def measured_curves(device: Device, profile: CalibrationProfile | None
+                    ) -> dict[str, EfficiencyCurve]:
+    """The measured `collective.*` curves (estimator/calibrate/collectives.py), for the local
+    machine only; empty without them."""
     if profile is None or device.name != "local":
-        return None
-    return profile.curves.get("collective.all_reduce")
+        return {}
+    return {k: c for k, c in profile.curves.items() if k.startswith("collective.")}

@@ -53,12 +53,18 @@ from estimator.analytic.sharding import (
 from estimator.analytic.uncertainty import band_fractions, lower_bytes, upper_bytes
 from estimator.specs import Device, MemoryBreakdown, ModelSpec, ParamCounts, TrainSetup
 
-HOST_TERMS = {"optimizer": ("optimizer_states", "master_weights", "optimizer_transient"),
+HOST_TERMS = {"optimizer": ("optimizer_states", "master_weights", "optimizer_transient",
+                             "gradients"),
               "optimizer_and_params": ("optimizer_states", "master_weights",
-                                       "optimizer_transient", "weights", "quant_scales")}
-"""Terms ZeRO-Offload (Ren et al. 2021) keeps in host memory: the optimizer states with the
-fp32 master copy (the optimizer step runs on the CPU); ZeRO-Infinity parameter offload also
-the (sharded) parameters. Gradients stay on the device until they are shipped per step."""
+                                       "optimizer_transient", "gradients", "weights",
+                                       "quant_scales", "adapter_weights")}
+"""Terms offload keeps in host memory. ZeRO-Offload (Ren et al. 2021, §4.1: the 16-bit
+parameters stay on the GPU; the 16-bit gradients, the fp32 master copy and the optimizer
+states live in CPU memory, where the update runs) keeps the reduced, sharded gradients on the
+host with the optimizer; ZeRO-Infinity parameter offload and FSDP2's CPUOffloadPolicy (torch
+fsdp/_fully_shard/_fsdp_api.py: "offloads parameters, gradients, and optimizer states to
+CPU") also the sharded parameters, frozen and trainable. The device keeps what a step is
+working on: the gathered block (gathered_params) and activations."""
 
 
 def sixteen_bit_params(setup: TrainSetup) -> bool:
@@ -134,7 +140,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
     host = {k: state.pop(k) for k in HOST_TERMS.get(setup.offload, ())}
     acts = activation_bytes(model, setup,
                             pad_experts=pads_expert_rows(model, setup, device.backend))
-    grads = state["gradients"]
+    grads = state.get("gradients", 0)
     loss = loss_phase_terms(model, setup, acts)
     fwd_bwd = (acts["layers"] + acts["head"] + sum(loss.values())
                + dequant_transient_bytes(model, setup) + state["gathered_params"]
@@ -148,7 +154,7 @@ def memory_breakdown(model: ModelSpec, setup: TrainSetup, device: Device,
         "weights": state.get("weights", 0),
         "quant_scales": state.get("quant_scales", 0),
         "master_weights": state.get("master_weights", 0),
-        "adapter_weights": state["adapter_weights"],
+        "adapter_weights": state.get("adapter_weights", 0),
         "gradients": grads if (peak_in_opt or accumulate) else 0,
         "optimizer_states": state.get("optimizer_states", 0),
         "optimizer_transient": opt_transient if peak_in_opt else 0,

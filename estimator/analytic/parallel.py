@@ -79,7 +79,7 @@ def step_collectives(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *
     on the same side of 1 as it (the offloaded shards are then arrays)."""
     if setup.method == "inference":
         frozen = frozen_storage_bytes(model, setup, params)
-        return (C.data_parallel_collectives(setup, 0, 0, frozen)
+        return (C.data_parallel_collectives(setup, 0, 0, frozen, C.fsdp_units(model))
                 + C.expert_parallel_collectives(model, setup))
     _, t_share = routed_fractions(model, setup, params)
     ep_scale = 1 - t_share + t_share / setup.expert_parallel
@@ -87,7 +87,8 @@ def step_collectives(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *
     per_param = C.gather_bytes_per_param(setup, trainable_bytes_per_param(setup))
     param_bytes = params.trainable * per_param * ep_scale
     out = C.data_parallel_collectives(setup, round(grads), round(param_bytes),
-                                      frozen_storage_bytes(model, setup, params))
+                                      frozen_storage_bytes(model, setup, params),
+                                      C.fsdp_units(model))
     out += C.expert_parallel_collectives(model, setup)
     if setup.offload == "none":  # no host transfers: the shards need not be sized
         return out
@@ -103,16 +104,15 @@ def communication_ops(model: ModelSpec, setup: TrainSetup, device: Device,
                       collectives: list[C.Collective] | None = None) -> list[OpTime]:
     """The collectives of one step (`collectives`, else step_collectives) as OpTime rows
     (op_class 'collective.<kind>' or 'host.pcie'), each its whole time (overlap_ops says how
-    much of it is hidden); a measured collective.all_reduce curve is used on the local
-    machine."""
+    much of it is hidden); the measured collective.* curves are used on the local machine."""
     links = C.links_for(device, setup)
-    curve = C.all_reduce_curve(device, profile)
+    curves = C.measured_curves(device, profile)
     rows = []
     for c in collectives if collectives is not None else step_collectives(model, setup, params):
         klass = "host.pcie" if c.kind == "host_transfer" else f"collective.{c.kind}"
         rows.append(OpTime(name=f"comm.{c.name}", op_class=klass, flops=0,
                            bytes_moved=round(c.num_bytes * c.num_calls),
-                           seconds=C.collective_seconds(c, links, curve)))
+                           seconds=C.collective_seconds(c, links, curves)))
     return rows
 
 

@@ -227,11 +227,14 @@ def _elementwise_points(runner: Runner, mode: Mode, ratios: dict[str, float],
 
 
 def _collective_points(runner: Runner) -> list[CalibrationPoint]:
-    """gloo all-reduce between 2 local processes (full CPU runs)."""
-    from estimator.calibrate.collectives import OP_CLASS, collective_points
+    """gloo all-reduce, all-gather and reduce-scatter between 2 local processes (full CPU
+    runs), one recording each."""
+    from estimator.calibrate.collectives import KINDS, collective_points
 
-    return runner.record(lambda: [(label, w, t, 1) for label, w, t, _ in
-                                  collective_points(quick=False)], OP_CLASS, tiny_first=True)
+    return [point for kind in KINDS for point in runner.record(
+        lambda k=kind: [(label, w, t, 1) for label, w, t, _ in
+                        collective_points(k, quick=False)],
+        f"collective.{kind}", tiny_first=True)]
 
 
 def measure(device: str, mode: Mode, settings: ModeSettings, model: ModelSpec | None,

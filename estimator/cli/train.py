@@ -7,7 +7,7 @@ command trains one rank; rank 0 draws the progress bar on stderr."""
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -91,6 +91,12 @@ TrainZeroOpt = Annotated[int, typer.Option(
     help="0 = DDP (every rank holds the whole model); 3 = ZeRO-3 on FSDP2 (parameters, "
          "gradients and optimizer states sharded over the ranks). 1 and 2 are planned only "
          "(refused).")]
+TrainOffloadOpt = Annotated[Literal["none", "optimizer", "optimizer_and_params"], typer.Option(
+    "--offload", rich_help_panel=DIST_PANEL,
+    help="optimizer_and_params (with --zero 3 on 2+ ranks of accelerators): FSDP2's "
+         "CPUOffloadPolicy keeps the sharded parameters, gradients and optimizer states in "
+         "host memory and steps the optimizer on the CPU. 'optimizer' alone is planned only "
+         "(refused).")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile/--no-compile", rich_help_panel=RUN_PANEL,
     help="torch.compile each decoder block (fuses the elementwise work; the first step "
@@ -119,7 +125,8 @@ def train(
     lora_dropout: DropoutOpt = 0.0, checkpoint_every: CkptEveryOpt = None,
     compiled: CompileOpt = False,
     nproc: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = None,
-    rdzv_endpoint: RdzvOpt = None, zero: TrainZeroOpt = 0, json: JsonOpt = False,
+    rdzv_endpoint: RdzvOpt = None, zero: TrainZeroOpt = 0,
+    offload: TrainOffloadOpt = "none", json: JsonOpt = False,
 ) -> None:
     """Train the model with the setup on this machine (random init, or the weights of a
     Hugging Face --model directory); checkpoint, measure, and compare with the estimate.
@@ -140,7 +147,7 @@ def train(
                           optimizer=optimizer, attention=attention, double_quant=double_quant,
                           fused_loss=fused_loss, framework="nvfree")
     setup = setup.model_copy(update={"num_devices": nproc * nnodes, "num_nodes": nnodes,
-                                     "zero_stage": zero})
+                                     "zero_stage": zero, "offload": offload})
     config = TrainConfig(max_steps=max_steps, output_dir=output, data=data,
                          text_field=text_field, model_path=runner.model_directory(model),
                          resume=resume, restart=restart, device=device, seed=seed, lr=lr,

@@ -6,6 +6,7 @@ import math
 
 from estimator.analytic.model_state import optimizer_state_bytes, trainable_bytes_per_param
 from estimator.analytic.params import count_params
+from estimator.checks import offload_problem
 from estimator.errors import SetupError
 from estimator.inputs import MAX_SEED
 from estimator.specs.model import ModelSpec
@@ -54,9 +55,9 @@ def check_parallelism(setup: TrainSetup, *, compile: bool = False) -> None:
     if setup.zero_stage in (1, 2):
         raise SetupError(f"zero_stage {setup.zero_stage}: the executor runs DDP (--zero 0) or "
                          "ZeRO-3 on FSDP2 (--zero 3); ZeRO-1/2 are planned only")
-    if setup.offload != "none":
-        raise SetupError(f"offload {setup.offload}: the executor has no CPU offload "
-                         "(CPUOffloadPolicy is not wired in); use 'none'")
+    problem = offload_problem(setup)
+    if problem:
+        raise SetupError(f"--offload {setup.offload}: {problem}")
     if setup.expert_parallel > 1:
         raise SetupError("expert_parallel > 1: the executor has no expert parallelism; use 1")
     if setup.zero_stage == 3 and setup.num_devices > 1:

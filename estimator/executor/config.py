@@ -96,6 +96,8 @@ class Run:
     sharded: bool = False
     """ZeRO-3: `ddp` is the FSDP2-sharded LossModule (fsdp.wrap_fsdp), parameters are
     DTensors, every rank takes part in checkpoints."""
-    allreduce: distributed.AllReduceTimer | None = None
+    comm: distributed.CommTimer | None = None
+    """Times the step's collectives on gloo (DDP's all-reduce, FSDP2's all-gathers and
+    reduce-scatters)."""
     backward_step: BackwardStep | None = None
     """The optimizer's per-parameter step inside backward (setup.optimizer_in_backward)."""

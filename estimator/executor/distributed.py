@@ -10,8 +10,8 @@ torchrun's environment it is a single process and nothing is initialised.
 DDP (every rank holds the whole model; gradients are averaged by an all-reduce after each
 optimizer step's last micro-batch) is wrapped here; ZeRO-3 (setup.zero_stage 3) shards with
 FSDP2 instead (estimator/executor/fsdp.py, proven equal to one process by
-tests/torch/test_fsdp.py). ZeRO-1/2, CPU offload and expert parallelism are refused
-(executor/checks.py).
+tests/torch/test_fsdp.py). ZeRO-1/2, offloading the optimizer alone and expert parallelism
+are refused (executor/checks.py).
 
 Outside a worker, estimator/executor/launcher.py starts the workers under torchrun.
 """
@@ -180,17 +180,31 @@ class LossModule(torch.nn.Module):
 
 
 @dataclass
-class AllReduceTimer:
-    """Wall time of the DDP gradient all-reduce, from a comm hook: per bucket, launch to
-    completion (waiting for slower ranks included); per step, the union of the buckets'
-    intervals (buckets that overlap each other count once; time overlapping the rest of
-    backward is included). Honest on gloo (the future completes when the data arrived); not
-    used on accelerators, where completion is asynchronous to the host."""
+class CommTimer:
+    """Wall time of a step's collectives (DDP's gradient all-reduce from a comm hook; FSDP2's
+    all-gathers and reduce-scatters from its custom-comm hooks, executor/fsdp.py): per call,
+    launch to completion (waiting for slower ranks included); per step, the union of the
+    calls' intervals (calls that overlap each other count once; time overlapping compute is
+    included). Honest on gloo (a future completes when the data arrived); not used on
+    accelerators, where completion is asynchronous to the host."""
 
     world_size: int
     intervals: list[tuple[float, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, started: float) -> None:
+        """One collective that was launched at `started` (perf_counter) has completed now."""
+        with self._lock:
+            self.intervals.append((started, time.perf_counter()))
+
+    def timed(self, started: float, work: dist.Work | None) -> dist.Work | None:
+        """`work` (or a completed synchronous call, None) recorded when it completes."""
+        if work is None:
+            self.record(started)
+        else:
+            work.get_future().then(lambda _: self.record(started))
+        return work
 
     def hook(self, state: object, bucket: dist.GradBucket
              ) -> torch.futures.Future[torch.Tensor]:
@@ -200,14 +214,14 @@ class AllReduceTimer:
         future = dist.all_reduce(buffer, async_op=True).get_future()
 
         def done(fut: torch.futures.Future) -> torch.Tensor:
-            with self._lock:
-                self.intervals.append((started, time.perf_counter()))
+            self.record(started)
             return fut.value()[0]
 
         return future.then(done)
 
     def end_step(self) -> float:
-        """Close the step: record and return its all-reduce seconds (union of intervals)."""
+        """Close the step: record and return its communication seconds (union of
+        intervals)."""
         with self._lock:
             spans, self.intervals = sorted(self.intervals), []
         total, end = 0.0, float("-inf")
@@ -219,7 +233,7 @@ class AllReduceTimer:
 
 
 def wrap_ddp(model: torch.nn.Module, spec: ModelSpec, setup: TrainSetup, ctx: DistContext,
-             device: torch.device) -> tuple[torch.nn.Module, AllReduceTimer | None]:
+             device: torch.device) -> tuple[torch.nn.Module, CommTimer | None]:
     """The model wrapped for data parallelism: LossModule in DDP. Only parameters that require
     grad are reduced (LoRA: the adapters); frozen ones are not broadcast either (every rank
     built them identically from the seed), nor are buffers (RoPE tables, NF4 codes: the same
@@ -236,7 +250,7 @@ def wrap_ddp(model: torch.nn.Module, spec: ModelSpec, setup: TrainSetup, ctx: Di
         find_unused_parameters=spec.is_moe, gradient_as_bucket_view=True)
     timer = None
     if ctx.backend == "gloo":
-        timer = AllReduceTimer(ctx.world_size)
+        timer = CommTimer(ctx.world_size)
         ddp.register_comm_hook(None, timer.hook)
     return ddp, timer
 

@@ -85,8 +85,8 @@ def run_loop(run: Run, data_source: str, timer: measure.StepTimer, peak: measure
             seconds = timer.stop()
             if config.compile and _compiled_frames() != frames:
                 timer.mark_compiled()
-            if run.allreduce is not None:
-                run.allreduce.end_step()
+            if run.comm is not None:
+                run.comm.end_step()
             loss, bad, signum = _agree(run, loss, bad, received, step)
             if bad is not None:
                 out.stop_reason, out.message = "nonfinite_loss", bad

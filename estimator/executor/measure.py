@@ -426,7 +426,7 @@ def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigL
                      peak_bytes: int, weights_bytes: int, gradient_bytes: int | None,
                      optimizer_bytes: int | None, world_size: int = 1,
                      peak_bytes_per_rank: Iterable[int] = (),
-                     allreduce_step_seconds: list[float] | None = None,
+                     comm_step_seconds: list[float] | None = None,
                      compiled_steps: Collection[int] = ()) -> RunReport:
     """Assemble the RunReport: measurement, and the prediction for the same config beside it.
     Data parallel: peak_bytes is the largest rank's; tokens count all ranks. The step time is
@@ -434,7 +434,7 @@ def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigL
     estimate, note = predict(spec, setup, device) if config.predict else (None, "not requested")
     median = median_step_seconds(step_seconds, skip=compiled_steps)
     predicted_seconds = estimate.throughput.step_seconds if estimate is not None else None
-    allreduce = median_step_seconds(allreduce_step_seconds or [])
+    communication = median_step_seconds(comm_step_seconds or [])
     return RunReport(
         model=spec, setup=setup, device_name=str(device),
         device_display_name=device_display_name(device), torch_version=torch.__version__,
@@ -453,16 +453,18 @@ def build_run_report(spec: ModelSpec, setup: TrainSetup, *, config: TrainConfigL
         predicted_step_seconds=predicted_seconds,
         step_seconds_relative_error=relative_error(predicted_seconds, median),
         prediction_note=note, world_size=world_size,
-        peak_bytes_per_rank=tuple(peak_bytes_per_rank), allreduce_seconds=allreduce,
-        predicted_allreduce_seconds=predicted_allreduce_seconds(estimate),
+        peak_bytes_per_rank=tuple(peak_bytes_per_rank), communication_seconds=communication,
+        predicted_communication_seconds=predicted_communication_seconds(estimate),
     )
 
 
-def predicted_allreduce_seconds(estimate: Estimate | None) -> float | None:
-    """The estimate's gradient all-reduce time per optimizer step (seconds): its
-    'comm.grad.all_reduce' op (estimator/analytic/parallel.py); None for one device or
-    without an estimate."""
+def predicted_communication_seconds(estimate: Estimate | None) -> float | None:
+    """The estimate's collective time per optimizer step (seconds): its 'comm.*' ops of a
+    'collective.*' class (estimator/analytic/parallel.py; offload's host transfers are not
+    collectives), whole — the part hidden behind compute included, as the measurement
+    includes it; None for one device or without an estimate."""
     if estimate is None:
         return None
-    seconds = [op.seconds for op in estimate.throughput.ops if op.name == "comm.grad.all_reduce"]
+    seconds = [op.seconds + op.hidden_seconds for op in estimate.throughput.ops
+               if op.name.startswith("comm.") and op.op_class.startswith("collective.")]
     return sum(seconds) if seconds else None

@@ -172,7 +172,7 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
                 Outcome(), run, where, resume_note)})
     weights_bytes = measure.weights_bytes(run.model)
     if ctx.is_distributed and not run.sharded:
-        run.ddp, run.allreduce = distributed.wrap_ddp(run.model, run.spec, setup, ctx, run.device)
+        run.ddp, run.comm = distributed.wrap_ddp(run.model, run.spec, setup, ctx, run.device)
     timer = measure.StepTimer(run.device)
     run.model.train()
     peak.reset()
@@ -189,7 +189,7 @@ def _train(model_spec: ModelSpec, setup: TrainSetup, config: TrainConfig,
         baseline_bytes=baseline_bytes, peak_bytes=max(peaks), weights_bytes=weights_bytes,
         gradient_bytes=run.grads_bytes, optimizer_bytes=out.optimizer_bytes,
         world_size=ctx.world_size, peak_bytes_per_rank=peaks if ctx.is_distributed else [],
-        allreduce_step_seconds=run.allreduce.step_seconds if run.allreduce else None,
+        comm_step_seconds=run.comm.step_seconds if run.comm else None,
         compiled_steps=timer.compiled_steps,
     )
     if config.compile:
@@ -207,7 +207,7 @@ def _shard(run: Run) -> None:
     from estimator.executor.fsdp import wrap_fsdp
 
     defaults = run.optimizer.defaults
-    run.ddp = wrap_fsdp(run.model, run.setup, run.dist, run.device)
+    run.ddp, run.comm = wrap_fsdp(run.model, run.setup, run.dist, run.device)
     run.sharded = True
     run.trainable = [p for p in run.model.parameters() if p.requires_grad]
     run.optimizer = build_optimizer(run.trainable, run.setup, lr=defaults["lr"],

@@ -29,9 +29,9 @@ def memory_phases(model: ModelSpec, setup: TrainSetup, device: Device,
     state = model_state_terms(model, setup, device, params, num_devices=num_devices)
     for name in HOST_TERMS.get(setup.offload, ()):
         state.pop(name)
-    grads = state["gradients"]
+    grads = state.get("gradients", 0)
     held = (state.get("weights", 0) + state.get("quant_scales", 0)
-            + state.get("master_weights", 0) + state["adapter_weights"]
+            + state.get("master_weights", 0) + state.get("adapter_weights", 0)
             + state.get("optimizer_states", 0) + runtime_overhead_bytes(device, setup)
             + _step_runtime(setup, device, grads))
     return (held, state["gathered_params"] + state["autocast_copies"], grads,

@@ -180,7 +180,7 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
     nodes = np.array([g.num_nodes for g in sw.groups])
     links = replace(C.links_for(sw.rank, setup), devices_per_node=counts // nodes,
                     num_nodes=nodes)
-    curve = C.all_reduce_curve(sw.rank, profile)
+    curves = C.measured_curves(sw.rank, profile)
     gi = np.repeat(np.arange(len(sw.groups)), [len(g.batches) for g in sw.groups])
     batches = np.concatenate([g.batches for g in sw.groups])
     accums = np.concatenate([g.accums for g in sw.groups])
@@ -192,7 +192,7 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
         extra_calls = at_a.num_calls - one.num_calls
         weights = np.array(O.slot_weights(one, setup))[:, None]
         if np.all(at_b.num_bytes == one.num_bytes):  # the payload does not grow with b
-            each = _call_seconds(one, links, curve, timed)
+            each = _call_seconds(one, links, curves, timed)
             fixed = fixed + weights * (one.num_calls * each)
             per_micro_batch = per_micro_batch + weights * (extra_calls * each)
             continue
@@ -201,7 +201,7 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
         each = _call_seconds(
             replace(one, num_bytes=payload),
             replace(links, devices_per_node=links.devices_per_node[gi], num_nodes=nodes[gi]),
-            curve, timed)
+            curves, timed)
         grows = (0.0 if grows is None else grows) + weights * (
             (one.num_calls + extra_calls * (accums - 1.0)) * each)
     tails = np.array([np.broadcast_to(t, counts.shape)  # a sweep: one side of one device
@@ -209,7 +209,7 @@ def collective_terms(model: ModelSpec, sw: "Sweep", params: ParamCounts,
     return CommTerms(fixed, per_micro_batch, tails, grows)
 
 
-def _call_seconds(c: C.Collective, links: C.Links, curve: EfficiencyCurve | None,
+def _call_seconds(c: C.Collective, links: C.Links, curves: dict[str, EfficiencyCurve],
                   timed: dict) -> np.ndarray:
     """comms.collective_seconds of one call of `c`, computed once per distinct kind, group
     size, payload, links and curve in `timed` (sweeps of other ZeRO stages and methods move
@@ -218,9 +218,10 @@ def _call_seconds(c: C.Collective, links: C.Links, curve: EfficiencyCurve | None
     key = (c.kind, c.num_ranks, _exact_key(c.num_bytes), links.intra_bytes_per_second,
            links.inter_bytes_per_second, links.intra_latency_seconds,
            links.inter_latency_seconds, _exact_key(links.devices_per_node),
-           _exact_key(links.num_nodes), id(curve))  # one profile's curve: alive all search
+           _exact_key(links.num_nodes),
+           tuple(sorted((k, id(v)) for k, v in curves.items())))  # the profile's: alive all search
     if key not in timed:
-        timed[key] = C.collective_seconds(replace(c, num_calls=1), links, curve)
+        timed[key] = C.collective_seconds(replace(c, num_calls=1), links, curves)
     return timed[key]
 
 

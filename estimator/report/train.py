@@ -94,10 +94,13 @@ def summary_table(report: RunReport) -> Table:
     ]
     if report.world_size > 1:
         per_rank = ", ".join(fmt_bytes(b) for b in report.peak_bytes_per_rank)
-        rows += [("ranks", f"{report.world_size} (DDP); peak per rank: {per_rank or '–'}"),
-                 ("all-reduce", f"{fmt_seconds(report.allreduce_seconds)} measured, "
-                                f"{fmt_seconds(report.predicted_allreduce_seconds)} predicted "
-                                "per step")]
+        layout = "ZeRO-3, FSDP2" if report.setup.zero_stage == 3 else "DDP"
+        if report.setup.offload != "none":
+            layout += ", CPU offload"
+        rows += [("ranks", f"{report.world_size} ({layout}); peak per rank: {per_rank or '–'}"),
+                 ("communication", f"{fmt_seconds(report.communication_seconds)} measured, "
+                                   f"{fmt_seconds(report.predicted_communication_seconds)} "
+                                   "predicted per step")]
     if report.prediction_note:
         rows.append(("prediction", report.prediction_note))
     for key, value in rows:

@@ -90,13 +90,15 @@ class RunReport(Spec):
     peak_bytes_per_rank: tuple[int, ...] = ()
     """Peak memory of each rank during the training steps, rank order (bytes); empty for a
     single process."""
-    allreduce_seconds: float | None = None
-    """Median over steps (after warm-up) of the gradient all-reduce's wall time per optimizer
-    step on rank 0 (seconds): per DDP bucket from launch to completion, union over buckets
-    (waiting for slower ranks included); None for one process or off gloo."""
-    predicted_allreduce_seconds: float | None = None
-    """Analytic all-reduce time per optimizer step for the same config (seconds); None without
-    a multi-device prediction."""
+    communication_seconds: float | None = None
+    """Median over steps (after warm-up) of the collectives' wall time per optimizer step on
+    rank 0 (seconds): DDP's gradient all-reduce per bucket, or FSDP2's all-gathers and
+    reduce-scatters per call, each from launch to completion, union over calls (waiting for
+    slower ranks and time overlapping compute included); None for one process or off gloo."""
+    predicted_communication_seconds: float | None = None
+    """Analytic collective time per optimizer step for the same config, before any of it is
+    hidden behind compute (seconds: the estimate's 'comm.*' collective ops); None without a
+    multi-device prediction."""
     compiled: bool = False
     """True when the decoder blocks ran under torch.compile (`nvfree train --compile`); the
     predicted step time models eager execution, so it is not like for like with the measured."""

@@ -60,7 +60,28 @@ def test_data_parallel_collectives_per_stage() -> None:
     z3 = C.data_parallel_collectives(base.model_copy(update={"zero_stage": 3}), 100, 50, 7)
     assert [(c.kind, c.num_calls, c.num_bytes) for c in z3] == [
         ("reduce_scatter", 4, 100), ("all_gather", 8, 57)]
+    per_unit = C.data_parallel_collectives(base.model_copy(update={"zero_stage": 3}), 100, 50,
+                                           7, units=5)  # the same bytes in 5 groups
+    assert [(c.kind, c.num_calls, c.num_bytes) for c in per_unit] == [
+        ("reduce_scatter", 20, 20), ("all_gather", 40, 57 / 5)]
     assert C.data_parallel_collectives(TrainSetup(), 100, 50, 0) == []
+
+
+def test_each_collective_reads_its_own_measured_curve() -> None:
+    """A measured all-gather curve times all-gathers itself; without one, half a measured
+    all-reduce; gloo's are not the ring's halves (calibrate/collectives.py)."""
+    from estimator.specs import EfficiencyCurve
+
+    def curve(kind: str, rate: float) -> EfficiencyCurve:
+        return EfficiencyCurve(op_class=f"collective.{kind}", unit="bytes",
+                               log10_work=(3.0, 9.0), rates=(rate, rate), overhead_seconds=0.0)
+
+    c, lk = C.Collective("param.all_gather", "all_gather", 1e8, 2), links(2, 1)
+    reduce = {"collective.all_reduce": curve("all_reduce", 1e9)}
+    assert math.isclose(C.collective_seconds(c, lk, reduce), 2 * 0.5 * 0.1)
+    both = {**reduce, "collective.all_gather": curve("all_gather", 2.5e8)}
+    assert math.isclose(C.collective_seconds(c, lk, both), 2 * 0.4)
+    assert C.collective_seconds(c, lk, None) == C.collective_seconds(c, lk, {})
 
 
 def test_moe_all_to_all_four_per_layer_per_micro_batch() -> None:
