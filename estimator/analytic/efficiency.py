@@ -94,7 +94,8 @@ def default_seconds_array(device: Device, dtype: str, op_class: str, flops, num_
 
 
 FALLBACK_CLASS = {"lora": "matmul", "alloc": "memory", "matmul_cold": "matmul",
-                  "matmul_wgrad": "matmul_cold",
+                  "matmul_wgrad": "matmul_cold", "matmul_dgrad": "matmul",
+                  "matmul_cold_dgrad": "matmul_cold",
                   "dispatch.autograd": "dispatch", "optimizer.adamw8bit": "optimizer"}
 """A class a profile may lack (older profiles, quick runs) and the class measured instead."""
 

@@ -175,9 +175,20 @@ def matmul_weight_params(model: ModelSpec) -> float:
 
 def cold_gemm_class(op_name: str) -> str:
     """The curve of a GEMM that reads cold operands: `matmul_wgrad` for a weight gradient
-    dyᵀ·x (its own layout, measured apart: calibrate/benches.py cold_gemm_cases), else
-    `matmul_cold`; a profile without `matmul_wgrad` falls back to `matmul_cold`."""
-    return "matmul_wgrad" if op_name.endswith(".backward_weight") else "matmul_cold"
+    dyᵀ·x and `matmul_cold_dgrad` for an input gradient dy·W (their own layouts, measured
+    apart: calibrate/benches.py cold_gemm_cases), else `matmul_cold`; a profile without them
+    falls back to `matmul_cold` (efficiency.FALLBACK_CLASS)."""
+    if op_name.endswith(".backward_weight"):
+        return "matmul_wgrad"
+    return "matmul_cold_dgrad" if op_name.endswith(".backward_input") else "matmul_cold"
+
+
+def hot_gemm_class(op_name: str) -> str:
+    """The curve of a GEMM on operands still in cache: `matmul_dgrad` for an input gradient
+    dy·W (its own layout: bf16 without native support runs it ~8× slower than the forward,
+    calibrate/benches.py gemm_cases), else `matmul` (forward and weight gradient pooled); a
+    profile without it falls back to `matmul`."""
+    return "matmul_dgrad" if op_name.endswith(".backward_input") else "matmul"
 
 
 def reads_cold_operands(op_name: str, setup: TrainSetup) -> bool:

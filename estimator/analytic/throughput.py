@@ -34,7 +34,8 @@ from estimator.specs import (
 )
 from estimator.units import SECONDS_PER_HOUR
 
-DTYPED_CLASSES = ("matmul", "matmul_cold", "matmul_wgrad", "attention", "lora", "elementwise")
+DTYPED_CLASSES = ("matmul", "matmul_dgrad", "matmul_cold", "matmul_cold_dgrad", "matmul_wgrad",
+                  "attention", "lora", "elementwise")
 """Op classes whose calibrated curve depends on the compute dtype (memory-bound work in the
 compute dtype's kernels for 'elementwise'; a profile without 'elementwise.<dtype>' falls back
 to its 'elementwise' curve)."""
@@ -94,8 +95,10 @@ def autocast_copy_params_per_pass(model: ModelSpec, setup: TrainSetup,
 def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: Device,
               profile: CalibrationProfile | None) -> list[F.Op]:
     """step_ops with the calibration's choices: GEMMs that read cold operands on the
-    `matmul_cold` curve (weight gradients on `matmul_wgrad`, flops.cold_gemm_class) when the
-    weight set exceeds the private cache (efficiency.cold_gemms),
+    `matmul_cold` curve (weight gradients on `matmul_wgrad`, input gradients on
+    `matmul_cold_dgrad`, flops.cold_gemm_class) when the weight set exceeds the private cache
+    (efficiency.cold_gemms), the others on `matmul` (input gradients on `matmul_dgrad`,
+    flops.hot_gemm_class),
     and, on a CPU, the framework's per-op dispatch/autograd cost (flops.dispatch_ops), the
     gradients as one fresh region per micro-batch (flops.fresh_gradient_op) and the fresh pages
     of the loss head's large buffers (flops.loss_head_fresh_ops). On an
@@ -105,10 +108,11 @@ def timed_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, device: 
     ops = step_ops(model, setup, params,
                    pad_experts=pads_expert_rows(model, setup, device.backend),
                    fused=EW.fuses_elementwise(device.backend))
-    if cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup)):
-        ops = [op._replace(op_class=F.cold_gemm_class(op.name))
-               if op.op_class == "matmul" and F.reads_cold_operands(op.name, setup) else op
-               for op in ops]
+    cold = cold_gemms(profile, setup.compute_dtype, F.matmul_weight_bytes(model, setup))
+    ops = [op._replace(op_class=F.cold_gemm_class(op.name)
+                       if cold and F.reads_cold_operands(op.name, setup)
+                       else F.hot_gemm_class(op.name))
+           if op.op_class == "matmul" else op for op in ops]
     if device.kind == "cpu":
         timed = sum(op.num_calls for op in ops
                     if carries_dispatch(profile, op.op_class, setup.compute_dtype))

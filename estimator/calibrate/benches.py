@@ -82,8 +82,13 @@ def _rand(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tens
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-1, 1)
 
 
-def gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str) -> list[Case]:
-    """Forward, input-gradient and weight-gradient GEMMs of a linear tokens×hidden → out."""
+def gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str,
+               dgrad_class: str | None = None) -> list[Case]:
+    """Forward, input-gradient and weight-gradient GEMMs of a linear tokens×hidden → out; the
+    input gradient dy·W (W not transposed: autograd's grad of F.linear) in `dgrad_class` when
+    given — its own layout, which CPUs without native bf16 run far slower (2-core AMD EPYC
+    Zen 3, one thread, bf16: dy·W 0.7–1.3 GFLOP/s where F.linear ran 7–10 and dyᵀ·x 6–18;
+    fp32 alike at 44–61)."""
     dt = DTYPES[dtype]
     cases = []
     for tokens, hidden, out in shapes:
@@ -104,7 +109,8 @@ def gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str) ->
 
         cases += [
             Case(op_class, f"{op_class} fwd {dims}", work, fwd),
-            Case(op_class, f"{op_class} dgrad {dims}", work, dgrad),
+            Case(dgrad_class or op_class, f"{dgrad_class or op_class} dgrad {dims}", work,
+                 dgrad),
             Case(op_class, f"{op_class} wgrad {dims}", work, wgrad),
         ]
     return cases
@@ -339,14 +345,16 @@ def dispatch_case() -> Case:
 # ----------------------------------------------------------------------------- cold GEMMs
 
 def cold_gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: str,
-                    wgrad_class: str, pool_bytes: int) -> list[Case]:
+                    wgrad_class: str, pool_bytes: int, dgrad_class: str | None = None,
+                    ) -> list[Case]:
     """gemm_cases with cold operands: every call reads operands (x and W, dy and W, dy and x)
     that were last touched pool_bytes ago, as every weight is in one pass of a model whose
     weights exceed the cache (in-model GEMMs ran 1.4–2.3× slower than the hot curve,
     docs/calibration.md §4). The weight gradient dyᵀ·x (both operands transposed-in, the
     tokens the reduction) is its own class `wgrad_class`: in the trainer it ran at 1.5–2.1×
     the curve pooled with the forward and input gradient, which ran at 0.74–0.89× it
-    (smollm2-135m pure bf16, b8 s256)."""
+    (smollm2-135m pure bf16, b8 s256). The input gradient dy·W goes to `dgrad_class` when
+    given (as gemm_cases)."""
     dt = DTYPES[dtype]
     cases = []
     for tokens, hidden, out in shapes:
@@ -366,7 +374,8 @@ def cold_gemm_cases(dtype: str, shapes: list[tuple[int, int, int]], op_class: st
 
         cases += [
             Case(op_class, f"{op_class} fwd {dims}", work, fwd),
-            Case(op_class, f"{op_class} dgrad {dims}", work, dgrad),
+            Case(dgrad_class or op_class, f"{dgrad_class or op_class} dgrad {dims}", work,
+                 dgrad),
             Case(wgrad_class, f"{wgrad_class} {dims}", work, wgrad),
         ]
     return cases

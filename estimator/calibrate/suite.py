@@ -201,12 +201,14 @@ def compute_cases(mode: Mode, device: str, model: ModelSpec | None = None) -> li
         if device != "cpu" and mode == "full":
             gemm += GPU_EXTRA_GEMM_SHAPES
         cases.append(benches.gemm_overhead_case(dtype, f"matmul.{dtype}"))
-        cases += benches.gemm_cases(dtype, gemm, f"matmul.{dtype}")
+        cases.append(benches.gemm_overhead_case(dtype, f"matmul_dgrad.{dtype}"))
+        cases += benches.gemm_cases(dtype, gemm, f"matmul.{dtype}", f"matmul_dgrad.{dtype}")
         if dtype != "fp16":  # fp16 is not a CPU training dtype; on GPUs rare next to bf16
-            cases.append(benches.gemm_overhead_case(dtype, f"matmul_cold.{dtype}"))
-            cases.append(benches.gemm_overhead_case(dtype, f"matmul_wgrad.{dtype}"))
+            for kind in ("matmul_cold", "matmul_cold_dgrad", "matmul_wgrad"):
+                cases.append(benches.gemm_overhead_case(dtype, f"{kind}.{dtype}"))
             cases += benches.cold_gemm_cases(dtype, sized["cold"], f"matmul_cold.{dtype}",
-                                             f"matmul_wgrad.{dtype}", pool)
+                                             f"matmul_wgrad.{dtype}", pool,
+                                             f"matmul_cold_dgrad.{dtype}")
         cases.append(benches.gemm_overhead_case(dtype, f"lora.{dtype}"))
         lora = [s for s in LORA_SHAPES["full"] if s[0] <= 512] if cpu_fp16 else sized["lora"]
         cases += benches.lora_cases(dtype, lora, pool)

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from estimator.calibrate.run import CalibrationResult
     from estimator.hardware.profiles import ProfileLookup
 
-FLOPS_CLASSES = ("matmul", "matmul_cold", "matmul_wgrad", "lora", "attention")
+FLOPS_CLASSES = ("matmul", "matmul_dgrad", "matmul_cold", "matmul_cold_dgrad", "matmul_wgrad",
+                 "lora", "attention")
 
 
 def _isa_line(isa: tuple[str, ...]) -> str:

@@ -67,14 +67,28 @@ def _classes(method: str, **kw) -> dict[str, str]:
 
 def test_which_gemms_read_cold_operands():
     lora = _classes("lora")  # bf16 base weights read from storage: all cold; adapters hot
-    assert lora["linear.forward"] == lora["linear.backward_input"] == "matmul_cold"
+    assert lora["linear.forward"] == "matmul_cold"
+    assert lora["linear.backward_input"] == "matmul_cold_dgrad"  # dy·W: its own layout
     assert lora["lora.forward"] == "lora.r16"  # the rank's curve (flops.lora_class)
     full = _classes("full")  # autocast casts the fp32 weight right before the forward GEMM
     assert full["linear.forward"] == "matmul"
-    assert full["linear.backward_input"] == "matmul_cold"
+    assert full["linear.backward_input"] == "matmul_cold_dgrad"
     assert full["linear.backward_weight"] == "matmul_wgrad"  # its own cold curve
     qlora = _classes("qlora", weight_bits=4)  # NF4 dequantised fresh in forward and backward
-    assert qlora["linear.forward"] == qlora["linear.backward_input"] == "matmul"
+    assert qlora["linear.forward"] == "matmul"
+    assert qlora["linear.backward_input"] == "matmul_dgrad"  # hot, the input-gradient layout
+
+
+def test_input_gradient_gemms_read_their_own_curve_or_fall_back():
+    """A profile with matmul_dgrad / matmul_cold_dgrad times dy·W on them; one without (older
+    profiles, GPUs) on matmul / matmul_cold (efficiency.FALLBACK_CLASS)."""
+    hot = profile()
+    assert profile_curve(hot, "matmul_dgrad", "bf16").op_class == "matmul.bf16"
+    slow = hot.model_copy(update={"curves": {**hot.curves,
+                                             "matmul_dgrad.bf16": curve("matmul_dgrad.bf16",
+                                                                        1e9)}})
+    assert profile_curve(slow, "matmul_dgrad", "bf16").op_class == "matmul_dgrad.bf16"
+    assert profile_curve(slow, "matmul_cold_dgrad", "bf16").op_class == "matmul_cold.bf16"
 
 
 def test_dispatch_term_on_cpu_only_and_net_of_timed_ops():
