@@ -148,6 +148,11 @@ def offload_problem(setup: TrainSetup) -> str | None:
     return None
 
 
+TRAINER_OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd_momentum", "adafactor")
+"""The optimizers the bundled trainer builds (executor/optim.py build_optimizer; adafactor
+where torch has torch.optim.Adafactor); lion is estimated only."""
+
+
 def trainer_limits(model: ModelSpec, setup: TrainSetup) -> list[str]:
     """What the bundled trainer cannot run of this model and setup (empty when it can): the
     one list `estimate` reports and train, plan and run refuse on."""
@@ -170,6 +175,8 @@ def trainer_limits(model: ModelSpec, setup: TrainSetup) -> list[str]:
     run = {
         "inference (it trains)": setup.method == "inference",
         "8-bit base weights (use --bits 16 or 4)": setup.weight_bits == 8,
+        f"--optimizer {setup.optimizer} (it runs {', '.join(TRAINER_OPTIMIZERS)})":
+            setup.optimizer not in TRAINER_OPTIMIZERS,
         "eager attention (it runs SDPA)": setup.attention != "sdpa",
         f"ZeRO-{setup.zero_stage} (it runs DDP or ZeRO-3 on FSDP2)": setup.zero_stage in (1, 2),
         "the optimizer step in backward under ZeRO-3":

@@ -124,7 +124,7 @@ class Bounds:
                                                 ("bf16", False))
     """(compute dtype, mixed precision); QLoRA draws its compute dtype from fp32 and bf16."""
     optimizers: tuple[str, ...] = ("adamw", "adamw", "adamw", "adamw8bit", "adamw8bit", "sgd",
-                                   "sgd_momentum", "lion", "adafactor")
+                                   "sgd_momentum", "adafactor")
     batches: tuple[int, ...] = (1, 2, 4, 8)
     seqs: tuple[int, ...] = (64, 128, 256, 512, 1024)
     checkpointing_share: float = 0.35
@@ -248,6 +248,7 @@ def random_suite(seed: int, count: int, budget: Budget, predict: Predict,
     """`count` configurations drawn from `seed` that fit the budget by their own prediction:
     (cases, one line per draw that was skipped and why)."""
     from estimator.catalog.hf import spec_from_hf_dict
+    from estimator.checks import trainer_limits
     from estimator.errors import NvfreeError
 
     rng = random.Random(seed)
@@ -262,6 +263,10 @@ def random_suite(seed: int, count: int, budget: Budget, predict: Predict,
             model = spec_from_hf_dict(config, source="nvfree validate --suite random",
                                       name=f"random-{seed}-{index}")
             setup = draw_setup(rng, model, bounds)
+            limits = trainer_limits(model, setup)
+            if limits:
+                skipped.append(f"draw {index}: the trainer cannot run {limits[0]}")
+                continue
             peak, step = predict(model, setup)
         except (NvfreeError, ValueError) as exc:
             skipped.append(f"draw {index}: {str(exc).splitlines()[0]}")

@@ -6,7 +6,7 @@ import math
 
 from estimator.analytic.model_state import optimizer_state_bytes, trainable_bytes_per_param
 from estimator.analytic.params import count_params
-from estimator.checks import offload_problem
+from estimator.checks import TRAINER_OPTIMIZERS, offload_problem
 from estimator.errors import SetupError
 from estimator.inputs import MAX_SEED
 from estimator.specs.model import ModelSpec
@@ -44,6 +44,9 @@ def check_method(spec: ModelSpec, setup: TrainSetup) -> None:
                          "--bits 4 (QLoRA)")
     if setup.attention != "sdpa":
         raise SetupError("the executor runs SDPA attention only; use --attention sdpa")
+    if setup.optimizer not in TRAINER_OPTIMIZERS:
+        raise SetupError(f"the executor has no {setup.optimizer} optimizer; use --optimizer "
+                         f"{', '.join(TRAINER_OPTIMIZERS)}")
     if spec.position == "learned" and setup.seq_len > spec.max_seq_len:
         raise SetupError(f"--seq-len {setup.seq_len} exceeds the {spec.max_seq_len} "
                          "learned positions of the model")

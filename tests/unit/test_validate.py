@@ -3,6 +3,7 @@
 import pytest
 
 from estimator.errors import ConfigError
+from estimator.specs import TrainSetup
 from estimator.specs.validation import CaseResult
 from estimator.validation import (
     Budget,
@@ -120,6 +121,25 @@ def test_random_suite_skips_what_its_own_prediction_says_is_too_big_or_slow() ->
         assert size * batch * seq * 50 <= tight.memory_bytes
         assert tight.startup_seconds + case.max_steps * size * batch * seq * 2e-8 <= 20.0
     assert any("over the budget" in line for line in skipped)
+
+
+def test_random_suite_draws_only_what_the_trainer_runs() -> None:
+    """Every drawn case passes the trainer's own limits (a lion draw was refused by the
+    trainer after its model was built, 5 of 40 cases of a real suite); lion is estimated
+    only, reported by trainer_limits and refused before anything is built."""
+    from estimator.catalog.hf import spec_from_hf_dict
+    from estimator.checks import trainer_limits
+    from estimator.errors import SetupError
+    from estimator.executor.checks import check_method
+
+    cases, _ = random_suite(8, 12, BUDGET, _fake_predict)
+    for case in cases:
+        assert "lion" not in case.flags
+    model = spec_from_hf_dict(cases[0].config, source="t", name="t")
+    lion = TrainSetup(optimizer="lion")
+    assert any("lion" in line for line in trainer_limits(model, lion))
+    with pytest.raises(SetupError, match="no lion optimizer"):
+        check_method(model, lion)
 
 
 def test_drawn_flags_build_the_drawn_setup() -> None:
