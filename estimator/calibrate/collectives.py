@@ -37,12 +37,6 @@ LARGEST_BLOCK_BYTES = 64 * 2**20
 """All-gathers and reduce-scatters stop at 64 MiB (FSDP2 moves one block at a time; larger
 blocks read the last rate: 0.46 vs 0.53 GB/s at 64 vs 256 MiB all-gather here), which saves
 ~8 s of a full calibration; the all-reduce (DDP: the whole gradient) goes to 256 MiB."""
-
-
-def sizes_for(kind: str, quick: bool) -> list[int]:
-    """The payloads a kind is measured at (bytes of the whole buffer)."""
-    sizes = QUICK_SIZES if quick else FULL_SIZES
-    return sizes if kind == "all_reduce" else [s for s in sizes if s <= LARGEST_BLOCK_BYTES]
 NUM_RANKS = 2
 TARGET_SAMPLE_SECONDS = 0.05
 """Aim of one sample's duration; calls per sample come from the size (no timing-based counts:
@@ -55,6 +49,12 @@ PROBE_BYTES = 4
 def calls_per_sample(num_bytes: int) -> int:
     """Back-to-back calls in one sample: ~TARGET_SAMPLE_SECONDS at ~1 GB/s, 1 … 200."""
     return max(1, min(200, round(TARGET_SAMPLE_SECONDS * ASSUMED_BYTES_PER_SECOND / num_bytes)))
+
+
+def sizes_for(kind: str, quick: bool) -> list[int]:
+    """The payloads a kind is measured at (bytes of the whole buffer)."""
+    sizes = QUICK_SIZES if quick else FULL_SIZES
+    return sizes if kind == "all_reduce" else [s for s in sizes if s <= LARGEST_BLOCK_BYTES]
 
 
 def _free_port() -> int:
