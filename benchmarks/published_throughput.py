@@ -6,7 +6,8 @@ those are listed as skipped), nvfree predicts tokens/s per device for the same m
 count, sequence length and method: the planner's search at exactly that device count
 (planner.fit.best_at: ZeRO stage, checkpointing, micro-batch × accumulation for the published
 global batch where it is stated, else nvfree's default of 64 sequences or one per device),
-bf16 mixed precision (fp8 rows are predicted in bf16 and flagged). Error = predicted /
+bf16 mixed precision (fp8 rows are predicted in bf16 and flagged), the LoRA rank and target
+modules where the row states them. Error = predicted /
 published − 1 (positive: nvfree predicts faster than published).
 
     python benchmarks/published_throughput.py [--markdown]
@@ -80,8 +81,9 @@ def predict(row: dict, model) -> tuple[float | None, str]:
     device = load_device(row["device"])
     n = row["num_devices"]
     method = "lora" if row["method"].startswith("lora") else "full"
+    lora = {k: row[k] for k in ("lora_rank", "lora_targets") if k in row}
     setup = build_setup(device, None, method=method, seq_len=row["seq_len"], dtype="bf16",
-                        tokens=1e9)
+                        tokens=1e9, **lora)
     gb = row["global_batch"]
     fixed = Fixed(global_batch=gb) if isinstance(gb, int) else Fixed()
     found = best_at(model, [setup], device, None, n, fixed)
