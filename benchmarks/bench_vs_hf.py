@@ -63,6 +63,12 @@ TARGETS = {"dense": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
            "moe": ("q_proj", "k_proj", "v_proj", "o_proj")}
 CONFIGS = [f"{a}-{m}-{p}" for a in ARCHS for m in ("full", "lora") for p in ("fp32", "bf16")]
 CONFIGS += [f"{a}-qlora-bf16" for a in ARCHS]
+CONFIGS += [f"{a}-lora-bf16base" for a in ARCHS]
+"""bf16base: LoRA on a bf16 base, both sides holding the same 16-bit weights. Ours computes in
+fp32, upcasting each weight per matmul (`nvfree train --bits 16 --dtype fp32`,
+executor/lora.upcast_frozen_base); HF has no such path, so it runs the bf16 base as its bf16
+config does (bf16 autocast). On a CPU without bf16 matrix units this is the memory-for-speed
+choice a user faces."""
 
 
 # ---------------------------------------------------------------- worker (one fresh process)
@@ -102,12 +108,16 @@ def build_ours(ckpt: Path, arch: str, method: str, precision: str, compile_: boo
     from estimator.executor.lora import apply_lora
     from estimator.executor.nf4 import apply_nf4
 
-    bf16 = precision == "bf16"
+    bf16 = precision in ("bf16", "bf16base")
     storage = torch.bfloat16 if bf16 and method != "full" else torch.float32
     _, model = load_hf_model(ckpt, dtype=storage, spec=spec_for(arch))
     if method != "full":
         apply_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=TARGETS[arch],
                    adapter_dtype=torch.float32)
+    if precision == "bf16base":
+        from estimator.executor.lora import upcast_frozen_base
+
+        upcast_frozen_base(model, torch.float32)
     if method == "qlora":
         apply_nf4(model, double_quant=True, compute_dtype=torch.bfloat16)
     if compile_:
@@ -125,7 +135,7 @@ def build_hf(ckpt: Path, arch: str, method: str, precision: str):
     import torch
     import transformers
 
-    bf16 = precision == "bf16"
+    bf16 = precision in ("bf16", "bf16base")
     kwargs = {"dtype": torch.bfloat16 if bf16 and method != "full" else torch.float32,
               "attn_implementation": "sdpa"}
     if method == "qlora":
@@ -188,7 +198,8 @@ def worker(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, ARCHS[arch][2]["vocab_size"], (args.batch, args.seq + 1),
                            generator=gen)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16" or (
+        precision == "bf16base" and args.impl == "hf"))
     backward_step = args.impl != "hf" and method == "full" and args.optimizer_in_backward
     if backward_step:
         from estimator.executor.optim import BackwardStep
@@ -310,8 +321,10 @@ def predicted_peak_bytes(arch: str, method: str, precision: str,
     from estimator import estimate
     from estimator.specs import TrainSetup
 
-    bits = {"full": 32, "lora": 16 if precision == "bf16" else 32, "qlora": 4}[method]
-    setup = TrainSetup(method=method, weight_bits=bits, compute_dtype=precision,
+    bits = {"full": 32, "lora": 16 if precision != "fp32" else 32, "qlora": 4}[method]
+    compute = "fp32" if precision == "bf16base" else precision
+    setup = TrainSetup(method=method, weight_bits=bits, compute_dtype=compute,
+                       framework="nvfree" if precision == "bf16base" else "hf",
                        mixed_precision=precision == "bf16", optimizer="adamw",
                        lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=TARGETS[arch],
                        batch_size=args.batch, seq_len=args.seq,
@@ -372,8 +385,13 @@ def main(args: argparse.Namespace) -> None:
           f"best of {args.rounds} alternating rounds per side")
     with tempfile.TemporaryDirectory() as tmp:
         ckpts = save_checkpoints(Path(tmp))
+        wanted = {(c.split("-")[0], "fp32" if c.endswith("-fp32") or c.endswith("-bf16base")
+                   else "bf16") for c in configs}  # bf16base: ours computes in fp32
         peaks = {(a, p): gemm_peak(shapes[a], torch.bfloat16 if p == "bf16" else torch.float32)
-                 for a in ARCHS for p in ("fp32", "bf16")}
+                 for a, p in sorted(wanted)}
+        for a in ARCHS:
+            if (a, "fp32") in peaks:
+                peaks[(a, "bf16base")] = peaks[(a, "fp32")]
         for (a, p), v in peaks.items():
             print(f"GEMM peak {a} {p}: {v / 1e9:.0f} GFLOP/s (best of the training shapes)")
         header = (f"{'config':<29}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>7}"

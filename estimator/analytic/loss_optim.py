@@ -9,6 +9,7 @@ from estimator.analytic.model_state import (
     autocasting,
     casts_fp32_weights,
     trainable_bytes_per_param,
+    trainer_upcasts_base,
 )
 from estimator.analytic.params import LinearShape
 from estimator.analytic.precision import dtype_bytes
@@ -65,6 +66,22 @@ def dequant_ops(model: ModelSpec, setup: TrainSetup, quantized_params: int) -> l
     per_call = quantized_params * c * passes / calls
     kind = "dequant.nf4" if setup.weight_bits == 4 else "dequant.int8"
     return [Op("dequantize", kind, 0, per_call, calls)]
+
+
+def upcast_ops(model: ModelSpec, setup: TrainSetup, block_params: int) -> list[Op]:
+    """A bf16 frozen base under fp32 compute (model_state.trainer_upcasts_base): each block
+    weight upcast to fp32 before its matmul in forward, backward (the input gradient) and
+    recompute (executor/lora.py _UpcastLinear: reads 2 B, writes 4 B per element), in as many
+    calls as dequant_ops counts; lm_head's V·D once per micro-batch with the fused loss (it
+    upcasts the weight whole in the forward and forms the gradients there), twice without."""
+    if not trainer_upcasts_base(setup):
+        return []
+    passes = 2 + (1 if setup.checkpointing else 0)
+    calls = 7 * model.num_layers * passes
+    head_calls = 1 if setup.fuses_loss else 2
+    return [Op("upcast.base", "elementwise", 0, block_params * 6 * passes / calls, calls),
+            Op("upcast.lm_head", "elementwise", 0,
+               model.vocab_size * model.hidden_size * 6, head_calls)]
 
 
 def cast_ops(setup: TrainSetup, cast_params: int, trainable: bool) -> list[Op]:

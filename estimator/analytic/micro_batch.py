@@ -4,7 +4,7 @@ transient dequantised weight of a quantised layer, and the KV cache of inference
 
 from estimator.analytic.activations import activation_bytes
 from estimator.analytic.frameworks import OWN_TERMS, as_run, hf, terms
-from estimator.analytic.model_state import FP32_BYTES, largest_block_weight
+from estimator.analytic.model_state import FP32_BYTES, largest_block_weight, trainer_upcasts_base
 from estimator.analytic.precision import dtype_bytes
 from estimator.analytic.runtime import pads_expert_rows
 from estimator.specs import ModelSpec, TrainSetup
@@ -101,7 +101,12 @@ def micro_batch_bytes(model: ModelSpec, setup: TrainSetup, backend: str) -> int:
 
 def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     """QLoRA/int8: the largest block linear dequantised to the compute dtype, alive while its
-    matmul runs (the executor dequantises one weight at a time, forward and backward)."""
+    matmul runs (the executor dequantises one weight at a time, forward and backward).
+    A bf16 base under fp32 compute (model_state.trainer_upcasts_base): the largest weight
+    upcast to fp32 — lm_head's V·D, which the loss head upcasts whole for the forward
+    (kernels/loss.py), or a larger block linear (executor/lora.py _UpcastLinear)."""
+    if trainer_upcasts_base(setup):
+        return max(model.vocab_size * model.hidden_size, largest_block_weight(model)) * 4
     if setup.weight_bits > 8:
         return 0
     if setup.framework in OWN_TERMS:  # LitGPT quantises lm_head too

@@ -31,12 +31,22 @@ def quantized_linear_params(model: ModelSpec) -> tuple[int, int]:
     return round(num_weights), round(num_rows)
 
 
+def trainer_upcasts_base(setup: TrainSetup) -> bool:
+    """The bundled trainer's LoRA with a bf16 base under fp32 compute
+    (TrainSetup.upcasts_frozen_base); other frameworks build the model in fp32 for it."""
+    return setup.upcasts_frozen_base and setup.framework == "nvfree"
+
+
 def base_storage_bytes(setup: TrainSetup) -> int:
     """Bytes per parameter of a frozen base (LoRA), and of what a 4/8-bit base leaves
     unquantised (embeddings, norms, router, lm_head), in the bundled trainer and frameworks that
     build the model in its storage dtype (executor/build.py storage_dtype): fp32 for a 32-bit
     base or fp32 compute, else the compute dtype's. HF loads as the user asks instead
-    (frameworks/hf.py unquantized_param_bytes)."""
+    (frameworks/hf.py unquantized_param_bytes). The bundled trainer's LoRA with a 16-bit base
+    under fp32 compute keeps the base in bf16 (TrainSetup.upcasts_frozen_base; its fp32 norms,
+    ~2·h per layer, are left at 2 B)."""
+    if trainer_upcasts_base(setup):
+        return 2
     if setup.weight_bits == 32 or setup.compute_dtype == "fp32":
         return FP32_BYTES
     return dtype_bytes(setup.compute_dtype)

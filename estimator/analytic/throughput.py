@@ -73,6 +73,7 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
              *SO.lm_head_grad_ops(model, setup)]
     if setup.weight_bits <= 8:
         micro += SO.dequant_ops(model, setup, quantized_linear_params(model)[0])
+    micro += SO.upcast_ops(model, setup, quantized_linear_params(model)[0])
     casts = autocast_copy_params_per_pass(model, setup, params)
     micro += SO.cast_ops(setup, casts, trainable=setup.method == "full")
     tensors = num_trainable_tensors(model, setup)

@@ -37,6 +37,8 @@ def storage_dtype(setup: TrainSetup) -> torch.dtype:
     compute = TORCH_DTYPES[setup.compute_dtype]
     if setup.method == "full":
         return torch.float32 if setup.mixed_precision or setup.weight_bits == 32 else compute
+    if setup.upcasts_frozen_base:
+        return torch.bfloat16
     if setup.weight_bits == 32 or compute == torch.float32:
         return torch.float32
     return compute
@@ -80,6 +82,10 @@ def build_training_model(spec: ModelSpec, setup: TrainSetup, config: TrainConfig
         apply_lora(model, rank=setup.lora_rank, alpha=setup.lora_alpha,
                    dropout=config.lora_dropout, targets=setup.lora_targets,
                    adapter_dtype=adapter_dtype)
+    if setup.upcasts_frozen_base:
+        from estimator.executor.lora import upcast_frozen_base
+
+        upcast_frozen_base(model, torch.float32)
     if setup.method == "qlora":
         from estimator.executor.nf4 import apply_nf4
 

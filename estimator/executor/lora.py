@@ -46,13 +46,66 @@ class LoRALinear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen base projection."""
-        return F.linear(x, self.weight, self.bias)
+        return frozen_linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_forward(self, x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}"
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b for a frozen 16-bit W (and b) and an input of a wider dtype: W is upcast to
+    x's dtype for this call only and the GEMM runs in that dtype. Saves only the 16-bit W and
+    upcasts it again for the input gradient (W is frozen: no weight gradient), so the wide copy
+    never outlives the call — unlike F.linear(x, W.to(x.dtype)), whose autograd would keep it
+    until backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (w,) = ctx.saved_tensors
+        return grad_y @ w.to(grad_y.dtype), None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ + b for a frozen W: F.linear when the dtypes agree (or autocast casts them), else
+    the 16-bit-storage / fp32-compute path (_UpcastLinear): a LoRA base stored in bf16 under
+    fp32 compute (`--bits 16 --dtype fp32`, executor/build.py storage_dtype)."""
+    if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
+    return _UpcastLinear.apply(x, weight, bias)
+
+
+class FrozenLinear(nn.Linear):
+    """A frozen nn.Linear that multiplies through frozen_linear (its 16-bit weight with inputs
+    of the compute dtype). Same parameters and state-dict keys as the nn.Linear it was."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias)
+
+
+def upcast_frozen_base(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """A LoRA model whose frozen base is stored in 16 bits but computes in `compute_dtype`
+    (fp32): the norms to the compute dtype (the residual stream then runs in it: the model
+    casts the embedding output to the final norm's dtype), every plain frozen nn.Linear to a
+    FrozenLinear. The LoRALinear bases already multiply through frozen_linear; the fused loss
+    head upcasts lm_head's weight itself (kernels/loss.py)."""
+    from estimator.executor.model import RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+            module.to(compute_dtype)
+        elif type(module) is nn.Linear and not module.weight.requires_grad:
+            module.__class__ = FrozenLinear
 
 
 def lora_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -352,6 +352,7 @@ class Transformer(nn.Module):
             x_BTD = _EmbeddingIntoTiedGradient.apply(tokens_BT, self.embed_tokens.weight, tied)
         if self.embed_positions is not None:
             x_BTD = x_BTD + self.embed_positions(torch.arange(T, device=tokens_BT.device))
+        x_BTD = x_BTD.to(self.norm.weight.dtype)  # a 16-bit frozen base under fp32 compute
         rope = self.rope(T, tokens_BT.device)
         for layer in self.layers:
             x_BTD = layer(x_BTD, rope)

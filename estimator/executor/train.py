@@ -10,6 +10,8 @@ Precision (read with estimator/specs/setup.py):
   is stored and trained in the compute dtype (model.to(bfloat16)), states in that dtype.
 - LoRA/QLoRA: the frozen base in weight_bits (16 → the compute dtype; 4 → NF4 codes, dequantised
   to the compute dtype per matmul); adapters fp32 under mixed precision, else the compute dtype.
+  LoRA with a 16-bit base and fp32 compute (`--bits 16 --dtype fp32`): the base in bf16, each
+  weight upcast to fp32 for its own matmul (lora.upcast_frozen_base); all else fp32.
 
 Step semantics: one optimizer step = grad_accum micro-batches of batch_size sequences. The loss
 of a step is the mean cross-entropy over its micro-batches (nats/token), computed in fp32.

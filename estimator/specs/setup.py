@@ -133,6 +133,14 @@ class TrainSetup(Spec):
         return self.framework == "nvfree" and self.fused_loss
 
     @property
+    def upcasts_frozen_base(self) -> bool:
+        """LoRA with a 16-bit base under fp32 compute (`--bits 16 --dtype fp32`): the bundled
+        trainer stores the frozen base in bf16 and upcasts each weight to fp32 for its own
+        matmul only (executor/lora.upcast_frozen_base); adapters, norms and activations fp32.
+        Half the base memory of fp32 at fp32 GEMM speed, for CPUs without bf16 matrix units."""
+        return self.method == "lora" and self.weight_bits == 16 and self.compute_dtype == "fp32"
+
+    @property
     def trains_adapters(self) -> bool:
         """True for LoRA and QLoRA."""
         return self.method in ("lora", "qlora")

@@ -103,3 +103,46 @@ def test_peft_adapter_loads_in_peft_with_same_logits(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), peft_model(TOKENS).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_base_under_fp32_compute_equals_fp32_on_the_rounded_weights():
+    """`--bits 16 --dtype fp32` (upcast_frozen_base): a LoRA model whose frozen base is stored in
+    bf16 and upcast per matmul computes exactly what an fp32 model holding the same bf16-rounded
+    weights computes — loss and every adapter gradient — in half the base bytes, with fp32
+    norms and activations."""
+    from estimator.executor.lora import FrozenLinear, upcast_frozen_base
+
+    models = []
+    for stored in (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        model = build_model(SPEC, dtype=torch.bfloat16)
+        if stored == torch.float32:
+            model = model.float()  # the same rounded values, widened once
+        torch.manual_seed(1)
+        apply_lora(model, rank=4, alpha=8.0, targets=("q_proj", "v_proj"),
+                   adapter_dtype=torch.float32)
+        randomise_lora_b(model)
+        if stored == torch.bfloat16:
+            upcast_frozen_base(model, torch.float32)
+        models.append(model)
+    upcast, wide = models
+    assert type(upcast.layers[0].mlp.up_proj) is FrozenLinear
+    assert type(upcast.lm_head) is FrozenLinear
+    assert upcast.norm.weight.dtype == torch.float32
+    losses = []
+    for model in models:
+        loss = model.loss(TOKENS[:, :-1], TOKENS[:, 1:])
+        loss.backward()
+        losses.append(loss)
+    assert losses[0].dtype == torch.float32
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+    def frozen_bytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters()
+                   if not p.requires_grad and p.dim() > 1)
+
+    assert frozen_bytes(upcast) * 2 == frozen_bytes(wide)

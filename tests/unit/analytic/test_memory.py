@@ -234,3 +234,27 @@ def test_optimizer_in_backward_holds_one_gradient(tiny_dense: ModelSpec) -> None
     # on an accelerator the foreach AdamW list covers the one tensor each step sees
     assert MS.optimizer_transient_bytes(tiny_dense, plain, H100, p) == 4 * p.trainable
     assert MS.optimizer_transient_bytes(tiny_dense, inside, H100, p) == 128 * 64 * 4
+
+
+def test_bf16_base_under_fp32_compute(tiny_dense: ModelSpec) -> None:
+    """`--bits 16 --dtype fp32` LoRA in the bundled trainer: the base at 2 B per parameter (as
+    stored, executor/lora.upcast_frozen_base), the widest upcast copy (the larger of lm_head and
+    a block linear, in fp32), and the upcast passes in the step's ops; a 32-bit base keeps 4 B
+    and neither term. Other frameworks build the model in fp32 for the same flags."""
+    from estimator.analytic import loss_optim as SO
+
+    s16, p = terms(tiny_dense, method="lora", weight_bits=16, compute_dtype="fp32")
+    s32, _ = terms(tiny_dense, method="lora", weight_bits=32, compute_dtype="fp32")
+    assert s16.upcasts_frozen_base and not s32.upcasts_frozen_base
+    assert MS.weight_bytes(tiny_dense, s16, p)["weights"] == 2 * p.total
+    assert MS.weight_bytes(tiny_dense, s32, p)["weights"] == 4 * p.total
+    assert MB.dequant_transient_bytes(tiny_dense, s16) == 4 * 64 * 128  # FFN > lm_head here
+    assert MB.dequant_transient_bytes(tiny_dense, s32) == 0
+    block = MS.quantized_linear_params(tiny_dense)[0]
+    ops = {op.name: op for op in SO.upcast_ops(tiny_dense, s16, block)}
+    base, head = ops["upcast.base"], ops["upcast.lm_head"]
+    assert base.bytes_per_call * base.num_calls == pytest.approx(block * 6 * 2)  # fwd + bwd
+    assert head.bytes_per_call * head.num_calls == 100 * 64 * 6  # once, fused loss
+    assert SO.upcast_ops(tiny_dense, s32, block) == []
+    torchtune = s16.model_copy(update={"framework": "torchtune"})
+    assert SO.upcast_ops(tiny_dense, torchtune, block) == []
