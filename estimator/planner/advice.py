@@ -3,7 +3,8 @@
 Each candidate is a changed TrainSetup (or a device count) re-estimated with the same memory
 model; single changes first, then the cheapest combination that fits, found greedily in the
 order a practitioner would try them (fused chunked loss, checkpointing, smaller micro-batch with
-more accumulation, the optimizer step in backward, 8-bit optimizer, LoRA, QLoRA), skipping a
+more accumulation, the optimizer step in backward, 8-bit optimizer, a 16-bit LoRA base, LoRA,
+QLoRA), skipping a
 change that conflicts with one already chosen."""
 
 import math
@@ -58,6 +59,8 @@ def candidate_changes(setup: TrainSetup) -> list[dict]:
         changes.append({"optimizer_in_backward": True})  # advise() drops it where invalid
     if setup.optimizer == "adamw" and setup.method == "full":
         changes.append({"optimizer": "adamw8bit"})
+    if setup.framework == "nvfree" and setup.method == "lora" and setup.weight_bits == 32:
+        changes.append({"weight_bits": 16})  # under fp32 compute: a bf16 base upcast per matmul
     if setup.method == "full":
         changes.append({"method": "lora", "weight_bits": 16})
     if setup.method in ("full", "lora"):

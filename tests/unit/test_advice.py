@@ -69,3 +69,27 @@ def test_advice_is_a_setup_change_without_rows_that_save_nothing():
     assert advice[0].update == {"checkpointing": True, "optimizer": "adamw8bit"}
     assert all("--optimizer-in-backward" not in a.change for a in advice)
     assert all(a.total_bytes < 100 * GIB for a in advice)
+
+
+def test_a_32_bit_lora_base_is_advised_a_16_bit_one_in_the_bundled_trainer():
+    """fp32 LoRA on the bundled trainer: `--bits 16` (a bf16 base upcast per matmul) is
+    offered, with the real memory model, and saves half the base; HF has no such path."""
+    from estimator.analytic.memory import memory_breakdown
+    from estimator.analytic.params import count_params
+    from estimator.catalog import load_device, load_model
+
+    model, device = load_model("smollm2-135m"), load_device("ryzen-9-7950x")
+
+    def memory_of(setup: TrainSetup) -> MemoryBreakdown:
+        return memory_breakdown(model, setup, device, count_params(model, setup))
+
+    setup = TrainSetup(framework="nvfree", method="lora", weight_bits=32, compute_dtype="fp32",
+                       mixed_precision=False)
+    advice = {a.change: a for a in advise(setup, memory_of)}
+    assert "--bits 16" in advice
+    before, after = memory_of(setup), memory_of(setup.model_copy(update={"weight_bits": 16}))
+    assert advice["--bits 16"].total_bytes == after.total_bytes < before.total_bytes
+    assert after.components["weights"] * 2 == before.components["weights"]
+    assert after.components["dequant_transient"] == 4 * 49152 * 576  # lm_head upcast
+    hf = setup.model_copy(update={"framework": "hf"})
+    assert "--bits 16" not in {a.change for a in advise(hf, memory_of)}
