@@ -111,6 +111,25 @@ def sharding_advice(setup: TrainSetup, memory_of, time_of, one_per_node: bool,
                    step_seconds=time_of(setup.model_copy(update=update)))]
 
 
+def upcast_hint(setup: TrainSetup, device: Device,
+                profile: CalibrationProfile | None) -> list[str]:
+    """A 16-bit LoRA on a CPU whose calibrated 16-bit GEMMs are slower than its fp32 ones (no
+    bf16 matrix units: 5–100× slower, docs/training.md) is pointed at the bundled trainer's bf16
+    base with fp32 compute (TrainSetup.upcasts_frozen_base): the same base memory at fp32
+    speed. Compares the best rates of the profile's 'matmul.<dtype>' curves."""
+    if (device.kind != "cpu" or profile is None or setup.method != "lora"
+            or setup.compute_dtype == "fp32"):
+        return []
+    half = profile.curves.get(f"matmul.{setup.compute_dtype}")
+    full = profile.curves.get("matmul.fp32")
+    if half is None or full is None or max(half.rates) >= max(full.rates):
+        return []
+    ratio = max(full.rates) / max(half.rates)
+    return [f"this CPU's {setup.compute_dtype} GEMMs measured {ratio:.1f}× slower than fp32: "
+            "`nvfree train --method lora --bits 16 --dtype fp32` keeps the base in bf16 and "
+            "computes in fp32 (the bundled trainer; docs/training.md)"]
+
+
 def trainer_note(model: ModelSpec, setup: TrainSetup) -> list[str]:
     """'the bundled trainer cannot run this: …' when checks.trainer_limits finds something."""
     limits = trainer_limits(model, setup) if setup.method != "inference" else []
@@ -234,7 +253,7 @@ def estimate(model: ModelSpec | str | None = None, setup: TrainSetup | None = No
                     throughput=perf_of(setup, memory), verdict=verdict, advice=advice,
                     minimum_memory_bytes=minimum,
                     other_frameworks=other_framework_peaks(setup, memory_of),
-                    hints=hints,
+                    hints=hints + upcast_hint(setup, dev, profile),
                     assumptions=assumptions_for(model, setup, dev, profile)
                     + ([f"calibration: {note}"] if note else [])
                     + trainer_note(model, setup))

@@ -19,3 +19,29 @@ def test_estimate_carries_the_hints() -> None:
     est = estimate(params=56e9, bits="4", device="mi300x")
     assert any("longcat-flash" in h for h in est.hints)
     assert not any("this machine" in h for h in est.hints)
+
+
+def test_a_16_bit_lora_on_a_cpu_with_slow_bf16_gemms_is_pointed_at_the_upcast_path() -> None:
+    """The calibrated bf16 GEMM curve below the fp32 one on a CPU: a bf16 LoRA estimate names
+    `--bits 16 --dtype fp32`; not when bf16 measured faster, nor for fp32 or a full fine-tune."""
+    from estimator.catalog import load_device
+    from estimator.planner.estimate import upcast_hint
+    from estimator.specs import CalibrationProfile, EfficiencyCurve, TrainSetup
+
+    def profile(bf16_rate: float) -> CalibrationProfile:
+        curves = {f"matmul.{d}": EfficiencyCurve(op_class=f"matmul.{d}", unit="flops",
+                                                 log10_work=(6.0, 9.0), rates=(r / 10, r))
+                  for d, r in (("fp32", 8e10), ("bf16", bf16_rate))}
+        return CalibrationProfile(fingerprint="f", torch_version="2", num_threads=2,
+                                  backend="cpu", device_name="cpu", created_at="now",
+                                  curves=curves)
+
+    cpu = load_device("ryzen-9-7950x")
+    lora = TrainSetup(framework="nvfree", method="lora", compute_dtype="bf16")
+    (hint,) = upcast_hint(lora, cpu, profile(1.6e10))
+    assert "5.0× slower than fp32" in hint and "--bits 16 --dtype fp32" in hint
+    assert upcast_hint(lora, cpu, profile(2e11)) == []
+    assert upcast_hint(lora.model_copy(update={"compute_dtype": "fp32"}), cpu,
+                       profile(1.6e10)) == []
+    assert upcast_hint(lora.model_copy(update={"method": "full"}), cpu, profile(1.6e10)) == []
+    assert upcast_hint(lora, cpu, None) == []
