@@ -69,6 +69,8 @@ fp32, upcasting each weight per matmul (`nvfree train --bits 16 --dtype fp32`,
 executor/lora.upcast_frozen_base); HF has no such path, so it runs the bf16 base as its bf16
 config does (bf16 autocast). On a CPU without bf16 matrix units this is the memory-for-speed
 choice a user faces."""
+GEMM_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16base": "fp32"}
+"""The dtype our side's GEMMs run in, by config precision (the peak its rate is a share of)."""
 
 
 # ---------------------------------------------------------------- worker (one fresh process)
@@ -385,13 +387,9 @@ def main(args: argparse.Namespace) -> None:
           f"best of {args.rounds} alternating rounds per side")
     with tempfile.TemporaryDirectory() as tmp:
         ckpts = save_checkpoints(Path(tmp))
-        wanted = {(c.split("-")[0], "fp32" if c.endswith("-fp32") or c.endswith("-bf16base")
-                   else "bf16") for c in configs}  # bf16base: ours computes in fp32
+        wanted = {(c.split("-")[0], GEMM_DTYPE[c.split("-")[2]]) for c in configs}
         peaks = {(a, p): gemm_peak(shapes[a], torch.bfloat16 if p == "bf16" else torch.float32)
                  for a, p in sorted(wanted)}
-        for a in ARCHS:
-            if (a, "fp32") in peaks:
-                peaks[(a, "bf16base")] = peaks[(a, "fp32")]
         for (a, p), v in peaks.items():
             print(f"GEMM peak {a} {p}: {v / 1e9:.0f} GFLOP/s (best of the training shapes)")
         header = (f"{'config':<29}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>7}"
@@ -405,7 +403,7 @@ def main(args: argparse.Namespace) -> None:
             predicted = predicted_peak_bytes(arch, method, precision, args)
             flops = model_flops_per_token(arch, method, args.seq)
             for name, mine in ((config, ours), *((f"{config} compiled", c) for c in compiled)):
-                row = format_row(name, mine, hf, peaks[(arch, precision)], flops)
+                row = format_row(name, mine, hf, peaks[(arch, GEMM_DTYPE[precision])], flops)
                 print(row + (f"{predicted / 2**20:>10.0f}" if predicted else "         -"),
                       flush=True)
             if compiled:
@@ -415,7 +413,7 @@ def main(args: argparse.Namespace) -> None:
                       f"ours {ours['malloc']}, HF {hf['malloc']}", flush=True)
                 for name, mine in (("ours", ours), *(("compiled", c) for c in compiled)):
                     if args.profile and not isinstance(mine, str):
-                        print(ceiling_line(name, mine, hf, peaks[(arch, precision)],
+                        print(ceiling_line(name, mine, hf, peaks[(arch, GEMM_DTYPE[precision])],
                                            flops * n), flush=True)
             results.append({"config": config, "ours": ours, "hf": hf,
                             "ours_compiled": compiled[0] if compiled else None,

@@ -55,14 +55,21 @@ def cross_entropy_ops(setup: TrainSetup, logits: float) -> list[Op]:
     return ops
 
 
+def weight_transform_calls(model: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(passes, calls) of a transform each block weight goes through before its matmul (NF4/int8
+    dequantisation, a bf16 base's upcast): forward, backward and recompute (the forward only
+    for inference), one call per block linear (7 per layer) and pass."""
+    passes = 1 if setup.method == "inference" else (2 + (1 if setup.checkpointing else 0))
+    return passes, 7 * model.num_layers * passes
+
+
 def dequant_ops(model: ModelSpec, setup: TrainSetup, quantized_params: int) -> list[Op]:
     """NF4/int8 → 16-bit dequantisation of every quantised weight, in forward, backward and
     recompute (bytes = the 16-bit output)."""
     if setup.weight_bits > 8:
         return []
     c = dtype_bytes(setup.compute_dtype)
-    passes = 1 if setup.method == "inference" else (2 + (1 if setup.checkpointing else 0))
-    calls = 7 * model.num_layers * passes
+    passes, calls = weight_transform_calls(model, setup)
     per_call = quantized_params * c * passes / calls
     kind = "dequant.nf4" if setup.weight_bits == 4 else "dequant.int8"
     return [Op("dequantize", kind, 0, per_call, calls)]
@@ -71,13 +78,12 @@ def dequant_ops(model: ModelSpec, setup: TrainSetup, quantized_params: int) -> l
 def upcast_ops(model: ModelSpec, setup: TrainSetup, block_params: int) -> list[Op]:
     """A bf16 frozen base under fp32 compute (model_state.trainer_upcasts_base): each block
     weight upcast to fp32 before its matmul in forward, backward (the input gradient) and
-    recompute (executor/lora.py _UpcastLinear: reads 2 B, writes 4 B per element), in as many
-    calls as dequant_ops counts; lm_head's V·D once per micro-batch with the fused loss (it
+    recompute (executor/lora.py _UpcastLinear: reads 2 B, writes 4 B per element; calls as
+    weight_transform_calls); lm_head's V·D once per micro-batch with the fused loss (it
     upcasts the weight whole in the forward and forms the gradients there), twice without."""
     if not trainer_upcasts_base(setup):
         return []
-    passes = 2 + (1 if setup.checkpointing else 0)
-    calls = 7 * model.num_layers * passes
+    passes, calls = weight_transform_calls(model, setup)
     head_calls = 1 if setup.fuses_loss else 2
     return [Op("upcast.base", "elementwise", 0, block_params * 6 * passes / calls, calls),
             Op("upcast.lm_head", "elementwise", 0,

@@ -106,7 +106,7 @@ def dequant_transient_bytes(model: ModelSpec, setup: TrainSetup) -> int:
     upcast to fp32 — lm_head's V·D, which the loss head upcasts whole for the forward
     (kernels/loss.py), or a larger block linear (executor/lora.py _UpcastLinear)."""
     if trainer_upcasts_base(setup):
-        return max(model.vocab_size * model.hidden_size, largest_block_weight(model)) * 4
+        return max(model.vocab_size * model.hidden_size, largest_block_weight(model)) * FP32_BYTES
     if setup.weight_bits > 8:
         return 0
     if setup.framework in OWN_TERMS:  # LitGPT quantises lm_head too

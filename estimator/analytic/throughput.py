@@ -20,6 +20,7 @@ from estimator.analytic.model_state import (
     casts_fp32_weights,
     gradient_bytes,
     quantized_linear_params,
+    trainer_upcasts_base,
 )
 from estimator.analytic.params import layer_groups
 from estimator.analytic.runtime import pads_expert_rows
@@ -71,9 +72,9 @@ def step_ops(model: ModelSpec, setup: TrainSetup, params: ParamCounts, *,
              *EW.elementwise_ops(model, setup, pad_experts=pad_experts, fused=fused),
              *SO.head_ops(model, setup),
              *SO.lm_head_grad_ops(model, setup)]
-    if setup.weight_bits <= 8:
-        micro += SO.dequant_ops(model, setup, quantized_linear_params(model)[0])
-    micro += SO.upcast_ops(model, setup, quantized_linear_params(model)[0])
+    if setup.weight_bits <= 8 or trainer_upcasts_base(setup):  # per-matmul weight transforms
+        block = quantized_linear_params(model)[0]
+        micro += SO.dequant_ops(model, setup, block) + SO.upcast_ops(model, setup, block)
     casts = autocast_copy_params_per_pass(model, setup, params)
     micro += SO.cast_ops(setup, casts, trainable=setup.method == "full")
     tensors = num_trainable_tensors(model, setup)

@@ -60,7 +60,7 @@ def candidate_changes(setup: TrainSetup) -> list[dict]:
     if setup.optimizer == "adamw" and setup.method == "full":
         changes.append({"optimizer": "adamw8bit"})
     if setup.framework == "nvfree" and setup.method == "lora" and setup.weight_bits == 32:
-        changes.append({"weight_bits": 16})  # under fp32 compute: a bf16 base upcast per matmul
+        changes.append({"weight_bits": 16})  # fp32 compute: a bf16 base upcast per matmul
     if setup.method == "full":
         changes.append({"method": "lora", "weight_bits": 16})
     if setup.method in ("full", "lora"):

@@ -120,11 +120,12 @@ def upcast_hint(setup: TrainSetup, device: Device,
     if (device.kind != "cpu" or profile is None or setup.method != "lora"
             or setup.compute_dtype == "fp32"):
         return []
-    half = profile.curves.get(f"matmul.{setup.compute_dtype}")
-    full = profile.curves.get("matmul.fp32")
-    if half is None or full is None or max(half.rates) >= max(full.rates):
+    half, full = (profile.curves.get(f"matmul.{d}") for d in (setup.compute_dtype, "fp32"))
+    if half is None or full is None:
         return []
     ratio = max(full.rates) / max(half.rates)
+    if ratio <= 1:
+        return []
     return [f"this CPU's {setup.compute_dtype} GEMMs measured {ratio:.1f}× slower than fp32: "
             "`nvfree train --method lora --bits 16 --dtype fp32` keeps the base in bf16 and "
             "computes in fp32 (the bundled trainer; docs/training.md)"]
